@@ -1,0 +1,107 @@
+"""Runtime decisions for the device we run on, in one place.
+
+- BLAS: the Linux `mlx[cpu]` wheel links the reference (netlib) BLAS (~2 GFLOP/s). An optimized
+  BLAS loaded into the global symbol scope *before* mlx is imported takes over its GEMM calls
+  (~90x faster here). `preload_blas()` runs when `pixtral_mlx` is imported; it never fails.
+- dtype: on the CPU backend compute in float32 (bf16 matmuls skip BLAS, 4-bit matmuls with bf16
+  activations are ~10x slower); on Metal/CUDA keep the checkpoint's half precision.
+- Quantized layers on CPU: prefill (many tokens) dequantizes the layer and uses the BLAS GEMM;
+  decode (one token) keeps the quantized kernel, which reads 4x fewer bytes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+import sys
+from pathlib import Path
+from typing import Any
+
+_BLAS_CANDIDATES = [
+    "/usr/lib/{arch}-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/openblas-openmp/libopenblas.so.0",
+    "/usr/lib64/libopenblas.so.0",
+    "/usr/lib/libopenblas.so.0",
+    "/usr/lib/{arch}-linux-gnu/blis-pthread/libblis.so.4",
+]
+
+BLAS: str | None = None  # path of the optimized BLAS in use, if any
+BLAS_NOTE = "bundled BLAS"
+
+# Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
+DEQUANT_MIN_TOKENS = 16
+
+
+def preload_blas() -> str | None:
+    """Load an optimized BLAS into the global namespace before mlx; return its path or None."""
+    global BLAS, BLAS_NOTE
+    if BLAS is not None or platform.system() != "Linux":
+        return BLAS
+    setting = os.environ.get("PIXTRAL_MLX_BLAS", "")
+    if setting.lower() in ("0", "off", "none"):
+        BLAS_NOTE = "bundled BLAS (PIXTRAL_MLX_BLAS=off)"
+        return None
+    if "mlx.core" in sys.modules:
+        BLAS_NOTE = "bundled BLAS (mlx was imported before pixtral_mlx)"
+        return None
+    arch = platform.machine()
+    candidates = [setting] if setting else [c.format(arch=arch) for c in _BLAS_CANDIDATES]
+    found = ctypes.util.find_library("openblas")
+    if found and not setting:
+        candidates.append(found)
+    for path in candidates:
+        if path and (Path(path).exists() or not path.startswith("/")):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+            except OSError:
+                continue
+            BLAS, BLAS_NOTE = path, f"optimized BLAS {path}"
+            return path
+    BLAS_NOTE = "bundled reference BLAS (install libopenblas0-pthread for ~90x faster CPU matmuls)"
+    return None
+
+
+def on_cpu() -> bool:
+    import mlx.core as mx
+
+    return mx.default_device() == mx.cpu or not mx.is_available(mx.gpu)
+
+
+def compute_dtype(weight_dtype: Any) -> Any:
+    """float32 on the CPU backend; the checkpoint's float dtype elsewhere."""
+    import mlx.core as mx
+
+    if on_cpu():
+        return mx.float32
+    return weight_dtype if weight_dtype in (mx.float16, mx.bfloat16) else mx.float32
+
+
+def device_name() -> str:
+    import mlx.core as mx
+
+    if on_cpu():
+        return f"cpu ({BLAS_NOTE})"
+    try:
+        info = mx.device_info()
+        return f"gpu ({info.get('device_name', info.get('architecture', 'gpu'))})"
+    except Exception:
+        return "gpu"
+
+
+def prepare(model: Any) -> None:
+    """Cast floating weights to the compute dtype and pick the CPU prefill path for quantized layers."""
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    weight_dtype = model.language_model.model.norm.weight.dtype
+    model.set_dtype(compute_dtype(weight_dtype))
+    if not on_cpu():
+        return
+    from .model import DequantizingQuantizedLinear
+
+    for _, module in model.named_modules():
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = DequantizingQuantizedLinear

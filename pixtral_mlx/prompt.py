@@ -1,0 +1,193 @@
+"""Prompts: OpenAI-format messages -> tekken v3 tokens and pixel arrays, through mistral_common.
+
+mistral_common is Mistral's own implementation of the chat layout (`[INST]`, the `[IMG]` grid with
+`[IMG_BREAK]`/`[IMG_END]`, system prompt on the last user turn, image-first reordering) and of the
+image resize; we call it rather than re-implement it. What we add: our image loader (EXIF, limits,
+one-sentence errors), an optional smaller longest-edge cap, and per-image size/token reports.
+"""
+
+from __future__ import annotations
+
+import codecs
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from PIL import Image
+
+from .images import ImageError, load_image
+
+
+class PromptError(ValueError):
+    """Messages that cannot be encoded, with a message meant for the user."""
+
+
+def bundled_tekken() -> Path:
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+
+
+@dataclass
+class EncodedImage:
+    pixels: np.ndarray  # float32 (3, H, W), normalized, as mistral_common returns it
+    name: str
+    original_size: tuple[int, int]  # (width, height) after EXIF orientation
+    grid: tuple[int, int]  # (rows, cols) of 16-px patches
+    n_tokens: int  # rows * (cols + 1): [IMG] per patch plus one break/end per row
+    digest: str = ""  # content hash of the pixels, the key of the vision-feature cache
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.pixels.shape[2], self.pixels.shape[1]
+
+    def summary(self) -> str:
+        (w0, h0), (w, h) = self.original_size, self.size
+        return f"{self.name} {w0}×{h0} → {w}×{h}, {self.n_tokens:,} tokens"
+
+
+@dataclass
+class Prompt:
+    tokens: list[int]
+    images: list[EncodedImage] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+def _image_part(part: dict[str, Any]) -> Any:
+    if part.get("type") == "image":
+        return part.get("image")
+    url = part.get("image_url")
+    return url.get("url") if isinstance(url, dict) else url
+
+
+def _content_chunks(content: Any, images: list[tuple[Image.Image, str]]) -> Any:
+    from mistral_common.protocol.instruct.messages import ImageChunk, TextChunk
+
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise PromptError("message content must be a string or a list of parts.")
+    chunks = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text":
+            chunks.append(TextChunk(text=str(part.get("text", ""))))
+        elif kind in ("image_url", "image"):
+            img, name = load_image(_image_part(part))
+            images.append((img, name))
+            chunks.append(ImageChunk(image=img))
+        else:
+            raise PromptError(f"unsupported content part {kind!r} (use 'text', 'image_url' or 'image').")
+    return chunks
+
+
+def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[Image.Image, str]]]:
+    """OpenAI chat messages -> mistral_common messages, loading every image once."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+
+    out: list[Any] = []
+    images: list[tuple[Image.Image, str]] = []
+    for m in messages:
+        role = m.get("role")
+        content = m.get("content", "")
+        if role == "user":
+            out.append(UserMessage(content=_content_chunks(content, images)))
+        elif role == "assistant":
+            text = content if isinstance(content, str) else "".join(
+                p.get("text", "") for p in content if isinstance(p, dict))
+            out.append(AssistantMessage(content=text))
+        elif role == "system":
+            if not isinstance(content, str):
+                content = "\n\n".join(p.get("text", "") for p in content if isinstance(p, dict))
+            out.append(SystemMessage(content=content))
+        else:
+            raise PromptError(f"unsupported message role {role!r}.")
+    if not out or not isinstance(out[-1], UserMessage):
+        raise PromptError("the last message must come from the user.")
+    return out, images
+
+
+class PromptEncoder:
+    """Holds the tekken tokenizer; turns messages into a `Prompt`."""
+
+    def __init__(self, tekken_path: str | Path | None = None, image_size: int = 1024):
+        from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+        self.tokenizer = MistralTokenizer.from_file(str(tekken_path or bundled_tekken()))
+        self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
+        if self.image_encoder is None:
+            raise PromptError(f"{tekken_path} is a text-only tokenizer; Pixtral needs the multimodal tekken.json.")
+        self.image_size = image_size
+        self.text = self.tokenizer.instruct_tokenizer.tokenizer
+        self.eos_id = self.text.eos_id
+        self.bos_id = self.text.bos_id
+
+    @contextlib.contextmanager
+    def _max_edge(self, max_edge: int | None) -> Iterator[None]:
+        from mistral_common.tokens.tokenizers.image import ImageConfig
+
+        old = self.image_encoder.image_config
+        if max_edge is not None:
+            if not 16 <= max_edge <= self.image_size:
+                raise PromptError(f"max edge must be between 16 and {self.image_size} pixels, got {max_edge}.")
+            self.image_encoder.image_config = ImageConfig(old.image_patch_size, int(max_edge), old.spatial_merge_size)
+        try:
+            yield
+        finally:
+            self.image_encoder.image_config = old
+
+    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
+        from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        if not isinstance(messages, list) or not messages:
+            raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts.")
+        msgs, loaded = to_mistral_messages(messages)
+        with self._max_edge(max_edge):
+            try:
+                tok = self.tokenizer.encode_chat_completion(ChatCompletionRequest(messages=msgs))
+            except ImageError:
+                raise
+            except Exception as e:  # mistral_common validation errors
+                raise PromptError(f"these messages cannot be encoded: {e}") from e
+        patch = self.image_encoder.image_config.image_patch_size
+        images = []
+        # mistral_common's image-first quirk moves only a lone image, so images keep their order.
+        for pixels, (img, name) in zip(tok.images, loaded):
+            rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
+            images.append(EncodedImage(
+                pixels=np.ascontiguousarray(pixels, dtype=np.float32), name=name,
+                original_size=img.size, grid=(rows, cols), n_tokens=rows * (cols + 1),
+            ))
+        return Prompt(tokens=list(tok.tokens), images=images)
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.text.decode(tokens)
+
+    def detokenizer(self) -> "StreamingDetokenizer":
+        return StreamingDetokenizer(self.text)
+
+
+class StreamingDetokenizer:
+    """Byte-level incremental decoding: emits text only once a UTF-8 character is complete."""
+
+    def __init__(self, tekken: Any):
+        self.tekken = tekken
+        self.n_special = tekken.num_special_tokens
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.text = ""
+
+    def add(self, token: int) -> str:
+        if token < self.n_special:
+            return ""
+        piece = self.decoder.decode(self.tekken.id_to_byte_piece(token))
+        self.text += piece
+        return piece
+
+    def flush(self) -> str:
+        piece = self.decoder.decode(b"", final=True)
+        self.text += piece
+        return piece
