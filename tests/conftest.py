@@ -1,0 +1,42 @@
+"""Shared fixtures: tiny random Pixtral checkpoints (real architecture and tokenizer), built once."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import checkpoints  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def hf_model():
+    return checkpoints.hf_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def hf_dir(hf_model, tmp_path_factory):
+    return checkpoints.write_hf_checkpoint(hf_model, tmp_path_factory.mktemp("hf") / "tiny-hf")
+
+
+@pytest.fixture(scope="session")
+def official_dir(hf_model, tmp_path_factory):
+    return checkpoints.write_official_checkpoint(hf_model, tmp_path_factory.mktemp("official") / "tiny-official")
+
+
+@pytest.fixture(scope="session")
+def mlx_dir(hf_dir, tmp_path_factory):
+    """The tiny checkpoint converted to MLX format in float32 (exact comparisons)."""
+    from pixtral_mlx.convert import convert
+
+    return convert(hf_dir, tmp_path_factory.mktemp("mlx") / "tiny-mlx", dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def pixtral(mlx_dir):
+    import pixtral_mlx
+
+    return pixtral_mlx.load(str(mlx_dir))
