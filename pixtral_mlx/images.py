@@ -21,6 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: 10000 x 10000, far beyond any useful input
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_TIMEOUT = 30
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
 class ImageError(ValueError):
@@ -37,14 +38,16 @@ def describe_source(source: Any) -> str:
 def _open_bytes(data: bytes, name: str) -> Image.Image:
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # PIL warns between 1x and 2x its limit and raises above; _check_size decides instead.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
-            _check_size(img, name)
+            _check_size(img, name)  # reads only the header: nothing large is decoded yet
             img.load()
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name} is too large to decode safely ({e}).") from e
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"{name} is too large to decode safely: over the {MAX_PIXELS / 1e6:.0f} MP limit "
+                         "that protects against decompression bombs; downscale it first.") from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name} is not an image file PIL can read.") from e
     except (OSError, SyntaxError, ValueError) as e:

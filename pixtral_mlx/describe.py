@@ -1,0 +1,169 @@
+"""`pixtral-mlx describe IMAGE...`: stream an answer about one or more images."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Iterator
+
+from .cli import add_model_args
+
+DEFAULT_PROMPT = "Describe this image."
+DEFAULT_PROMPT_MANY = "Describe these images."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pixtral-mlx describe",
+        description="Describe images with Pixtral-12B; the answer streams to stdout.",
+        epilog="Examples:\n  pixtral-mlx describe photo.jpg\n"
+               "  pixtral-mlx describe a.png b.png --prompt 'What changed?'\n"
+               "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image paths or http(s)/file:/data: URLs")
+    p.add_argument("--prompt", "-p", help="the question ('-' reads it from stdin); default: describe the image")
+    add_model_args(p)
+    p.add_argument("--json", action="store_true", help="print the answer and statistics as one JSON object")
+    p.add_argument("--each", action="store_true",
+                   help="describe each image on its own and print one JSON line per image")
+    p.add_argument("--verbose", "-v", action="store_true",
+                   help="print image sizes and token costs, device, speed and peak memory to stderr")
+    return p
+
+
+def _err(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+
+
+def _info(msg: str) -> None:
+    print(f"[INFO] {msg}", file=sys.stderr, flush=True)
+
+
+def _messages(args: argparse.Namespace, prompt: str, images: list[str]) -> list[dict[str, Any]]:
+    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": i}} for i in images]
+    parts.append({"type": "text", "text": prompt})
+    msgs: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
+    return msgs + [{"role": "user", "content": parts}]
+
+
+def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p,
+            "seed": args.seed, "max_edge": args.max_edge}
+
+
+def _print_stats(stats: dict[str, Any]) -> None:
+    print(f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.3f} tokens-per-sec", file=sys.stderr)
+    print(f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.3f} tokens-per-sec",
+          file=sys.stderr)
+    print(f"Peak memory: {stats['peak_memory']:.3f} GB", file=sys.stderr)
+
+
+def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, echo: bool) -> dict[str, Any]:
+    """Generate one answer; on Ctrl-C return what was generated with finish_reason 'interrupted'."""
+    from .pipeline import collect
+
+    if args.verbose:
+        for img in model.encode(messages, max_edge=args.max_edge).images:
+            _info(img.summary())
+    text: list[str] = []
+    last: dict[str, Any] = {}
+
+    def chunks() -> Iterator[Any]:
+        for c in model.stream(messages, **_gen_kwargs(args)):
+            text.append(c.text)
+            if echo:
+                print(c.text, end="", flush=True)
+            yield c
+
+    try:
+        reply = collect(chunks())
+        last = reply.stats()
+    except KeyboardInterrupt:
+        last = {"finish_reason": "interrupted"}
+    finally:
+        if echo:
+            print(flush=True)
+    return {"text": "".join(text), **last}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.prompt == "-":
+        args.prompt = sys.stdin.read().strip()
+        if not args.prompt:
+            _err("--prompt - read an empty prompt from stdin.")
+            return 2
+    if args.max_edge is not None and not 16 <= args.max_edge <= 1024:
+        _err(f"--max-edge must be between 16 and 1024 pixels, got {args.max_edge}.")
+        return 2
+    prompt = args.prompt or (DEFAULT_PROMPT if len(args.images) == 1 or args.each else DEFAULT_PROMPT_MANY)
+
+    from .images import ImageError, read_source
+
+    bad = []
+    for src in args.images:  # check every image before the (slow) model load
+        try:
+            read_source(src)
+        except ImageError as e:
+            if not args.each:
+                _err(str(e))
+                return 1
+            bad.append(src)
+            print(json.dumps({"image": src, "error": str(e)}), flush=True)
+    images = [i for i in args.images if i not in bad]
+    if not images:
+        return 1
+
+    import pixtral_mlx
+
+    from . import backend
+    from .generate import ContextError
+    from .loading import ModelError
+    from .prompt import PromptError
+
+    try:
+        tic = time.perf_counter()
+        model = pixtral_mlx.load(args.model, progress=_info)
+        if args.verbose:
+            _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
+        if args.each:
+            return _each(model, images, prompt, args) or (1 if bad else 0)
+        result = _run(model, _messages(args, prompt, images), args, echo=not args.json)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ModelError, ImageError, PromptError, ContextError) as e:
+        _err(str(e))
+        return 1
+    if args.json:
+        print(json.dumps({"images": images, "prompt": prompt, **result}, ensure_ascii=False))
+    if args.verbose and "prompt_tps" in result:
+        _print_stats(result)
+    if result.get("finish_reason") == "interrupted":
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _each(model: Any, images: list[str], prompt: str, args: argparse.Namespace) -> int:
+    from .generate import ContextError
+    from .images import ImageError
+    from .prompt import PromptError
+
+    failed = 0
+    for src in images:
+        try:
+            result = _run(model, _messages(args, prompt, [src]), args, echo=False)
+        except (ImageError, PromptError, ContextError) as e:
+            failed += 1
+            print(json.dumps({"image": src, "error": str(e)}), flush=True)
+            continue
+        print(json.dumps({"image": src, **result}, ensure_ascii=False), flush=True)
+        if args.verbose and "prompt_tps" in result:
+            _print_stats(result)
+        if result.get("finish_reason") == "interrupted":
+            print("interrupted", file=sys.stderr)
+            return 130
+    return 1 if failed else 0

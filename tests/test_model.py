@@ -1,0 +1,117 @@
+"""Numerical parity with transformers' LlavaForConditionalGeneration and mistral_common's encoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import pixtral_mlx
+from pixtral_mlx.convert import convert
+
+
+def noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4}[mode]
+    return Image.fromarray(rng.integers(0, 256, (h, w, channels), dtype=np.uint8), mode)
+
+
+def user(*parts: object) -> dict:
+    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p}
+               for p in parts]
+    return {"role": "user", "content": content}
+
+
+# portrait, landscape, tiny, and 1000x1421 (mistral_common's round() gives 46 columns, floor 45)
+MIXED = [noise(40, 70, 1), noise(90, 33, 2), noise(10, 12, 3), noise(1000, 1421, 4)]
+CASES = {
+    "text": [user("Hello there. What can you do?")],
+    "one_image": [user(noise(64, 48, 5), "Describe.")],
+    "mixed_images": [user(*MIXED[:2], "Compare."), {"role": "assistant", "content": "Two noisy images."},
+                     user(*MIXED[2:], "And these?")],
+}
+
+
+def transformers_logits(hf_model, px, messages) -> np.ndarray:
+    import torch
+
+    prompt = px.encode(messages)
+    kwargs = {}
+    if prompt.images:
+        H = max(i.pixels.shape[1] for i in prompt.images)
+        W = max(i.pixels.shape[2] for i in prompt.images)
+        pv = np.zeros((len(prompt.images), 3, H, W), np.float32)
+        for k, img in enumerate(prompt.images):
+            pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
+        kwargs = {"pixel_values": torch.from_numpy(pv),
+                  "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images])}
+    with torch.no_grad():
+        return hf_model(input_ids=torch.tensor([prompt.tokens]), **kwargs).logits[0].numpy()
+
+
+@pytest.fixture(scope="module")
+def official_pixtral(official_dir, tmp_path_factory):
+    out = convert(official_dir, tmp_path_factory.mktemp("off") / "mlx", dtype="float32", progress=False)
+    return pixtral_mlx.load(str(out))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("source", ["hf", "official"])
+def test_logits_match_transformers(case, source, hf_model, pixtral, official_pixtral):
+    px = pixtral if source == "hf" else official_pixtral
+    messages = CASES[case]
+    ours = px.logits(messages)
+    ref = transformers_logits(hf_model, px, messages)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    assert np.abs(ref).max() > 0.5  # the comparison is not between near-zero values
+    np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_images_change_logits(pixtral):
+    """A tokenized-but-ignored image would pass parity only by accident: different pixels, different logits."""
+    a = pixtral.logits([user(noise(64, 48, 5), "Describe.")])
+    b = pixtral.logits([user(noise(64, 48, 6), "Describe.")])
+    assert np.abs(a[-1] - b[-1]).max() > 1e-3
+
+
+def test_vision_attention_stays_within_each_image(pixtral):
+    """Features of an image do not depend on the other images of the prompt (block-diagonal attention)."""
+    a, b = noise(48, 32, 7), noise(32, 64, 8)
+    alone = pixtral.embeddings(pixtral.encode([user(a, "x")]))
+    together = pixtral.embeddings(pixtral.encode([user(a, b, "x")]))
+    n = 2 * 3 + 2  # image a: 2 rows x 3 cols of [IMG] + 2 break/end tokens, after <s>[INST]
+    np.testing.assert_allclose(np.array(together[2:2 + n]), np.array(alone[2:2 + n]), atol=1e-5)
+
+
+def test_features_only_on_img_positions(pixtral):
+    prompt = pixtral.encode([user(noise(48, 32, 9), "Describe.")])
+    emb = np.array(pixtral.embeddings(prompt))
+    table = np.array(pixtral.model.language_model.model.embed_tokens.weight)
+    ids = np.array(prompt.tokens)
+    text = ids != 10
+    np.testing.assert_array_equal(emb[text], table[ids[text]])  # [IMG_BREAK]/[IMG_END] keep text embeddings
+    assert not np.allclose(emb[~text], table[10])
+
+
+@pytest.fixture(scope="module")
+def bf16_logits(hf_dir, tmp_path_factory):
+    out = convert(hf_dir, tmp_path_factory.mktemp("bf16") / "mlx", dtype="bfloat16", progress=False)
+    return pixtral_mlx.load(str(out)).logits(CASES["mixed_images"])
+
+
+# Measured on this tiny model (rms |Δlogit| / std, min cosine over positions) against bf16:
+# 8-bit g32 0.015 / 0.9997, 4-bit g32 0.14 / 0.962. Bounds leave ~2x headroom.
+@pytest.mark.parametrize("bits,rms_bound,cos_bound", [(8, 0.04, 0.999), (4, 0.3, 0.93)])
+def test_quantized_checkpoints_stay_close(bits, rms_bound, cos_bound, hf_dir, bf16_logits, tmp_path):
+    import mlx.nn as nn
+
+    out = convert(hf_dir, tmp_path / f"q{bits}", quantize=True, bits=bits, group_size=32, progress=False)
+    q = pixtral_mlx.load(str(out))
+    assert any(isinstance(m, nn.QuantizedLinear) for _, m in q.model.language_model.named_modules())
+    assert not any(isinstance(m, nn.QuantizedLinear) for _, m in q.model.vision_tower.named_modules())
+    ref, got = bf16_logits, q.logits(CASES["mixed_images"])
+    rms = np.sqrt(((got - ref) ** 2).mean()) / ref.std()
+    cos = ((got * ref).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(ref, axis=-1)).min()
+    assert rms < rms_bound, rms
+    assert cos > cos_bound, cos
+    assert rms > 1e-4  # the weights really were quantized
