@@ -99,7 +99,7 @@ def stream_tokens(
                           prompt_cache=cache, prefill_step_size=prefill_step, input_embeddings=embeddings)
     prompt_tps = gen_tps = 0.0
     n = 0
-    finish, tail = "length", ""
+    finish, tail, last = "length", "", None
     try:
         for token, _ in steps:
             if n == 0:
@@ -112,10 +112,10 @@ def stream_tokens(
                 break
             text = detokenizer.add(token)
             if n >= max_tokens:
-                tail = text
+                tail, last = text, token
                 break
             yield Chunk(text, token, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9)
         tail += detokenizer.flush()
-        yield Chunk(tail, None, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9, finish)
+        yield Chunk(tail, last, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9, finish)
     finally:
         steps.close()
