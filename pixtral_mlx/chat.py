@@ -89,7 +89,6 @@ class Chat:
         tic = time.perf_counter()
         opts = {**self.defaults, **kwargs}
         prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)
-        total = len(prompt) + opts["max_tokens"]
         if len(prompt) >= CONTEXT_LENGTH:
             new = len(prompt) - min(len(prompt), self.context_used)
             raise ContextError(
@@ -103,7 +102,6 @@ class Chat:
             trim_prompt_cache(self.cache, self.cache[0].offset - keep)
         self.cached = self.cached[:keep]
         emb = self.pixtral.embeddings(prompt, start=keep)
-        del total
         return prompt, keep, emb, opts, tic
 
     def _run(self, prompt: Any, keep: int, emb: mx.array, opts: dict[str, Any], tic: float) -> Iterator[Chunk]:
