@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, wired_limit
 from mlx_lm.sample_utils import make_sampler
 
 from .config import CONTEXT_LENGTH
@@ -97,25 +97,31 @@ def stream_tokens(
     n_prompt = len(tokens)
     steps = generate_step(mx.array(tokens), model, generation_stream, max_tokens=max_tokens, sampler=sampler,
                           prompt_cache=cache, prefill_step_size=prefill_step, input_embeddings=embeddings)
+    try:
+        with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
+            yield from _decode(steps, detokenizer, n_prompt, max_tokens, eos_id, tic)
+    finally:
+        steps.close()
+
+
+def _decode(steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int,
+            tic: float) -> Iterator[Chunk]:
     prompt_tps = gen_tps = 0.0
     n = 0
     finish, tail, last = "length", "", None
-    try:
-        for token, _ in steps:
-            if n == 0:
-                prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
-                tic = time.perf_counter()
-            n += 1
-            gen_tps = (n - 1) / max(time.perf_counter() - tic, 1e-9)
-            if token == eos_id:
-                finish = "stop"
-                break
-            text = detokenizer.add(token)
-            if n >= max_tokens:
-                tail, last = text, token
-                break
-            yield Chunk(text, token, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9)
-        tail += detokenizer.flush()
-        yield Chunk(tail, last, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9, finish)
-    finally:
-        steps.close()
+    for token, _ in steps:
+        if n == 0:
+            prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
+            tic = time.perf_counter()
+        n += 1
+        gen_tps = (n - 1) / max(time.perf_counter() - tic, 1e-9)
+        if token == eos_id:
+            finish = "stop"
+            break
+        text = detokenizer.add(token)
+        if n >= max_tokens:
+            tail, last = text, token
+            break
+        yield Chunk(text, token, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9)
+    tail += detokenizer.flush()
+    yield Chunk(tail, last, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9, finish)

@@ -115,3 +115,20 @@ def test_quantized_checkpoints_stay_close(bits, rms_bound, cos_bound, hf_dir, bf
     assert rms < rms_bound, rms
     assert cos > cos_bound, cos
     assert rms > 1e-4  # the weights really were quantized
+
+
+def test_cpu_dequantized_prefill_equals_quantized_kernel(hf_dir, tmp_path, monkeypatch):
+    """The CPU prefill path (dequantize + BLAS GEMM) computes the same function as quantized_matmul."""
+    from pixtral_mlx import backend
+    from pixtral_mlx.model import DequantizingQuantizedLinear
+
+    out = convert(hf_dir, tmp_path / "q4", quantize=True, bits=4, group_size=32, progress=False)
+    q = pixtral_mlx.load(str(out))
+    layer = q.model.language_model.model.layers[0].mlp.gate_proj
+    assert isinstance(layer, DequantizingQuantizedLinear) == backend.on_cpu()
+    messages = CASES["one_image"]
+    assert len(q.encode(messages)) > backend.DEQUANT_MIN_TOKENS
+    fast = q.logits(messages)
+    monkeypatch.setattr(backend, "DEQUANT_MIN_TOKENS", 10**9)
+    kernel = q.logits(messages)
+    np.testing.assert_allclose(fast, kernel, atol=1e-4 * np.abs(kernel).max())
