@@ -96,3 +96,25 @@ def test_quantization_read_from_config(hf_dir, tmp_path):
     model = pixtral_mlx.load(str(out)).model
     q = model.language_model.model.layers[0].self_attn.q_proj
     assert isinstance(q, nn.QuantizedLinear) and q.bits == 4 and q.group_size == 32
+
+
+def test_official_repo_id_is_converted_once_into_the_cache(official_dir, monkeypatch, tmp_path):
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo, allow_patterns=None, local_files_only=False, **kw):
+        calls.append((repo, local_files_only))
+        assert "consolidated.safetensors" in allow_patterns and "*.bin" not in allow_patterns
+        return str(official_dir)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setenv("PIXTRAL_MLX_HOME", str(tmp_path / "cache"))
+    messages = []
+    px = pixtral_mlx.load("mistralai/Pixtral-12B-2409", progress=messages.append)
+    assert px.path == tmp_path / "cache" / "models" / "mistralai--Pixtral-12B-2409-4bit"
+    assert json.loads((px.path / "config.json").read_text())["quantization"]["bits"] == 4
+    assert any("Converting" in m for m in messages)
+    n = len(calls)
+    again = pixtral_mlx.load("mistralai/Pixtral-12B-2409")
+    assert again.path == px.path and len(calls) == n  # reused, nothing downloaded or converted again
