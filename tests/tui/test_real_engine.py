@@ -1,0 +1,64 @@
+"""The chat against the real engine thread and the tiny random checkpoint (real tokenizer, MLX)."""
+
+from __future__ import annotations
+
+from chat_fakes import started, wait_for
+from pixtral_mlx.tui import make_app
+from pixtral_mlx.tui.engine import Engine
+from pixtral_mlx.tui.messages import ReplyFinished
+from textual import events
+
+
+class RecordingEngine(Engine):
+    """The real engine, keeping a copy of what it reports."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.finished: list[ReplyFinished] = []
+
+    def _post(self, message):
+        if isinstance(message, ReplyFinished):
+            self.finished.append(message)
+        super()._post(message)
+
+
+async def test_two_turns_with_an_image(mlx_dir, data_dir, images):
+    engine = RecordingEngine(str(mlx_dir), max_tokens=8, temperature=0.0)
+    app = make_app(engine, data_dir=data_dir)
+    async with app.run_test(size=(110, 36)) as pilot:
+        screen = await started(pilot)
+        assert screen.loaded and screen.query_one("#status").model == "tiny-mlx"
+        screen.query_one("#prompt").post_message(events.Paste(f"'{images['red']}'"))
+        await wait_for(pilot, lambda: screen.query_one("#attachments").attachments)
+        chip = screen.query_one("#attachments").attachments[0]
+
+        for text in ("What is in this image?", "And now?"):
+            screen.query_one("#prompt").insert(text)
+            await pilot.press("enter")
+            await wait_for(pilot, lambda: not screen.busy, timeout=60, what="the reply")
+        first, second = engine.finished
+        assert [t.role for t in screen.conversation.turns] == ["user", "assistant"] * 2
+        assert all(t.text for t in screen.conversation.turns)
+        assert first.generation_tokens == 8 and first.finish_reason == "length"
+        # Turn 1 prefilled the image; turn 2 only the new tokens, not the whole history again.
+        assert first.prompt_tokens > chip.tokens
+        assert second.prompt_tokens < 20 < first.context_used < second.context_used
+        assert engine.chat.pixtral.vision_runs == 1  # the image was encoded once
+        assert screen.query_one("#status").context_used == second.context_used
+
+        # Reopen it (the engine's Chat starts with an empty cache): the next turn prefills it all.
+        saved = screen.conversation.id
+        await pilot.press("ctrl+n")
+        await wait_for(pilot, lambda: engine.chat.messages == [])
+        screen.open_conversation(saved)
+        status = screen.query_one("#status")
+        await wait_for(pilot, lambda: status.context_used > 0, what="the restored history")
+        # Measured from the history alone; re-encoding adds the EOS that each cut-off reply lacks.
+        assert status.context_used == second.context_used + 2
+        screen.query_one("#prompt").insert("Once more?")
+        await pilot.press("enter")
+        await wait_for(pilot, lambda: len(engine.finished) == 3 and not screen.busy, timeout=60)
+        third = engine.finished[2]
+        assert third.prompt_tokens > second.context_used  # the whole history, once
+        assert len(engine.chat.messages) == 6 and engine.chat.pixtral.vision_runs == 1
+    assert engine.chat is None  # the engine thread released the model on exit

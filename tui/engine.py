@@ -1,0 +1,226 @@
+"""The engine: ONE long-lived thread that loads the model and owns the conversation.
+
+MLX streams are per thread, so loading, prefill and decode must all run on the same OS thread; a
+Textual `@work(thread=True)` per turn may land on any pool thread. The UI calls the request methods
+(they only enqueue); results come back as messages posted to `target`. Tests subclass `Engine` and
+override `_load` to return a fake `ChatBackend`, keeping the real thread, queue and Stop logic.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+from textual.message import Message
+from textual.message_pump import MessagePump
+
+from .messages import (
+    ContextUpdated,
+    EngineFailed,
+    LoadFailed,
+    ModelLoaded,
+    ModelLoading,
+    ReplyFinished,
+    ReplyStarted,
+    Token,
+)
+
+log = logging.getLogger("pixtral_mlx.tui")
+TOKEN_INTERVAL = 0.05  # seconds between UI updates while a reply streams
+
+
+class ChatBackend(Protocol):
+    """What the engine needs from `pixtral_mlx.chat.Chat`."""
+
+    messages: list[dict[str, Any]]
+    context_used: int
+
+    def stream(self, content: Any) -> Iterator[Any]: ...
+    def regenerate(self) -> Iterator[Any]: ...
+    def undo(self) -> dict[str, Any] | None: ...
+    def reset(self) -> None: ...
+    def tokens_needed(self, content: Any) -> int: ...
+
+
+def model_name(model: str) -> str:
+    path = Path(model).expanduser()
+    return path.resolve().name if path.exists() else model.rstrip("/").split("/")[-1]
+
+
+class Engine:
+    def __init__(
+        self,
+        model: str,
+        *,
+        system: str | None = None,
+        max_edge: int | None = None,
+        max_tokens: int = 512,
+        temperature: float = 0.35,
+        top_p: float = 0.8,
+        seed: int | None = None,
+    ):
+        self.model = model
+        self.name = model_name(model)
+        self.system = system
+        self.max_edge = max_edge
+        self.options = {
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "top_p": top_p,
+            "seed": seed,
+        }
+        self.chat: ChatBackend | None = None
+        self.load_error: str | None = None
+        self._requests: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
+        self._stop = threading.Event()
+        self._target: MessagePump | None = None
+        self._thread: threading.Thread | None = None
+
+    # Requests from the UI thread: they only enqueue ---------------------------------------------
+    def start(self, target: MessagePump) -> None:
+        self._target = target
+        self._thread = threading.Thread(target=self._run, name="pixtral-engine", daemon=True)
+        self._thread.start()
+        self._put("load")
+
+    def send(self, content: Any) -> None:
+        self._stop.clear()  # here, not on the engine thread: an early Esc must not be forgotten
+        self._put("send", content)
+
+    def regenerate(self) -> None:
+        self._stop.clear()
+        self._put("regenerate")
+
+    def undo(self) -> None:
+        self._put("undo")
+
+    def restore(self, messages: list[dict[str, Any]]) -> None:
+        """Replace the history (new chat, reopened chat); the next turn prefills it once."""
+        self._put("restore", messages)
+
+    def stop(self) -> None:
+        """Stop the reply being generated; the partial reply is kept."""
+        self._stop.set()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._requests.put(None)
+        if self._thread and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _put(self, name: str, *args: Any) -> None:
+        self._requests.put((name, args))
+
+    def _post(self, message: Message) -> None:
+        if self._target is not None:
+            self._target.post_message(message)
+
+    # The engine thread ------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while (request := self._requests.get()) is not None:
+                name, args = request
+                try:
+                    getattr(self, f"_do_{name}")(*args)
+                except ValueError as e:  # the library's errors: one sentence meant for the user
+                    self._post(EngineFailed(name, str(e)))
+                except Exception as e:
+                    log.exception("engine request %s failed", name)
+                    self._post(EngineFailed(name, f"{type(e).__name__}: {e}", expected=False))
+        finally:
+            self.chat = None
+            mx = sys.modules.get("mlx.core")
+            if mx is not None and hasattr(mx, "clear_streams"):
+                mx.clear_streams()
+
+    def _load(self, progress: Any) -> ChatBackend:
+        import pixtral_mlx
+
+        pixtral = pixtral_mlx.load(self.model, progress=progress)
+        return pixtral.chat(system=self.system, max_edge=self.max_edge, **self.options)
+
+    def _do_load(self) -> None:
+        tic = time.perf_counter()
+        self._post(ModelLoading(f"Loading {self.model}…"))
+        try:
+            self.chat = self._load(lambda text: self._post(ModelLoading(text)))
+        except Exception as e:
+            if not isinstance(e, ValueError):
+                log.exception("loading %s failed", self.model)
+            self.load_error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            self._post(LoadFailed(self.load_error))
+            return
+        self._post(ModelLoaded(self.name, time.perf_counter() - tic))
+
+    def _ready(self) -> ChatBackend:
+        if self.chat is None:
+            raise ValueError(f"the model is not loaded ({self.load_error or 'still loading'}).")
+        return self.chat
+
+    def _do_send(self, content: Any) -> None:
+        self._stream(self._ready().stream(content))
+
+    def _do_regenerate(self) -> None:
+        self._stream(self._ready().regenerate())
+
+    def _do_undo(self) -> None:
+        chat = self._ready()
+        chat.undo()  # the UI already took the turn off the screen
+        chat.context_used = self._context(chat)
+        self._post(ContextUpdated(chat.context_used))
+
+    def _do_restore(self, messages: list[dict[str, Any]]) -> None:
+        chat = self._ready()
+        chat.reset()
+        chat.messages = list(messages)
+        chat.context_used = self._context(chat)
+        self._post(ContextUpdated(chat.context_used))
+
+    @staticmethod
+    def _context(chat: ChatBackend) -> int:
+        """Tokens of the history alone (without a next message)."""
+        if not any(m["role"] != "system" for m in chat.messages):
+            return 0
+        return max(chat.tokens_needed("") - 2, 0)  # less the `[INST][/INST]` of the empty message
+
+    def _stream(self, chunks: Iterator[Any]) -> None:
+        """Post the chunks; between them honour Stop: close the generator (keeps the partial)."""
+        self._post(ReplyStarted())
+        text, pending, last, finish = "", "", None, "interrupted"
+        posted = time.perf_counter()
+        try:
+            for chunk in chunks:
+                text += chunk.text
+                pending += chunk.text
+                last = chunk
+                # Batch tokens: one UI update per TOKEN_INTERVAL keeps the UI thread off the GIL.
+                if pending and time.perf_counter() - posted >= TOKEN_INTERVAL:
+                    self._post(Token(pending))
+                    pending, posted = "", time.perf_counter()
+                if chunk.finish_reason:
+                    finish = chunk.finish_reason
+                    break
+                if self._stop.is_set():
+                    break
+        finally:
+            chunks.close()  # type: ignore[attr-defined]
+            if pending:
+                self._post(Token(pending))
+        chat = self._ready()
+        stats = {
+            k: getattr(last, k, 0)
+            for k in (
+                "prompt_tokens",
+                "prompt_tps",
+                "generation_tokens",
+                "generation_tps",
+                "peak_memory",
+            )
+        }
+        self._post(ReplyFinished(text, finish, **stats, context_used=chat.context_used))

@@ -1,0 +1,106 @@
+"""The conversation: an anchored VerticalScroll with one widget per message.
+
+Replies stream through `Markdown.get_stream` (it batches fragments when rendering falls behind) and
+are rendered once more from the full text at the end, so streamed code fences come out right.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.widgets import Markdown, Static
+
+from ..messages import ReplyFinished
+from ..storage import Turn
+from .attachment import Chip
+
+FINISH_NOTES = {"interrupted": "stopped", "length": "hit the token limit"}
+
+
+def stats_line(m: ReplyFinished) -> str:
+    parts = [
+        f"{m.generation_tokens:,} tokens",
+        f"{m.generation_tps:,.1f} tok/s",
+        f"prompt {m.prompt_tokens:,} tokens at {m.prompt_tps:,.0f} tok/s",
+        f"peak {m.peak_memory:.2f} GB",
+    ]
+    if note := FINISH_NOTES.get(m.finish_reason):
+        parts.append(note)
+    return " · ".join(parts)
+
+
+class UserMessage(Vertical):
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(classes="message user")
+        self.turn = turn
+
+    def compose(self) -> ComposeResult:
+        for attachment in self.turn.images:
+            yield Chip(attachment, removable=False, classes="chip")
+        if self.turn.text:
+            yield Static(self.turn.text, markup=False, classes="text")
+
+
+class ReplyMessage(Vertical):
+    def __init__(self, turn: Turn | None = None) -> None:
+        super().__init__(classes="message reply")
+        self.turn = turn or Turn("assistant", "")
+        self._stream = None
+
+    def compose(self) -> ComposeResult:
+        yield Markdown(self.turn.text)
+        note = FINISH_NOTES.get(self.turn.finish or "", "")
+        stats = Static(note if self.turn.text or note else "thinking…", classes="stats")
+        stats.display = bool(note or not self.turn.text)
+        yield stats
+
+    @property
+    def streaming(self) -> bool:
+        return self._stream is not None
+
+    async def write(self, fragment: str) -> None:
+        if self._stream is None:
+            self.query_one(".stats", Static).update("")
+            self._stream = Markdown.get_stream(self.query_one(Markdown))
+        self.turn.text += fragment
+        await self._stream.write(fragment)
+
+    async def finish(self, text: str, finish: str, stats: str) -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.turn.text, self.turn.finish = text, finish if finish == "interrupted" else None
+        await self.query_one(Markdown).update(
+            text
+        )  # one full render: streamed code fences come out right
+        self.query_one(".stats", Static).update(stats)
+        self.query_one(".stats", Static).display = bool(stats)
+
+
+class Transcript(VerticalScroll, can_focus=True):
+    def on_mount(self) -> None:
+        self.anchor()
+
+    async def add_turn(self, turn: Turn) -> UserMessage | ReplyMessage:
+        widget = UserMessage(turn) if turn.role == "user" else ReplyMessage(turn)
+        await self.mount(widget)
+        self.anchor()
+        return widget
+
+    async def start_reply(self) -> ReplyMessage:
+        reply = ReplyMessage()
+        await self.mount(reply)
+        self.anchor()
+        return reply
+
+    async def show(self, turns: list[Turn]) -> None:
+        await self.remove_children(".message")
+        await self.mount_all(
+            [UserMessage(t) if t.role == "user" else ReplyMessage(t) for t in turns]
+        )
+        self.anchor()
+
+    async def remove_last(self, kind: type[UserMessage | ReplyMessage]) -> None:
+        messages = list(self.query(".message"))
+        if messages and isinstance(messages[-1], kind):
+            await messages[-1].remove()
