@@ -69,15 +69,29 @@ class Chat:
 
     def undo(self) -> dict[str, Any] | None:
         """Remove the last user turn (and its reply); return the removed user message."""
+        removed = None
         while self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
         if self.messages and self.messages[-1]["role"] == "user":
-            return self.messages.pop()
-        return None
+            removed = self.messages.pop()
+        self.context_used = self.history_tokens()
+        return removed
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
         self.cache, self.cached, self.context_used = None, [], 0
+
+    def restore(self, messages: list[dict[str, Any]]) -> None:
+        """Start from a saved history; the next turn prefills it once."""
+        self.reset()
+        self.messages = list(messages)
+        self.context_used = self.history_tokens()
+
+    def history_tokens(self) -> int:
+        """Tokens the history uses on its own (0 for an empty chat)."""
+        if not any(m["role"] != "system" for m in self.messages):
+            return 0
+        return max(self.tokens_needed("") - 2, 0)  # less the `[INST][/INST]` of an empty message
 
     def tokens_needed(self, content: Any) -> int:
         """How many tokens the history would use with `content` as the next user message."""

@@ -45,6 +45,7 @@ class ChatBackend(Protocol):
     def regenerate(self) -> Iterator[Any]: ...
     def undo(self) -> dict[str, Any] | None: ...
     def reset(self) -> None: ...
+    def restore(self, messages: list[dict[str, Any]]) -> None: ...
     def tokens_needed(self, content: Any) -> int: ...
 
 
@@ -172,22 +173,12 @@ class Engine:
     def _do_undo(self) -> None:
         chat = self._ready()
         chat.undo()  # the UI already took the turn off the screen
-        chat.context_used = self._context(chat)
         self._post(ContextUpdated(chat.context_used))
 
     def _do_restore(self, messages: list[dict[str, Any]]) -> None:
         chat = self._ready()
-        chat.reset()
-        chat.messages = list(messages)
-        chat.context_used = self._context(chat)
+        chat.restore(messages)
         self._post(ContextUpdated(chat.context_used))
-
-    @staticmethod
-    def _context(chat: ChatBackend) -> int:
-        """Tokens of the history alone (without a next message)."""
-        if not any(m["role"] != "system" for m in chat.messages):
-            return 0
-        return max(chat.tokens_needed("") - 2, 0)  # less the `[INST][/INST]` of the empty message
 
     def _stream(self, chunks: Iterator[Any]) -> None:
         """Post the chunks; between them honour Stop: close the generator (keeps the partial)."""

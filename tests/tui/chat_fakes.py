@@ -83,9 +83,21 @@ class FakeChat:
     def undo(self) -> dict[str, Any] | None:
         while self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
-        return (
+        removed = (
             self.messages.pop() if self.messages and self.messages[-1]["role"] == "user" else None
         )
+        self.context_used = self.history_tokens()
+        return removed
+
+    def restore(self, messages: list[dict[str, Any]]) -> None:
+        self.reset()
+        self.messages = list(messages)
+        self.context_used = self.history_tokens()
+
+    def history_tokens(self) -> int:
+        if not any(m["role"] != "system" for m in self.messages):
+            return 0
+        return max(self.tokens_needed("") - 2, 0)
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
