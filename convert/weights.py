@@ -50,7 +50,7 @@ _HF = [(re.compile(h + "$"), m) for _, h, m in _TABLE]
 
 # transformers 5.x saves `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`;
 # older files and the Hub repo use the legacy LLaVA names. Normalize to the legacy ones.
-_HF_PREFIXES = [
+HF_PREFIXES = [
     ("model.language_model.", "language_model.model."),
     ("lm_head.", "language_model.lm_head."),
     ("model.vision_tower.", "vision_tower."),
@@ -73,7 +73,7 @@ def target(src_key: str, source_format: str, args: PixtralArgs) -> Target | None
         table = _OFFICIAL
     else:
         table = _HF
-        for old, new in _HF_PREFIXES:
+        for old, new in HF_PREFIXES:
             if src_key.startswith(old):
                 src_key = new + src_key[len(old):]
                 break

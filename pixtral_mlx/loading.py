@@ -110,13 +110,14 @@ def _read_weights(path: Path) -> dict[str, Any]:
 
 def _peer_layout(weights: dict[str, Any], args: PixtralArgs) -> dict[str, Any]:
     """Names and conv layout of older MLX/HF exports -> ours (idempotent: ours pass unchanged)."""
+    from .convert.weights import HF_PREFIXES
+
     out = {}
     for k, v in weights.items():
-        for old, new in (("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-                         ("model.vision_tower.", "vision_tower."),
-                         ("model.multi_modal_projector.", "multi_modal_projector.")):
+        for old, new in HF_PREFIXES:
             if k.startswith(old):
                 k = new + k[len(old):]
+                break
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
             k = "vision_tower.vision_model." + k[len("vision_tower."):]
         if k.endswith("patch_conv.weight") and v.ndim == 4 and v.shape[1] == args.vision.num_channels \
