@@ -16,6 +16,7 @@ import ctypes.util
 import os
 import platform
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ BLAS_NOTE = "bundled BLAS"
 
 # Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
 DEQUANT_MIN_TOKENS = 16
+_local = threading.local()
 
 
 def preload_blas() -> str | None:
@@ -105,3 +107,26 @@ def prepare(model: Any) -> None:
     for _, module in model.named_modules():
         if type(module) is nn.QuantizedLinear:
             module.__class__ = DequantizingQuantizedLinear
+
+
+def cpu_streams() -> list[Any]:
+    """One CPU stream per core for this thread, or [] off the CPU backend or on one core.
+
+    MLX runs each CPU stream on its own thread, while single kernels (quantized matmul, the
+    attention softmax) run on one: splitting independent rows or heads over these streams uses
+    every core. Streams are per thread in MLX, so each thread gets its own set.
+    """
+    import mlx.core as mx
+
+    streams = getattr(_local, "streams", None)
+    if streams is None:
+        n = min(os.cpu_count() or 1, 8)
+        streams = [mx.new_stream(mx.cpu) for _ in range(n)] if on_cpu() and n > 1 else []
+        _local.streams = streams
+    return streams
+
+
+def splits(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges cutting n items into at most `parts` nearly equal pieces."""
+    b = [n * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(b[:-1], b[1:]) if hi > lo]

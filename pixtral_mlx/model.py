@@ -15,6 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
+from . import backend
 from .config import PixtralArgs
 from .vision import VisionModel
 
@@ -83,13 +84,28 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     """
 
     def __call__(self, x: mx.array) -> mx.array:
-        from .backend import DEQUANT_MIN_TOKENS
-
-        if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
-            return super().__call__(x)
+        if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS:
+            return self._few_tokens(x, backend.cpu_streams())
         w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
                           group_size=self.group_size, bits=self.bits, mode=self.mode)
         y = x @ w.astype(x.dtype).T
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+    def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
+        """The quantized kernel, its output rows split over the CPU streams (one thread each)."""
+        if len(streams) < 2:
+            return super().__call__(x)
+        w, s, b = self["weight"], self["scales"], self.get("biases")
+        parts = []
+        for st, (lo, hi) in zip(streams, backend.splits(w.shape[0], len(streams))):
+            with mx.stream(st):
+                parts.append(mx.quantized_matmul(x, w[lo:hi], s[lo:hi], None if b is None else b[lo:hi],
+                                                 transpose=True, group_size=self.group_size, bits=self.bits,
+                                                 mode=self.mode))
+        y = mx.concatenate(parts, axis=-1)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+

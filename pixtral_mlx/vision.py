@@ -10,6 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import backend
 from .config import VisionArgs
 
 
@@ -56,12 +57,22 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # Patches attend only within their own image: one attention per image, no N x N mask.
-        out = mx.concatenate([
-            mx.fast.scaled_dot_product_attention(
-                q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], scale=self.scale)
-            for s, e in zip(bounds[:-1], bounds[1:])
-        ], axis=2) if len(bounds) > 2 else mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = mx.concatenate([self._attend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
+                              for s, e in zip(bounds[:-1], bounds[1:])], axis=2)
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+    def _attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        # On the CPU backend the softmax runs on one thread: heads are independent, so each
+        # core's stream takes a share of them (backend.cpu_streams is [] elsewhere).
+        streams = backend.cpu_streams()
+        if len(streams) < 2:
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        parts = []
+        for st, (a, b) in zip(streams, backend.splits(self.n_heads, len(streams))):
+            with mx.stream(st):
+                parts.append(mx.fast.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b],
+                                                                  scale=self.scale))
+        return mx.concatenate(parts, axis=1)
 
 
 class FeedForward(nn.Module):
