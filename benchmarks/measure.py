@@ -1,0 +1,565 @@
+"""One benchmark job in its own process: `python benchmarks/measure.py SPEC.json RESULT.json`.
+
+Jobs: "convert" (our converter), "bandwidth" (memory read speed), "ours" (pixtral_mlx on one
+checkpoint) and "vlm" (mlx-vlm on the same checkpoint, fed the same token ids and pixels).
+`run.py` starts one process per job (so that peak RSS is per job) and does the arithmetic.
+
+Every job imports `pixtral_mlx` before `mlx`, so both runtimes get the same BLAS (on Linux the
+package preloads an optimized one); the job reports which. Nothing here assumes the CPU: the
+device is whatever `mx.default_device()` is.
+
+Depths: decoder layers are measured at depth 1 and at the checkpoint's depth L, vision layers at
+depth 0 and at a depth M' <= M, by truncating the layer lists of the loaded model (same code path,
+same weights); `run.py` extrapolates per layer to Pixtral-12B's 40 + 24 layers.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+TEXT_QUESTION = "Describe this image in detail."
+CHAT_FOLLOWUP = "Which colours dominate?"
+DECODE_PROMPT = "Write a long story about the sea."
+WORDS = ("river stone quiet market lantern harbor winter orchard signal copper meadow engine "
+         "garden mirror thunder canvas pepper ladder silver forest compass velvet island bridge "
+         "candle marble thistle falcon glacier saddle timber violet").split()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+def peak_rss_bytes() -> int:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if platform.system() == "Darwin" else rss * 1024)
+
+
+def random_image(size: int, seed: int):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8), "RGB")
+
+
+def image_message(size: int, seed: int, text: str = TEXT_QUESTION) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image", "image": random_image(size, seed)},
+                                         {"type": "text", "text": text}]}]
+
+
+def text_of_tokens(encode: Callable[[list[dict]], list[int]], n_tokens: int) -> str:
+    """A user text whose chat prompt is about `n_tokens` tokens (never more)."""
+    rng = np.random.default_rng(1234)
+    words = [WORDS[i] for i in rng.integers(0, len(WORDS), max(4 * n_tokens, 64))]
+
+    def n_for(k: int) -> int:
+        return len(encode([{"role": "user", "content": " ".join(words[:k])}]))
+
+    lo, hi = 1, len(words)
+    while lo < hi:  # largest k with n_for(k) <= n_tokens
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if n_for(mid) <= n_tokens else (lo, mid - 1)
+    return " ".join(words[:lo])
+
+
+def run_stream(steps: Iterator[Any], t0: float, max_tokens: int, budget_s: float) -> dict:
+    """Consume a token stream; time to first token and decode time per token.
+
+    Stops after `max_tokens` tokens, or once the decode has run `budget_s` seconds (with at least
+    2 decoded tokens after the first), whichever comes first.
+    """
+    times: list[float] = []
+    try:
+        for _ in steps:
+            times.append(now())
+            if len(times) >= max_tokens:
+                break
+            if len(times) >= 3 and times[-1] - times[0] > budget_s:
+                break
+    finally:
+        steps.close()
+    out = {"ttft_s": times[0] - t0, "tokens": len(times)}
+    if len(times) > 1:
+        out["decode_s_per_token"] = (times[-1] - times[0]) / (len(times) - 1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Runtimes: the same measurements through pixtral_mlx and through mlx-vlm.
+
+class Ours:
+    name = "pixtral_mlx"
+
+    def __init__(self, path: str):
+        import pixtral_mlx
+
+        t = now()
+        self.px = pixtral_mlx.load(path)
+        self.load_s = now() - t
+        self.model = self.px.model
+        self.text_layers = list(self.model.language_model.model.layers)
+        self.vision_layers = list(self.model.vision_tower.vision_model.transformer.layers)
+        self.detok = self.px.encoder.detokenizer
+
+    def set_depth(self, text: int | None = None, vision: int | None = None) -> None:
+        if text is not None:
+            self.model.language_model.model.layers = self.text_layers[:text]
+        if vision is not None:
+            self.model.vision_tower.vision_model.transformer.layers = self.vision_layers[:vision]
+
+    def encode(self, messages: list[dict]) -> Any:
+        return self.px.encode(messages)
+
+    def vision(self, prompt: Any) -> float:
+        """Seconds of `image_features` on an image it has not seen."""
+        import mlx.core as mx
+
+        mx.synchronize()
+        t = now()
+        self.px.image_features(prompt.images[0])
+        return now() - t
+
+    def features(self, prompt: Any) -> Any:
+        return [self.px.image_features(img) for img in prompt.images]
+
+    def generate(self, prompt: Any, max_tokens: int, budget_s: float = 1e9) -> dict:
+        """Prefill (image features already cached, when the prompt has images) and decode."""
+        import mlx.core as mx
+        from pixtral_mlx.generate import stream_tokens
+
+        cache = self.model.make_cache()
+        mx.synchronize()
+        t0 = now()
+        emb = self.px.embeddings(prompt)
+        steps = stream_tokens(self.model, self.detok(), prompt.tokens, emb, cache, eos_id=-1,
+                              max_tokens=max_tokens + 1, temperature=0.0, top_p=1.0)
+        return run_stream(steps, t0, max_tokens, budget_s)
+
+    def chat_ttft(self, size: int, seed: int, repeats: int = 1) -> dict:
+        """TTFT of a first turn with a new image and of a text-only second turn (best of `repeats`)."""
+        import mlx.core as mx
+
+        chat = self.px.chat(max_tokens=2, temperature=0.0)
+
+        def turn(content: Any) -> tuple[float, int]:
+            mx.synchronize()
+            t0 = now()
+            stream = chat.stream(content)
+            first = next(stream)
+            ttft = now() - t0
+            for _ in stream:
+                pass
+            return ttft, first.prompt_tokens
+
+        out: dict[str, Any] = {}
+        out["first_ttft_s"], out["first_prompt_tokens"] = turn(image_message(size, seed)[0]["content"])
+        # To repeat the follow-up, put the conversation back as it was after the first turn: drop the
+        # follow-up (undo) and trim the KV cache to the first turn (Chat's `cache`/`cached`).
+        offset = chat.cache[0].offset if getattr(chat, "cache", None) else None
+        cached = list(getattr(chat, "cached", []))
+        seconds = []
+        for i in range(repeats if offset is not None else 1):
+            if i:
+                from mlx_lm.models.cache import trim_prompt_cache
+
+                chat.undo()
+                trim_prompt_cache(chat.cache, chat.cache[0].offset - offset)
+                chat.cached = list(cached)
+            t, out["second_prompt_tokens"] = turn(CHAT_FOLLOWUP)
+            seconds.append(t)
+        out["second_ttft_s"], out["second_samples"] = min(seconds), seconds
+        return out
+
+    def weight_bytes(self) -> dict:
+        from mlx.utils import tree_flatten
+
+        def nbytes(module: Any) -> int:
+            return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+        lm = self.model.language_model
+        return {"text_layer": nbytes(self.text_layers[0]), "vision_layer": nbytes(self.vision_layers[0])
+                if self.vision_layers else 0, "lm_head": nbytes(lm.lm_head), "total": nbytes(self.model)}
+
+
+class Vlm:
+    name = "mlx_vlm"
+
+    def __init__(self, path: str, dtype: str, encoder: Any):
+        import mlx.core as mx
+        from mlx_vlm.utils import load_model
+
+        t = now()
+        self.model = load_model(Path(path))
+        if dtype == "float32":
+            self.model.set_dtype(mx.float32)
+        mx.eval(self.model.parameters())
+        self.load_s = now() - t
+        self.encoder = encoder  # our PromptEncoder: the same token ids and pixels for both runtimes
+        self.text_layers = list(self.model.language_model.model.layers)
+        self.vision_layers = list(self.model.vision_tower.vision_model.transformer.layers)
+
+    def set_depth(self, text: int | None = None, vision: int | None = None) -> None:
+        if text is not None:
+            self.model.language_model.model.layers = self.text_layers[:text]
+        if vision is not None:
+            self.model.vision_tower.vision_model.transformer.layers = self.vision_layers[:vision]
+
+    def encode(self, messages: list[dict]) -> Any:
+        return self.encoder.encode(messages)
+
+    def _image_features(self, pixels: np.ndarray) -> Any:
+        # What mlx-vlm's `get_input_embeddings` does for an image, without the token merge.
+        import mlx.core as mx
+
+        pv = mx.array(pixels)[None]
+        *_, hidden = self.model.vision_tower(pv.transpose(0, 2, 3, 1), output_hidden_states=True)
+        feats = self.model.multi_modal_projector(hidden[self.model.vision_feature_layer])
+        mx.eval(feats)
+        return feats
+
+    def vision(self, prompt: Any) -> float:
+        import mlx.core as mx
+
+        mx.synchronize()
+        t = now()
+        self._image_features(prompt.images[0].pixels)
+        return now() - t
+
+    def features(self, prompt: Any) -> Any:
+        return [self._image_features(img.pixels) for img in prompt.images]
+
+    def generate(self, prompt: Any, max_tokens: int, budget_s: float = 1e9, features: Any = None) -> dict:
+        import mlx.core as mx
+        from mlx_vlm.generate.ar import generate_step
+
+        ids = mx.array(prompt.tokens)[None]
+        kwargs: dict[str, Any] = {}
+        pixels = None
+        if prompt.images:
+            # The vision features are passed in (mlx-vlm's `cached_image_features`): prefill only.
+            pixels = mx.array(prompt.images[0].pixels)[None]
+            kwargs["cached_image_features"] = mx.concatenate(features, axis=1)
+        mx.synchronize()
+        t0 = now()
+        steps = generate_step(ids, self.model, pixels, None, max_tokens=max_tokens + 1, temperature=0.0,
+                              **kwargs)
+        return run_stream(steps, t0, max_tokens, budget_s)
+
+    def weight_bytes(self) -> dict:
+        from mlx.utils import tree_flatten
+
+        def nbytes(module: Any) -> int:
+            return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+        return {"text_layer": nbytes(self.text_layers[0]), "vision_layer": nbytes(self.vision_layers[0])
+                if self.vision_layers else 0, "lm_head": nbytes(self.model.language_model.lm_head),
+                "total": nbytes(self.model)}
+
+
+# --------------------------------------------------------------------------------------------
+# The measurement plan, shared by both runtimes.
+
+def alternate(run: Callable[[int], float], depths: tuple[int, int], budget_s: float, max_pairs: int = 3,
+              log: Callable[[str], None] | None = None, what: str = "", done: dict | None = None) -> dict:
+    """Time `run(depth)` at both depths, alternately, and repeat the pair while it fits the budget.
+
+    On a shared machine other processes come and go: alternating puts both depths under the same
+    conditions, and the minimum of each is the least disturbed. Keeps every sample. `done`: samples
+    already taken (depth -> seconds), used in the first pair instead of running again.
+    """
+    samples: dict[str, list[float]] = {str(d): [] for d in depths}
+    pending = dict(done or {})
+    t0 = now()
+    while True:
+        t_pair = now()
+        for d in depths:
+            samples[str(d)].append(pending.pop(d) if d in pending else run(d))
+        spent, last = now() - t0, now() - t_pair
+        if len(samples[str(depths[0])]) >= max_pairs or spent + last > budget_s:
+            break
+    out = {"seconds": {d: min(v) for d, v in samples.items()}, "samples": samples}
+    if log:
+        log(f"{what}: " + ", ".join(f"depth {d} {min(v):.3f} s (of {len(v)})" for d, v in samples.items()))
+    return out
+
+
+def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
+    import mlx.core as mx
+
+    s = spec["settings"]
+    L, M = spec["text_layers"], spec["vision_layers"]
+    Mv = min(M, spec.get("vision_depth") or M)  # vision depth measured (mlx-vlm bf16: 1, it is slow)
+    budget = s["budget_s"]
+    res: dict[str, Any] = {"load_s": rt.load_s, "depths": {"text": [1, L], "vision": [0, Mv]}}
+    seed = iter(range(spec.get("seed", 100), 10**9))
+
+    def encode_text(messages: list[dict]) -> list[int]:
+        return rt.encode(messages).tokens
+
+    def text_prompt(n: int) -> Any:
+        return rt.encode([{"role": "user", "content": text_of_tokens(encode_text, n)}])
+
+    def prefill_at(prompt: Any, **kw: Any) -> Callable[[int], float]:
+        def run(depth: int) -> float:
+            rt.set_depth(text=depth)
+            return rt.generate(prompt, max_tokens=1, **kw)["ttft_s"]
+        return run
+
+    # Warm-up: first kernels, allocator, threads.
+    rt.set_depth(text=1, vision=0)
+    rt.vision(rt.encode(image_message(64, next(seed))))
+    rt.generate(rt.encode([{"role": "user", "content": "Hi"}]), max_tokens=1)
+    mx.reset_peak_memory()
+
+    # 1. Vision encoding on a fresh cache (a new image every time), at vision depths 0 and Mv.
+    if spec.get("measure_vision", True):
+        for size in s["image_sizes"]:
+            def vision(depth: int) -> float:
+                rt.set_depth(vision=depth)
+                return rt.vision(rt.encode(image_message(size, next(seed))))
+            res[f"vision_{size}"] = {"patches": (size // 16) ** 2,
+                                     **alternate(vision, (0, Mv), budget / 2, log=log, what=f"vision {size}²")}
+    rt.set_depth(vision=Mv)
+
+    # 2. Prefill of a ~1K-token text prompt at text depths 1 and L.
+    target = s["prompt_tokens"]
+    long_prompt = text_prompt(target)
+    ramp: dict[str, float] = {}
+    if spec.get("ramp"):
+        # Slow runtimes: grow the prompt 4x at a time while the next step fits in the budget. The
+        # ramp runs at depth L: at depth 1 lazy evaluation computes only the keys and values of the
+        # prompt (the last layer's output is needed for the last token only), which says nothing
+        # about the cost of a layer.
+        n = 8
+        while True:
+            long_prompt = text_prompt(n)
+            t = prefill_at(long_prompt)(L)
+            ramp[str(len(long_prompt))] = t
+            log(f"prefill ramp: {len(long_prompt)} tokens at depth {L} in {t:.1f} s")
+            nxt = min(4 * n, target)
+            if n >= target or t * nxt / len(long_prompt) > budget:
+                break
+            n = nxt
+    res["prefill_text"] = {"tokens": len(long_prompt), "ramp": ramp,
+                           **alternate(prefill_at(long_prompt), (1, L), budget / 2, log=log,
+                                       what=f"prefill {len(long_prompt)} tokens",
+                                       done={L: ramp[str(len(long_prompt))]} if ramp else None)}
+
+    # Same-length comparison points: ours also at the prompt lengths mlx-vlm could afford.
+    for n in spec.get("extra_prompt_tokens", []):
+        p = text_prompt(n)
+        res.setdefault("prefill_text_at", {})[str(len(p))] = {
+            "tokens": len(p), **alternate(prefill_at(p), (1, L), budget / 4, log=log, what=f"prefill {len(p)} tokens")}
+
+    # Image prompt (features cached before timing: prefill only).
+    size = s["prefill_image_size"]
+    img_prompt = rt.encode(image_message(size, next(seed)))
+    per_token = res["prefill_text"]["seconds"][str(L)] / res["prefill_text"]["tokens"]
+    est = per_token * len(img_prompt) * 1.2  # depth L, plus depth 1 (mostly keys and values)
+    if not spec.get("ramp") or est <= 1.5 * budget:
+        feats = rt.features(img_prompt)  # ours caches them; mlx-vlm gets them as cached_image_features
+        kw = {"features": feats} if isinstance(rt, Vlm) else {}
+        res["prefill_image"] = {"tokens": len(img_prompt), "image": size,
+                                **alternate(prefill_at(img_prompt, **kw), (1, L), budget / 2, log=log,
+                                            what=f"image prompt prefill {len(img_prompt)} tokens")}
+    else:
+        res["prefill_image"] = {"tokens": len(img_prompt), "image": size, "skipped": True, "estimated_s": est}
+        log(f"image prompt prefill skipped: estimated {est:.0f} s")
+
+    # 3. Decode (greedy, EOS ignored): seconds per token after the first.
+    dec_prompt = rt.encode([{"role": "user", "content": DECODE_PROMPT}])
+    counts: dict[str, list[int]] = {"1": [], str(L): []}
+
+    def decode(depth: int) -> float:
+        rt.set_depth(text=depth)
+        r = rt.generate(dec_prompt, max_tokens=s["decode_tokens"], budget_s=s["decode_budget_s"] / 2)
+        counts[str(depth)].append(r["tokens"])
+        return r["decode_s_per_token"]
+    d = alternate(decode, (1, L), 2 * s["decode_budget_s"], max_pairs=2, log=log, what="decode s/token")
+    res["decode"] = {"prompt_tokens": len(dec_prompt), "tokens": counts, "seconds_per_token": d["seconds"],
+                     "samples": d["samples"]}
+
+    # 4. Chat: TTFT of a turn with a new image, then of a text-only follow-up (ours only). The
+    # follow-up is repeated (undo + send: the cache is trimmed back to the first turn) and the
+    # least disturbed kept.
+    if spec.get("chat"):
+        rt.set_depth(vision=M)
+        size = s["chat_image_size"]
+        row = {}
+        for depth in (1, L):
+            rt.set_depth(text=depth)
+            row[str(depth)] = rt.chat_ttft(size, next(seed), repeats=s.get("chat_repeats", 3))
+            log(f"chat depth {depth}: {row[str(depth)]}")
+        res["chat"] = {"image": size, "vision_depth": M, "by_depth": row}
+
+    rt.set_depth(text=L, vision=M)
+    res["memory"] = {"peak_mlx_bytes": mx.get_peak_memory(), "active_mlx_bytes": mx.get_active_memory(),
+                     "peak_rss_bytes": peak_rss_bytes(), "weights": rt.weight_bytes()}
+    return res
+
+
+def first_tokens(rt: Any, n: int = 8) -> list[int]:
+    """Greedy tokens of a fixed prompt: lets run.py check both runtimes compute the same model."""
+    from mlx.core import array  # noqa: F401  (mlx loaded)
+
+    prompt = rt.encode([{"role": "user", "content": DECODE_PROMPT}])
+    if isinstance(rt, Ours):
+        from pixtral_mlx.generate import stream_tokens
+
+        steps = stream_tokens(rt.model, rt.detok(), prompt.tokens, rt.px.embeddings(prompt), rt.model.make_cache(),
+                              eos_id=-1, max_tokens=n + 1, temperature=0.0, top_p=1.0)
+        out = [c.token for c in steps if c.token is not None][:n]
+    else:
+        import mlx.core as mx
+        from mlx_vlm.generate.ar import generate_step
+
+        steps = generate_step(mx.array(prompt.tokens)[None], rt.model, None, None, max_tokens=n,
+                              temperature=0.0)
+        out = [int(t) for t, _ in steps][:n]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs.
+
+def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
+    import pixtral_mlx  # first: the BLAS preload must precede mlx
+    from pixtral_mlx import backend
+
+    import mlx.core as mx
+
+    if spec.get("patches"):  # experiments.py: library changes under test, installed before loading
+        sys.path.insert(0, str(Path(__file__).parent))
+        import experiments
+
+        experiments.apply(spec["patches"])
+    rt = Ours(spec["model"])
+    res = measure_runtime(rt, spec, log)
+    rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
+    if spec.get("check_tokens"):
+        res["first_tokens"] = first_tokens(rt)
+    res.update(runtime="pixtral_mlx", patches=spec.get("patches") or [], blas=backend.BLAS_NOTE, device=backend.device_name(),
+               mlx_device=str(mx.default_device()), compute_dtype=str(rt.model.language_model.model.norm.weight.dtype))
+    return res
+
+
+def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
+    import pixtral_mlx  # noqa: F401  first: the same BLAS preload as ours
+    from pixtral_mlx import backend
+    from pixtral_mlx.prompt import PromptEncoder
+
+    import mlx.core as mx
+    import mlx_vlm
+
+    tekken = Path(spec["model"]) / "tekken.json"
+    rt = Vlm(spec["model"], spec["dtype"], PromptEncoder(tekken))
+    res = measure_runtime(rt, spec, log)
+    rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
+    if spec.get("check_tokens"):
+        res["first_tokens"] = first_tokens(rt)
+    res.update(runtime=f"mlx_vlm {mlx_vlm.__version__}", blas=backend.BLAS_NOTE, device=backend.device_name(),
+               mlx_device=str(mx.default_device()),
+               compute_dtype=str(rt.model.language_model.model.norm.weight.dtype))
+    return res
+
+
+def job_convert(spec: dict, log: Callable[[str], None]) -> dict:
+    from pixtral_mlx.convert import convert
+
+    t = now()
+    out = convert(spec["source"], spec["output"], dtype="bfloat16", quantize=spec["quantize"],
+                  bits=spec.get("bits", 4), group_size=spec.get("group_size", 64), force=True, progress=False)
+    wall = now() - t
+    size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
+    return {"wall_s": wall, "output_bytes": size, "peak_rss_self_bytes": peak_rss_bytes()}
+
+
+def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
+    """Memory read bandwidth: MLX reductions on the default device, and numpy on the host."""
+    import threading
+
+    import pixtral_mlx  # noqa: F401
+    import mlx.core as mx
+
+    n = spec["bytes"] // 4
+
+    def best(f: Callable[[], Any], repeats: int = 5) -> float:
+        f()
+        times = []
+        for _ in range(repeats):
+            t = now()
+            f()
+            times.append(now() - t)
+        return min(times)
+
+    a = mx.random.uniform(shape=(n,))
+    mx.eval(a)
+    out = {"bytes": a.nbytes, "device": str(mx.default_device())}
+    out["mlx_sum_gbps"] = a.nbytes / best(lambda: mx.eval(a.sum())) / 1e9
+    out["mlx_copy_gbps"] = 2 * a.nbytes / best(lambda: mx.eval(a * 2.0)) / 1e9
+    del a
+    mx.clear_cache()
+    b = np.ones(n, dtype=np.float32)
+    out["numpy_sum_gbps"] = b.nbytes / best(lambda: b.sum()) / 1e9
+    threads = spec.get("threads") or 2
+    parts = np.array_split(b, threads)
+
+    def par() -> None:
+        ts = [threading.Thread(target=p.sum) for p in parts]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join()
+
+    out["numpy_threads"] = threads
+    out["numpy_threads_sum_gbps"] = b.nbytes / best(par) / 1e9
+    return out
+
+
+def job_group(spec: dict, log: Callable[[str], None]) -> dict:
+    """Several jobs in one process (the smoke test: saves the imports; RSS is then shared)."""
+    results = []
+    for sub in spec["jobs"]:
+        t = now()
+        try:
+            r = JOBS[sub["kind"]](sub, log)
+        except Exception as e:
+            traceback.print_exc()
+            r = {"error": f"{type(e).__name__}: {e}"}
+        r["job_wall_s"] = now() - t
+        results.append(r)
+    return {"results": results}
+
+
+JOBS = {"ours": job_ours, "vlm": job_vlm, "convert": job_convert, "bandwidth": job_bandwidth, "group": job_group}
+
+
+def main() -> int:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    label = spec.get("label", spec["kind"])
+
+    def log(line: str) -> None:
+        print(f"  [{label}] {line}", file=sys.stderr, flush=True)
+
+    t = now()
+    try:
+        result = JOBS[spec["kind"]](spec, log)
+    except Exception as e:
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["job_wall_s"] = now() - t
+    result.setdefault("peak_rss_bytes_at_exit", peak_rss_bytes())
+    Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
+    return 0 if "error" not in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""Smoke test of the benchmark: the whole run end to end on a tiny synthetic checkpoint.
+
+It checks that every figure is there and positive and that the ratios are computed from the two
+measurements they compare. It never asserts a speed (timed tests are flaky; the benchmark is the
+place for speeds).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_VLM = importlib.util.find_spec("mlx_vlm") is not None
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "run.py"), "--tiny", "--out", str(out)]
+    if not HAS_VLM:
+        cmd.append("--skip-vlm")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.startswith("# pixtral-mlx benchmark")  # the Markdown is printed
+    assert (out / "results.md").read_text().strip() == proc.stdout.strip()
+    return json.loads((out / "results.json").read_text())
+
+
+def test_checkpoint_and_converter(result):
+    ck = result["checkpoint"]
+    assert positive(ck["bytes"]) and positive(ck["largest_tensor_bytes"])
+    for name in ("bf16", "4bit"):
+        c = result["convert"][name]
+        for key in ("wall_s", "peak_rss_bytes", "output_bytes", "target_bytes"):
+            assert positive(c[key]), (name, key)
+        assert c["target_bytes"] == pytest.approx(1.5 * ck["largest_tensor_bytes"] + 1e9)
+        assert c["met"] == (c["peak_rss_bytes"] <= c["target_bytes"])
+
+
+def test_our_runtime_figures(result):
+    for ck in ("4bit", "bf16"):
+        ours = result["runs"][ck]["ours"]
+        assert "error" not in ours, ours
+        for size in result["settings"]["image_sizes"]:
+            v = ours[f"vision_{size}"]
+            assert all(positive(v[k]) for k in ("measured_s", "full_s", "zero_layer_s")), v
+        for key in ("prefill_text", "prefill_image"):
+            p = ours[key]
+            assert all(positive(p[k]) for k in ("tokens", "measured_tps", "full_tps")), (key, p)
+        assert positive(ours["decode"]["measured_tps"]) and positive(ours["decode"]["full_tps"])
+        chat = ours["chat"]
+        assert chat["second_tokens"] < chat["first_tokens"]
+        for part in ("measured", "full"):
+            c = chat[part]
+            assert positive(c["first_s"]) and positive(c["second_s"])
+            assert c["ratio"] == pytest.approx(c["second_s"] / c["first_s"])
+        m = ours["memory"]
+        for key in ("peak_mlx_bytes", "peak_rss_bytes", "weights_bytes", "full_peak_mlx_bytes", "full_weights_bytes"):
+            assert positive(m[key]), key
+        assert m["full_weights_bytes"] > m["weights_bytes"]  # 40/24 layers hold more than 2/2
+
+
+def test_extrapolation_uses_both_depths(result):
+    L = result["depths"]["text"]
+    raw = result["raw"]["bf16"]["ours"]["prefill_text"]["seconds"]
+    summary = result["runs"]["bf16"]["ours"]["prefill_text"]
+    per_layer = max(raw[str(L)] - raw["1"], 0) / (L - 1)
+    assert summary["full_s"] == pytest.approx(raw["1"] + 39 * per_layer)
+    assert summary["full_tps"] == pytest.approx(summary["tokens"] / summary["full_s"])
+
+
+@pytest.mark.skipif(not HAS_VLM, reason="mlx-vlm is not installed (pip install -e .[bench])")
+def test_mlx_vlm_side_and_ratios(result):
+    for ck in ("4bit", "bf16"):
+        runs = result["runs"][ck]
+        for variant in ("vlm_bf16", "vlm_fp32"):
+            r = runs[variant]
+            assert "error" not in r, r
+            assert positive(r["prefill_text"]["full_tps"]) and positive(r["decode"]["full_tps"])
+            comp = result["comparison"][ck][variant]
+            for key in ("prefill_text", "decode"):
+                c = comp[key]
+                assert c["ours_tps"] == runs["ours"][key]["full_tps"]
+                assert c["vlm_tps"] == r[key]["full_tps"]
+                assert c["speedup"] == pytest.approx(c["ours_tps"] / c["vlm_tps"])
+            if ck == "bf16":  # vision is measured on the bf16 checkpoint (the 4-bit one keeps it dense)
+                for size in result["settings"]["image_sizes"]:
+                    c = comp[f"vision_{size}"]
+                    assert c["ours_s"] == runs["ours"][f"vision_{size}"]["full_s"]
+                    assert c["vlm_s"] == r[f"vision_{size}"]["full_s"]
+                    assert c["speedup"] == pytest.approx(c["vlm_s"] / c["ours_s"])
+        # Both runtimes compute the same model: identical greedy tokens in float32.
+        assert runs["token_check"]["identical"], runs["token_check"]
+
+
+def test_bandwidth_bound_and_targets(result):
+    bw = result["bandwidth"]
+    assert all(positive(bw[k]) for k in ("mlx_sum_gbps", "mlx_copy_gbps"))
+    bound = result["decode_bound"]
+    assert positive(bound["gbps"]) and positive(bound["bytes"])
+    assert bound["tps"] == pytest.approx(bound["gbps"] * 1e9 / bound["bytes"])
+    assert result["targets"] and all(t["met"] in (True, False, None) for t in result["targets"])
+    assert positive(result["total_wall_s"])
