@@ -12,7 +12,7 @@ BLAS on Linux, which must happen before MLX is loaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 from . import backend as _backend
 from ._version import __version__

@@ -95,7 +95,6 @@ def device_name() -> str:
 
 def prepare(model: Any) -> None:
     """Cast floating weights to the compute dtype and pick the CPU prefill path for quantized layers."""
-    import mlx.core as mx
     import mlx.nn as nn
 
     weight_dtype = model.language_model.model.norm.weight.dtype

@@ -40,6 +40,7 @@ class Chat:
         self.cache: list[Any] | None = None
         self.cached: list[int] = []  # the tokens whose keys/values are in `cache`
         self.context_used = 0  # tokens of the history after the last turn
+        self.last_finish: str | None = None  # "stop", "length" or "interrupted"
 
     # Public API --------------------------------------------------------------------------------
     def send(self, content: Any, **kwargs: Any) -> Reply:

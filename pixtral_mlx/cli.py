@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, (_, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)
     if not argv or argv[0] not in COMMANDS:
-        args = parser.parse_args(argv)  # --help, --version, or an error naming the commands
+        parser.parse_args(argv)  # --help, --version, or an error naming the commands
         parser.print_help()
         return 2
     module = importlib.import_module(COMMANDS[argv[0]][0])

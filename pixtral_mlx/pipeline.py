@@ -6,7 +6,7 @@ import hashlib
 import time
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import mlx.core as mx
 import numpy as np
@@ -14,6 +14,9 @@ import numpy as np
 from .generate import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Reply, check_context,
                        stream_tokens)
 from .prompt import EncodedImage, Prompt, PromptEncoder
+
+if TYPE_CHECKING:
+    from .chat import Chat
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
 
