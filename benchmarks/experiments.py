@@ -3,24 +3,22 @@
     python benchmarks/run.py --keep-checkpoints          # leaves OUT/checkpoints/mlx-4bit
     python benchmarks/experiments.py kernels             # one 14336x5120 matrix, no checkpoint needed
     python benchmarks/experiments.py compare --model benchmarks/out/checkpoints/mlx-4bit \
-        --patches fast-dequant fast-dequant+decode-streams+attention-streams
+        --patches fast-dequant dequant-streams+lm-attention-streams
 
 `compare` runs the benchmark's `ours` job (same plan, same extrapolation) on a checkpoint as the library is,
 then with patches installed before loading, in alternating processes, and prints the full-depth figures:
-- `fast-dequant`: the affine 4/8-bit dequantization of `DequantizingQuantizedLinear` as shifts, masks and a
-  multiply-add in MLX ops instead of `mx.dequantize` (whose CPU kernel is ~2x slower), bit-identical;
-- `decode-streams`: few-token quantized matmuls split by output rows over one CPU stream per core (MLX runs
-  each CPU stream on its own thread; its CPU kernels are single-threaded);
-- `attention-streams`: attention split by heads over the same streams (the CPU softmax is single-threaded and
-  its exp dominates the vision encoder at 1024²).
-`kernels` times the pieces on one 14336x5120 matrix.
+- `fast-dequant`: the affine 4/8-bit dequantization of `DequantizingQuantizedLinear`'s prefill path as
+  shifts, masks and a multiply-add in MLX ops instead of `mx.dequantize` (~2x faster on CPU, bit-identical);
+- `dequant-streams`: the same, row blocks dequantized on the CPU streams (`backend.cpu_streams`);
+- `lm-attention-streams`: the decoder's prompt attention (mlx-lm's) split by kv-head groups over the streams.
+Two earlier patches (decode matmuls split by rows, vision attention split by heads, over one CPU stream per
+core) were adopted by the library in c405613. `kernels` times the pieces on one 14336x5120 matrix.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -57,16 +55,11 @@ def fast_dequantize(w: Any, scales: Any, biases: Any, group_size: int, bits: int
     return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
 
 
-_STREAMS: list[Any] = []
-
-
 def cpu_streams() -> list[Any]:
-    """One stream per core, created once: MLX runs each CPU stream on its own thread."""
-    import mlx.core as mx
+    """The library's per-thread CPU streams (one per core; [] off the CPU backend)."""
+    from pixtral_mlx import backend
 
-    if not _STREAMS:
-        _STREAMS.extend(mx.new_stream(mx.default_device()) for _ in range(max(os.cpu_count() or 1, 1)))
-    return _STREAMS
+    return backend.cpu_streams()
 
 
 def _row_splits(n: int, parts: int) -> list[tuple[int, int]]:
@@ -77,8 +70,8 @@ def _row_splits(n: int, parts: int) -> list[tuple[int, int]]:
 def split_sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, **kw: Any) -> Any:
     """mx.fast.scaled_dot_product_attention with the kv-head groups spread over the CPU streams.
 
-    The CPU fallback materializes the scores and runs a single-threaded softmax whose exp dominates
-    (16 x 4096 x 4096 scores: ~4 s); heads are independent, so each core takes a share.
+    The CPU fallback materializes the scores and runs a single-threaded softmax whose exp dominates;
+    heads are independent, so each core takes a share (GQA: a kv head with its query heads).
     """
     import mlx.core as mx
 
@@ -98,50 +91,31 @@ def split_sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, **kw: 
     return mx.concatenate(outs, axis=1)
 
 
+_ORIGINAL: dict[str, Any] = {}
+
+
 def patched_linear_call(self: Any, x: Any) -> Any:
-    """`DequantizingQuantizedLinear.__call__` with the patches in `ACTIVE`."""
+    """`DequantizingQuantizedLinear.__call__`, prefill path changed by the patches in `ACTIVE`."""
     import mlx.core as mx
-    import mlx.nn as nn
     from pixtral_mlx import backend
 
-    tokens = x.size // x.shape[-1]
-    streams = cpu_streams() if "decode-streams" in ACTIVE else []
-    if tokens < backend.DEQUANT_MIN_TOKENS:
-        if len(streams) < 2:
-            return nn.QuantizedLinear.__call__(self, x)
-        # Few tokens: the quantized kernel, output rows split over the CPU streams.
-        w, s, b = self["weight"], self["scales"], self["biases"]
-        ys = []
-        for st, (lo, hi) in zip(streams, _row_splits(w.shape[0], len(streams))):
+    if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS or not (self.mode == "affine" and self.bits in (4, 8)):
+        return _ORIGINAL["linear"](self, x)  # the library's own path (decode: split over the streams)
+    streams = cpu_streams() if "dequant-streams" in ACTIVE else []
+    if len(streams) >= 2:
+        # Dequantize row blocks on the CPU streams (the elementwise kernels are single-threaded).
+        ws = []
+        for st, (lo, hi) in zip(streams, _row_splits(self["weight"].shape[0], len(streams))):
             with mx.stream(st):
-                ys.append(mx.quantized_matmul(x, w[lo:hi], s[lo:hi], b[lo:hi], transpose=True,
-                                              group_size=self.group_size, bits=self.bits, mode=self.mode))
-        y = mx.concatenate(ys, axis=-1)
+                ws.append(fast_dequantize(self["weight"][lo:hi], self["scales"][lo:hi], self["biases"][lo:hi],
+                                          self.group_size, self.bits))
+        y = mx.concatenate([x @ w.astype(x.dtype).T for w in ws], axis=-1)
     else:
-        if "fast-dequant" in ACTIVE and self.mode == "affine" and self.bits in (4, 8):
-            w = fast_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
-        else:
-            w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), group_size=self.group_size,
-                              bits=self.bits, mode=self.mode)
+        w = fast_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
         y = x @ w.astype(x.dtype).T
     if "bias" in self:
         y = y + self["bias"]
     return y
-
-
-def patched_vision_attention(self: Any, x: Any, cos: Any, sin: Any, bounds: list[int]) -> Any:
-    """`pixtral_mlx.vision.Attention.__call__` with `split_sdpa`."""
-    import mlx.core as mx
-    from pixtral_mlx.vision import rotate_half
-
-    B, L, _ = x.shape
-    q, k, v = (p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-               for p in (self.q_proj, self.k_proj, self.v_proj))
-    q = q * cos + rotate_half(q) * sin
-    k = k * cos + rotate_half(k) * sin
-    out = mx.concatenate([split_sdpa(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], scale=self.scale)
-                          for s, e in zip(bounds[:-1], bounds[1:])], axis=2)
-    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 def patched_lm_sdpa(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any,
@@ -155,43 +129,34 @@ def patched_lm_sdpa(queries: Any, keys: Any, values: Any, cache: Any, scale: flo
 
 
 PATCHES = {
-    "fast-dequant": "dequantize with shifts/masks in MLX ops instead of mx.dequantize (CPU prefill path)",
-    "decode-streams": "few-token quantized matmuls split by output rows over one CPU stream per core",
-    "attention-streams": "attention (vision and decoder prompts) split by heads over one CPU stream per core",
+    "fast-dequant": "prefill path: dequantize with shifts/masks in MLX ops instead of mx.dequantize",
+    "dequant-streams": "prefill path: fast-dequant of row blocks on the CPU streams (implies fast-dequant)",
+    "lm-attention-streams": "decoder prompt attention split by kv-head groups over the CPU streams",
 }
+# Adopted by the library in c405613 (measured here before): decode quantized matmuls split by rows
+# and vision attention split by heads over the CPU streams.
 ACTIVE: set[str] = set()
 
 
 def apply(names: list[str]) -> None:
-    """Install the named patches (call before loading the model)."""
+    """Install exactly the named patches (the others are removed); can be called at any time."""
     unknown = set(names) - set(PATCHES)
     if unknown:
         raise ValueError(f"unknown patch {sorted(unknown)[0]!r}; known: {', '.join(PATCHES)}")
-    ACTIVE.update(names)
+    from mlx_lm.models import llama
     from pixtral_mlx import model as pm
 
-    if ACTIVE & {"fast-dequant", "decode-streams"}:
+    _ORIGINAL.setdefault("linear", pm.DequantizingQuantizedLinear.__call__)
+    _ORIGINAL.setdefault("lm_sdpa", llama.scaled_dot_product_attention)
+    pm.DequantizingQuantizedLinear.__call__ = _ORIGINAL["linear"]
+    llama.scaled_dot_product_attention = _ORIGINAL["lm_sdpa"]
+    ACTIVE.clear()
+    ACTIVE.update(names)
+
+    if ACTIVE & {"fast-dequant", "dequant-streams"}:
         pm.DequantizingQuantizedLinear.__call__ = patched_linear_call
-    if "attention-streams" in ACTIVE:
-        from mlx_lm.models import llama
-        from pixtral_mlx import vision
-
-        vision.Attention.__call__ = patched_vision_attention
+    if "lm-attention-streams" in ACTIVE:
         llama.scaled_dot_product_attention = patched_lm_sdpa
-
-
-def use_fast_dequantize(on: bool) -> None:
-    """Toggle `fast-dequant` alone (the in-process experiments below)."""
-    from pixtral_mlx.model import DequantizingQuantizedLinear
-
-    if not hasattr(DequantizingQuantizedLinear, "_original_call"):
-        DequantizingQuantizedLinear._original_call = DequantizingQuantizedLinear.__call__
-    if on:
-        ACTIVE.add("fast-dequant")
-        DequantizingQuantizedLinear.__call__ = patched_linear_call
-    else:
-        ACTIVE.discard("fast-dequant")
-        DequantizingQuantizedLinear.__call__ = DequantizingQuantizedLinear._original_call
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,19 +272,62 @@ def _compare_table(out: dict) -> str:
     return "\n".join(lines)
 
 
+def ab(args: argparse.Namespace) -> dict:
+    """In one process, one loaded model: prefill times with the patch sets switched round by round.
+
+    Much less exposed to other processes than `compare` (every variant sees the same moments of the
+    machine's load, and the minimum over rounds is kept). Prompts: ~1K text tokens and a 1024² image
+    prompt (4170 tokens, vision features cached), at depth 1 and L; per-layer = t(L) - t(1) / (L - 1).
+    """
+    from measure import Ours, image_message, text_of_tokens
+
+    rt = Ours(args.model)
+    L = len(rt.text_layers)
+    text = rt.encode([{"role": "user", "content": text_of_tokens(lambda m: rt.encode(m).tokens, args.tokens)}])
+    image = rt.encode(image_message(1024, 7))
+    rt.features(image)
+    variants = [("as is", [])] + [(" + ".join(p), p) for p in (x.split("+") for x in args.patches)]
+    samples: dict[str, dict[str, list[float]]] = {n: {} for n, _ in variants}
+    rt.generate(text, max_tokens=1)  # warm-up
+    for r in range(args.repeats):
+        for name, patches in variants:
+            apply(patches)
+            for label, prompt in (("text", text), ("image", image)):
+                for depth in (1, L):
+                    rt.set_depth(text=depth)
+                    t = rt.generate(prompt, max_tokens=1)["ttft_s"]
+                    samples[name].setdefault(f"{label}@{depth}", []).append(t)
+            print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples[name].items()),
+                  file=sys.stderr, flush=True)
+    apply([])
+    out: dict[str, Any] = {"layers": L, "tokens": {"text": len(text), "image": len(image)}, "samples": samples}
+    lines = [f"| per decoder layer (min of {args.repeats} rounds) | " + " | ".join(n for n, _ in variants) + " |",
+             "|---" * (len(variants) + 1) + "|"]
+    for label in ("text", "image"):
+        per = {n: (min(v[f"{label}@{L}"]) - min(v[f"{label}@1"])) / (L - 1) for n, v in samples.items()}
+        base = per["as is"]
+        cells = [f"{per[n]:.2f} s" + ("" if n == "as is" else f" ({base / per[n]:.2f}×)") for n, _ in variants]
+        lines.append(f"| prefill {out['tokens'][label]} tokens | " + " | ".join(cells) + " |")
+        out[f"per_layer_{label}"] = per
+    out["table"] = "\n".join(lines)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["kernels", "compare"])
+    ap.add_argument("what", choices=["kernels", "compare", "ab"])
     ap.add_argument("--model", default=str(HERE / "out" / "checkpoints" / "mlx-4bit"),
                     help="an MLX checkpoint (compare); run.py --keep-checkpoints leaves one")
-    ap.add_argument("--patches", nargs="*", default=["fast-dequant", "fast-dequant+decode-streams+attention-streams"],
+    ap.add_argument("--patches", nargs="*", default=["fast-dequant", "dequant-streams", "lm-attention-streams",
+                                                      "dequant-streams+lm-attention-streams"],
                     help=f"variants to compare, each a '+'-joined list of: {', '.join(PATCHES)}")
-    ap.add_argument("--repeats", type=int, default=1, help="alternating runs of every variant (best kept)")
+    ap.add_argument("--repeats", type=int, default=1, help="alternating runs/rounds of every variant (best kept)")
+    ap.add_argument("--tokens", type=int, default=1024, help="ab: text prompt length")
     ap.add_argument("--extra-tokens", type=int, nargs="*", default=[], help="also prefill prompts of these lengths")
     ap.add_argument("--quick", action="store_true", help="the benchmark's --quick settings")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args()
-    res = {"kernels": kernels, "compare": compare}[args.what](args)
+    res = {"kernels": kernels, "compare": compare, "ab": ab}[args.what](args)
     if args.out:
         args.out.write_text(json.dumps(res, indent=1, default=str))
     if "table" in res:
