@@ -408,8 +408,6 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
 
 def first_tokens(rt: Any, n: int = 8) -> list[int]:
     """Greedy tokens of a fixed prompt: lets run.py check both runtimes compute the same model."""
-    from mlx.core import array  # noqa: F401  (mlx loaded)
-
     prompt = rt.encode([{"role": "user", "content": DECODE_PROMPT}])
     if isinstance(rt, Ours):
         from pixtral_mlx.generate import stream_tokens

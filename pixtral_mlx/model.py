@@ -86,12 +86,20 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS:
             return self._few_tokens(x, backend.cpu_streams())
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"),
-                          group_size=self.group_size, bits=self.bits, mode=self.mode)
-        y = x @ w.astype(x.dtype).T
+        y = x @ self._dequantized().astype(x.dtype).T
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+    def _dequantized(self) -> mx.array:
+        w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        if self.mode != "affine" or self.bits not in (2, 4, 8) or biases is None:
+            return mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits, mode=self.mode)
+        # The same values as mx.dequantize with shifts, masks and one multiply-add: ~2x faster on CPU.
+        shifts = mx.arange(0, 32, self.bits, dtype=mx.uint32)
+        q = (w[..., None] >> shifts) & ((1 << self.bits) - 1)  # (rows, cols*bits/32, 32/bits)
+        q = q.reshape(w.shape[0], -1, self.group_size).astype(scales.dtype)
+        return (q * scales[..., None] + biases[..., None]).reshape(w.shape[0], -1)
 
     def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
         """The quantized kernel, its output rows split over the CPU streams (one thread each)."""
