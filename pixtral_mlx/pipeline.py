@@ -35,14 +35,12 @@ class Pixtral:
         """OpenAI-format messages -> token ids, pixel arrays, per-image grid and token counts."""
         prompt = self.encoder.encode(messages, max_edge=max_edge)
         for img in prompt.images:
-            h = hashlib.blake2b(img.pixels.tobytes(), digest_size=16)
-            h.update(str(img.pixels.shape).encode())
-            img.digest = h.hexdigest()
+            img.digest = _digest(img.pixels)
         return prompt
 
     def image_features(self, image: EncodedImage) -> mx.array:
         """Projected vision features of one image, computed once per distinct content."""
-        key = image.digest or hashlib.blake2b(image.pixels.tobytes(), digest_size=16).hexdigest()
+        key = image.digest or _digest(image.pixels)
         if key in self._features:
             self._features.move_to_end(key)
             return self._features[key]
@@ -99,6 +97,13 @@ class Pixtral:
         from .chat import Chat
 
         return Chat(self, system=system, **defaults)
+
+
+def _digest(pixels: np.ndarray) -> str:
+    """The vision-feature cache key: the processed pixels' content and shape, never the path."""
+    h = hashlib.blake2b(pixels.tobytes(), digest_size=16)
+    h.update(str(pixels.shape).encode())
+    return h.hexdigest()
 
 
 def collect(chunks: Iterator[Chunk]) -> Reply:
