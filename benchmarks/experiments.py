@@ -21,13 +21,12 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-import pixtral_mlx  # noqa: E402  (BLAS preload before mlx)
 
 
 def now() -> float:
@@ -84,10 +83,11 @@ def split_sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, **kw: 
     for st, (a, b) in zip(streams, _row_splits(hk, min(len(streams), hk))):
         m = mask
         if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == q.shape[1]:
-            m = mask[:, a * rep:b * rep]
+            m = mask[:, a * rep : b * rep]
         with mx.stream(st):
-            outs.append(mx.fast.scaled_dot_product_attention(q[:, a * rep:b * rep], k[:, a:b], v[:, a:b],
-                                                             scale=scale, mask=m))
+            outs.append(
+                mx.fast.scaled_dot_product_attention(q[:, a * rep : b * rep], k[:, a:b], v[:, a:b], scale=scale, mask=m)
+            )
     return mx.concatenate(outs, axis=1)
 
 
@@ -97,6 +97,7 @@ _ORIGINAL: dict[str, Any] = {}
 def patched_linear_call(self: Any, x: Any) -> Any:
     """`DequantizingQuantizedLinear.__call__`, prefill path changed by the patches in `ACTIVE`."""
     import mlx.core as mx
+
     from pixtral_mlx import backend
 
     if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS or not (self.mode == "affine" and self.bits in (4, 8)):
@@ -107,8 +108,11 @@ def patched_linear_call(self: Any, x: Any) -> Any:
         ws = []
         for st, (lo, hi) in zip(streams, _row_splits(self["weight"].shape[0], len(streams))):
             with mx.stream(st):
-                ws.append(fast_dequantize(self["weight"][lo:hi], self["scales"][lo:hi], self["biases"][lo:hi],
-                                          self.group_size, self.bits))
+                ws.append(
+                    fast_dequantize(
+                        self["weight"][lo:hi], self["scales"][lo:hi], self["biases"][lo:hi], self.group_size, self.bits
+                    )
+                )
         y = mx.concatenate([x @ w.astype(x.dtype).T for w in ws], axis=-1)
     else:
         w = fast_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
@@ -118,8 +122,9 @@ def patched_linear_call(self: Any, x: Any) -> Any:
     return y
 
 
-def patched_lm_sdpa(queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any,
-                    sinks: Any = None) -> Any:
+def patched_lm_sdpa(
+    queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any, sinks: Any = None
+) -> Any:
     """mlx-lm's `scaled_dot_product_attention` with `split_sdpa` for prompts (several queries)."""
     from mlx_lm.models import base
 
@@ -144,6 +149,7 @@ def apply(names: list[str]) -> None:
     if unknown:
         raise ValueError(f"unknown patch {sorted(unknown)[0]!r}; known: {', '.join(PATCHES)}")
     from mlx_lm.models import llama
+
     from pixtral_mlx import model as pm
 
     _ORIGINAL.setdefault("linear", pm.DequantizingQuantizedLinear.__call__)
@@ -160,6 +166,7 @@ def apply(names: list[str]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def kernels(args: argparse.Namespace) -> dict:
     """One decoder FFN matrix (14336 x 5120): dequantization, prefill GEMM, decode GEMV."""
@@ -180,8 +187,9 @@ def kernels(args: argparse.Namespace) -> dict:
     for m in (1, 4, 16, 128):
         x = mx.random.normal((m, I))
         mx.eval(x)
-        out[f"quantized_matmul_{m}_s"] = best(lambda: mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True,
-                                                                                  group_size=64, bits=4)))
+        out[f"quantized_matmul_{m}_s"] = best(
+            lambda: mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))
+        )
     x = mx.random.normal((128, I))
     wd = mx.dequantize(wq, s, b, group_size=64, bits=4)
     mx.eval(x, wd)
@@ -223,9 +231,17 @@ def compare(args: argparse.Namespace) -> dict:
     out: dict[str, Any] = {"model": str(model), "layers": [L, M], "patches": PATCHES, "runs": {}}
     for rep in range(args.repeats):
         for name, patches in variants:
-            spec = {"kind": "ours", "label": f"exp-{len(out['runs'])}", "model": str(model), "text_layers": L,
-                    "vision_layers": M, "settings": settings, "chat": True, "patches": patches,
-                    "extra_prompt_tokens": args.extra_tokens}
+            spec = {
+                "kind": "ours",
+                "label": f"exp-{len(out['runs'])}",
+                "model": str(model),
+                "text_layers": L,
+                "vision_layers": M,
+                "settings": settings,
+                "chat": True,
+                "patches": patches,
+                "extra_prompt_tokens": args.extra_tokens,
+            }
             raw = run.run_job(spec, work)
             out["runs"].setdefault(name, []).append({"raw": raw, "summary": run.summarize(raw, L, M, params)})
     out["table"] = _compare_table(out)
@@ -246,14 +262,16 @@ def _best(runs: list[dict], path: tuple[str, ...], lower: bool) -> float | None:
 
 
 def _compare_table(out: dict) -> str:
-    rows = [("vision 512², s @24", ("vision_512", "full_s"), True),
-            ("vision 1024², s @24", ("vision_1024", "full_s"), True),
-            ("prefill text, tok/s @40", ("prefill_text", "full_tps"), False),
-            ("prefill 512² image prompt, tok/s @40", ("prefill_image", "full_tps"), False),
-            ("decode, tok/s @40", ("decode", "full_tps"), False),
-            ("chat turn 1 (1024² image), s @40/24", ("chat", "full", "first_s"), True),
-            ("chat turn 2, s @40/24", ("chat", "full", "second_s"), True),
-            ("turn 2 ÷ turn 1 @40/24", ("chat", "full", "ratio"), True)]
+    rows = [
+        ("vision 512², s @24", ("vision_512", "full_s"), True),
+        ("vision 1024², s @24", ("vision_1024", "full_s"), True),
+        ("prefill text, tok/s @40", ("prefill_text", "full_tps"), False),
+        ("prefill 512² image prompt, tok/s @40", ("prefill_image", "full_tps"), False),
+        ("decode, tok/s @40", ("decode", "full_tps"), False),
+        ("chat turn 1 (1024² image), s @40/24", ("chat", "full", "first_s"), True),
+        ("chat turn 2, s @40/24", ("chat", "full", "second_s"), True),
+        ("turn 2 ÷ turn 1 @40/24", ("chat", "full", "ratio"), True),
+    ]
     names = list(out["runs"])
     lines = ["| metric (best of runs) | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, path, lower in rows:
@@ -297,12 +315,17 @@ def ab(args: argparse.Namespace) -> dict:
                     rt.set_depth(text=depth)
                     t = rt.generate(prompt, max_tokens=1)["ttft_s"]
                     samples[name].setdefault(f"{label}@{depth}", []).append(t)
-            print(f"round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples[name].items()),
-                  file=sys.stderr, flush=True)
+            print(
+                f"round {r + 1} {name}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in samples[name].items()),
+                file=sys.stderr,
+                flush=True,
+            )
     apply([])
     out: dict[str, Any] = {"layers": L, "tokens": {"text": len(text), "image": len(image)}, "samples": samples}
-    lines = [f"| per decoder layer (min of {args.repeats} rounds) | " + " | ".join(n for n, _ in variants) + " |",
-             "|---" * (len(variants) + 1) + "|"]
+    lines = [
+        f"| per decoder layer (min of {args.repeats} rounds) | " + " | ".join(n for n, _ in variants) + " |",
+        "|---" * (len(variants) + 1) + "|",
+    ]
     for label in ("text", "image"):
         per = {n: (min(v[f"{label}@{L}"]) - min(v[f"{label}@1"])) / (L - 1) for n, v in samples.items()}
         base = per["as is"]
@@ -316,11 +339,17 @@ def ab(args: argparse.Namespace) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("what", choices=["kernels", "compare", "ab"])
-    ap.add_argument("--model", default=str(HERE / "out" / "checkpoints" / "mlx-4bit"),
-                    help="an MLX checkpoint (compare); run.py --keep-checkpoints leaves one")
-    ap.add_argument("--patches", nargs="*", default=["fast-dequant", "dequant-streams", "lm-attention-streams",
-                                                      "dequant-streams+lm-attention-streams"],
-                    help=f"variants to compare, each a '+'-joined list of: {', '.join(PATCHES)}")
+    ap.add_argument(
+        "--model",
+        default=str(HERE / "out" / "checkpoints" / "mlx-4bit"),
+        help="an MLX checkpoint (compare); run.py --keep-checkpoints leaves one",
+    )
+    ap.add_argument(
+        "--patches",
+        nargs="*",
+        default=["fast-dequant", "dequant-streams", "lm-attention-streams", "dequant-streams+lm-attention-streams"],
+        help=f"variants to compare, each a '+'-joined list of: {', '.join(PATCHES)}",
+    )
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs/rounds of every variant (best kept)")
     ap.add_argument("--tokens", type=int, default=1024, help="ab: text prompt length")
     ap.add_argument("--extra-tokens", type=int, nargs="*", default=[], help="also prefill prompts of these lengths")

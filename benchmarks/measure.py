@@ -21,17 +21,20 @@ import resource
 import sys
 import time
 import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
 TEXT_QUESTION = "Describe this image in detail."
 CHAT_FOLLOWUP = "Which colours dominate?"
 DECODE_PROMPT = "Write a long story about the sea."
-WORDS = ("river stone quiet market lantern harbor winter orchard signal copper meadow engine "
-         "garden mirror thunder canvas pepper ladder silver forest compass velvet island bridge "
-         "candle marble thistle falcon glacier saddle timber violet").split()
+WORDS = (
+    "river stone quiet market lantern harbor winter orchard signal copper meadow engine "
+    "garden mirror thunder canvas pepper ladder silver forest compass velvet island bridge "
+    "candle marble thistle falcon glacier saddle timber violet"
+).split()
 
 
 def now() -> float:
@@ -51,8 +54,12 @@ def random_image(size: int, seed: int):
 
 
 def image_message(size: int, seed: int, text: str = TEXT_QUESTION) -> list[dict]:
-    return [{"role": "user", "content": [{"type": "image", "image": random_image(size, seed)},
-                                         {"type": "text", "text": text}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": random_image(size, seed)}, {"type": "text", "text": text}],
+        }
+    ]
 
 
 def text_of_tokens(encode: Callable[[list[dict]], list[int]], n_tokens: int) -> str:
@@ -95,6 +102,7 @@ def run_stream(steps: Iterator[Any], t0: float, max_tokens: int, budget_s: float
 # --------------------------------------------------------------------------------------------
 # Runtimes: the same measurements through pixtral_mlx and through mlx-vlm.
 
+
 class Ours:
     name = "pixtral_mlx"
 
@@ -133,14 +141,24 @@ class Ours:
     def generate(self, prompt: Any, max_tokens: int, budget_s: float = 1e9) -> dict:
         """Prefill (image features already cached, when the prompt has images) and decode."""
         import mlx.core as mx
+
         from pixtral_mlx.generate import stream_tokens
 
         cache = self.model.make_cache()
         mx.synchronize()
         t0 = now()
         emb = self.px.embeddings(prompt)
-        steps = stream_tokens(self.model, self.detok(), prompt.tokens, emb, cache, eos_id=-1,
-                              max_tokens=max_tokens + 1, temperature=0.0, top_p=1.0)
+        steps = stream_tokens(
+            self.model,
+            self.detok(),
+            prompt.tokens,
+            emb,
+            cache,
+            eos_id=-1,
+            max_tokens=max_tokens + 1,
+            temperature=0.0,
+            top_p=1.0,
+        )
         return run_stream(steps, t0, max_tokens, budget_s)
 
     def chat_ttft(self, size: int, seed: int, repeats: int = 1) -> dict:
@@ -185,8 +203,12 @@ class Ours:
             return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
         lm = self.model.language_model
-        return {"text_layer": nbytes(self.text_layers[0]), "vision_layer": nbytes(self.vision_layers[0])
-                if self.vision_layers else 0, "lm_head": nbytes(lm.lm_head), "total": nbytes(self.model)}
+        return {
+            "text_layer": nbytes(self.text_layers[0]),
+            "vision_layer": nbytes(self.vision_layers[0]) if self.vision_layers else 0,
+            "lm_head": nbytes(lm.lm_head),
+            "total": nbytes(self.model),
+        }
 
 
 class Vlm:
@@ -249,8 +271,7 @@ class Vlm:
             kwargs["cached_image_features"] = mx.concatenate(features, axis=1)
         mx.synchronize()
         t0 = now()
-        steps = generate_step(ids, self.model, pixels, None, max_tokens=max_tokens + 1, temperature=0.0,
-                              **kwargs)
+        steps = generate_step(ids, self.model, pixels, None, max_tokens=max_tokens + 1, temperature=0.0, **kwargs)
         return run_stream(steps, t0, max_tokens, budget_s)
 
     def weight_bytes(self) -> dict:
@@ -259,16 +280,27 @@ class Vlm:
         def nbytes(module: Any) -> int:
             return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
 
-        return {"text_layer": nbytes(self.text_layers[0]), "vision_layer": nbytes(self.vision_layers[0])
-                if self.vision_layers else 0, "lm_head": nbytes(self.model.language_model.lm_head),
-                "total": nbytes(self.model)}
+        return {
+            "text_layer": nbytes(self.text_layers[0]),
+            "vision_layer": nbytes(self.vision_layers[0]) if self.vision_layers else 0,
+            "lm_head": nbytes(self.model.language_model.lm_head),
+            "total": nbytes(self.model),
+        }
 
 
 # --------------------------------------------------------------------------------------------
 # The measurement plan, shared by both runtimes.
 
-def alternate(run: Callable[[int], float], depths: tuple[int, int], budget_s: float, max_pairs: int = 3,
-              log: Callable[[str], None] | None = None, what: str = "", done: dict | None = None) -> dict:
+
+def alternate(
+    run: Callable[[int], float],
+    depths: tuple[int, int],
+    budget_s: float,
+    max_pairs: int = 3,
+    log: Callable[[str], None] | None = None,
+    what: str = "",
+    done: dict | None = None,
+) -> dict:
     """Time `run(depth)` at both depths, alternately, and repeat the pair while it fits the budget.
 
     On a shared machine other processes come and go: alternating puts both depths under the same
@@ -311,6 +343,7 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
         def run(depth: int) -> float:
             rt.set_depth(text=depth)
             return rt.generate(prompt, max_tokens=1, **kw)["ttft_s"]
+
         return run
 
     # Warm-up: first kernels, allocator, threads.
@@ -322,11 +355,15 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
     # 1. Vision encoding on a fresh cache (a new image every time), at vision depths 0 and Mv.
     if spec.get("measure_vision", True):
         for size in s["image_sizes"]:
-            def vision(depth: int) -> float:
+
+            def vision(depth: int, size: int = size) -> float:
                 rt.set_depth(vision=depth)
                 return rt.vision(rt.encode(image_message(size, next(seed))))
-            res[f"vision_{size}"] = {"patches": (size // 16) ** 2,
-                                     **alternate(vision, (0, Mv), budget / 2, log=log, what=f"vision {size}²")}
+
+            res[f"vision_{size}"] = {
+                "patches": (size // 16) ** 2,
+                **alternate(vision, (0, Mv), budget / 2, log=log, what=f"vision {size}²"),
+            }
     rt.set_depth(vision=Mv)
 
     # 2. Prefill of a ~1K-token text prompt at text depths 1 and L.
@@ -348,16 +385,26 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
             if n >= target or t * nxt / len(long_prompt) > budget:
                 break
             n = nxt
-    res["prefill_text"] = {"tokens": len(long_prompt), "ramp": ramp,
-                           **alternate(prefill_at(long_prompt), (1, L), budget / 2, log=log,
-                                       what=f"prefill {len(long_prompt)} tokens",
-                                       done={L: ramp[str(len(long_prompt))]} if ramp else None)}
+    res["prefill_text"] = {
+        "tokens": len(long_prompt),
+        "ramp": ramp,
+        **alternate(
+            prefill_at(long_prompt),
+            (1, L),
+            budget / 2,
+            log=log,
+            what=f"prefill {len(long_prompt)} tokens",
+            done={L: ramp[str(len(long_prompt))]} if ramp else None,
+        ),
+    }
 
     # Same-length comparison points: ours also at the prompt lengths mlx-vlm could afford.
     for n in spec.get("extra_prompt_tokens", []):
         p = text_prompt(n)
         res.setdefault("prefill_text_at", {})[str(len(p))] = {
-            "tokens": len(p), **alternate(prefill_at(p), (1, L), budget / 4, log=log, what=f"prefill {len(p)} tokens")}
+            "tokens": len(p),
+            **alternate(prefill_at(p), (1, L), budget / 4, log=log, what=f"prefill {len(p)} tokens"),
+        }
 
     # Image prompt (features cached before timing: prefill only).
     size = s["prefill_image_size"]
@@ -367,9 +414,17 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
     if not spec.get("ramp") or est <= 1.5 * budget:
         feats = rt.features(img_prompt)  # ours caches them; mlx-vlm gets them as cached_image_features
         kw = {"features": feats} if isinstance(rt, Vlm) else {}
-        res["prefill_image"] = {"tokens": len(img_prompt), "image": size,
-                                **alternate(prefill_at(img_prompt, **kw), (1, L), budget / 2, log=log,
-                                            what=f"image prompt prefill {len(img_prompt)} tokens")}
+        res["prefill_image"] = {
+            "tokens": len(img_prompt),
+            "image": size,
+            **alternate(
+                prefill_at(img_prompt, **kw),
+                (1, L),
+                budget / 2,
+                log=log,
+                what=f"image prompt prefill {len(img_prompt)} tokens",
+            ),
+        }
     else:
         res["prefill_image"] = {"tokens": len(img_prompt), "image": size, "skipped": True, "estimated_s": est}
         log(f"image prompt prefill skipped: estimated {est:.0f} s")
@@ -383,9 +438,14 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
         r = rt.generate(dec_prompt, max_tokens=s["decode_tokens"], budget_s=s["decode_budget_s"] / 2)
         counts[str(depth)].append(r["tokens"])
         return r["decode_s_per_token"]
+
     d = alternate(decode, (1, L), 2 * s["decode_budget_s"], max_pairs=2, log=log, what="decode s/token")
-    res["decode"] = {"prompt_tokens": len(dec_prompt), "tokens": counts, "seconds_per_token": d["seconds"],
-                     "samples": d["samples"]}
+    res["decode"] = {
+        "prompt_tokens": len(dec_prompt),
+        "tokens": counts,
+        "seconds_per_token": d["seconds"],
+        "samples": d["samples"],
+    }
 
     # 4. Chat: TTFT of a turn with a new image, then of a text-only follow-up (ours only). The
     # follow-up is repeated (undo + send: the cache is trimmed back to the first turn) and the
@@ -401,8 +461,12 @@ def measure_runtime(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
         res["chat"] = {"image": size, "vision_depth": M, "by_depth": row}
 
     rt.set_depth(text=L, vision=M)
-    res["memory"] = {"peak_mlx_bytes": mx.get_peak_memory(), "active_mlx_bytes": mx.get_active_memory(),
-                     "peak_rss_bytes": peak_rss_bytes(), "weights": rt.weight_bytes()}
+    res["memory"] = {
+        "peak_mlx_bytes": mx.get_peak_memory(),
+        "active_mlx_bytes": mx.get_active_memory(),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "weights": rt.weight_bytes(),
+    }
     return res
 
 
@@ -412,15 +476,23 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
     if isinstance(rt, Ours):
         from pixtral_mlx.generate import stream_tokens
 
-        steps = stream_tokens(rt.model, rt.detok(), prompt.tokens, rt.px.embeddings(prompt), rt.model.make_cache(),
-                              eos_id=-1, max_tokens=n + 1, temperature=0.0, top_p=1.0)
+        steps = stream_tokens(
+            rt.model,
+            rt.detok(),
+            prompt.tokens,
+            rt.px.embeddings(prompt),
+            rt.model.make_cache(),
+            eos_id=-1,
+            max_tokens=n + 1,
+            temperature=0.0,
+            top_p=1.0,
+        )
         out = [c.token for c in steps if c.token is not None][:n]
     else:
         import mlx.core as mx
         from mlx_vlm.generate.ar import generate_step
 
-        steps = generate_step(mx.array(prompt.tokens)[None], rt.model, None, None, max_tokens=n,
-                              temperature=0.0)
+        steps = generate_step(mx.array(prompt.tokens)[None], rt.model, None, None, max_tokens=n, temperature=0.0)
         out = [int(t) for t, _ in steps][:n]
     return out
 
@@ -428,11 +500,11 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
 # --------------------------------------------------------------------------------------------
 # Jobs.
 
-def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
-    import pixtral_mlx  # first: the BLAS preload must precede mlx
-    from pixtral_mlx import backend
 
+def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
     import mlx.core as mx
+
+    from pixtral_mlx import backend
 
     if spec.get("patches"):  # experiments.py: library changes under test, installed before loading
         sys.path.insert(0, str(Path(__file__).parent))
@@ -444,18 +516,24 @@ def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
     rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
     if spec.get("check_tokens"):
         res["first_tokens"] = first_tokens(rt)
-    res.update(runtime="pixtral_mlx", patches=spec.get("patches") or [], blas=backend.BLAS_NOTE, device=backend.device_name(),
-               mlx_device=str(mx.default_device()), compute_dtype=str(rt.model.language_model.model.norm.weight.dtype))
+    res.update(
+        runtime="pixtral_mlx",
+        patches=spec.get("patches") or [],
+        blas=backend.BLAS_NOTE,
+        device=backend.device_name(),
+        mlx_device=str(mx.default_device()),
+        compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
+    )
     return res
 
 
 def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
+    import mlx.core as mx
+    import mlx_vlm
+
     import pixtral_mlx  # noqa: F401  first: the same BLAS preload as ours
     from pixtral_mlx import backend
     from pixtral_mlx.prompt import PromptEncoder
-
-    import mlx.core as mx
-    import mlx_vlm
 
     tekken = Path(spec["model"]) / "tekken.json"
     rt = Vlm(spec["model"], spec["dtype"], PromptEncoder(tekken))
@@ -463,9 +541,13 @@ def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
     rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
     if spec.get("check_tokens"):
         res["first_tokens"] = first_tokens(rt)
-    res.update(runtime=f"mlx_vlm {mlx_vlm.__version__}", blas=backend.BLAS_NOTE, device=backend.device_name(),
-               mlx_device=str(mx.default_device()),
-               compute_dtype=str(rt.model.language_model.model.norm.weight.dtype))
+    res.update(
+        runtime=f"mlx_vlm {mlx_vlm.__version__}",
+        blas=backend.BLAS_NOTE,
+        device=backend.device_name(),
+        mlx_device=str(mx.default_device()),
+        compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
+    )
     return res
 
 
@@ -473,8 +555,16 @@ def job_convert(spec: dict, log: Callable[[str], None]) -> dict:
     from pixtral_mlx.convert import convert
 
     t = now()
-    out = convert(spec["source"], spec["output"], dtype="bfloat16", quantize=spec["quantize"],
-                  bits=spec.get("bits", 4), group_size=spec.get("group_size", 64), force=True, progress=False)
+    out = convert(
+        spec["source"],
+        spec["output"],
+        dtype="bfloat16",
+        quantize=spec["quantize"],
+        bits=spec.get("bits", 4),
+        group_size=spec.get("group_size", 64),
+        force=True,
+        progress=False,
+    )
     wall = now() - t
     size = sum(f.stat().st_size for f in Path(out).glob("*.safetensors"))
     return {"wall_s": wall, "output_bytes": size, "peak_rss_self_bytes": peak_rss_bytes()}
@@ -484,8 +574,9 @@ def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
     """Memory read bandwidth: MLX reductions on the default device, and numpy on the host."""
     import threading
 
-    import pixtral_mlx  # noqa: F401
     import mlx.core as mx
+
+    import pixtral_mlx  # noqa: F401
 
     n = spec["bytes"] // 4
 
@@ -503,7 +594,7 @@ def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
     out = {"bytes": a.nbytes, "device": str(mx.default_device())}
     out["mlx_sum_gbps"] = a.nbytes / best(lambda: mx.eval(a.sum())) / 1e9
     out["mlx_copy_gbps"] = 2 * a.nbytes / best(lambda: mx.eval(a * 2.0)) / 1e9
-    del a
+    a = None  # free it before numpy allocates its own
     mx.clear_cache()
     b = np.ones(n, dtype=np.float32)
     out["numpy_sum_gbps"] = b.nbytes / best(lambda: b.sum()) / 1e9

@@ -37,15 +37,39 @@ FULL_TEXT_LAYERS, FULL_VISION_LAYERS = 40, 24
 GB = 1e9
 
 SETTINGS = {
-    "default": {"prompt_tokens": 1024, "image_sizes": [512, 1024], "vision_repeats": 2,
-                "prefill_image_size": 512, "chat_image_size": 1024, "decode_tokens": 64,
-                "decode_budget_s": 15.0, "budget_s": 40.0, "bandwidth_bytes": 1 << 30},
-    "quick": {"prompt_tokens": 256, "image_sizes": [512, 1024], "vision_repeats": 1,
-              "prefill_image_size": 512, "chat_image_size": 1024, "decode_tokens": 16,
-              "decode_budget_s": 8.0, "budget_s": 15.0, "bandwidth_bytes": 1 << 28},
-    "tiny": {"prompt_tokens": 128, "image_sizes": [256, 512], "vision_repeats": 1,
-             "prefill_image_size": 128, "chat_image_size": 512, "decode_tokens": 8,
-             "decode_budget_s": 5.0, "budget_s": 10.0, "bandwidth_bytes": 1 << 24},
+    "default": {
+        "prompt_tokens": 1024,
+        "image_sizes": [512, 1024],
+        "vision_repeats": 2,
+        "prefill_image_size": 512,
+        "chat_image_size": 1024,
+        "decode_tokens": 64,
+        "decode_budget_s": 15.0,
+        "budget_s": 40.0,
+        "bandwidth_bytes": 1 << 30,
+    },
+    "quick": {
+        "prompt_tokens": 256,
+        "image_sizes": [512, 1024],
+        "vision_repeats": 1,
+        "prefill_image_size": 512,
+        "chat_image_size": 1024,
+        "decode_tokens": 16,
+        "decode_budget_s": 8.0,
+        "budget_s": 15.0,
+        "bandwidth_bytes": 1 << 28,
+    },
+    "tiny": {
+        "prompt_tokens": 128,
+        "image_sizes": [256, 512],
+        "vision_repeats": 1,
+        "prefill_image_size": 128,
+        "chat_image_size": 512,
+        "decode_tokens": 8,
+        "decode_budget_s": 5.0,
+        "budget_s": 10.0,
+        "bandwidth_bytes": 1 << 24,
+    },
 }
 
 
@@ -55,6 +79,7 @@ def log(line: str) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # Running jobs
+
 
 def run_job(spec: dict, work: Path) -> dict:
     """Run measure.py on `spec` in a child process; add its wall time and peak RSS (wait4)."""
@@ -77,8 +102,13 @@ def run_job(spec: dict, work: Path) -> dict:
         result = {"error": f"the job exited with status {proc.returncode} and no result"}
     # Other processes on the machine slow a job down: keep the 1-minute load around it and the
     # CPU seconds it got (user + sys of the child and its threads).
-    result.update(process_wall_s=wall, process_peak_rss_bytes=rss, process_cpu_s=usage.ru_utime + usage.ru_stime,
-                  load_before=load_before, load_after=os.getloadavg()[0])
+    result.update(
+        process_wall_s=wall,
+        process_peak_rss_bytes=rss,
+        process_cpu_s=usage.ru_utime + usage.ru_stime,
+        load_before=load_before,
+        load_after=os.getloadavg()[0],
+    )
     log(f"[bench] {label} done in {wall:.0f} s" + (f" — ERROR {result['error']}" if "error" in result else ""))
     return result
 
@@ -123,6 +153,7 @@ def decode_bytes_full(folder: Path, text_layers: int, vocab: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Arithmetic: per-layer extrapolation and ratios
 
+
 def per_layer(seconds: dict, lo: int, hi: int) -> float:
     if hi <= lo:
         return 0.0
@@ -143,14 +174,25 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
     """Measured (at L/M) and full-depth numbers of one runtime on one checkpoint."""
     if "error" in r:
         return {"error": r["error"]}
-    out: dict[str, Any] = {"blas": r.get("blas"), "device": r.get("device"), "compute_dtype": r.get("compute_dtype"),
-                           "load_s": r.get("load_s"), "job_wall_s": r.get("process_wall_s"),
-                           "job_cpu_s": r.get("process_cpu_s"), "machine_load": [r.get("load_before"), r.get("load_after")]}
+    out: dict[str, Any] = {
+        "blas": r.get("blas"),
+        "device": r.get("device"),
+        "compute_dtype": r.get("compute_dtype"),
+        "load_s": r.get("load_s"),
+        "job_wall_s": r.get("process_wall_s"),
+        "job_cpu_s": r.get("process_cpu_s"),
+        "machine_load": [r.get("load_before"), r.get("load_after")],
+    }
     vdepth = r["depths"]["vision"][1]
     for key in [k for k in r if k.startswith("vision_")]:
         sec = r[key]["seconds"]
-        out[key] = {"measured_s": sec[str(vdepth)], "measured_depth": vdepth, "full_s": full_vision(sec, vdepth),
-                    "per_layer_s": per_layer(sec, 0, vdepth), "zero_layer_s": sec["0"]}
+        out[key] = {
+            "measured_s": sec[str(vdepth)],
+            "measured_depth": vdepth,
+            "full_s": full_vision(sec, vdepth),
+            "per_layer_s": per_layer(sec, 0, vdepth),
+            "zero_layer_s": sec["0"],
+        }
     for key in ("prefill_text", "prefill_image"):
         p = r.get(key)
         if not p or p.get("skipped"):
@@ -159,16 +201,31 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
             continue
         sec = p["seconds"]
         full = full_text(sec, L)
-        out[key] = {"tokens": p["tokens"], "measured_s": sec[str(L)], "measured_tps": p["tokens"] / sec[str(L)],
-                    "full_s": full, "full_tps": p["tokens"] / full, "per_layer_s": per_layer(sec, 1, L)}
+        out[key] = {
+            "tokens": p["tokens"],
+            "measured_s": sec[str(L)],
+            "measured_tps": p["tokens"] / sec[str(L)],
+            "full_s": full,
+            "full_tps": p["tokens"] / full,
+            "per_layer_s": per_layer(sec, 1, L),
+        }
     for n, p in (r.get("prefill_text_at") or {}).items():
         full = full_text(p["seconds"], L)
-        out.setdefault("prefill_text_at", {})[n] = {"tokens": p["tokens"], "measured_tps": p["tokens"] / p["seconds"][str(L)],
-                                                    "full_tps": p["tokens"] / full}
+        out.setdefault("prefill_text_at", {})[n] = {
+            "tokens": p["tokens"],
+            "measured_tps": p["tokens"] / p["seconds"][str(L)],
+            "full_tps": p["tokens"] / full,
+        }
     d = r["decode"]["seconds_per_token"]
     full = full_text(d, L)
-    out["decode"] = {"tokens": r["decode"]["tokens"], "measured_tps": 1 / d[str(L)], "full_tps": 1 / full,
-                     "full_s_per_token": full, "per_layer_s": per_layer(d, 1, L), "zero_layer_s": d["1"] - per_layer(d, 1, L)}
+    out["decode"] = {
+        "tokens": r["decode"]["tokens"],
+        "measured_tps": 1 / d[str(L)],
+        "full_tps": 1 / full,
+        "full_s_per_token": full,
+        "per_layer_s": per_layer(d, 1, L),
+        "zero_layer_s": d["1"] - per_layer(d, 1, L),
+    }
     if "chat" in r:
         c = r["chat"]["by_depth"]
         first = {k: v["first_ttft_s"] for k, v in c.items()}
@@ -176,25 +233,39 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
         vis = out.get(f"vision_{r['chat']['image']}", {}).get("per_layer_s", 0.0)
         f1 = first[str(L)] + (FULL_TEXT_LAYERS - L) * per_layer(first, 1, L) + (FULL_VISION_LAYERS - M) * vis
         f2 = second[str(L)] + (FULL_TEXT_LAYERS - L) * per_layer(second, 1, L)
-        out["chat"] = {"image": r["chat"]["image"], "first_tokens": c[str(L)]["first_prompt_tokens"],
-                       "second_tokens": c[str(L)]["second_prompt_tokens"],
-                       "measured": {"first_s": first[str(L)], "second_s": second[str(L)],
-                                    "ratio": second[str(L)] / first[str(L)]},
-                       "full": {"first_s": f1, "second_s": f2, "ratio": f2 / f1}}
+        out["chat"] = {
+            "image": r["chat"]["image"],
+            "first_tokens": c[str(L)]["first_prompt_tokens"],
+            "second_tokens": c[str(L)]["second_prompt_tokens"],
+            "measured": {"first_s": first[str(L)], "second_s": second[str(L)], "ratio": second[str(L)] / first[str(L)]},
+            "full": {"first_s": f1, "second_s": f2, "ratio": f2 / f1},
+        }
     mem = r["memory"]
     w = mem["weights"]
     itemsize = 2 if "16" in str(r.get("compute_dtype")) else 4
     kv_per_token_layer = 2 * params["n_kv_heads"] * params["head_dim"] * itemsize
-    max_tokens = max([out.get("chat", {}).get("first_tokens", 0), out.get("prefill_image", {}).get("tokens", 0),
-                      out.get("prefill_text", {}).get("tokens", 0)])
-    extra = (FULL_TEXT_LAYERS - L) * (w["text_layer"] + kv_per_token_layer * max_tokens) \
-        + (FULL_VISION_LAYERS - M) * w["vision_layer"]
-    out["memory"] = {"peak_mlx_bytes": mem["peak_mlx_bytes"], "peak_rss_bytes": r.get("process_peak_rss_bytes"),
-                     "weights_bytes": w["total"], "full_peak_mlx_bytes": mem["peak_mlx_bytes"] + extra,
-                     "full_peak_rss_bytes": (r.get("process_peak_rss_bytes") or 0) + extra,
-                     "full_weights_bytes": w["total"] + (FULL_TEXT_LAYERS - L) * w["text_layer"]
-                     + (FULL_VISION_LAYERS - M) * w["vision_layer"],
-                     "text_layer_bytes": w["text_layer"], "lm_head_bytes": w["lm_head"]}
+    max_tokens = max(
+        [
+            out.get("chat", {}).get("first_tokens", 0),
+            out.get("prefill_image", {}).get("tokens", 0),
+            out.get("prefill_text", {}).get("tokens", 0),
+        ]
+    )
+    extra = (FULL_TEXT_LAYERS - L) * (w["text_layer"] + kv_per_token_layer * max_tokens) + (FULL_VISION_LAYERS - M) * w[
+        "vision_layer"
+    ]
+    out["memory"] = {
+        "peak_mlx_bytes": mem["peak_mlx_bytes"],
+        "peak_rss_bytes": r.get("process_peak_rss_bytes"),
+        "weights_bytes": w["total"],
+        "full_peak_mlx_bytes": mem["peak_mlx_bytes"] + extra,
+        "full_peak_rss_bytes": (r.get("process_peak_rss_bytes") or 0) + extra,
+        "full_weights_bytes": w["total"]
+        + (FULL_TEXT_LAYERS - L) * w["text_layer"]
+        + (FULL_VISION_LAYERS - M) * w["vision_layer"],
+        "text_layer_bytes": w["text_layer"],
+        "lm_head_bytes": w["lm_head"],
+    }
     if "first_tokens" in r:
         out["first_tokens"] = r["first_tokens"]
     return out
@@ -214,12 +285,18 @@ def compare(ours: dict, vlm: dict) -> dict:
         return out
     for key in [k for k in ours if k.startswith("vision_")]:
         if key in vlm:
-            out[key] = {"ours_s": ours[key]["full_s"], "vlm_s": vlm[key]["full_s"],
-                        "speedup": speedup(ours[key]["full_s"], vlm[key]["full_s"], "s")}
+            out[key] = {
+                "ours_s": ours[key]["full_s"],
+                "vlm_s": vlm[key]["full_s"],
+                "speedup": speedup(ours[key]["full_s"], vlm[key]["full_s"], "s"),
+            }
     for key in ("prefill_text", "prefill_image", "decode"):
         if key in ours and key in vlm and not vlm[key].get("skipped") and not ours[key].get("skipped"):
-            out[key] = {"ours_tps": ours[key]["full_tps"], "vlm_tps": vlm[key]["full_tps"],
-                        "speedup": speedup(ours[key]["full_tps"], vlm[key]["full_tps"], "tps")}
+            out[key] = {
+                "ours_tps": ours[key]["full_tps"],
+                "vlm_tps": vlm[key]["full_tps"],
+                "speedup": speedup(ours[key]["full_tps"], vlm[key]["full_tps"], "tps"),
+            }
             if key == "prefill_text":
                 n = str(vlm[key]["tokens"])
                 same = (ours.get("prefill_text_at") or {}).get(n)
@@ -227,15 +304,21 @@ def compare(ours: dict, vlm: dict) -> dict:
                     same = ours[key]
                 if same is not None:
                     out["prefill_text_same_length"] = {
-                        "tokens": vlm[key]["tokens"], "ours_tps": same["full_tps"], "vlm_tps": vlm[key]["full_tps"],
-                        "speedup": speedup(same["full_tps"], vlm[key]["full_tps"], "tps")}
-    out["memory"] = {"ours_full_peak_mlx_bytes": ours["memory"]["full_peak_mlx_bytes"],
-                     "vlm_full_peak_mlx_bytes": vlm["memory"]["full_peak_mlx_bytes"]}
+                        "tokens": vlm[key]["tokens"],
+                        "ours_tps": same["full_tps"],
+                        "vlm_tps": vlm[key]["full_tps"],
+                        "speedup": speedup(same["full_tps"], vlm[key]["full_tps"], "tps"),
+                    }
+    out["memory"] = {
+        "ours_full_peak_mlx_bytes": ours["memory"]["full_peak_mlx_bytes"],
+        "vlm_full_peak_mlx_bytes": vlm["memory"]["full_peak_mlx_bytes"],
+    }
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Markdown
+
 
 def fmt(x: Any, digits: int = 2) -> str:
     if x is None:
@@ -261,38 +344,46 @@ def markdown(res: dict) -> str:
     L, M = res["depths"]["text"], res["depths"]["vision"]
     lines = [f"# pixtral-mlx benchmark — {res['system']['device']}", ""]
     s = res["system"]
-    lines += [f"- Machine: {s['platform']}, {s['cpus']} CPUs, {gb(s['memory_bytes'])} GB RAM; load average "
-              f"{s['load_start']} at start, {s['load_end']} at end (other work on the machine slows the numbers).",
-              f"- Versions: mlx {s['mlx']}, mlx-lm {s['mlx_lm']}, mlx-vlm {s['mlx_vlm']}, pixtral-mlx {s['pixtral_mlx']}.",
-              f"- BLAS: {res['blas']}.",
-              f"- Checkpoint: synthetic Pixtral-12B, real widths, random bf16 weights, **{L} decoder + {M} vision "
-              f"layers** (embeddings, lm_head and adapter full size); {gb(res['checkpoint']['bytes'])} GB official "
-              f"layout, written in {res['checkpoint']['write_s']:.0f} s.",
-              "- Full-model figures (\"@40/24\") are extrapolated per layer: decoder layers are timed at depth 1 and "
-              f"{L}, vision layers at depth 0 and the measured depth, by truncating the loaded model's layer lists; "
-              "full = t(1) + 39 × per-layer (decoder), t(0) + 24 × per-layer (vision). Memory: measured peak + the "
-              "missing layers' weights and KV cache.",
-              "- mlx-vlm runs in its own process with the same BLAS preload (pixtral_mlx imported first), fed our token "
-              "ids and pixels (its processor bypassed); image-prompt prefill in both runtimes starts from cached vision "
-              "features. Where mlx-vlm is too slow for the full prompt, it runs the longest prompt (×4 steps from 8 "
-              f"tokens) whose timing fits {res['settings']['budget_s']:.0f} s; its tok/s is given with that length, "
-              "and ours is measured at that length too (\"same length\").",
-              f"- Total run time: {res['total_wall_s'] / 60:.1f} min.", ""]
+    lines += [
+        f"- Machine: {s['platform']}, {s['cpus']} CPUs, {gb(s['memory_bytes'])} GB RAM; load average "
+        f"{s['load_start']} at start, {s['load_end']} at end (other work on the machine slows the numbers).",
+        f"- Versions: mlx {s['mlx']}, mlx-lm {s['mlx_lm']}, mlx-vlm {s['mlx_vlm']}, pixtral-mlx {s['pixtral_mlx']}.",
+        f"- BLAS: {res['blas']}.",
+        f"- Checkpoint: synthetic Pixtral-12B, real widths, random bf16 weights, **{L} decoder + {M} vision "
+        f"layers** (embeddings, lm_head and adapter full size); {gb(res['checkpoint']['bytes'])} GB official "
+        f"layout, written in {res['checkpoint']['write_s']:.0f} s.",
+        '- Full-model figures ("@40/24") are extrapolated per layer: decoder layers are timed at depth 1 and '
+        f"{L}, vision layers at depth 0 and the measured depth, by truncating the loaded model's layer lists; "
+        "full = t(1) + 39 × per-layer (decoder), t(0) + 24 × per-layer (vision). Memory: measured peak + the "
+        "missing layers' weights and KV cache.",
+        "- mlx-vlm runs in its own process with the same BLAS preload (pixtral_mlx imported first), fed our token "
+        "ids and pixels (its processor bypassed); image-prompt prefill in both runtimes starts from cached vision "
+        "features. Where mlx-vlm is too slow for the full prompt, it runs the longest prompt (×4 steps from 8 "
+        f"tokens) whose timing fits {res['settings']['budget_s']:.0f} s; its tok/s is given with that length, "
+        'and ours is measured at that length too ("same length").',
+        f"- Total run time: {res['total_wall_s'] / 60:.1f} min.",
+        "",
+    ]
 
     full_bytes = res["checkpoint"].get("full_model_bytes")
-    lines += ["## Converter (official layout → MLX), streaming", "",
-              "| output | wall time | peak RSS | output size | largest tensor | target ≤ 1.5 × largest + 1 GB | met | "
-              f"est. wall time for the real {gb(full_bytes)} GB checkpoint |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Converter (official layout → MLX), streaming",
+        "",
+        "| output | wall time | peak RSS | output size | largest tensor | target ≤ 1.5 × largest + 1 GB | met | "
+        f"est. wall time for the real {gb(full_bytes)} GB checkpoint |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, c in res["convert"].items():
         if "error" in c:
             lines.append(f"| {name} | error: {c['error']} ||||||")
             continue
-        lines.append(f"| {name} | {c['wall_s']:.0f} s ({gb(res['checkpoint']['bytes'] / c['wall_s'])} GB/s) | "
-                     f"{gb(c['peak_rss_bytes'])} GB | {gb(c['output_bytes'])} GB | {gb(c['largest_tensor_bytes'])} GB "
-                     f"({res['checkpoint']['largest_tensor']}) | {gb(c['target_bytes'])} GB | "
-                     f"{'yes' if c['met'] else '**no**'} | "
-                     f"{fmt(c['wall_s'] * full_bytes / res['checkpoint']['bytes'] / 60) if full_bytes else '—'} min |")
+        lines.append(
+            f"| {name} | {c['wall_s']:.0f} s ({gb(res['checkpoint']['bytes'] / c['wall_s'])} GB/s) | "
+            f"{gb(c['peak_rss_bytes'])} GB | {gb(c['output_bytes'])} GB | {gb(c['largest_tensor_bytes'])} GB "
+            f"({res['checkpoint']['largest_tensor']}) | {gb(c['target_bytes'])} GB | "
+            f"{'yes' if c['met'] else '**no**'} | "
+            f"{fmt(c['wall_s'] * full_bytes / res['checkpoint']['bytes'] / 60) if full_bytes else '—'} min |"
+        )
     lines.append("")
 
     for ck in ("4bit", "bf16"):
@@ -306,9 +397,11 @@ def markdown(res: dict) -> str:
         for name, r in (("ours", ours), ("mlx-vlm bf16", vb), ("mlx-vlm fp32", vf)):
             if "error" in r:
                 lines.append(f"- {name}: **error** {r['error']}")
-        lines += [f"| metric | ours @{L}/{M} (measured) | **ours @40/24** | mlx-vlm default (bf16) @40/24 | "
-                  "mlx-vlm fp32 @40/24 | ours ÷ mlx-vlm default | ours ÷ mlx-vlm fp32 |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            f"| metric | ours @{L}/{M} (measured) | **ours @40/24** | mlx-vlm default (bf16) @40/24 | "
+            "mlx-vlm fp32 @40/24 | ours ÷ mlx-vlm default | ours ÷ mlx-vlm fp32 |",
+            "|---|---|---|---|---|---|---|",
+        ]
 
         def cell(r: dict, key: str, field: str, tokens: bool = False) -> str:
             v = r.get(key)
@@ -323,9 +416,15 @@ def markdown(res: dict) -> str:
 
         for size in res["settings"]["image_sizes"]:
             key = f"vision_{size}"
-            row = [f"vision encoder {size}² ({(size // 16) ** 2} patches), s", cell(ours, key, "measured_s"),
-                   f"**{cell(ours, key, 'full_s')}**", cell(vb, key, "full_s"), cell(vf, key, "full_s"),
-                   times(cb.get(key, {}).get("speedup")), times(cf.get(key, {}).get("speedup"))]
+            row = [
+                f"vision encoder {size}² ({(size // 16) ** 2} patches), s",
+                cell(ours, key, "measured_s"),
+                f"**{cell(ours, key, 'full_s')}**",
+                cell(vb, key, "full_s"),
+                cell(vf, key, "full_s"),
+                times(cb.get(key, {}).get("speedup")),
+                times(cf.get(key, {}).get("speedup")),
+            ]
             if key not in vb and ck == "4bit":
                 row[3] = row[4] = "= bf16 (vision not quantized)"
                 sb = res["comparison"].get("bf16", {}).get("vlm_bf16", {}).get(key, {}).get("vlm_s")
@@ -333,56 +432,103 @@ def markdown(res: dict) -> str:
                 row[5] = times(speedup(ours.get(key, {}).get("full_s"), sb, "s"))
                 row[6] = times(speedup(ours.get(key, {}).get("full_s"), sf, "s"))
             lines.append("| " + " | ".join(row) + " |")
-        for key, label in (("prefill_text", "prefill, text prompt, tok/s"),
-                           ("prefill_image", f"prefill, {res['settings']['prefill_image_size']}² image prompt, tok/s")):
-            lines.append("| " + " | ".join([
-                label, cell(ours, key, "measured_tps", True), f"**{cell(ours, key, 'full_tps', True)}**",
-                cell(vb, key, "full_tps", True), cell(vf, key, "full_tps", True),
-                times(cb.get(key, {}).get("speedup")), times(cf.get(key, {}).get("speedup"))]) + " |")
+        for key, label in (
+            ("prefill_text", "prefill, text prompt, tok/s"),
+            ("prefill_image", f"prefill, {res['settings']['prefill_image_size']}² image prompt, tok/s"),
+        ):
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        label,
+                        cell(ours, key, "measured_tps", True),
+                        f"**{cell(ours, key, 'full_tps', True)}**",
+                        cell(vb, key, "full_tps", True),
+                        cell(vf, key, "full_tps", True),
+                        times(cb.get(key, {}).get("speedup")),
+                        times(cf.get(key, {}).get("speedup")),
+                    ]
+                )
+                + " |"
+            )
         same_b, same_f = cb.get("prefill_text_same_length"), cf.get("prefill_text_same_length")
         if same_b or same_f:
+
             def same(c: dict | None) -> str:
-                return "—" if not c else f"{times(c['speedup'])} ({c['tokens']} tok: {fmt(c['ours_tps'])} vs {fmt(c['vlm_tps'])})"
+                return (
+                    "—"
+                    if not c
+                    else f"{times(c['speedup'])} ({c['tokens']} tok: {fmt(c['ours_tps'])} vs {fmt(c['vlm_tps'])})"
+                )
+
             lines.append(f"| prefill, same prompt as mlx-vlm, tok/s | | | | | {same(same_b)} | {same(same_f)} |")
-        lines.append("| " + " | ".join([
-            "decode, tok/s", cell(ours, "decode", "measured_tps"), f"**{cell(ours, 'decode', 'full_tps')}**",
-            cell(vb, "decode", "full_tps"), cell(vf, "decode", "full_tps"),
-            times(cb.get("decode", {}).get("speedup")), times(cf.get("decode", {}).get("speedup"))]) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    "decode, tok/s",
+                    cell(ours, "decode", "measured_tps"),
+                    f"**{cell(ours, 'decode', 'full_tps')}**",
+                    cell(vb, "decode", "full_tps"),
+                    cell(vf, "decode", "full_tps"),
+                    times(cb.get("decode", {}).get("speedup")),
+                    times(cf.get("decode", {}).get("speedup")),
+                ]
+            )
+            + " |"
+        )
 
         def mem(r: dict, field: str) -> str:
             return gb(r.get("memory", {}).get(field)) if "memory" in r else "—"
-        lines.append(f"| peak MLX memory, GB | {mem(ours, 'peak_mlx_bytes')} | **{mem(ours, 'full_peak_mlx_bytes')}** | "
-                     f"{mem(vb, 'full_peak_mlx_bytes')} | {mem(vf, 'full_peak_mlx_bytes')} | | |")
-        lines.append(f"| peak process RSS, GB | {mem(ours, 'peak_rss_bytes')} | **{mem(ours, 'full_peak_rss_bytes')}** | "
-                     f"{mem(vb, 'full_peak_rss_bytes')} | {mem(vf, 'full_peak_rss_bytes')} | | |")
-        lines.append(f"| weights in memory, GB | {mem(ours, 'weights_bytes')} | **{mem(ours, 'full_weights_bytes')}** | "
-                     f"{mem(vb, 'full_weights_bytes')} | {mem(vf, 'full_weights_bytes')} | | |")
+
+        lines.append(
+            f"| peak MLX memory, GB | {mem(ours, 'peak_mlx_bytes')} | **{mem(ours, 'full_peak_mlx_bytes')}** | "
+            f"{mem(vb, 'full_peak_mlx_bytes')} | {mem(vf, 'full_peak_mlx_bytes')} | | |"
+        )
+        lines.append(
+            f"| peak process RSS, GB | {mem(ours, 'peak_rss_bytes')} | **{mem(ours, 'full_peak_rss_bytes')}** | "
+            f"{mem(vb, 'full_peak_rss_bytes')} | {mem(vf, 'full_peak_rss_bytes')} | | |"
+        )
+        lines.append(
+            f"| weights in memory, GB | {mem(ours, 'weights_bytes')} | **{mem(ours, 'full_weights_bytes')}** | "
+            f"{mem(vb, 'full_weights_bytes')} | {mem(vf, 'full_weights_bytes')} | | |"
+        )
         lines.append("")
         notes = []
         for name, r in (("ours", ours), ("mlx-vlm bf16", vb), ("mlx-vlm fp32", vf)):
             if r and "error" not in r:
                 load = r.get("machine_load") or [None, None]
-                notes.append(f"{name}: computes in {r.get('compute_dtype')}, {r.get('blas')}; job {r.get('job_wall_s', 0):.0f} s"
-                             + (f", machine load {load[0]:.1f} → {load[1]:.1f}" if None not in load else ""))
+                notes.append(
+                    f"{name}: computes in {r.get('compute_dtype')}, {r.get('blas')}; job {r.get('job_wall_s', 0):.0f} s"
+                    + (f", machine load {load[0]:.1f} → {load[1]:.1f}" if None not in load else "")
+                )
         if notes:
             lines += ["- " + "; ".join(notes), ""]
         check = runs.get("token_check")
         if check:
-            lines += [f"- Same model check: greedy tokens ours {check['ours']} vs mlx-vlm fp32 {check['vlm_fp32']} — "
-                      f"{'identical' if check['identical'] else '**different**'}.", ""]
+            lines += [
+                f"- Same model check: greedy tokens ours {check['ours']} vs mlx-vlm fp32 {check['vlm_fp32']} — "
+                f"{'identical' if check['identical'] else '**different**'}.",
+                "",
+            ]
 
-    lines += ["## Multi-turn: time to first token of a second turn (ours)", "",
-              "| checkpoint | turn 1: new 1024² image (tokens) | turn 2: text only (tokens) | turn2 ÷ turn1 @"
-              f"{L}/{M} | turn 1 @40/24 | turn 2 @40/24 | **turn2 ÷ turn1 @40/24** | target ≤ 1/20 |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "## Multi-turn: time to first token of a second turn (ours)",
+        "",
+        "| checkpoint | turn 1: new 1024² image (tokens) | turn 2: text only (tokens) | turn2 ÷ turn1 @"
+        f"{L}/{M} | turn 1 @40/24 | turn 2 @40/24 | **turn2 ÷ turn1 @40/24** | target ≤ 1/20 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for ck in ("4bit", "bf16"):
         c = res["runs"].get(ck, {}).get("ours", {}).get("chat")
         if not c:
             continue
         m, f = c["measured"], c["full"]
-        lines.append(f"| {ck} | {fmt(m['first_s'])} s ({c['first_tokens']}) | {fmt(m['second_s'])} s ({c['second_tokens']}) | "
-                     f"1/{1 / m['ratio']:.0f} | {fmt(f['first_s'])} s | {fmt(f['second_s'])} s | **1/{1 / f['ratio']:.0f}** | "
-                     f"{'yes' if f['ratio'] <= 1 / 20 else '**no**'} |")
+        lines.append(
+            f"| {ck} | {fmt(m['first_s'])} s ({c['first_tokens']}) | {fmt(m['second_s'])} s ({c['second_tokens']}) | "
+            f"1/{1 / m['ratio']:.0f} | {fmt(f['first_s'])} s | {fmt(f['second_s'])} s | **1/{1 / f['ratio']:.0f}** | "
+            f"{'yes' if f['ratio'] <= 1 / 20 else '**no**'} |"
+        )
     lines.append("")
 
     bw = res["bandwidth"]
@@ -391,26 +537,37 @@ def markdown(res: dict) -> str:
     if "error" in bw:
         lines.append(f"- bandwidth measurement failed: {bw['error']}")
     else:
-        lines += [f"- Memory read bandwidth: MLX sum {bw['mlx_sum_gbps']:.1f} GB/s, MLX copy {bw['mlx_copy_gbps']:.1f} GB/s "
-                  f"(read+write), numpy sum {bw['numpy_sum_gbps']:.1f} GB/s, numpy {bw['numpy_threads']} threads "
-                  f"{bw['numpy_threads_sum_gbps']:.1f} GB/s → bound uses **{b.get('gbps', 0):.1f} GB/s** ({b.get('source')}).",
-                  f"- Bytes read per decoded token by the full 4-bit model as stored: {gb(b.get('bytes'))} GB "
-                  f"({gb(b.get('per_text_layer_bytes'))} GB per decoder layer × 40 + lm_head {gb(b.get('lm_head_bytes'))} GB); "
-                  f"as our runtime holds it in memory (scales/biases in {b.get('ours_dtype')}): {gb(b.get('ours_bytes'))} GB.",
-                  "", "| | decode tok/s @40 | ÷ bound |", "|---|---|---|",
-                  f"| bandwidth bound | {fmt(b.get('tps'))} | 1 |"]
+        lines += [
+            f"- Memory read bandwidth: MLX sum {bw['mlx_sum_gbps']:.1f} GB/s, "
+            f"MLX copy {bw['mlx_copy_gbps']:.1f} GB/s (read+write), numpy sum {bw['numpy_sum_gbps']:.1f} GB/s, "
+            f"numpy {bw['numpy_threads']} threads "
+            f"{bw['numpy_threads_sum_gbps']:.1f} GB/s → bound uses **{b.get('gbps', 0):.1f} GB/s** "
+            f"({b.get('source')}).",
+            f"- Bytes read per decoded token by the full 4-bit model as stored: {gb(b.get('bytes'))} GB "
+            f"({gb(b.get('per_text_layer_bytes'))} GB per decoder layer × 40 "
+            f"+ lm_head {gb(b.get('lm_head_bytes'))} GB); "
+            f"as our runtime holds it in memory (scales/biases in {b.get('ours_dtype')}): "
+            f"{gb(b.get('ours_bytes'))} GB.",
+            "",
+            "| | decode tok/s @40 | ÷ bound |",
+            "|---|---|---|",
+            f"| bandwidth bound | {fmt(b.get('tps'))} | 1 |",
+        ]
         for name, v in (b.get("runtimes") or {}).items():
             lines.append(f"| {name} | {fmt(v)} | {fmt(v / b['tps'] if v and b.get('tps') else None)} |")
     lines.append("")
 
     lines += ["## Targets", "", "| target | result | met |", "|---|---|---|"]
     for t in res["targets"]:
-        lines.append(f"| {t['target']} | {t['result']} | {'yes' if t['met'] else '**no**' if t['met'] is False else '—'} |")
+        lines.append(
+            f"| {t['target']} | {t['result']} | {'yes' if t['met'] else '**no**' if t['met'] is False else '—'} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def targets(res: dict) -> list[dict]:
     out = []
@@ -423,34 +580,59 @@ def targets(res: dict) -> list[dict]:
             if sp is None and ck == "4bit":
                 ours = res["runs"][ck].get("ours", {}).get(key, {}).get("full_s")
                 sp = speedup(ours, comp.get("bf16", {}).get("vlm_bf16", {}).get(key, {}).get("vlm_s"), "s")
-            out.append({"target": f"vision {size}² ≥ 10× mlx-vlm default ({ck})", "result": times(sp),
-                        "met": None if sp is None else sp >= 10})
+            out.append(
+                {
+                    "target": f"vision {size}² ≥ 10× mlx-vlm default ({ck})",
+                    "result": times(sp),
+                    "met": None if sp is None else sp >= 10,
+                }
+            )
         for key in ("prefill_text", "prefill_image"):
             sp = c.get(key, {}).get("speedup")
             result = times(sp)
             vlm = res["runs"].get(ck, {}).get("vlm_bf16", {}).get(key, {})
             if sp is None and vlm.get("skipped"):
                 result = f"mlx-vlm not run: estimated {fmt(vlm.get('estimated_s'))} s at {res['depths']['text']} layers"
-            out.append({"target": f"{key.replace('_', ' ')} ≥ 10× mlx-vlm default ({ck})", "result": result,
-                        "met": None if sp is None else sp >= 10})
+            out.append(
+                {
+                    "target": f"{key.replace('_', ' ')} ≥ 10× mlx-vlm default ({ck})",
+                    "result": result,
+                    "met": None if sp is None else sp >= 10,
+                }
+            )
         sp = c.get("decode", {}).get("speedup")
-        out.append({"target": f"decode ≥ mlx-vlm default ({ck})", "result": times(sp),
-                    "met": None if sp is None else sp >= 1})
+        out.append(
+            {"target": f"decode ≥ mlx-vlm default ({ck})", "result": times(sp), "met": None if sp is None else sp >= 1}
+        )
         chat = res["runs"].get(ck, {}).get("ours", {}).get("chat")
         if chat:
             r = chat["full"]["ratio"]
-            out.append({"target": f"turn-2 TTFT ≤ 1/20 of turn 1 with a 1024² image, @40/24 ({ck})",
-                        "result": f"1/{1 / r:.0f}", "met": r <= 1 / 20})
+            out.append(
+                {
+                    "target": f"turn-2 TTFT ≤ 1/20 of turn 1 with a 1024² image, @40/24 ({ck})",
+                    "result": f"1/{1 / r:.0f}",
+                    "met": r <= 1 / 20,
+                }
+            )
     b = res.get("decode_bound", {})
     ours = (b.get("runtimes") or {}).get("ours 4bit")
     if ours and b.get("tps"):
-        out.append({"target": "4-bit decode close to the bandwidth bound (≥ 50 %)",
-                    "result": f"{100 * ours / b['tps']:.1f} % ({fmt(ours)} of {fmt(b['tps'])} tok/s)",
-                    "met": ours / b["tps"] >= 0.5})
+        out.append(
+            {
+                "target": "4-bit decode close to the bandwidth bound (≥ 50 %)",
+                "result": f"{100 * ours / b['tps']:.1f} % ({fmt(ours)} of {fmt(b['tps'])} tok/s)",
+                "met": ours / b["tps"] >= 0.5,
+            }
+        )
     for name, c in res["convert"].items():
         if "error" not in c:
-            out.append({"target": f"converter peak RSS ≤ 1.5 × largest tensor + 1 GB ({name})",
-                        "result": f"{gb(c['peak_rss_bytes'])} GB ≤ {gb(c['target_bytes'])} GB", "met": c["met"]})
+            out.append(
+                {
+                    "target": f"converter peak RSS ≤ 1.5 × largest tensor + 1 GB ({name})",
+                    "result": f"{gb(c['peak_rss_bytes'])} GB ≤ {gb(c['target_bytes'])} GB",
+                    "met": c["met"],
+                }
+            )
     return out
 
 
@@ -472,8 +654,9 @@ def versions() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--text-layers", type=int, default=2, help="decoder layers in the synthetic checkpoint (≥ 2)")
     ap.add_argument("--vision-layers", type=int, default=2, help="vision layers in the synthetic checkpoint (≥ 1)")
     ap.add_argument("--out", type=Path, default=HERE / "out", help="where results.json/.md go (default benchmarks/out)")
@@ -516,8 +699,16 @@ def main(argv: list[str] | None = None) -> int:
         # 2. Conversions, each in its own process: wall time and peak RSS.
         convert: dict[str, dict] = {}
         folders = {"bf16": work / "mlx-bf16", "4bit": work / "mlx-4bit"}
-        specs = [{"kind": "convert", "label": f"convert-{name}", "source": str(work / "official"),
-                  "output": str(folders[name]), "quantize": name == "4bit"} for name in ("bf16", "4bit")]
+        specs = [
+            {
+                "kind": "convert",
+                "label": f"convert-{name}",
+                "source": str(work / "official"),
+                "output": str(folders[name]),
+                "quantize": name == "4bit",
+            }
+            for name in ("bf16", "4bit")
+        ]
         for name, r in zip(("bf16", "4bit"), run_jobs(specs, jobs_dir, args.tiny)):
             if "error" not in r:
                 r["peak_rss_bytes"] = r["process_peak_rss_bytes"]
@@ -529,8 +720,15 @@ def main(argv: list[str] | None = None) -> int:
             convert["4bit"]["decode_bytes"] = decode_bytes_full(folders["4bit"], L, params["vocab_size"])
 
         # 3. Memory bandwidth.
-        bandwidth = run_job({"kind": "bandwidth", "label": "bandwidth", "bytes": settings["bandwidth_bytes"],
-                             "threads": os.cpu_count()}, jobs_dir)
+        bandwidth = run_job(
+            {
+                "kind": "bandwidth",
+                "label": "bandwidth",
+                "bytes": settings["bandwidth_bytes"],
+                "threads": os.cpu_count(),
+            },
+            jobs_dir,
+        )
 
         # 4. mlx-vlm first (ours is then also measured at the prompt lengths mlx-vlm could afford).
         base = {"text_layers": L, "vision_layers": M, "settings": settings}
@@ -544,9 +742,19 @@ def main(argv: list[str] | None = None) -> int:
             for dtype in ("bfloat16", "float32"):
                 key = "vlm_bf16" if dtype == "bfloat16" else "vlm_fp32"
                 measure_vision = ck_name == "bf16" or vision_quantized
-                specs.append({**base, "kind": "vlm", "label": f"{key}-{ck_name}", "dtype": dtype,
-                              "model": str(folders[ck_name]), "ramp": True, "check_tokens": dtype == "float32",
-                              "measure_vision": measure_vision, "vision_depth": 1 if dtype == "bfloat16" else None})
+                specs.append(
+                    {
+                        **base,
+                        "kind": "vlm",
+                        "label": f"{key}-{ck_name}",
+                        "dtype": dtype,
+                        "model": str(folders[ck_name]),
+                        "ramp": True,
+                        "check_tokens": dtype == "float32",
+                        "measure_vision": measure_vision,
+                        "vision_depth": 1 if dtype == "bfloat16" else None,
+                    }
+                )
                 where.append((ck_name, key))
         for (ck_name, key), r in zip(where, run_jobs(specs, jobs_dir, args.tiny)):
             raw[ck_name][key] = r
@@ -555,10 +763,24 @@ def main(argv: list[str] | None = None) -> int:
         for ck_name in ("4bit", "bf16"):
             if "error" in convert[ck_name]:
                 continue
-            extra = sorted({r["prefill_text"]["tokens"] for r in raw[ck_name].values()
-                            if "prefill_text" in r and r["prefill_text"]["tokens"] < settings["prompt_tokens"] - 8})
-            specs.append({**base, "kind": "ours", "label": f"ours-{ck_name}", "model": str(folders[ck_name]),
-                          "chat": True, "check_tokens": True, "extra_prompt_tokens": extra})
+            extra = sorted(
+                {
+                    r["prefill_text"]["tokens"]
+                    for r in raw[ck_name].values()
+                    if "prefill_text" in r and r["prefill_text"]["tokens"] < settings["prompt_tokens"] - 8
+                }
+            )
+            specs.append(
+                {
+                    **base,
+                    "kind": "ours",
+                    "label": f"ours-{ck_name}",
+                    "model": str(folders[ck_name]),
+                    "chat": True,
+                    "check_tokens": True,
+                    "extra_prompt_tokens": extra,
+                }
+            )
             where.append(ck_name)
         for ck_name, r in zip(where, run_jobs(specs, jobs_dir, args.tiny)):
             raw[ck_name]["ours"] = r
@@ -573,7 +795,9 @@ def main(argv: list[str] | None = None) -> int:
     for ck_name, rs in raw.items():
         runs[ck_name] = {k: summarize(v, L, M, params) for k, v in rs.items()}
         ours = runs[ck_name].get("ours", {"error": "not run"})
-        comparison[ck_name] = {k: compare(ours, runs[ck_name][k]) for k in ("vlm_bf16", "vlm_fp32") if k in runs[ck_name]}
+        comparison[ck_name] = {
+            k: compare(ours, runs[ck_name][k]) for k in ("vlm_bf16", "vlm_fp32") if k in runs[ck_name]
+        }
         if "first_tokens" in ours and "first_tokens" in runs[ck_name].get("vlm_fp32", {}):
             a, b = ours["first_tokens"], runs[ck_name]["vlm_fp32"]["first_tokens"]
             runs[ck_name]["token_check"] = {"ours": a, "vlm_fp32": b, "identical": a == b}
@@ -584,13 +808,21 @@ def main(argv: list[str] | None = None) -> int:
         cpu = "cpu" in str(bandwidth.get("device", "")).lower()
         candidates = {"MLX sum": bandwidth["mlx_sum_gbps"]}
         if cpu:
-            candidates.update({"numpy sum": bandwidth["numpy_sum_gbps"],
-                               f"numpy {bandwidth['numpy_threads']} threads": bandwidth["numpy_threads_sum_gbps"]})
+            candidates.update(
+                {
+                    "numpy sum": bandwidth["numpy_sum_gbps"],
+                    f"numpy {bandwidth['numpy_threads']} threads": bandwidth["numpy_threads_sum_gbps"],
+                }
+            )
         src, gbps = max(candidates.items(), key=lambda kv: kv[1])
         bound = {"gbps": gbps, "source": src}
         if dec:
-            bound.update(bytes=dec["total"], per_text_layer_bytes=dec["per_text_layer"], lm_head_bytes=dec["lm_head"],
-                         tps=gbps * GB / dec["total"])
+            bound.update(
+                bytes=dec["total"],
+                per_text_layer_bytes=dec["per_text_layer"],
+                lm_head_bytes=dec["lm_head"],
+                tps=gbps * GB / dec["total"],
+            )
         o4 = runs.get("4bit", {}).get("ours", {})
         if "memory" in o4:
             m = o4["memory"]
@@ -603,15 +835,36 @@ def main(argv: list[str] | None = None) -> int:
                 if d:
                     bound["runtimes"][f"{label} {ck_name}"] = d["full_tps"]
     res = {
-        "mode": mode, "depths": {"text": L, "vision": M}, "settings": settings,
-        "system": {"platform": platform.platform(), "cpus": os.cpu_count(), "memory_bytes": memory_bytes(),
-                   "device": (runs.get("4bit", {}).get("ours") or {}).get("device") or bandwidth.get("device"),
-                   "load_start": load_start, "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg()), **versions()},
-        "blas": "; ".join(sorted({f"{k}: {v.get('blas')}" for rs in runs.values() for k, v in rs.items()
-                                  if isinstance(v, dict) and v.get("blas")})) or "n/a",
+        "mode": mode,
+        "depths": {"text": L, "vision": M},
+        "settings": settings,
+        "system": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "memory_bytes": memory_bytes(),
+            "device": (runs.get("4bit", {}).get("ours") or {}).get("device") or bandwidth.get("device"),
+            "load_start": load_start,
+            "load_end": ", ".join(f"{x:.1f}" for x in os.getloadavg()),
+            **versions(),
+        },
+        "blas": "; ".join(
+            sorted(
+                {
+                    f"{k}: {v.get('blas')}"
+                    for rs in runs.values()
+                    for k, v in rs.items()
+                    if isinstance(v, dict) and v.get("blas")
+                }
+            )
+        )
+        or "n/a",
         "checkpoint": {k: v for k, v in ck.items() if k != "params"} | {"params": params},
-        "convert": convert, "bandwidth": bandwidth, "decode_bound": bound,
-        "runs": runs, "comparison": comparison, "raw": raw,
+        "convert": convert,
+        "bandwidth": bandwidth,
+        "decode_bound": bound,
+        "runs": runs,
+        "comparison": comparison,
+        "raw": raw,
     }
     res["total_wall_s"] = time.perf_counter() - t_start
     res["targets"] = targets(res)

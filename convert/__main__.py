@@ -15,12 +15,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert a Pixtral-12B checkpoint (official Mistral or Hugging Face layout, "
         "local folder or Hub repo id) to the MLX format, optionally quantized.",
     )
-    p.add_argument(
-        "source", nargs="?", metavar="SOURCE", help="checkpoint folder or Hugging Face repo id"
-    )
-    p.add_argument(
-        "--hf-path", "--model", dest="source_opt", metavar="SOURCE", help="same as SOURCE"
-    )
+    p.add_argument("source", nargs="?", metavar="SOURCE", help="checkpoint folder or Hugging Face repo id")
+    p.add_argument("--hf-path", "--model", dest="source_opt", metavar="SOURCE", help="same as SOURCE")
     p.add_argument(
         "-o",
         "--mlx-path",
@@ -62,23 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def default_output(source: str, quantize: bool, bits: int) -> Path:
-    name = (
-        Path(source.rstrip("/")).absolute().name
-        if Path(source).exists()
-        else source.rstrip("/").split("/")[-1]
-    )
+    name = Path(source.rstrip("/")).absolute().name if Path(source).exists() else source.rstrip("/").split("/")[-1]
     return Path(f"{name}-mlx" + (f"-{bits}bit" if quantize else ""))
 
 
 def summary(folder: Path) -> tuple[float, float]:
     """Size in GB and bits per weight of a converted folder (from its index and config)."""
+    from pixtral_mlx.config import PixtralArgs
     from pixtral_mlx.convert.weights import expected_shapes
 
-    from pixtral_mlx.config import PixtralArgs
-
-    total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"][
-        "total_size"
-    ]
+    total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     args = PixtralArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
     params = sum(math.prod(s) for s in expected_shapes(args).values())
     return total / 1e9, total * 8 / params

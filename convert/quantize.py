@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import mlx.core as mx
+
 from pixtral_mlx.convert.weights import is_language_linear
 
 

@@ -122,16 +122,12 @@ def header_bytes(tensors: list[Planned]) -> bytes:
         }
         offset += t.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (
-        -len(raw) % 8
-    )  # keep tensor data 8-byte aligned, as the safetensors library does
+    raw += b" " * (-len(raw) % 8)  # keep tensor data 8-byte aligned, as the safetensors library does
     return len(raw).to_bytes(8, "little") + raw
 
 
 def write_index(folder: Path, shards: list[list[Planned]]) -> None:
-    weight_map = {
-        t.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for t in shard
-    }
+    weight_map = {t.name: shard_name(i, len(shards)) for i, shard in enumerate(shards) for t in shard}
     index = {
         "metadata": {"total_size": sum(t.nbytes for shard in shards for t in shard)},
         "weight_map": dict(sorted(weight_map.items())),
@@ -154,9 +150,7 @@ def default_tokenizer() -> Path:
 def atomic_folder(output: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `output` only if the block completes."""
     if output.exists() and not force:
-        raise FileExistsError(
-            f"output {output} already exists: pass --force (force=True) to replace it"
-        )
+        raise FileExistsError(f"output {output} already exists: pass --force (force=True) to replace it")
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.parent / f"{output.name}.partial-{secrets.token_hex(4)}"
     tmp.mkdir()

@@ -17,9 +17,9 @@ from typing import Any, BinaryIO
 
 import mlx.core as mx
 import numpy as np
-from pixtral_mlx.convert import ConversionError
 
 from pixtral_mlx.config import PixtralArgs
+from pixtral_mlx.convert import ConversionError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]
@@ -71,9 +71,7 @@ class Source:
         f = self._handles[info.file]
         f.seek(start)
         if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
-            raise ConversionError(
-                f"{info.file} ended while reading {name!r}: the file is truncated"
-            )
+            raise ConversionError(f"{info.file} ended while reading {name!r}: the file is truncated")
         return mx.array(buf).view(mx_dtype)
 
     def close(self) -> None:
@@ -112,9 +110,7 @@ def download(repo_id: str) -> Path:
     try:
         names = {s.rfilename for s in HfApi().model_info(repo_id).siblings or []}
         # A repo with both layouts: fetch the official one only, not the checkpoint twice.
-        patterns = (
-            OFFICIAL_FILES if {"consolidated.safetensors", "params.json"} <= names else HF_FILES
-        )
+        patterns = OFFICIAL_FILES if {"consolidated.safetensors", "params.json"} <= names else HF_FILES
     except GatedRepoError as e:
         raise gated() from e
     except RepositoryNotFoundError as e:
@@ -136,17 +132,14 @@ def download(repo_id: str) -> Path:
     except Exception as e:  # a dropped connection, a full disk: the Hub cache resumes next time
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise ConversionError(
-            f"downloading {repo_id} from Hugging Face failed ({first}): "
-            "run the command again to resume"
+            f"downloading {repo_id} from Hugging Face failed ({first}): run the command again to resume"
         ) from e
 
 
 def open_source(path: Path) -> Source:
     """Check a local checkpoint folder (format, config, headers) and return its tensor index."""
     if not path.exists():
-        raise ConversionError(
-            f"source {path} does not exist: pass a checkpoint folder or a Hugging Face repo id"
-        )
+        raise ConversionError(f"source {path} does not exist: pass a checkpoint folder or a Hugging Face repo id")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
             raise _pickle_error(path)
@@ -171,25 +164,17 @@ def open_source(path: Path) -> Source:
         wanted = "consolidated.safetensors" if fmt == "official" else "model*.safetensors"
         raise ConversionError(f"{path} has {config_file.name} but no {wanted}")
     if not config_file.exists():
-        raise ConversionError(
-            f"{path} has {files[0].name} but no {config_file.name}, which describes the model"
-        )
+        raise ConversionError(f"{path} has {files[0].name} but no {config_file.name}, which describes the model")
     config = read_json(config_file)
     try:
-        args = (
-            PixtralArgs.from_params(config)
-            if fmt == "official"
-            else PixtralArgs.from_hf_config(config)
-        )
+        args = PixtralArgs.from_params(config) if fmt == "official" else PixtralArgs.from_hf_config(config)
     except (ValueError, TypeError, KeyError, AttributeError) as e:
         raise ConversionError(f"{config_file} does not describe a Pixtral model: {e}") from e
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, info in read_header(file).items():
             if name in tensors:
-                raise ConversionError(
-                    f"tensor {name!r} is in both {tensors[name].file.name} and {file.name}"
-                )
+                raise ConversionError(f"tensor {name!r} is in both {tensors[name].file.name} and {file.name}")
             tensors[name] = info
     tokenizer = path / "tekken.json"
     return Source(path, fmt, args, tensors, tokenizer if tokenizer.exists() else None)
@@ -233,9 +218,7 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         raw = f.read(8)
         n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
         if n < 2 or 8 + n > size:
-            raise ConversionError(
-                f"{file} is not a valid safetensors file: its header is truncated or corrupt"
-            )
+            raise ConversionError(f"{file} is not a valid safetensors file: its header is truncated or corrupt")
         try:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -253,20 +236,12 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
                 entry["data_offsets"],
             )
         except (KeyError, TypeError, ValueError) as e:
-            raise ConversionError(
-                f"{file} has a corrupt safetensors header entry for {name!r}"
-            ) from e
+            raise ConversionError(f"{file} has a corrupt safetensors header entry for {name!r}") from e
         if dtype not in DTYPES:
-            raise ConversionError(
-                f"tensor {name!r} in {file} has dtype {dtype}; only BF16, F16 and F32 are supported"
-            )
+            raise ConversionError(f"tensor {name!r} in {file} has dtype {dtype}; only BF16, F16 and F32 are supported")
         if end - begin != math.prod(shape) * np.dtype(DTYPES[dtype][0]).itemsize or begin < 0:
-            raise ConversionError(
-                f"{file} has a corrupt safetensors header: {name!r} has wrong data offsets"
-            )
+            raise ConversionError(f"{file} has a corrupt safetensors header: {name!r} has wrong data offsets")
         if data_start + end > size:
-            raise ConversionError(
-                f"{file} is truncated: tensor {name!r} ends beyond the end of the file"
-            )
+            raise ConversionError(f"{file} is truncated: tensor {name!r} ends beyond the end of the file")
         tensors[name] = TensorInfo(file, dtype, shape, data_start + begin, data_start + end)
     return dict(sorted(tensors.items(), key=lambda kv: kv[1].start))

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
+from tqdm import tqdm
+
 from pixtral_mlx.convert import ConversionError
 from pixtral_mlx.convert.quantize import QuantSpec
 from pixtral_mlx.convert.quantize import quantize as quantize_block
@@ -29,7 +31,6 @@ from pixtral_mlx.convert.save import (
 )
 from pixtral_mlx.convert.source import Source, download, is_repo_id, open_source
 from pixtral_mlx.convert.weights import Target, expected_shapes, target, transform
-from tqdm import tqdm
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 CHUNK_BYTES = 64 << 20  # source bytes per block of rows: bounds memory whatever the tensor size
@@ -84,9 +85,7 @@ def convert(
         )
     output = Path(output).absolute()
     if output.exists() and not force:  # checked before a possibly long download
-        raise FileExistsError(
-            f"output {output} already exists: pass --force (force=True) to replace it"
-        )
+        raise FileExistsError(f"output {output} already exists: pass --force (force=True) to replace it")
     path = download(str(source)) if is_repo_id(str(source)) else Path(source)
     src = open_source(path)
     try:
@@ -120,23 +119,16 @@ def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job
     for name, info in src.tensors.items():
         t = target(name, src.format, src.args)
         if t is None:
-            raise ConversionError(
-                f"unknown tensor {name!r} in {info.file}: it is not a Pixtral weight"
-            )
+            raise ConversionError(f"unknown tensor {name!r} in {info.file}: it is not a Pixtral weight")
         if t.key not in expected:
-            raise ConversionError(
-                f"tensor {name!r} in {info.file} is not part of the model {config} describes"
-            )
+            raise ConversionError(f"tensor {name!r} in {info.file} is not part of the model {config} describes")
         if t.key in jobs:
-            raise ConversionError(
-                f"tensors {jobs[t.key].name!r} and {name!r} in {src.path} are the same weight"
-            )
+            raise ConversionError(f"tensors {jobs[t.key].name!r} and {name!r} in {src.path} are the same weight")
         shape = _mlx_shape(info.shape, t)
         if shape != expected[t.key]:
             want = list(_source_shape(expected[t.key], t))
             raise ConversionError(
-                f"tensor {name!r} in {info.file} has shape {list(info.shape)}, "
-                f"but {config} implies {want}"
+                f"tensor {name!r} in {info.file} has shape {list(info.shape)}, but {config} implies {want}"
             )
         outputs = [Planned(t.key, ST_DTYPE[dtype], shape)]
         stem = t.key.removesuffix(".weight")
@@ -154,8 +146,7 @@ def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise ConversionError(
-            f"the checkpoint in {src.path} has no tensor for {missing[0]!r}{more}, "
-            f"which {config} implies"
+            f"the checkpoint in {src.path} has no tensor for {missing[0]!r}{more}, which {config} implies"
         )
     return list(jobs.values()), skipped
 
@@ -171,15 +162,12 @@ def _source_shape(shape: tuple[int, ...], t: Target) -> tuple[int, ...]:
 def _check_output(output: Path, source: Path, nbytes: int) -> None:
     src = source.resolve()
     if output.resolve() == src or output.resolve() in src.parents:
-        raise ConversionError(
-            f"output {output} would replace the source checkpoint: choose another folder"
-        )
+        raise ConversionError(f"output {output} would replace the source checkpoint: choose another folder")
     parent = next(p for p in [output, *output.parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if free < nbytes + (64 << 20):
         raise ConversionError(
-            f"not enough disk space for {output}: it needs {_gb(nbytes)} GB "
-            f"and {_gb(free)} GB are free"
+            f"not enough disk space for {output}: it needs {_gb(nbytes)} GB and {_gb(free)} GB are free"
         )
 
 

@@ -22,28 +22,108 @@ _TABLE: list[tuple[str, str, str]] = [
     (r"tok_embeddings\.weight", r"language_model\.model\.embed_tokens\.weight", f"{LM}.embed_tokens.weight"),
     (r"norm\.weight", r"language_model\.model\.norm\.weight", f"{LM}.norm.weight"),
     (r"output\.weight", r"language_model\.lm_head\.weight", "language_model.lm_head.weight"),
-    (r"layers\.(\d+)\.attention\.wq\.weight", r"language_model\.model\.layers\.(\d+)\.self_attn\.q_proj\.weight", LM + ".layers.{0}.self_attn.q_proj.weight"),
-    (r"layers\.(\d+)\.attention\.wk\.weight", r"language_model\.model\.layers\.(\d+)\.self_attn\.k_proj\.weight", LM + ".layers.{0}.self_attn.k_proj.weight"),
-    (r"layers\.(\d+)\.attention\.wv\.weight", r"language_model\.model\.layers\.(\d+)\.self_attn\.v_proj\.weight", LM + ".layers.{0}.self_attn.v_proj.weight"),
-    (r"layers\.(\d+)\.attention\.wo\.weight", r"language_model\.model\.layers\.(\d+)\.self_attn\.o_proj\.weight", LM + ".layers.{0}.self_attn.o_proj.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w1\.weight", r"language_model\.model\.layers\.(\d+)\.mlp\.gate_proj\.weight", LM + ".layers.{0}.mlp.gate_proj.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w2\.weight", r"language_model\.model\.layers\.(\d+)\.mlp\.down_proj\.weight", LM + ".layers.{0}.mlp.down_proj.weight"),
-    (r"layers\.(\d+)\.feed_forward\.w3\.weight", r"language_model\.model\.layers\.(\d+)\.mlp\.up_proj\.weight", LM + ".layers.{0}.mlp.up_proj.weight"),
-    (r"layers\.(\d+)\.attention_norm\.weight", r"language_model\.model\.layers\.(\d+)\.input_layernorm\.weight", LM + ".layers.{0}.input_layernorm.weight"),
-    (r"layers\.(\d+)\.ffn_norm\.weight", r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.weight", LM + ".layers.{0}.post_attention_layernorm.weight"),
+    (
+        r"layers\.(\d+)\.attention\.wq\.weight",
+        r"language_model\.model\.layers\.(\d+)\.self_attn\.q_proj\.weight",
+        LM + ".layers.{0}.self_attn.q_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.attention\.wk\.weight",
+        r"language_model\.model\.layers\.(\d+)\.self_attn\.k_proj\.weight",
+        LM + ".layers.{0}.self_attn.k_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.attention\.wv\.weight",
+        r"language_model\.model\.layers\.(\d+)\.self_attn\.v_proj\.weight",
+        LM + ".layers.{0}.self_attn.v_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.attention\.wo\.weight",
+        r"language_model\.model\.layers\.(\d+)\.self_attn\.o_proj\.weight",
+        LM + ".layers.{0}.self_attn.o_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.feed_forward\.w1\.weight",
+        r"language_model\.model\.layers\.(\d+)\.mlp\.gate_proj\.weight",
+        LM + ".layers.{0}.mlp.gate_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.feed_forward\.w2\.weight",
+        r"language_model\.model\.layers\.(\d+)\.mlp\.down_proj\.weight",
+        LM + ".layers.{0}.mlp.down_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.feed_forward\.w3\.weight",
+        r"language_model\.model\.layers\.(\d+)\.mlp\.up_proj\.weight",
+        LM + ".layers.{0}.mlp.up_proj.weight",
+    ),
+    (
+        r"layers\.(\d+)\.attention_norm\.weight",
+        r"language_model\.model\.layers\.(\d+)\.input_layernorm\.weight",
+        LM + ".layers.{0}.input_layernorm.weight",
+    ),
+    (
+        r"layers\.(\d+)\.ffn_norm\.weight",
+        r"language_model\.model\.layers\.(\d+)\.post_attention_layernorm\.weight",
+        LM + ".layers.{0}.post_attention_layernorm.weight",
+    ),
     (r"vision_encoder\.patch_conv\.weight", r"vision_tower\.patch_conv\.weight", f"{VT}.patch_conv.weight"),
     (r"vision_encoder\.ln_pre\.weight", r"vision_tower\.ln_pre\.weight", f"{VT}.ln_pre.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wq\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.attention\.q_proj\.weight", VT + ".transformer.layers.{0}.attention.q_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wk\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.attention\.k_proj\.weight", VT + ".transformer.layers.{0}.attention.k_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wv\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.attention\.v_proj\.weight", VT + ".transformer.layers.{0}.attention.v_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wo\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.attention\.o_proj\.weight", VT + ".transformer.layers.{0}.attention.o_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight", VT + ".transformer.layers.{0}.feed_forward.gate_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight", VT + ".transformer.layers.{0}.feed_forward.down_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight", VT + ".transformer.layers.{0}.feed_forward.up_proj.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.attention_norm\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.attention_norm\.weight", VT + ".transformer.layers.{0}.attention_norm.weight"),
-    (r"vision_encoder\.transformer\.layers\.(\d+)\.ffn_norm\.weight", r"vision_tower\.transformer\.layers\.(\d+)\.ffn_norm\.weight", VT + ".transformer.layers.{0}.ffn_norm.weight"),
-    (r"vision_language_adapter\.w_in\.(weight|bias)", r"multi_modal_projector\.linear_1\.(weight|bias)", "multi_modal_projector.linear_1.{0}"),
-    (r"vision_language_adapter\.w_out\.(weight|bias)", r"multi_modal_projector\.linear_2\.(weight|bias)", "multi_modal_projector.linear_2.{0}"),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wq\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.attention\.q_proj\.weight",
+        VT + ".transformer.layers.{0}.attention.q_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wk\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.attention\.k_proj\.weight",
+        VT + ".transformer.layers.{0}.attention.k_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wv\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.attention\.v_proj\.weight",
+        VT + ".transformer.layers.{0}.attention.v_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.attention\.wo\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.attention\.o_proj\.weight",
+        VT + ".transformer.layers.{0}.attention.o_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w1\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.gate_proj\.weight",
+        VT + ".transformer.layers.{0}.feed_forward.gate_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w2\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.down_proj\.weight",
+        VT + ".transformer.layers.{0}.feed_forward.down_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.feed_forward\.w3\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.up_proj\.weight",
+        VT + ".transformer.layers.{0}.feed_forward.up_proj.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.attention_norm\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.attention_norm\.weight",
+        VT + ".transformer.layers.{0}.attention_norm.weight",
+    ),
+    (
+        r"vision_encoder\.transformer\.layers\.(\d+)\.ffn_norm\.weight",
+        r"vision_tower\.transformer\.layers\.(\d+)\.ffn_norm\.weight",
+        VT + ".transformer.layers.{0}.ffn_norm.weight",
+    ),
+    (
+        r"vision_language_adapter\.w_in\.(weight|bias)",
+        r"multi_modal_projector\.linear_1\.(weight|bias)",
+        "multi_modal_projector.linear_1.{0}",
+    ),
+    (
+        r"vision_language_adapter\.w_out\.(weight|bias)",
+        r"multi_modal_projector\.linear_2\.(weight|bias)",
+        "multi_modal_projector.linear_2.{0}",
+    ),
 ]
 _OFFICIAL = [(re.compile(o + "$"), m) for o, _, m in _TABLE]
 _HF = [(re.compile(h + "$"), m) for _, h, m in _TABLE]
@@ -75,7 +155,7 @@ def target(src_key: str, source_format: str, args: PixtralArgs) -> Target | None
         table = _HF
         for old, new in HF_PREFIXES:
             if src_key.startswith(old):
-                src_key = new + src_key[len(old):]
+                src_key = new + src_key[len(old) :]
                 break
     for pattern, template in table:
         m = pattern.match(src_key)
@@ -132,33 +212,39 @@ def expected_shapes(args: PixtralArgs) -> dict[str, tuple[int, ...]]:
     }
     for i in range(t.num_hidden_layers):
         p = f"{LM}.layers.{i}"
-        shapes.update({
-            f"{p}.self_attn.q_proj.weight": (q, t.hidden_size),
-            f"{p}.self_attn.k_proj.weight": (kv, t.hidden_size),
-            f"{p}.self_attn.v_proj.weight": (kv, t.hidden_size),
-            f"{p}.self_attn.o_proj.weight": (t.hidden_size, q),
-            f"{p}.mlp.gate_proj.weight": (t.intermediate_size, t.hidden_size),
-            f"{p}.mlp.down_proj.weight": (t.hidden_size, t.intermediate_size),
-            f"{p}.mlp.up_proj.weight": (t.intermediate_size, t.hidden_size),
-            f"{p}.input_layernorm.weight": (t.hidden_size,),
-            f"{p}.post_attention_layernorm.weight": (t.hidden_size,),
-        })
+        shapes.update(
+            {
+                f"{p}.self_attn.q_proj.weight": (q, t.hidden_size),
+                f"{p}.self_attn.k_proj.weight": (kv, t.hidden_size),
+                f"{p}.self_attn.v_proj.weight": (kv, t.hidden_size),
+                f"{p}.self_attn.o_proj.weight": (t.hidden_size, q),
+                f"{p}.mlp.gate_proj.weight": (t.intermediate_size, t.hidden_size),
+                f"{p}.mlp.down_proj.weight": (t.hidden_size, t.intermediate_size),
+                f"{p}.mlp.up_proj.weight": (t.intermediate_size, t.hidden_size),
+                f"{p}.input_layernorm.weight": (t.hidden_size,),
+                f"{p}.post_attention_layernorm.weight": (t.hidden_size,),
+            }
+        )
     for i in range(v.num_hidden_layers):
         p = f"{VT}.transformer.layers.{i}"
         d = v.hidden_size
-        shapes.update({
-            **{f"{p}.attention.{n}_proj.weight": (d, d) for n in "qkvo"},
-            f"{p}.feed_forward.gate_proj.weight": (v.intermediate_size, d),
-            f"{p}.feed_forward.down_proj.weight": (d, v.intermediate_size),
-            f"{p}.feed_forward.up_proj.weight": (v.intermediate_size, d),
-            f"{p}.attention_norm.weight": (d,),
-            f"{p}.ffn_norm.weight": (d,),
-        })
+        shapes.update(
+            {
+                **{f"{p}.attention.{n}_proj.weight": (d, d) for n in "qkvo"},
+                f"{p}.feed_forward.gate_proj.weight": (v.intermediate_size, d),
+                f"{p}.feed_forward.down_proj.weight": (d, v.intermediate_size),
+                f"{p}.feed_forward.up_proj.weight": (v.intermediate_size, d),
+                f"{p}.attention_norm.weight": (d,),
+                f"{p}.ffn_norm.weight": (d,),
+            }
+        )
     return shapes
 
 
 def is_language_linear(key: str) -> bool:
     """Decoder matrices that are quantized by default (vision tower and adapter stay dense)."""
-    return key.startswith("language_model.") and key.endswith(".weight") and (
-        "_proj." in key or key.endswith(("lm_head.weight", "embed_tokens.weight"))
+    return (
+        key.startswith("language_model.")
+        and key.endswith(".weight")
+        and ("_proj." in key or key.endswith(("lm_head.weight", "embed_tokens.weight")))
     )

@@ -12,7 +12,8 @@ BLAS on Linux, which must happen before MLX is loaded.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from . import backend as _backend
 from ._version import __version__
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 __all__ = ["load", "__version__"]
 
 
-def load(path: str, progress: Callable[[str], None] | None = None) -> "Pixtral":
+def load(path: str, progress: Callable[[str], None] | None = None) -> Pixtral:
     """Load an MLX-format Pixtral checkpoint from a folder or a Hugging Face repo id.
 
     Official Mistral repos (consolidated.safetensors) are converted to 4-bit once, into
@@ -37,5 +38,3 @@ def load(path: str, progress: Callable[[str], None] | None = None) -> "Pixtral":
     folder = resolve(path, progress=progress)
     model, encoder = load_model(folder)
     return Pixtral(model, encoder, folder)
-
-

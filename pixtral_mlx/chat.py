@@ -10,7 +10,8 @@ turn re-prefills the text from the last user message on (image features stay cac
 from __future__ import annotations
 
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.models.cache import trim_prompt_cache
@@ -29,8 +30,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class Chat:
-    def __init__(self, pixtral: Pixtral, system: str | None = None, max_edge: int | None = None,
-                 **defaults: Any):
+    def __init__(self, pixtral: Pixtral, system: str | None = None, max_edge: int | None = None, **defaults: Any):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
@@ -96,8 +96,7 @@ class Chat:
 
     def tokens_needed(self, content: Any) -> int:
         """How many tokens the history would use with `content` as the next user message."""
-        return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}],
-                                       max_edge=self.max_edge))
+        return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge))
 
     # Internals ---------------------------------------------------------------------------------
     def _prepare(self, kwargs: dict[str, Any]) -> tuple[Any, ...]:
@@ -108,7 +107,8 @@ class Chat:
             new = len(prompt) - min(len(prompt), self.context_used)
             raise ContextError(
                 f"this turn needs {new:,} more tokens and the conversation would reach {len(prompt):,} of the "
-                f"{CONTEXT_LENGTH:,}-token context; remove images, undo turns or start a new chat.")
+                f"{CONTEXT_LENGTH:,}-token context; remove images, undo turns or start a new chat."
+            )
         opts["max_tokens"] = min(opts["max_tokens"], CONTEXT_LENGTH - len(prompt))
         if self.cache is None:
             self.cache, self.cached = self.pixtral.model.make_cache(), []
@@ -127,10 +127,16 @@ class Chat:
         text = ""
         finish = "interrupted"
         try:
-            for chunk in stream_tokens(px.model, px.encoder.detokenizer(), new_tokens, emb, self.cache,
-                                       eos_id=px.encoder.eos_id, start_time=tic,
-                                       **{k: v for k, v in opts.items() if k in
-                                          ("max_tokens", "temperature", "top_p", "seed")}):
+            for chunk in stream_tokens(
+                px.model,
+                px.encoder.detokenizer(),
+                new_tokens,
+                emb,
+                self.cache,
+                eos_id=px.encoder.eos_id,
+                start_time=tic,
+                **{k: v for k, v in opts.items() if k in ("max_tokens", "temperature", "top_p", "seed")},
+            ):
                 text += chunk.text
                 if chunk.token is not None:
                     generated.append(chunk.token)

@@ -19,24 +19,37 @@ COMMANDS = {
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """Model and generation flags shared by `describe` and `chat` (mlx-lm / mlx-vlm naming)."""
-    parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
-                        help="MLX folder, mlx-community repo id, or official repo id (converted to 4-bit "
-                             f"once). Default: {DEFAULT_MODEL}")
+    parser.add_argument(
+        "--model",
+        "-m",
+        default=DEFAULT_MODEL,
+        help="MLX folder, mlx-community repo id, or official repo id (converted to 4-bit "
+        f"once). Default: {DEFAULT_MODEL}",
+    )
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
-    parser.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.35,
-                        help="sampling temperature; 0 is greedy (default 0.35, Mistral's recommendation)")
+    parser.add_argument(
+        "--temp",
+        "--temperature",
+        dest="temp",
+        type=float,
+        default=0.35,
+        help="sampling temperature; 0 is greedy (default 0.35, Mistral's recommendation)",
+    )
     parser.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (default 0.8)")
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
-    parser.add_argument("--max-edge", type=int,
-                        help="cap the longest image edge in pixels (≤1024): fewer image tokens, faster")
+    parser.add_argument(
+        "--max-edge", type=int, help="cap the longest image edge in pixels (≤1024): fewer image tokens, faster"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(
-        prog="pixtral-mlx", description="Run Mistral's Pixtral-12B vision-language model locally with MLX.",
-        epilog="Run `pixtral-mlx COMMAND --help` for the options of a command.")
+        prog="pixtral-mlx",
+        description="Run Mistral's Pixtral-12B vision-language model locally with MLX.",
+        epilog="Run `pixtral-mlx COMMAND --help` for the options of a command.",
+    )
     parser.add_argument("--version", action="version", version=f"pixtral-mlx {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, help_text) in COMMANDS.items():

@@ -115,7 +115,7 @@ class PixtralArgs:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any]) -> "PixtralArgs":
+    def from_hf_config(cls, config: dict[str, Any]) -> PixtralArgs:
         """Read a transformers/mlx-vlm style `config.json` (LLaVA layout, sparse or complete)."""
         text = {**TEXT_DEFAULTS, **_without_none(config.get("text_config") or {})}
         vision = {**VISION_DEFAULTS, **_without_none(config.get("vision_config") or {})}
@@ -136,7 +136,7 @@ class PixtralArgs:
         )
 
     @classmethod
-    def from_params(cls, params: dict[str, Any]) -> "PixtralArgs":
+    def from_params(cls, params: dict[str, Any]) -> PixtralArgs:
         """Read Mistral's official `params.json` (mistral-inference field names)."""
         try:
             venc = params["vision_encoder"]
@@ -173,10 +173,19 @@ class PixtralArgs:
 
     def to_config(self) -> dict[str, Any]:
         """The MLX-format `config.json` (the layout mlx-vlm publishes for Pixtral)."""
-        text = {**asdict(self.text), "model_type": "mistral", "tie_word_embeddings": False,
-                "hidden_act": "silu", "sliding_window": None}
-        vision = {**asdict(self.vision), "model_type": "pixtral", "head_dim": self.vision.head_dim,
-                  "hidden_act": "silu"}
+        text = {
+            **asdict(self.text),
+            "model_type": "mistral",
+            "tie_word_embeddings": False,
+            "hidden_act": "silu",
+            "sliding_window": None,
+        }
+        vision = {
+            **asdict(self.vision),
+            "model_type": "pixtral",
+            "head_dim": self.vision.head_dim,
+            "hidden_act": "silu",
+        }
         config: dict[str, Any] = {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "pixtral",

@@ -6,7 +6,8 @@ import argparse
 import json
 import sys
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from .cli import add_model_args
 
@@ -19,17 +20,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pixtral-mlx describe",
         description="Describe images with Pixtral-12B; the answer streams to stdout.",
         epilog="Examples:\n  pixtral-mlx describe photo.jpg\n"
-               "  pixtral-mlx describe a.png b.png --prompt 'What changed?'\n"
-               "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "  pixtral-mlx describe a.png b.png --prompt 'What changed?'\n"
+        "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image paths or http(s)/file:/data: URLs")
     p.add_argument("--prompt", "-p", help="the question ('-' reads it from stdin); default: describe the image")
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print the answer and statistics as one JSON object")
-    p.add_argument("--each", action="store_true",
-                   help="describe each image on its own and print one JSON line per image")
-    p.add_argument("--verbose", "-v", action="store_true",
-                   help="print image sizes and token costs, device, speed and peak memory to stderr")
+    p.add_argument(
+        "--each", action="store_true", help="describe each image on its own and print one JSON line per image"
+    )
+    p.add_argument(
+        "--verbose",
+        "-v",
+        action="store_true",
+        help="print image sizes and token costs, device, speed and peak memory to stderr",
+    )
     return p
 
 
@@ -49,14 +56,21 @@ def _messages(args: argparse.Namespace, prompt: str, images: list[str]) -> list[
 
 
 def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {"max_tokens": args.max_tokens, "temperature": args.temp, "top_p": args.top_p,
-            "seed": args.seed, "max_edge": args.max_edge}
+    return {
+        "max_tokens": args.max_tokens,
+        "temperature": args.temp,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "max_edge": args.max_edge,
+    }
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
     print(f"Prompt: {stats['prompt_tokens']} tokens, {stats['prompt_tps']:.3f} tokens-per-sec", file=sys.stderr)
-    print(f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.3f} tokens-per-sec",
-          file=sys.stderr)
+    print(
+        f"Generation: {stats['generation_tokens']} tokens, {stats['generation_tps']:.3f} tokens-per-sec",
+        file=sys.stderr,
+    )
     print(f"Peak memory: {stats['peak_memory']:.3f} GB", file=sys.stderr)
 
 

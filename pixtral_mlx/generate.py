@@ -8,8 +8,9 @@ thread (MLX streams are per thread).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, wired_limit
@@ -53,8 +54,17 @@ class Reply:
     tokens: list[int] = field(default_factory=list)
 
     def stats(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in ("prompt_tokens", "prompt_tps", "generation_tokens",
-                                              "generation_tps", "peak_memory", "finish_reason")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "prompt_tokens",
+                "prompt_tps",
+                "generation_tokens",
+                "generation_tps",
+                "peak_memory",
+                "finish_reason",
+            )
+        }
 
 
 def sampler_for(temperature: float, top_p: float, seed: int | None) -> Callable[[mx.array], mx.array]:
@@ -66,8 +76,10 @@ def sampler_for(temperature: float, top_p: float, seed: int | None) -> Callable[
 def check_context(n_prompt: int, max_tokens: int, context: int = CONTEXT_LENGTH) -> int:
     """Raise if the prompt does not fit; return how many tokens may still be generated."""
     if n_prompt >= context:
-        raise ContextError(f"the prompt is {n_prompt:,} tokens, over the model's {context:,}-token context; "
-                           "remove images or text (or use a smaller --max-edge).")
+        raise ContextError(
+            f"the prompt is {n_prompt:,} tokens, over the model's {context:,}-token context; "
+            "remove images or text (or use a smaller --max-edge)."
+        )
     return min(max_tokens, context - n_prompt)
 
 
@@ -95,8 +107,16 @@ def stream_tokens(
     tic = start_time or time.perf_counter()
     sampler = sampler_for(temperature, top_p, seed)
     n_prompt = len(tokens)
-    steps = generate_step(mx.array(tokens), model, generation_stream, max_tokens=max_tokens, sampler=sampler,
-                          prompt_cache=cache, prefill_step_size=prefill_step, input_embeddings=embeddings)
+    steps = generate_step(
+        mx.array(tokens),
+        model,
+        generation_stream,
+        max_tokens=max_tokens,
+        sampler=sampler,
+        prompt_cache=cache,
+        prefill_step_size=prefill_step,
+        input_embeddings=embeddings,
+    )
     try:
         with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
             yield from _decode(steps, detokenizer, n_prompt, max_tokens, eos_id, tic)
@@ -104,8 +124,9 @@ def stream_tokens(
         steps.close()
 
 
-def _decode(steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int,
-            tic: float) -> Iterator[Chunk]:
+def _decode(
+    steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int, tic: float
+) -> Iterator[Chunk]:
     prompt_tps = gen_tps = 0.0
     n = 0
     finish, tail, last = "length", "", None

@@ -46,8 +46,10 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
     except ImageError:
         raise
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name} is too large to decode safely: over the {MAX_PIXELS / 1e6:.0f} MP limit "
-                         "that protects against decompression bombs; downscale it first.") from e
+        raise ImageError(
+            f"{name} is too large to decode safely: over the {MAX_PIXELS / 1e6:.0f} MP limit "
+            "that protects against decompression bombs; downscale it first."
+        ) from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name} is not an image file PIL can read.") from e
     except (OSError, SyntaxError, ValueError) as e:

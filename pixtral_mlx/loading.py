@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import PixtralArgs
 from .prompt import PromptEncoder, bundled_tekken
@@ -24,7 +25,8 @@ class ModelError(ValueError):
 
 def cache_root() -> Path:
     base = os.environ.get("PIXTRAL_MLX_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pixtral-mlx")
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "pixtral-mlx"
+    )
     return Path(base)
 
 
@@ -65,8 +67,11 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
         return converted
     try:
         try:  # already downloaded, in either layout?
-            local = Path(snapshot_download(repo, allow_patterns=MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS,
-                                           local_files_only=True))
+            local = Path(
+                snapshot_download(
+                    repo, allow_patterns=MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS, local_files_only=True
+                )
+            )
             if not (is_mlx_dir(local) or (local / "consolidated.safetensors").exists()):
                 raise FileNotFoundError
         except Exception:
@@ -74,13 +79,17 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
                 progress(f"Downloading {repo} from Hugging Face…")
             local = Path(snapshot_download(repo, allow_patterns=MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS))
     except GatedRepoError as e:
-        raise ModelError(f"{repo} is gated: accept its license on huggingface.co and run `hf auth login`, "
-                         "or pass --model with a local folder.") from e
+        raise ModelError(
+            f"{repo} is gated: accept its license on huggingface.co and run `hf auth login`, "
+            "or pass --model with a local folder."
+        ) from e
     except RepositoryNotFoundError as e:
         raise ModelError(f"{repo} was not found on Hugging Face (or needs `hf auth login`).") from e
     except Exception as e:
-        raise ModelError(f"could not download {repo} ({type(e).__name__}); check the network, or convert "
-                         "a local copy with `pixtral-mlx convert` and pass --model FOLDER.") from e
+        raise ModelError(
+            f"could not download {repo} ({type(e).__name__}); check the network, or convert "
+            "a local copy with `pixtral-mlx convert` and pass --model FOLDER."
+        ) from e
     if is_mlx_dir(local):
         return local
     if (local / "consolidated.safetensors").exists():
@@ -116,12 +125,16 @@ def _peer_layout(weights: dict[str, Any], args: PixtralArgs) -> dict[str, Any]:
     for k, v in weights.items():
         for old, new in HF_PREFIXES:
             if k.startswith(old):
-                k = new + k[len(old):]
+                k = new + k[len(old) :]
                 break
         if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower."):]
-        if k.endswith("patch_conv.weight") and v.ndim == 4 and v.shape[1] == args.vision.num_channels \
-                and v.shape[3] != args.vision.num_channels:
+            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
+        if (
+            k.endswith("patch_conv.weight")
+            and v.ndim == 4
+            and v.shape[1] == args.vision.num_channels
+            and v.shape[3] != args.vision.num_channels
+        ):
             v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
         if "rotary_emb" in k or k.endswith("position_ids"):
             continue
@@ -145,20 +158,30 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     model = Model(args)
     weights = _peer_layout(_read_weights(path), args)
     if quant := config.get("quantization"):
+
         def predicate(p: str, m: nn.Module) -> bool | dict:
             if p in quant:
                 return quant[p]
             return hasattr(m, "to_quantized") and f"{p}.scales" in weights
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    mode=quant.get("mode", "affine"), class_predicate=predicate)
+
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            mode=quant.get("mode", "affine"),
+            class_predicate=predicate,
+        )
     expected = dict(tree_flatten(model.parameters()))
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
         what = f"missing {missing[0]}" if missing else f"unexpected {extra[0]}"
         n = len(missing) + len(extra)
-        raise ModelError(f"{path} does not match the Pixtral architecture in its config.json: {what}"
-                         + (f" (and {n - 1} more)" if n > 1 else "") + ".")
+        raise ModelError(
+            f"{path} does not match the Pixtral architecture in its config.json: {what}"
+            + (f" (and {n - 1} more)" if n > 1 else "")
+            + "."
+        )
     for k, v in weights.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ModelError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}.")

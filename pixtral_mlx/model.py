@@ -109,11 +109,19 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         parts = []
         for st, (lo, hi) in zip(streams, backend.splits(w.shape[0], len(streams))):
             with mx.stream(st):
-                parts.append(mx.quantized_matmul(x, w[lo:hi], s[lo:hi], None if b is None else b[lo:hi],
-                                                 transpose=True, group_size=self.group_size, bits=self.bits,
-                                                 mode=self.mode))
+                parts.append(
+                    mx.quantized_matmul(
+                        x,
+                        w[lo:hi],
+                        s[lo:hi],
+                        None if b is None else b[lo:hi],
+                        transpose=True,
+                        group_size=self.group_size,
+                        bits=self.bits,
+                        mode=self.mode,
+                    )
+                )
         y = mx.concatenate(parts, axis=-1)
         if "bias" in self:
             y = y + self["bias"]
         return y
-

@@ -5,14 +5,14 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 import numpy as np
 
-from .generate import (DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Reply, check_context,
-                       stream_tokens)
+from .generate import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, Chunk, Reply, check_context, stream_tokens
 from .prompt import EncodedImage, Prompt, PromptEncoder
 
 if TYPE_CHECKING:
@@ -61,7 +61,7 @@ class Pixtral:
             n = img.grid[0] * img.grid[1]
             if seen + n > skip:
                 f = self.image_features(img)
-                feats.append(f[max(skip - seen, 0):])
+                feats.append(f[max(skip - seen, 0) :])
             seen += n
         features = mx.concatenate(feats, axis=0) if feats else None
         return self.model.embed(ids[start:], features)[0]
@@ -75,24 +75,41 @@ class Pixtral:
         return np.array(out[0].astype(mx.float32))
 
     # Generation ------------------------------------------------------------------------------
-    def stream(self, messages: list[dict[str, Any]], *, max_tokens: int = DEFAULT_MAX_TOKENS,
-               temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
-               seed: int | None = None, max_edge: int | None = None) -> Iterator[Chunk]:
+    def stream(
+        self,
+        messages: list[dict[str, Any]],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        seed: int | None = None,
+        max_edge: int | None = None,
+    ) -> Iterator[Chunk]:
         """Stream a reply to `messages`; the last chunk carries `finish_reason` and the statistics."""
         tic = time.perf_counter()
         mx.reset_peak_memory()
         prompt = self.encode(messages, max_edge=max_edge)
         max_tokens = check_context(len(prompt), max_tokens)
         emb = self.embeddings(prompt)
-        yield from stream_tokens(self.model, self.encoder.detokenizer(), prompt.tokens, emb, self.model.make_cache(),
-                                 eos_id=self.encoder.eos_id, max_tokens=max_tokens, temperature=temperature,
-                                 top_p=top_p, seed=seed, start_time=tic)
+        yield from stream_tokens(
+            self.model,
+            self.encoder.detokenizer(),
+            prompt.tokens,
+            emb,
+            self.model.make_cache(),
+            eos_id=self.encoder.eos_id,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            start_time=tic,
+        )
 
     def generate(self, messages: list[dict[str, Any]], **kwargs: Any) -> Reply:
         """The whole reply as text, with mlx-lm's statistics."""
         return collect(self.stream(messages, **kwargs))
 
-    def chat(self, system: str | None = None, **defaults: Any) -> "Chat":
+    def chat(self, system: str | None = None, **defaults: Any) -> Chat:
         """A multi-turn conversation that keeps its KV cache and image features across turns."""
         from .chat import Chat
 
@@ -112,7 +129,6 @@ def collect(chunks: Iterator[Chunk]) -> Reply:
         reply.text += c.text
         if c.token is not None:
             reply.tokens.append(c.token)
-        for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory",
-                  "finish_reason"):
+        for k in ("prompt_tokens", "prompt_tps", "generation_tokens", "generation_tps", "peak_memory", "finish_reason"):
             setattr(reply, k, getattr(c, k))
     return reply

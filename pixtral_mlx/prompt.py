@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -97,8 +98,11 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
         if role == "user":
             out.append(UserMessage(content=_content_chunks(content, images)))
         elif role == "assistant":
-            text = content if isinstance(content, str) else "".join(
-                p.get("text", "") for p in content if isinstance(p, dict))
+            text = (
+                content
+                if isinstance(content, str)
+                else "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            )
             out.append(AssistantMessage(content=text))
         elif role == "system":
             if not isinstance(content, str):
@@ -158,16 +162,21 @@ class PromptEncoder:
         # mistral_common's image-first quirk moves only a lone image, so images keep their order.
         for pixels, (img, name) in zip(tok.images, loaded):
             rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
-            images.append(EncodedImage(
-                pixels=np.ascontiguousarray(pixels, dtype=np.float32), name=name,
-                original_size=img.size, grid=(rows, cols), n_tokens=rows * (cols + 1),
-            ))
+            images.append(
+                EncodedImage(
+                    pixels=np.ascontiguousarray(pixels, dtype=np.float32),
+                    name=name,
+                    original_size=img.size,
+                    grid=(rows, cols),
+                    n_tokens=rows * (cols + 1),
+                )
+            )
         return Prompt(tokens=list(tok.tokens), images=images)
 
     def decode(self, tokens: list[int]) -> str:
         return self.text.decode(tokens)
 
-    def detokenizer(self) -> "StreamingDetokenizer":
+    def detokenizer(self) -> StreamingDetokenizer:
         return StreamingDetokenizer(self.text)
 
 

@@ -52,13 +52,15 @@ class Attention(nn.Module):
 
     def __call__(self, x: mx.array, cos: mx.array, sin: mx.array, bounds: list[int]) -> mx.array:
         B, L, _ = x.shape
-        q, k, v = (p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # (B, n_heads, L, head_dim)
+        q, k, v = (
+            p(x).reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # (B, n_heads, L, head_dim)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         # Patches attend only within their own image: one attention per image, no N x N mask.
-        out = mx.concatenate([self._attend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e])
-                              for s, e in zip(bounds[:-1], bounds[1:])], axis=2)
+        out = mx.concatenate(
+            [self._attend(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e]) for s, e in zip(bounds[:-1], bounds[1:])], axis=2
+        )
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
@@ -70,8 +72,7 @@ class Attention(nn.Module):
         parts = []
         for st, (a, b) in zip(streams, backend.splits(self.n_heads, len(streams))):
             with mx.stream(st):
-                parts.append(mx.fast.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b],
-                                                                  scale=self.scale))
+                parts.append(mx.fast.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale))
         return mx.concatenate(parts, axis=1)
 
 
@@ -110,8 +111,9 @@ class PixtralVisionModel(nn.Module):
         super().__init__()
         self.args = args
         # MLX conv weights are [out, kH, kW, in] on NHWC input (PyTorch: [out, in, kH, kW] on NCHW).
-        self.patch_conv = nn.Conv2d(args.num_channels, args.hidden_size, args.patch_size,
-                                    stride=args.patch_size, bias=False)
+        self.patch_conv = nn.Conv2d(
+            args.num_channels, args.hidden_size, args.patch_size, stride=args.patch_size, bias=False
+        )
         self.ln_pre = nn.RMSNorm(args.hidden_size, eps=args.rms_norm_eps)
         self.transformer = Transformer(args)
 
@@ -123,8 +125,7 @@ class PixtralVisionModel(nn.Module):
             dtype = mx.float32
         grid = [(img.shape[0] // p, img.shape[1] // p) for img in images]
         # Each image is convolved on its own: no padding ever reaches the encoder.
-        patches = [self.patch_conv(img[None].astype(dtype)).reshape(-1, self.args.hidden_size)
-                   for img in images]
+        patches = [self.patch_conv(img[None].astype(dtype)).reshape(-1, self.args.hidden_size) for img in images]
         x = self.ln_pre(mx.concatenate(patches, axis=0)[None])  # (1, N, D)
         cos, sin = rope_2d(grid, self.args)
         cos, sin = cos.astype(x.dtype), sin.astype(x.dtype)

@@ -51,16 +51,35 @@ def hf_model(seed: int = 0, text: dict | None = None, vision: dict | None = None
     v = {**VISION, **(vision or {})}
     config = LlavaConfig(
         vision_config=PixtralVisionConfig(
-            **{k: v[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
-                                 "intermediate_size", "image_size", "patch_size")},
+            **{
+                k: v[k]
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "num_attention_heads",
+                    "intermediate_size",
+                    "image_size",
+                    "patch_size",
+                )
+            },
             head_dim=v["hidden_size"] // v["num_attention_heads"],
             rope_theta=v["rope_theta"],
             hidden_act="silu",
         ),
         text_config=MistralConfig(
-            **{k: t[k] for k in ("hidden_size", "num_hidden_layers", "intermediate_size",
-                                 "num_attention_heads", "num_key_value_heads", "head_dim",
-                                 "rms_norm_eps", "vocab_size")},
+            **{
+                k: t[k]
+                for k in (
+                    "hidden_size",
+                    "num_hidden_layers",
+                    "intermediate_size",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                    "head_dim",
+                    "rms_norm_eps",
+                    "vocab_size",
+                )
+            },
             rope_theta=t["rope_theta"],
             sliding_window=None,
             tie_word_embeddings=False,
@@ -90,12 +109,14 @@ def legacy_hf_state_dict(model) -> dict[str, np.ndarray]:
     """The state dict under the on-disk names of the Hub repo (legacy LLaVA layout)."""
     out = {}
     for k, v in model.state_dict().items():
-        for new, old in (("model.language_model.", "language_model.model."),
-                         ("lm_head.", "language_model.lm_head."),
-                         ("model.vision_tower.", "vision_tower."),
-                         ("model.multi_modal_projector.", "multi_modal_projector.")):
+        for new, old in (
+            ("model.language_model.", "language_model.model."),
+            ("lm_head.", "language_model.lm_head."),
+            ("model.vision_tower.", "vision_tower."),
+            ("model.multi_modal_projector.", "multi_modal_projector."),
+        ):
             if k.startswith(new):
-                k = old + k[len(new):]
+                k = old + k[len(new) :]
                 break
         out[k] = v.detach().float().numpy().copy()
     return out

@@ -16,8 +16,7 @@ def noise(w, h, seed):
 
 
 def parts(*items):
-    return [{"type": "image", "image": i} if isinstance(i, Image.Image) else {"type": "text", "text": i}
-            for i in items]
+    return [{"type": "image", "image": i} if isinstance(i, Image.Image) else {"type": "text", "text": i} for i in items]
 
 
 GREEDY = {"temperature": 0.0, "max_tokens": 12}
@@ -120,5 +119,4 @@ def test_chat_runs_on_another_thread(pixtral):
     t = threading.Thread(target=work)
     t.start()
     t.join(60)
-    assert out["reply"].tokens == pixtral.generate([{"role": "user", "content": "Hi from a thread."}],
-                                                   **GREEDY).tokens
+    assert out["reply"].tokens == pixtral.generate([{"role": "user", "content": "Hi from a thread."}], **GREEDY).tokens

@@ -21,8 +21,9 @@ print("HEAVY", heavy)
 """
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["describe", "--help"], ["chat", "--help"],
-                                  ["convert", "--help"]])
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["--version"], ["describe", "--help"], ["chat", "--help"], ["convert", "--help"]]
+)
 def test_help_and_version_import_nothing_heavy(argv):
     run = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in run.stdout, run.stdout + run.stderr

@@ -15,7 +15,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
-import pixtral_mlx.convert.stream as stream  # noqa: E402
 import pytest  # noqa: E402
 from checkpoints import (  # noqa: E402
     hf_model,
@@ -24,14 +23,15 @@ from checkpoints import (  # noqa: E402
     write_hf_checkpoint,
     write_official_checkpoint,
 )
+from safetensors import safe_open  # noqa: E402
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+import pixtral_mlx.convert.stream as stream  # noqa: E402
+from pixtral_mlx.config import PixtralArgs  # noqa: E402
 from pixtral_mlx.convert import ConversionError, convert  # noqa: E402
 from pixtral_mlx.convert.__main__ import default_output, main  # noqa: E402
 from pixtral_mlx.convert.save import ShardedWriter  # noqa: E402
 from pixtral_mlx.convert.weights import expected_shapes  # noqa: E402
-from safetensors import safe_open  # noqa: E402
-from safetensors.numpy import load_file, save_file  # noqa: E402
-
-from pixtral_mlx.config import PixtralArgs  # noqa: E402
 
 VT = "vision_tower.vision_model"
 LM = "language_model.model"
@@ -66,9 +66,7 @@ def converted(tiny, tmp_path_factory):
     root = tmp_path_factory.mktemp("converted")
     out = {}
     for name in ("hf", "official", "hf5"):
-        out[name] = convert(
-            tiny[name], root / name, dtype="float32", progress=False, max_shard_bytes=20_000_000
-        )
+        out[name] = convert(tiny[name], root / name, dtype="float32", progress=False, max_shard_bytes=20_000_000)
     return out
 
 
@@ -92,9 +90,7 @@ def test_sources_agree_and_match_the_reference(tiny, converted):
         assert mx.array_equal(hf[key], hf5[key]).item(), key
     ref = tiny["reference"]
     conv_w = ref["vision_tower.patch_conv.weight"]  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
-    np.testing.assert_array_equal(
-        np.array(hf[f"{VT}.patch_conv.weight"]), conv_w.transpose(0, 2, 3, 1)
-    )
+    np.testing.assert_array_equal(np.array(hf[f"{VT}.patch_conv.weight"]), conv_w.transpose(0, 2, 3, 1))
     np.testing.assert_array_equal(
         np.array(official[f"{LM}.layers.1.self_attn.k_proj.weight"]),
         ref["language_model.model.layers.1.self_attn.k_proj.weight"],
@@ -115,9 +111,7 @@ def test_shards_index_config_and_tokenizer(tiny, converted):
     ]
     total = 0
     for shard in shards:
-        with safe_open(
-            str(shard), framework="numpy"
-        ) as f:  # the reference reader accepts our files
+        with safe_open(str(shard), framework="numpy") as f:  # the reference reader accepts our files
             for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
                 assert index["weight_map"][key] == shard.name
                 total += f.get_tensor(key).nbytes
@@ -128,9 +122,7 @@ def test_shards_index_config_and_tokenizer(tiny, converted):
     params = PixtralArgs.from_params(json.loads((tiny["official"] / "params.json").read_text()))
     hf = PixtralArgs.from_hf_config(json.loads((tiny["hf"] / "config.json").read_text()))
     assert PixtralArgs.from_hf_config(json.loads(text)) == params == hf
-    assert (
-        PixtralArgs.from_hf_config(json.loads((converted["hf"] / "config.json").read_text())) == hf
-    )
+    assert PixtralArgs.from_hf_config(json.loads((converted["hf"] / "config.json").read_text())) == hf
     # tekken.json: the source's own, else the one mistral_common ships.
     assert (out / "tekken.json").read_bytes() == (tiny["official"] / "tekken.json").read_bytes()
     assert (converted["hf"] / "tekken.json").read_bytes() == tekken_path().read_bytes()
@@ -147,13 +139,9 @@ def test_bfloat16_default_and_row_blocks(tiny, converted, tmp_path, monkeypatch)
         assert str(f.get_tensor(f.keys()[0]).dtype) == "torch.bfloat16"
     # Tiny row blocks (the streaming path for big tensors) give the same bytes, quantized too.
     for kwargs in ({}, {"quantize": True}):
-        whole = convert(
-            tiny["official"], tmp_path / f"whole{len(kwargs)}", progress=False, **kwargs
-        )
+        whole = convert(tiny["official"], tmp_path / f"whole{len(kwargs)}", progress=False, **kwargs)
         monkeypatch.setattr(stream, "CHUNK_BYTES", 1 << 20)  # 32 blocks for the embedding
-        blocks = convert(
-            tiny["official"], tmp_path / f"blocks{len(kwargs)}", progress=False, **kwargs
-        )
+        blocks = convert(tiny["official"], tmp_path / f"blocks{len(kwargs)}", progress=False, **kwargs)
         monkeypatch.undo()
         pairs = zip(sorted(whole.glob("model-*")), sorted(blocks.glob("model-*")), strict=True)
         for a, b in pairs:
@@ -198,9 +186,7 @@ def test_quantized(tiny, converted, tmp_path, bits, max_rel_err):
         ref = mx.quantize(w, 64, bits)  # exactly what nn.quantize would store
         assert mx.array_equal(q[key], ref[0]).item()
         assert mx.array_equal(q[f"{stem}.scales"], ref[1].astype(mx.bfloat16)).item()
-        back = mx.dequantize(q[key], q[f"{stem}.scales"], q[f"{stem}.biases"], 64, bits).astype(
-            mx.float32
-        )
+        back = mx.dequantize(q[key], q[f"{stem}.scales"], q[f"{stem}.biases"], 64, bits).astype(mx.float32)
         assert (mx.abs(back - w).mean() / mx.abs(w).mean()).item() < max_rel_err, key
     quantized = {k.removesuffix(".scales") for k in q if k.endswith(".scales")}
     assert f"{LM}.embed_tokens" in quantized and "language_model.lm_head" in quantized
@@ -230,10 +216,7 @@ def test_quantize_vision(tiny, tmp_path):
     vt = f"{VT}.transformer.layers.0"
     assert f"{vt}.attention.q_proj.scales" in q and f"{vt}.feed_forward.gate_proj.scales" in q
     assert "multi_modal_projector.linear_1.scales" in q
-    assert (
-        f"{vt}.feed_forward.down_proj.scales" not in q
-        and config[f"{vt}.feed_forward.down_proj"] is False
-    )
+    assert f"{vt}.feed_forward.down_proj.scales" not in q and config[f"{vt}.feed_forward.down_proj"] is False
     assert q[f"{VT}.patch_conv.weight"].dtype == mx.bfloat16 and f"{VT}.ln_pre.scales" not in q
 
 
@@ -282,21 +265,15 @@ BAD = {
         "corrupt safetensors header",
     ),
     "unknown tensor": (
-        lambda t, d: _rewrite(
-            _copy_official(t, d), lambda w: w.update(extra=np.zeros(3, np.float32))
-        ),
+        lambda t, d: _rewrite(_copy_official(t, d), lambda w: w.update(extra=np.zeros(3, np.float32))),
         "unknown tensor 'extra'",
     ),
     "missing tensor": (
-        lambda t, d: _rewrite(
-            _copy_official(t, d), lambda w: w.pop("layers.1.feed_forward.w3.weight")
-        ),
+        lambda t, d: _rewrite(_copy_official(t, d), lambda w: w.pop("layers.1.feed_forward.w3.weight")),
         "no tensor for 'language_model.model.layers.1.mlp.up_proj.weight'",
     ),
     "wrong shape": (
-        lambda t, d: _rewrite(
-            _copy_official(t, d), lambda w: w.update({"norm.weight": np.ones(65, np.float32)})
-        ),
+        lambda t, d: _rewrite(_copy_official(t, d), lambda w: w.update({"norm.weight": np.ones(65, np.float32)})),
         "'norm.weight'",
     ),
     "index file": (
@@ -361,10 +338,7 @@ def test_offline_repo_id(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["nobody-here/not-cached-pixtral"]) == 1
     err = capsys.readouterr().err
-    assert (
-        err.startswith("error: cannot download nobody-here/not-cached-pixtral")
-        and err.count("\n") == 1
-    )
+    assert err.startswith("error: cannot download nobody-here/not-cached-pixtral") and err.count("\n") == 1
     assert "download it yourself" in err and not (tmp_path / "not-cached-pixtral-mlx").exists()
 
 
@@ -374,10 +348,7 @@ def test_repo_id_downloads_only_needed_files(tiny, tmp_path, monkeypatch):
     calls = []
 
     class Info:
-        siblings = [
-            type("S", (), {"rfilename": n})()
-            for n in ("consolidated.safetensors", "params.json", "README.md")
-        ]
+        siblings = [type("S", (), {"rfilename": n})() for n in ("consolidated.safetensors", "params.json", "README.md")]
 
     monkeypatch.setattr(huggingface_hub.HfApi, "model_info", lambda self, repo: Info())
     monkeypatch.setattr(
@@ -388,9 +359,7 @@ def test_repo_id_downloads_only_needed_files(tiny, tmp_path, monkeypatch):
     out = convert("mistralai/Pixtral-12B-2409", tmp_path / "out", progress=False)
     assert calls == [["consolidated.safetensors", "params.json", "tekken.json"]]
     assert (out / "config.json").exists()
-    assert default_output("mistralai/Pixtral-12B-2409", True, 4) == Path(
-        "Pixtral-12B-2409-mlx-4bit"
-    )
+    assert default_output("mistralai/Pixtral-12B-2409", True, 4) == Path("Pixtral-12B-2409-mlx-4bit")
     assert default_output(str(tiny["hf"]) + "/", False, 4) == Path("hf-mlx")
 
 
@@ -465,22 +434,12 @@ def test_command_line(tiny, tmp_path):
         cwd=tmp_path,
     )
     assert ok.returncode == 0, ok.stderr
-    assert (
-        "[INFO] Saved" in ok.stdout
-        and "bits per weight" in ok.stdout
-        and "Traceback" not in ok.stderr
-    )
-    bad = subprocess.run(
-        [*run, str(tmp_path / "nope")], capture_output=True, text=True, env=env, cwd=tmp_path
-    )
-    assert (
-        bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
-    )
+    assert "[INFO] Saved" in ok.stdout and "bits per weight" in ok.stdout and "Traceback" not in ok.stderr
+    bad = subprocess.run([*run, str(tmp_path / "nope")], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.startswith("error: ") and "Traceback" not in bad.stderr
     size = sum(f.stat().st_size for f in (tmp_path / "out").glob("model-*"))
     assert math.isclose(
-        json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"][
-            "total_size"
-        ],
+        json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())["metadata"]["total_size"],
         size,
         rel_tol=0.01,
     )

@@ -17,8 +17,14 @@ ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def pixtral_cli(*args: str, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pixtral_mlx", *args], input=stdin, capture_output=True,
-                          text=True, timeout=timeout, env=ENV)
+    return subprocess.run(
+        [sys.executable, "-m", "pixtral_mlx", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=ENV,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -40,15 +46,26 @@ def hf_greedy(hf_model, px, messages, n):
     for k, img in enumerate(prompt.images):
         pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
     with torch.no_grad():
-        out = hf_model.generate(input_ids=torch.tensor([prompt.tokens]), pixel_values=torch.from_numpy(pv),
-                                image_sizes=torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
-                                max_new_tokens=n, do_sample=False, eos_token_id=2, pad_token_id=11)
-    return out[0, len(prompt.tokens):].tolist()
+        out = hf_model.generate(
+            input_ids=torch.tensor([prompt.tokens]),
+            pixel_values=torch.from_numpy(pv),
+            image_sizes=torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=2,
+            pad_token_id=11,
+        )
+    return out[0, len(prompt.tokens) :].tolist()
 
 
 def messages_for(paths, prompt="Describe this image."):
-    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": str(p)}} for p in paths]
-             + [{"type": "text", "text": prompt}]}]
+    return [
+        {
+            "role": "user",
+            "content": [{"type": "image_url", "image_url": {"url": str(p)}} for p in paths]
+            + [{"type": "text", "text": prompt}],
+        }
+    ]
 
 
 @pytest.mark.parametrize("names", [["portrait.png"], ["portrait.png", "wide.jpg"]])
@@ -67,8 +84,18 @@ def test_greedy_equals_transformers(names, images, hf_model, pixtral, mlx_dir):
 
 
 def test_json_and_stats(images, mlx_dir, pixtral):
-    run = pixtral_cli("describe", str(images / "portrait.png"), "--model", str(mlx_dir), "--json", "--temp", "0",
-                      "--max-tokens", "5", "--verbose")
+    run = pixtral_cli(
+        "describe",
+        str(images / "portrait.png"),
+        "--model",
+        str(mlx_dir),
+        "--json",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "5",
+        "--verbose",
+    )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["generation_tokens"] <= 5 and out["finish_reason"] in ("length", "stop")
@@ -80,8 +107,19 @@ def test_json_and_stats(images, mlx_dir, pixtral):
 
 
 def test_each_prints_one_line_per_image(images, mlx_dir):
-    run = pixtral_cli("describe", str(images / "portrait.png"), str(images / "wide.jpg"), str(images / "nope.png"),
-                      "--model", str(mlx_dir), "--each", "--max-tokens", "3", "--seed", "1")
+    run = pixtral_cli(
+        "describe",
+        str(images / "portrait.png"),
+        str(images / "wide.jpg"),
+        str(images / "nope.png"),
+        "--model",
+        str(mlx_dir),
+        "--each",
+        "--max-tokens",
+        "3",
+        "--seed",
+        "1",
+    )
     lines = [json.loads(x) for x in run.stdout.splitlines()]
     assert [x["image"].rsplit("/", 1)[-1] for x in lines] == ["nope.png", "portrait.png", "wide.jpg"]
     assert "no such file" in lines[0]["error"] and lines[1]["text"] and lines[2]["generation_tokens"] <= 3
@@ -89,13 +127,24 @@ def test_each_prints_one_line_per_image(images, mlx_dir):
 
 
 def test_prompt_from_stdin(images, mlx_dir, pixtral):
-    run = pixtral_cli("describe", str(images / "portrait.png"), "--model", str(mlx_dir), "--prompt", "-",
-                      "--json", "--temp", "0", "--max-tokens", "4", stdin="What is this?\n")
+    run = pixtral_cli(
+        "describe",
+        str(images / "portrait.png"),
+        "--model",
+        str(mlx_dir),
+        "--prompt",
+        "-",
+        "--json",
+        "--temp",
+        "0",
+        "--max-tokens",
+        "4",
+        stdin="What is this?\n",
+    )
     assert run.returncode == 0, run.stderr
     out = json.loads(run.stdout)
     assert out["prompt"] == "What is this?"
-    expected = pixtral.generate(messages_for([images / "portrait.png"], "What is this?"), max_tokens=4,
-                                temperature=0)
+    expected = pixtral.generate(messages_for([images / "portrait.png"], "What is this?"), max_tokens=4, temperature=0)
     assert out["text"] == expected.text
 
 
@@ -115,8 +164,9 @@ def bad_inputs(tmp):
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "directory", "text_as_png", "truncated", "bomb",
-                                  "unknown_model", "bad_repo", "max_edge"])
+@pytest.mark.parametrize(
+    "case", ["missing", "directory", "text_as_png", "truncated", "bomb", "unknown_model", "bad_repo", "max_edge"]
+)
 def test_bad_input_one_line_nonzero(case, tmp_path, mlx_dir):
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "ok.png")
     args, expected = bad_inputs(tmp_path)[case]
@@ -131,17 +181,32 @@ def test_bad_input_one_line_nonzero(case, tmp_path, mlx_dir):
 
 def test_prompt_longer_than_context(images, mlx_dir):
     long = "word " * 140_000
-    run = pixtral_cli("describe", str(images / "portrait.png"), "--model", str(mlx_dir), "--prompt", "-",
-                      stdin=long)
+    run = pixtral_cli("describe", str(images / "portrait.png"), "--model", str(mlx_dir), "--prompt", "-", stdin=long)
     assert run.returncode == 1 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("error: the prompt is ")
     assert "131,072-token context" in run.stderr
 
 
 def test_ctrl_c_prints_partial_and_exits_130(images, mlx_dir):
-    proc = subprocess.Popen([sys.executable, "-m", "pixtral_mlx", "describe", str(images / "portrait.png"),
-                             "--model", str(mlx_dir), "--max-tokens", "100000", "--temp", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pixtral_mlx",
+            "describe",
+            str(images / "portrait.png"),
+            "--model",
+            str(mlx_dir),
+            "--max-tokens",
+            "100000",
+            "--temp",
+            "1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     # Wait for the first streamed text, then interrupt.
     first = proc.stdout.read(1)
     time.sleep(0.5)

@@ -54,11 +54,14 @@ def test_torch_conv_layout_is_accepted_once(mlx_dir, pixtral, tmp_path):
     np.testing.assert_array_equal(np.array(got), np.array(pixtral.model.vision_tower.vision_model.patch_conv.weight))
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k}, "missing language_model"),
-    (lambda w: {**w, "vision_tower.vision_model.extra.weight": mx.zeros((2,))}, "unexpected vision_tower"),
-    (lambda w: {**w, "language_model.model.norm.weight": mx.zeros((3,))}, r"has shape \(3,\), expected \(64,\)"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda w: {k: v for k, v in w.items() if "layers.1.mlp.up_proj" not in k}, "missing language_model"),
+        (lambda w: {**w, "vision_tower.vision_model.extra.weight": mx.zeros((2,))}, "unexpected vision_tower"),
+        (lambda w: {**w, "language_model.model.norm.weight": mx.zeros((3,))}, r"has shape \(3,\), expected \(64,\)"),
+    ],
+)
 def test_strict_loading(edit, message, mlx_dir, tmp_path):
     bad = copy_checkpoint(mlx_dir, tmp_path / "bad", edit)
     with pytest.raises(ModelError, match=message):

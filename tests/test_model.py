@@ -17,8 +17,9 @@ def noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
 
 
 def user(*parts: object) -> dict:
-    content = [{"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p}
-               for p in parts]
+    content = [
+        {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+    ]
     return {"role": "user", "content": content}
 
 
@@ -27,8 +28,11 @@ MIXED = [noise(40, 70, 1), noise(90, 33, 2), noise(10, 12, 3), noise(1000, 1421,
 CASES = {
     "text": [user("Hello there. What can you do?")],
     "one_image": [user(noise(64, 48, 5), "Describe.")],
-    "mixed_images": [user(*MIXED[:2], "Compare."), {"role": "assistant", "content": "Two noisy images."},
-                     user(*MIXED[2:], "And these?")],
+    "mixed_images": [
+        user(*MIXED[:2], "Compare."),
+        {"role": "assistant", "content": "Two noisy images."},
+        user(*MIXED[2:], "And these?"),
+    ],
 }
 
 
@@ -43,8 +47,10 @@ def transformers_logits(hf_model, px, messages) -> np.ndarray:
         pv = np.zeros((len(prompt.images), 3, H, W), np.float32)
         for k, img in enumerate(prompt.images):
             pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
-        kwargs = {"pixel_values": torch.from_numpy(pv),
-                  "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images])}
+        kwargs = {
+            "pixel_values": torch.from_numpy(pv),
+            "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
+        }
     with torch.no_grad():
         return hf_model(input_ids=torch.tensor([prompt.tokens]), **kwargs).logits[0].numpy()
 
@@ -80,7 +86,7 @@ def test_vision_attention_stays_within_each_image(pixtral):
     alone = pixtral.embeddings(pixtral.encode([user(a, "x")]))
     together = pixtral.embeddings(pixtral.encode([user(a, b, "x")]))
     n = 2 * 3 + 2  # image a: 2 rows x 3 cols of [IMG] + 2 break/end tokens, after <s>[INST]
-    np.testing.assert_allclose(np.array(together[2:2 + n]), np.array(alone[2:2 + n]), atol=1e-5)
+    np.testing.assert_allclose(np.array(together[2 : 2 + n]), np.array(alone[2 : 2 + n]), atol=1e-5)
 
 
 def test_features_only_on_img_positions(pixtral):

@@ -7,8 +7,13 @@ import io
 
 import numpy as np
 import pytest
-from mistral_common.protocol.instruct.messages import (AssistantMessage, ImageChunk, SystemMessage, TextChunk,
-                                                       UserMessage)
+from mistral_common.protocol.instruct.messages import (
+    AssistantMessage,
+    ImageChunk,
+    SystemMessage,
+    TextChunk,
+    UserMessage,
+)
 from mistral_common.protocol.instruct.request import ChatCompletionRequest
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from PIL import Image
@@ -52,27 +57,45 @@ def reference(mc, messages):
         elif isinstance(m["content"], str):
             out.append(UserMessage(content=m["content"]))
         else:
-            out.append(UserMessage(content=[
-                ImageChunk(image=p["image"]) if p["type"] == "image" else TextChunk(text=p["text"])
-                for p in m["content"]]))
+            out.append(
+                UserMessage(
+                    content=[
+                        ImageChunk(image=p["image"]) if p["type"] == "image" else TextChunk(text=p["text"])
+                        for p in m["content"]
+                    ]
+                )
+            )
     return mc.encode_chat_completion(ChatCompletionRequest(messages=out))
 
 
 def u(*parts):
-    return {"role": "user", "content": [{"type": "image", "image": p} if isinstance(p, Image.Image)
-                                        else {"type": "text", "text": p} for p in parts]}
+    return {
+        "role": "user",
+        "content": [
+            {"type": "image", "image": p} if isinstance(p, Image.Image) else {"type": "text", "text": p} for p in parts
+        ],
+    }
 
 
 CONVERSATIONS = {
     "single": [u(img(32, 48), "Describe.")],
     "text_only": [{"role": "user", "content": "Hello!"}],
-    "multi_turn": [u(img(32, 48), "Describe."), {"role": "assistant", "content": "A noisy image."},
-                   {"role": "user", "content": "Thanks. What colors?"}],
-    "system": [{"role": "system", "content": "Be brief."}, u(img(48, 32), "Describe."),
-               {"role": "assistant", "content": "Noise."}, {"role": "user", "content": "Again?"}],
-    "several_per_turn": [u("Compare", img(300, 200, seed=1), "with", img(64, 900, seed=2)),
-                         {"role": "assistant", "content": "Different."},
-                         u(img(1000, 1421, seed=3), img(2000, 1000, seed=4), "and these?")],
+    "multi_turn": [
+        u(img(32, 48), "Describe."),
+        {"role": "assistant", "content": "A noisy image."},
+        {"role": "user", "content": "Thanks. What colors?"},
+    ],
+    "system": [
+        {"role": "system", "content": "Be brief."},
+        u(img(48, 32), "Describe."),
+        {"role": "assistant", "content": "Noise."},
+        {"role": "user", "content": "Again?"},
+    ],
+    "several_per_turn": [
+        u("Compare", img(300, 200, seed=1), "with", img(64, 900, seed=2)),
+        {"role": "assistant", "content": "Different."},
+        u(img(1000, 1421, seed=3), img(2000, 1000, seed=4), "and these?"),
+    ],
     "modes": [u(img(40, 40, "RGBA"), img(50, 30, "P"), img(30, 50, "L"), "Modes.")],
 }
 
@@ -94,8 +117,35 @@ def test_encode_equals_mistral_common(name, enc, mc):
 def test_known_token_layout(enc):
     """REFERENCE §11 example A, byte for byte."""
     p = enc.encode(CONVERSATIONS["multi_turn"])
-    assert p.tokens == [1, 3, 10, 10, 12, 10, 10, 12, 10, 10, 13, 5847, 13089, 1046, 4, 1065, 83029, 3937, 1046, 2,
-                        3, 21310, 1046, 5675, 18666, 1063, 4]
+    assert p.tokens == [
+        1,
+        3,
+        10,
+        10,
+        12,
+        10,
+        10,
+        12,
+        10,
+        10,
+        13,
+        5847,
+        13089,
+        1046,
+        4,
+        1065,
+        83029,
+        3937,
+        1046,
+        2,
+        3,
+        21310,
+        1046,
+        5675,
+        18666,
+        1063,
+        4,
+    ]
     assert p.images[0].grid == (3, 2) and p.images[0].n_tokens == 9
 
 
@@ -123,8 +173,14 @@ def test_exif_orientation_applied(tmp_path, enc):
     exif[0x0112] = 6  # rotate 90° clockwise on display
     path = tmp_path / "phone.jpg"
     im.save(path, exif=exif)
-    p = enc.encode([{"role": "user", "content": [
-        {"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "x"}]}])
+    p = enc.encode(
+        [
+            {
+                "role": "user",
+                "content": [{"type": "image_url", "image_url": {"url": str(path)}}, {"type": "text", "text": "x"}],
+            }
+        ]
+    )
     assert p.images[0].original_size == (32, 64) and p.images[0].grid == (4, 2)
 
 
@@ -146,12 +202,15 @@ def test_sources(tmp_path):
         np.testing.assert_array_equal(np.array(rgb), np.array(im))
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda p: p / "missing.png", "no such file"),
-    (lambda p: p, "is a directory"),
-    (lambda p: (p / "text.png").write_text("hello") and p / "text.png", "not an image"),
-    (lambda p: (p / "empty.png").write_bytes(b"") or p / "empty.png", "not an image"),
-])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: p / "missing.png", "no such file"),
+        (lambda p: p, "is a directory"),
+        (lambda p: (p / "text.png").write_text("hello") and p / "text.png", "not an image"),
+        (lambda p: (p / "empty.png").write_bytes(b"") or p / "empty.png", "not an image"),
+    ],
+)
 def test_bad_files(tmp_path, make, message):
     with pytest.raises(ImageError, match=message):
         load_image(str(make(tmp_path)))

@@ -15,8 +15,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Chat with Pixtral in the terminal. Drop or paste image paths into the message "
         "box, "
         "press ctrl+f to pick a file or ctrl+v to paste a clipboard image; F1 lists every key.",
-        epilog="Conversations are saved in $PIXTRAL_MLX_DATA (default: the platform's user data "
-        "folder).",
+        epilog="Conversations are saved in $PIXTRAL_MLX_DATA (default: the platform's user data folder).",
     )
     parser.add_argument(
         "images",
@@ -57,9 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"there are no saved conversations in {store.conversations}.")
         resume = saved[0].id
     elif resume and not (store.conversations / f"{resume}.json").exists():
-        parser.error(
-            f"there is no saved conversation {resume!r}; `pixtral-mlx chat --list` shows them."
-        )
+        parser.error(f"there is no saved conversation {resume!r}; `pixtral-mlx chat --list` shows them.")
     missing = [str(p) for p in args.images if not p.expanduser().is_file()]
     if missing:
         parser.error(f"{missing[0]}: no such file.")

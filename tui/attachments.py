@@ -16,9 +16,7 @@ MAX_EDGE = 1024  # Pixtral-12B's vision image_size
 PATCH = 16
 
 
-def plan(
-    width: int, height: int, max_edge: int | None = None, patch: int = PATCH
-) -> tuple[int, int, int]:
+def plan(width: int, height: int, max_edge: int | None = None, patch: int = PATCH) -> tuple[int, int, int]:
     """(new width, new height, image tokens) for a width x height image."""
     limit = max_edge or MAX_EDGE
     w: float = width

@@ -32,9 +32,7 @@ def _macos(dest: Path) -> None:
     if shutil.which("pngpaste"):
         if _run(["pngpaste", str(dest)]).returncode == 0 and dest.stat().st_size:
             return
-        raise ClipboardError(
-            "the clipboard holds no image (copy one, or take a screenshot with ctrl+shift+cmd+4)."
-        )
+        raise ClipboardError("the clipboard holds no image (copy one, or take a screenshot with ctrl+shift+cmd+4).")
     script = [
         "-e",
         "set png to (the clipboard as «class PNGf»)",
@@ -46,9 +44,7 @@ def _macos(dest: Path) -> None:
         "close access f",
     ]
     if _run(["osascript", *script]).returncode != 0 or not dest.exists() or not dest.stat().st_size:
-        raise ClipboardError(
-            "the clipboard holds no image (copy one, or take a screenshot with ctrl+shift+cmd+4)."
-        )
+        raise ClipboardError("the clipboard holds no image (copy one, or take a screenshot with ctrl+shift+cmd+4).")
 
 
 def _linux(dest: Path) -> None:
@@ -57,9 +53,7 @@ def _linux(dest: Path) -> None:
         cmd = ["wl-paste", "--no-newline", "--type", "image/png"]
     elif os.environ.get("DISPLAY") and shutil.which("xclip"):
         types = (
-            _run(["xclip", "-selection", "clipboard", "-t", "TARGETS", "-o"])
-            .stdout.decode(errors="replace")
-            .split()
+            _run(["xclip", "-selection", "clipboard", "-t", "TARGETS", "-o"]).stdout.decode(errors="replace").split()
         )
         cmd = ["xclip", "-selection", "clipboard", "-t", "image/png", "-o"]
     elif not (os.environ.get("WAYLAND_DISPLAY") or os.environ.get("DISPLAY")):
@@ -73,9 +67,7 @@ def _linux(dest: Path) -> None:
             "install one, or attach the file by path or with ctrl+f."
         )
     if "image/png" not in types:
-        raise ClipboardError(
-            "the clipboard holds no image (copy an image or take a screenshot first)."
-        )
+        raise ClipboardError("the clipboard holds no image (copy an image or take a screenshot first).")
     out = _run(cmd)
     if out.returncode != 0 or not out.stdout:
         raise ClipboardError("the clipboard image could not be read.")
@@ -95,9 +87,7 @@ def grab_image(folder: Path | None = None) -> Path:
         elif sys.platform.startswith("linux") or "bsd" in sys.platform:
             _linux(dest)
         else:
-            raise ClipboardError(
-                f"pasting images is not supported on {sys.platform}; attach the file instead."
-            )
+            raise ClipboardError(f"pasting images is not supported on {sys.platform}; attach the file instead.")
     except BaseException:
         dest.unlink(missing_ok=True)
         raise

@@ -79,11 +79,7 @@ def parse_paste(text: str) -> Pasted:
     for words in splits:
         words = [w for w in words if w.strip()]
         paths = [to_path(w) for w in words]
-        if (
-            words
-            and all(paths)
-            and all(_path_like(w) or is_image(p) for w, p in zip(words, paths, strict=True))
-        ):
+        if words and all(paths) and all(_path_like(w) or is_image(p) for w, p in zip(words, paths, strict=True)):
             out = Pasted()
             for p in paths:
                 assert p is not None

@@ -54,9 +54,7 @@ class Turn:
 
 @dataclass
 class Conversation:
-    id: str = field(
-        default_factory=lambda: datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2)
-    )
+    id: str = field(default_factory=lambda: datetime.now().strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(2))
     turns: list[Turn] = field(default_factory=list)
     system: str | None = None
     model: str = ""
@@ -73,9 +71,7 @@ class Conversation:
 
     def messages(self) -> list[dict[str, Any]]:
         """OpenAI-format history for the engine (system prompt first)."""
-        out: list[dict[str, Any]] = (
-            [{"role": "system", "content": self.system}] if self.system else []
-        )
+        out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
         out += [{"role": t.role, "content": t.content()} for t in self.turns]
         return out
 
@@ -122,9 +118,7 @@ class Store:
             stored = [self.store_image(a) for a in t.images]
             parts = [a.to_json(f"images/{a.path.name}") for a in stored]
             content: Any = parts + [{"type": "text", "text": t.text}] if parts else t.text
-            turns.append(
-                {"role": t.role, "content": content, **({"finish": t.finish} if t.finish else {})}
-            )
+            turns.append({"role": t.role, "content": content, **({"finish": t.finish} if t.finish else {})})
         doc = {
             "format": FORMAT,
             "version": VERSION,
@@ -155,9 +149,7 @@ class Store:
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
         except FileNotFoundError:
-            raise ValueError(
-                f"there is no saved conversation {conv_id!r} in {self.conversations}."
-            ) from None
+            raise ValueError(f"there is no saved conversation {conv_id!r} in {self.conversations}.") from None
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"{path} cannot be read ({e}).") from e
         if doc.get("format") != FORMAT:
@@ -169,9 +161,7 @@ class Store:
                 turns.append(Turn(m["role"], content, finish=m.get("finish")))
                 continue
             text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-            images = [
-                Attachment.from_json(p, self.root) for p in content if p.get("type") == "image_url"
-            ]
+            images = [Attachment.from_json(p, self.root) for p in content if p.get("type") == "image_url"]
             turns.append(Turn(m["role"], text, images, finish=m.get("finish")))
         return Conversation(
             id=doc["id"],

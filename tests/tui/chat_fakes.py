@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image
-from pixtral_mlx.tui.engine import Engine
 
 from pixtral_mlx.generate import Chunk, ContextError
 from pixtral_mlx.images import ImageError
+from pixtral_mlx.tui.engine import Engine
 
 REPLIES = [
     "A **red** square on a white background.\n\n```python\nprint('red')\n```\n",
@@ -46,9 +46,7 @@ class FakeChat:
         system: str | None,
         gate: threading.Event | None = None,
     ):
-        self.messages: list[dict[str, Any]] = (
-            [{"role": "system", "content": system}] if system else []
-        )
+        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
         self.context_used = 0
         self.replies, self.delay, self.context_length, self.gate = (
             replies,
@@ -83,9 +81,7 @@ class FakeChat:
     def undo(self) -> dict[str, Any] | None:
         while self.messages and self.messages[-1]["role"] == "assistant":
             self.messages.pop()
-        removed = (
-            self.messages.pop() if self.messages and self.messages[-1]["role"] == "user" else None
-        )
+        removed = self.messages.pop() if self.messages and self.messages[-1]["role"] == "user" else None
         self.context_used = self.history_tokens()
         return removed
 
@@ -170,17 +166,13 @@ class FakeEngine(Engine):
         return FakeChat(self.replies, self.delay, self.context_length, self.system, self.gate)
 
 
-def make_image(
-    path: Path, size: tuple[int, int] = (300, 200), color: tuple[int, int, int] = (200, 20, 20)
-) -> Path:
+def make_image(path: Path, size: tuple[int, int] = (300, 200), color: tuple[int, int, int] = (200, 20, 20)) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", size, color).save(path)
     return path
 
 
-async def wait_for(
-    pilot: Any, condition: Callable[[], Any], timeout: float = 10.0, what: str = ""
-) -> None:
+async def wait_for(pilot: Any, condition: Callable[[], Any], timeout: float = 10.0, what: str = "") -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -215,7 +207,5 @@ async def ask(pilot: Any, text: str) -> None:
     screen.query_one("#prompt").focus()
     screen.query_one("#prompt").insert(text)
     await pilot.press("enter")
-    await wait_for(
-        pilot, lambda: not screen.busy and len(screen.conversation.turns) >= n + 2, what="the reply"
-    )
+    await wait_for(pilot, lambda: not screen.busy and len(screen.conversation.turns) >= n + 2, what="the reply")
     await pilot.pause()

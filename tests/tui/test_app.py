@@ -6,13 +6,14 @@ import urllib.parse
 
 import pytest
 from chat_fakes import REPLIES, FakeEngine, ask, notes, started, wait_for
+from textual import events
+
 from pixtral_mlx.tui import make_app
 from pixtral_mlx.tui.screens.conversations import ConversationsScreen
 from pixtral_mlx.tui.screens.help import KEYS, HelpScreen
 from pixtral_mlx.tui.storage import Store
 from pixtral_mlx.tui.widgets.attachment import AttachmentBar
 from pixtral_mlx.tui.widgets.transcript import ReplyMessage, UserMessage
-from textual import events
 
 SIZE = (110, 36)
 
@@ -40,26 +41,18 @@ async def test_paste_attach_send_and_stream(data_dir, images):
             "red square.png 300×200 → 304×208 · 260 tokens",
             "photo.jpg 3024×4032 → 768×1024 · 3,136 tokens",
         ]
-        await wait_for(
-            pilot, lambda: screen.query_one("#status").pending == 3396, what="the status bar"
-        )
+        await wait_for(pilot, lambda: screen.query_one("#status").pending == 3396, what="the status bar")
 
         await ask(pilot, "What is in these pictures?")
         user, reply = screen.conversation.turns
         assert [a.name for a in user.images] == ["red square.png", "photo.jpg"]
-        assert all(
-            a.path.parent == Store(data_dir).images for a in user.images
-        )  # sent from the stored copies
+        assert all(a.path.parent == Store(data_dir).images for a in user.images)  # sent from the stored copies
         assert reply.text == REPLIES[0]
-        assert str(screen.query(ReplyMessage).last().query_one(".stats").render()).startswith(
-            "10 tokens · 42.0 tok/s"
-        )
+        assert str(screen.query(ReplyMessage).last().query_one(".stats").render()).startswith("10 tokens · 42.0 tok/s")
         assert not bar(screen).attachments and not bar(screen).display
         sent = engine.chat.messages[0]["content"]
         assert [p["type"] for p in sent] == ["image_url", "image_url", "text"]
-        assert (
-            Store(data_dir).list()[0].title == "What is in these pictures?"
-        )  # saved when the reply finished
+        assert Store(data_dir).list()[0].title == "What is in these pictures?"  # saved when the reply finished
 
 
 async def test_enter_sends_and_ctrl_j_adds_a_line(data_dir):
@@ -81,23 +74,17 @@ async def test_stop_keeps_the_partial_reply(data_dir):
         screen = await started(pilot)
         prompt(screen).insert("Talk for a while")
         await pilot.press("enter")
-        await wait_for(
-            pilot, lambda: screen.reply is not None and "word3" in screen.reply.turn.text
-        )
+        await wait_for(pilot, lambda: screen.reply is not None and "word3" in screen.reply.turn.text)
         await pilot.press("escape")
         await wait_for(pilot, lambda: not screen.busy, what="the stop")
         reply = screen.conversation.turns[-1]
         assert reply.finish == "interrupted"
-        assert reply.text.startswith("word0 word1 word2 word3") and len(reply.text) < len(
-            long_reply
-        )
+        assert reply.text.startswith("word0 word1 word2 word3") and len(reply.text) < len(long_reply)
         assert engine.chat.messages[-1] == {
             "role": "assistant",
             "content": reply.text,
         }  # the library kept it too
-        assert str(screen.query(ReplyMessage).last().query_one(".stats").render()).endswith(
-            "stopped"
-        )
+        assert str(screen.query(ReplyMessage).last().query_one(".stats").render()).endswith("stopped")
 
 
 async def test_regenerate_replaces_the_last_reply(data_dir):
@@ -107,9 +94,7 @@ async def test_regenerate_replaces_the_last_reply(data_dir):
         screen = await started(pilot)
         await ask(pilot, "Hello")
         await pilot.press("ctrl+r")
-        await wait_for(
-            pilot, lambda: not screen.busy and screen.conversation.turns[-1].text == REPLIES[1]
-        )
+        await wait_for(pilot, lambda: not screen.busy and screen.conversation.turns[-1].text == REPLIES[1])
         assert [t.role for t in screen.conversation.turns] == ["user", "assistant"]
         assert len(screen.query(ReplyMessage)) == 1
         assert [m["content"] for m in engine.chat.messages] == ["Hello", REPLIES[1]]
@@ -120,9 +105,7 @@ async def test_undo_gives_the_message_back(data_dir, images):
     app = make_app(engine, data_dir=data_dir, images=[images["red"]])
     async with app.run_test(size=SIZE) as pilot:
         screen = await started(pilot)
-        await wait_for(
-            pilot, lambda: bar(screen).attachments, what="the image from the command line"
-        )
+        await wait_for(pilot, lambda: bar(screen).attachments, what="the image from the command line")
         await ask(pilot, "First")
         await ask(pilot, "Second")
         await pilot.press("ctrl+g")
@@ -132,9 +115,7 @@ async def test_undo_gives_the_message_back(data_dir, images):
         await pilot.press("ctrl+a", "ctrl+k")  # clear it, undo again: the image comes back too
         await pilot.press("ctrl+g")
         await wait_for(pilot, lambda: engine.chat.messages == [])
-        assert prompt(screen).text == "First" and [a.name for a in bar(screen).attachments] == [
-            "red square.png"
-        ]
+        assert prompt(screen).text == "First" and [a.name for a in bar(screen).attachments] == ["red square.png"]
         assert not screen.query(UserMessage) and screen.query_one("#welcome").display
 
 
@@ -172,9 +153,7 @@ async def test_save_reopen_and_continue(data_dir, images):
         await wait_for(pilot, lambda: isinstance(app.screen, ConversationsScreen))
         assert app.screen.query_one("#conversation-list").option_count == 2
         await pilot.press("down", "enter")  # newest first: the first chat is second
-        await wait_for(
-            pilot, lambda: screen.conversation.id == saved and len(engine.chat.messages) == 2
-        )
+        await wait_for(pilot, lambda: screen.conversation.id == saved and len(engine.chat.messages) == 2)
         assert [t.text for t in screen.conversation.turns] == ["Remember this picture", REPLIES[0]]
         assert len(screen.query(UserMessage)) == 1 and len(screen.query(ReplyMessage)) == 1
         image = engine.chat.messages[0]["content"][0]["image_url"]["url"]
@@ -193,9 +172,7 @@ async def test_resume_from_the_command_line(data_dir):
     app = make_app(engine, data_dir=data_dir, resume=saved)
     async with app.run_test(size=SIZE) as pilot:
         screen = await started(pilot)
-        await wait_for(
-            pilot, lambda: screen.query_one("#status").context_used > 0, what="the restored context"
-        )
+        await wait_for(pilot, lambda: screen.query_one("#status").context_used > 0, what="the restored context")
         assert screen.conversation.id == saved and len(engine.chat.messages) == 2
 
 
@@ -211,8 +188,7 @@ async def test_export_markdown(data_dir, images, tmp_path, monkeypatch):
         stored = Store(data_dir).images / f"{screen.conversation.turns[0].images[0].digest}.png"
         assert md.startswith("# Describe the image\n")
         assert (
-            f"## You\n\n![red square.png]({stored.as_uri()})\n\n"
-            "*red square.png 300×200 → 304×208 · 260 tokens*" in md
+            f"## You\n\n![red square.png]({stored.as_uri()})\n\n*red square.png 300×200 → 304×208 · 260 tokens*" in md
         )
         assert "Describe the image\n\n## Pixtral\n\n" + REPLIES[0] in md
         prompt(screen).insert(f"/export {tmp_path / 'named.md'}")
@@ -232,8 +208,7 @@ async def test_context_overflow_keeps_the_message(data_dir):
         await pilot.press("enter")
         await wait_for(pilot, lambda: not screen.busy and notes(app), what="the error")
         assert notes(app)[-1].startswith(
-            "This turn needs 43 more tokens and the conversation would reach 43 of the "
-            "30-token context"
+            "This turn needs 43 more tokens and the conversation would reach 43 of the 30-token context"
         )
         assert prompt(screen).text == text
         assert not screen.conversation.turns and not screen.query(UserMessage)
@@ -257,9 +232,7 @@ async def test_bad_image_paths_keep_the_message(data_dir, images):
         assert notes(app)[-1] == f"{images['broken']} is not an image file PIL can read."
         assert prompt(screen).text == "Is this broken?" and not bar(screen).attachments
 
-        prompt(screen).post_message(
-            events.Paste(str(images["red"].parent / "nope.png"))
-        )  # not a file: plain text
+        prompt(screen).post_message(events.Paste(str(images["red"].parent / "nope.png")))  # not a file: plain text
         await pilot.pause()
         assert prompt(screen).text.endswith("nope.png")
 
@@ -268,9 +241,7 @@ async def test_typed_path_attaches_on_enter(data_dir, images):
     app = make_app(FakeEngine(), data_dir=data_dir)
     async with app.run_test(size=SIZE) as pilot:
         screen = await started(pilot)
-        prompt(screen).insert(
-            str(images["red"]).replace(" ", "\\ ")
-        )  # a drop that arrived as keystrokes
+        prompt(screen).insert(str(images["red"]).replace(" ", "\\ "))  # a drop that arrived as keystrokes
         await pilot.press("enter")
         await wait_for(pilot, lambda: bar(screen).attachments)
         assert not screen.conversation.turns and prompt(screen).text == ""
@@ -301,9 +272,7 @@ async def test_load_failure_is_shown(data_dir):
     async with app.run_test(size=SIZE) as pilot:
         screen = await started(pilot)
         assert screen.load_failed
-        assert "could not be loaded: no-model: no such folder" in str(
-            screen.query_one("#load-text").render()
-        )
+        assert "could not be loaded: no-model: no such folder" in str(screen.query_one("#load-text").render())
         prompt(screen).insert("Hello")
         await pilot.press("enter")
         assert notes(app)[-1].startswith("The model is not loaded (no-model: no such folder")
@@ -321,24 +290,18 @@ async def test_help_lists_every_binding(data_dir):
     for cls in (PixtralChatApp, ChatScreen, Prompt, Chip):
         for binding in cls.BINDINGS:
             for key in binding.key.split(","):
-                assert shown.get(key, key) in documented, (
-                    f"{cls.__name__}: {key} is not in the help screen"
-                )
+                assert shown.get(key, key) in documented, f"{cls.__name__}: {key} is not in the help screen"
     app = make_app(FakeEngine(), data_dir=data_dir)
     async with app.run_test(size=SIZE) as pilot:
         await started(pilot)
         await pilot.press("f1")
         assert isinstance(app.screen, HelpScreen)
         await pilot.press("escape")
-        await pilot.press(
-            "tab", "question_mark"
-        )  # `?` opens help when the message box is not focused
+        await pilot.press("tab", "question_mark")  # `?` opens help when the message box is not focused
         assert isinstance(app.screen, HelpScreen)
 
 
-@pytest.mark.filterwarnings(
-    "ignore:Image.Image.getdata:DeprecationWarning"
-)  # textual-image 0.12, Pillow 13
+@pytest.mark.filterwarnings("ignore:Image.Image.getdata:DeprecationWarning")  # textual-image 0.12, Pillow 13
 async def test_mouse_and_command_palette(data_dir, images, tmp_path, monkeypatch):
     from pixtral_mlx.tui.screens.preview import PreviewScreen
     from pixtral_mlx.tui.widgets.attachment import Chip
@@ -367,9 +330,7 @@ async def test_clipboard_paste(data_dir, images, monkeypatch):
     from pixtral_mlx.tui.widgets import attachment
 
     def no_image(folder=None):
-        raise clipboard.ClipboardError(
-            "the clipboard holds no image (copy an image or take a screenshot first)."
-        )
+        raise clipboard.ClipboardError("the clipboard holds no image (copy an image or take a screenshot first).")
 
     app = make_app(FakeEngine(), data_dir=data_dir)
     async with app.run_test(size=SIZE) as pilot:
@@ -377,13 +338,8 @@ async def test_clipboard_paste(data_dir, images, monkeypatch):
         monkeypatch.setattr(attachment, "grab_image", no_image)
         await pilot.press("ctrl+v")
         await wait_for(pilot, lambda: notes(app))
-        assert (
-            notes(app)[-1]
-            == "The clipboard holds no image (copy an image or take a screenshot first)."
-        )
-        app.copy_to_clipboard(
-            "copied text"
-        )  # with text on the app's clipboard, ctrl+v pastes it instead
+        assert notes(app)[-1] == "The clipboard holds no image (copy an image or take a screenshot first)."
+        app.copy_to_clipboard("copied text")  # with text on the app's clipboard, ctrl+v pastes it instead
         await pilot.press("ctrl+v")
         await wait_for(pilot, lambda: prompt(screen).text == "copied text")
         monkeypatch.setattr(attachment, "grab_image", lambda folder=None: images["photo"])

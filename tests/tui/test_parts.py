@@ -6,6 +6,7 @@ import json
 import random
 
 import pytest
+
 from pixtral_mlx.tui import clipboard, commands
 from pixtral_mlx.tui.attachments import inspect, plan
 from pixtral_mlx.tui.storage import Conversation, Store, Turn, data_dir, export_path, to_markdown
@@ -19,9 +20,7 @@ def test_plan_matches_mistral_common():
 
     rng = random.Random(0)
     for max_edge in (1024, 768, 16):
-        enc = ImageEncoder(
-            ImageConfig(16, max_edge), SpecialImageIDs(img=10, img_break=12, img_end=13)
-        )
+        enc = ImageEncoder(ImageConfig(16, max_edge), SpecialImageIDs(img=10, img_break=12, img_end=13))
         for _ in range(300):
             Sized.size = (rng.randint(1, 6000), rng.randint(1, 6000))
             cols, rows = enc._image_to_num_tokens(Sized)
@@ -39,9 +38,7 @@ def test_inspect_matches_the_library_encoder(images):
     encoder = PromptEncoder()
     for key in ("red", "photo"):
         att = inspect(images[key])
-        prompt = encoder.encode(
-            [{"role": "user", "content": [att.part(), {"type": "text", "text": "hi"}]}]
-        )
+        prompt = encoder.encode([{"role": "user", "content": [att.part(), {"type": "text", "text": "hi"}]}])
         (img,) = prompt.images
         assert (att.original_size, att.size, att.tokens) == (
             img.original_size,
@@ -139,10 +136,7 @@ def test_markdown_export(images, tmp_path):
     md = to_markdown(conv)
     assert md.startswith("# Hi\n")
     assert "## You" in md and "## Pixtral\n\n**Hello**" in md
-    assert (
-        "*red square.png 300×200 → 304×208 · 260 tokens*" in md
-        and "![red square.png](file://" in md
-    )
+    assert "*red square.png 300×200 → 304×208 · 260 tokens*" in md and "![red square.png](file://" in md
     first = export_path(conv, tmp_path)
     first.write_text(md)
     assert first.name == "hi.md" and export_path(conv, tmp_path).name == "hi-2.md"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import urllib.parse
 
 import pytest
+
 from pixtral_mlx.tui.paths import parse_paste
 
 

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from chat_fakes import started, wait_for
+from textual import events
+
 from pixtral_mlx.tui import make_app
 from pixtral_mlx.tui.engine import Engine
 from pixtral_mlx.tui.messages import ReplyFinished
-from textual import events
 
 
 class RecordingEngine(Engine):

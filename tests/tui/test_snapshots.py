@@ -6,8 +6,9 @@ Regenerate with `pytest tests/tui/test_snapshots.py --snapshot-update` and revie
 from __future__ import annotations
 
 from chat_fakes import FakeEngine, ask, started, wait_for
-from pixtral_mlx.tui import make_app
 from textual import events
+
+from pixtral_mlx.tui import make_app
 
 SIZE = (100, 34)
 
@@ -21,24 +22,18 @@ def test_chat_screen(snap_compare, data_dir, images):
         await ask(pilot, "How wide is it?")
         screen.query_one("#prompt").insert("And its colour?")
 
-    assert snap_compare(
-        make_app(FakeEngine(), data_dir=data_dir), terminal_size=SIZE, run_before=run_before
-    )
+    assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=SIZE, run_before=run_before)
 
 
 def test_attachment_chips(snap_compare, data_dir, images):
     async def run_before(pilot):
         screen = await started(pilot)
-        screen.query_one("#prompt").post_message(
-            events.Paste(f"'{images['red']}' '{images['photo']}'")
-        )
+        screen.query_one("#prompt").post_message(events.Paste(f"'{images['red']}' '{images['photo']}'"))
         await wait_for(pilot, lambda: len(screen.query_one("#attachments").attachments) == 2)
         screen.query_one("#prompt").insert("Which one is larger?")
         await pilot.pause()
 
-    assert snap_compare(
-        make_app(FakeEngine(), data_dir=data_dir), terminal_size=SIZE, run_before=run_before
-    )
+    assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=SIZE, run_before=run_before)
 
 
 def test_help_screen(snap_compare, data_dir):
@@ -47,6 +42,4 @@ def test_help_screen(snap_compare, data_dir):
         await pilot.press("f1")
         await pilot.pause()
 
-    assert snap_compare(
-        make_app(FakeEngine(), data_dir=data_dir), terminal_size=(110, 44), run_before=run_before
-    )
+    assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=(110, 44), run_before=run_before)

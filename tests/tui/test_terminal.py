@@ -31,9 +31,7 @@ def wait_for(session: str, text: str, timeout: float) -> str:
         if "Traceback" in pane:
             break
         time.sleep(0.25)
-    raise AssertionError(
-        f"{text!r} did not show within {timeout}s; the terminal shows:\n{screen(session)}"
-    )
+    raise AssertionError(f"{text!r} did not show within {timeout}s; the terminal shows:\n{screen(session)}")
 
 
 def test_chat_in_tmux(mlx_dir, data_dir, images, tmp_path):
@@ -63,9 +61,7 @@ def test_chat_in_tmux(mlx_dir, data_dir, images, tmp_path):
         wait_for(session, "red square.png 300×200 → 304×208 · 260 tokens ✕", timeout=20)
         tmux("send-keys", "-t", session, "-l", "What is in this image?")
         tmux("send-keys", "-t", session, "Enter")
-        pane = wait_for(
-            session, "tok/s · prompt", timeout=60
-        )  # the statistics under a finished reply
+        pane = wait_for(session, "tok/s · prompt", timeout=60)  # the statistics under a finished reply
         assert "What is in this image?" in pane
         tmux("send-keys", "-t", session, "C-q")
         pane = wait_for(session, "EXIT=", timeout=30)

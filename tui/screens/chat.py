@@ -106,9 +106,7 @@ class ChatScreen(SavedChats):
     def on_load_failed(self, message: LoadFailed) -> None:
         self.load_failed = True
         self.query_one(LoadingIndicator).display = False
-        self.query_one("#load-text", Static).update(
-            f"The model could not be loaded: {message.error}"
-        )
+        self.query_one("#load-text", Static).update(f"The model could not be loaded: {message.error}")
         self.query_one("#loading").add_class("failed")
         self._set_state("no model")
         self.notify(sentence(message.error), title="Model not loaded", severity="error", timeout=15)
@@ -155,9 +153,7 @@ class ChatScreen(SavedChats):
                 )
             )
             return
-        if (
-            self._failed_send is not None
-        ):  # nothing happened: give the message back (elia's pattern)
+        if self._failed_send is not None:  # nothing happened: give the message back (elia's pattern)
             turn, widget = self._failed_send
             self._failed_send = None
             await widget.remove()
@@ -176,9 +172,7 @@ class ChatScreen(SavedChats):
         if command := commands.parse(text):
             await self.run_command(*command)
             return
-        if (
-            dropped := parse_paste(text)
-        ) and not dropped.others:  # paths typed, or dropped as keystrokes
+        if (dropped := parse_paste(text)) and not dropped.others:  # paths typed, or dropped as keystrokes
             self.query_one(Prompt).clear()
             self.query_one(AttachmentBar).attach(dropped.images)
             return
@@ -218,9 +212,7 @@ class ChatScreen(SavedChats):
     @on(Prompt.ImagePasteRequested)
     def action_paste_image(self) -> None:
         prompt = self.query_one(Prompt)
-        self.query_one(AttachmentBar).paste_clipboard(
-            prompt.action_paste if self.app.clipboard else None
-        )
+        self.query_one(AttachmentBar).paste_clipboard(prompt.action_paste if self.app.clipboard else None)
 
     @on(Prompt.LastAttachmentRemoved)
     async def remove_last_attachment(self) -> None:
@@ -292,9 +284,7 @@ class ChatScreen(SavedChats):
             if path is not None:
                 self.query_one(AttachmentBar).attach([path])
 
-        self.app.push_screen(
-            FilePicker(self.query_one(AttachmentBar).last_folder, self.engine.max_edge), picked
-        )
+        self.app.push_screen(FilePicker(self.query_one(AttachmentBar).last_folder, self.engine.max_edge), picked)
 
     async def action_regenerate(self) -> None:
         turns = self.conversation.turns
@@ -333,9 +323,7 @@ class ChatScreen(SavedChats):
         elif self.load_failed:
             self.notify(f"The model is not loaded ({self.engine.load_error}).", severity="error")
         elif not self.loaded:
-            self.notify(
-                "The model is still loading; try again once it is ready.", severity="warning"
-            )
+            self.notify("The model is still loading; try again once it is ready.", severity="warning")
         else:
             return True
         return False

@@ -18,12 +18,8 @@ from ..storage import Store, Summary
 
 def _option(s: Summary, current: bool) -> Option:
     when = s.updated.replace("T", " ")[:16]
-    details = (
-        f"{when} · {s.turns} turn{'s' * (s.turns != 1)} · {s.images} image{'s' * (s.images != 1)}"
-    )
-    label = Text.assemble(
-        (s.title or "(untitled)", "bold"), " (open)" if current else "", "\n", (details, "dim")
-    )
+    details = f"{when} · {s.turns} turn{'s' * (s.turns != 1)} · {s.images} image{'s' * (s.images != 1)}"
+    label = Text.assemble((s.title or "(untitled)", "bold"), " (open)" if current else "", "\n", (details, "dim"))
     return Option(label, id=s.id)
 
 
@@ -42,20 +38,12 @@ class ConversationsScreen(ModalScreen[str | None]):
     def compose(self) -> ComposeResult:
         summaries = self.store.list()
         with Vertical(id="conversations"):
-            yield OptionList(
-                *[_option(s, s.id == self.current) for s in summaries], id="conversation-list"
-            )
-            hint = (
-                "enter opens · delete deletes · esc closes"
-                if summaries
-                else "No saved conversations yet."
-            )
+            yield OptionList(*[_option(s, s.id == self.current) for s in summaries], id="conversation-list")
+            hint = "enter opens · delete deletes · esc closes" if summaries else "No saved conversations yet."
             yield Static(hint, id="conversations-hint")
 
     def on_mount(self) -> None:
-        self.query_one(
-            "#conversations"
-        ).border_title = f"Saved conversations · {self.store.conversations}"
+        self.query_one("#conversations").border_title = f"Saved conversations · {self.store.conversations}"
         self.query_one(OptionList).focus()
 
     @on(OptionList.OptionSelected)
@@ -70,9 +58,7 @@ class ConversationsScreen(ModalScreen[str | None]):
         assert conv_id is not None
         if self._armed != conv_id:
             self._armed = conv_id
-            self.query_one("#conversations-hint", Static).update(
-                "Press delete again to delete it for good."
-            )
+            self.query_one("#conversations-hint", Static).update("Press delete again to delete it for good.")
             return
         self.store.delete(conv_id)
         options.remove_option(conv_id)

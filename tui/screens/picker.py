@@ -56,8 +56,7 @@ class FilePicker(ModalScreen[Path | None]):
                     yield Image(None, id="picker-image")
                     yield Static("", id="picker-info", markup=False)
             yield Static(
-                "enter attaches · backspace goes up a folder · ~ goes home · / types a path · "
-                "esc cancels",
+                "enter attaches · backspace goes up a folder · ~ goes home · / types a path · esc cancels",
                 id="picker-hint",
             )
 

@@ -103,6 +103,4 @@ class SavedChats(Screen[None]):
             try:
                 self.store.save(self.conversation)
             except OSError as e:
-                self.notify(
-                    f"The conversation could not be saved ({e.strerror or e}).", severity="error"
-                )
+                self.notify(f"The conversation could not be saved ({e.strerror or e}).", severity="error")

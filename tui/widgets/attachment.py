@@ -41,9 +41,7 @@ class Chip(Static, can_focus=True):
     def __init__(self, attachment: Attachment, removable: bool = True, **kwargs: str) -> None:
         self.attachment = attachment
         self.removable = removable
-        text = Text.assemble(
-            ("▣ ", "bold"), attachment.label(), (REMOVE, "bold") if removable else ""
-        )
+        text = Text.assemble(("▣ ", "bold"), attachment.label(), (REMOVE, "bold") if removable else "")
         super().__init__(text, markup=False, **kwargs)  # type: ignore[arg-type]
 
     def action_preview(self) -> None:
@@ -55,9 +53,7 @@ class Chip(Static, can_focus=True):
 
     def on_click(self, event: events.Click) -> None:
         event.stop()
-        if (
-            self.removable and event.x >= self.size.width - len(REMOVE) - 2
-        ):  # on the ✕ (and padding)
+        if self.removable and event.x >= self.size.width - len(REMOVE) - 2:  # on the ✕ (and padding)
             self.action_remove()
         else:
             self.action_preview()
@@ -89,9 +85,7 @@ class AttachmentBar(Vertical):
     async def attach(self, paths: list[Path]) -> None:
         for path in paths:
             try:
-                attachment = await asyncio.to_thread(
-                    inspect, Path(path).expanduser(), self.max_edge
-                )
+                attachment = await asyncio.to_thread(inspect, Path(path).expanduser(), self.max_edge)
             except (ValueError, OSError) as e:  # ImageError: one sentence that names the file
                 self.notify(sentence(str(e)), title="Image not attached", severity="error")
                 continue

@@ -19,9 +19,7 @@ class StatusBar(Widget):
 
     def render(self) -> Text:
         used = self.context_used
-        context = (
-            f"context {used:,} / {CONTEXT_LENGTH // 1024}K ({100 * used / CONTEXT_LENGTH:.1f}%)"
-        )
+        context = f"context {used:,} / {CONTEXT_LENGTH // 1024}K ({100 * used / CONTEXT_LENGTH:.1f}%)"
         if self.pending:
             context += f" +{self.pending:,} attached"
         parts: list[str | tuple[str, str]] = [

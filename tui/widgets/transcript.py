@@ -70,9 +70,7 @@ class ReplyMessage(Vertical):
             await self._stream.stop()
             self._stream = None
         self.turn.text, self.turn.finish = text, finish if finish == "interrupted" else None
-        await self.query_one(Markdown).update(
-            text
-        )  # one full render: streamed code fences come out right
+        await self.query_one(Markdown).update(text)  # one full render: streamed code fences come out right
         self.query_one(".stats", Static).update(stats)
         self.query_one(".stats", Static).display = bool(stats)
 
@@ -95,9 +93,7 @@ class Transcript(VerticalScroll, can_focus=True):
 
     async def show(self, turns: list[Turn]) -> None:
         await self.remove_children(".message")
-        await self.mount_all(
-            [UserMessage(t) if t.role == "user" else ReplyMessage(t) for t in turns]
-        )
+        await self.mount_all([UserMessage(t) if t.role == "user" else ReplyMessage(t) for t in turns])
         self.anchor()
 
     async def remove_last(self, kind: type[UserMessage | ReplyMessage]) -> None:
