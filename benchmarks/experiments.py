@@ -1,18 +1,15 @@
-"""Profiling experiments behind the benchmark's recommendations (monkeypatches, nothing edited).
+"""Profiling experiments behind the benchmark's recommendations (patches from `patches.py`, nothing edited).
 
     python benchmarks/run.py --keep-checkpoints          # leaves OUT/checkpoints/mlx-4bit
     python benchmarks/experiments.py kernels             # one 14336x5120 matrix, no checkpoint needed
     python benchmarks/experiments.py compare --model benchmarks/out/checkpoints/mlx-4bit \
-        --patches fast-dequant dequant-streams+lm-attention-streams
+        --patches dequant-streams lm-attention-streams dequant-streams+lm-attention-streams
 
 `compare` runs the benchmark's `ours` job (same plan, same extrapolation) on a checkpoint as the library is,
-then with patches installed before loading, in alternating processes, and prints the full-depth figures:
-- `fast-dequant`: the affine 4/8-bit dequantization of `DequantizingQuantizedLinear`'s prefill path as
-  shifts, masks and a multiply-add in MLX ops instead of `mx.dequantize` (~2x faster on CPU, bit-identical);
-- `dequant-streams`: the same, row blocks dequantized on the CPU streams (`backend.cpu_streams`);
-- `lm-attention-streams`: the decoder's prompt attention (mlx-lm's) split by kv-head groups over the streams.
-Two earlier patches (decode matmuls split by rows, vision attention split by heads, over one CPU stream per
-core) were adopted by the library in c405613. `kernels` times the pieces on one 14336x5120 matrix.
+then with patches installed before loading, in alternating processes, and prints the full-depth figures;
+`ab` switches patch sets round by round in one process. `kernels` times the pieces on one 14336x5120
+matrix (mx.dequantize against the library's `cpu.dequantize_affine`, quantized matmul, GEMM, GEMV).
+The patches and what was adopted are listed in `patches.py`.
 """
 
 from __future__ import annotations
@@ -25,8 +22,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+
+from patches import PATCHES, apply  # noqa: E402
 
 
 def now() -> float:
@@ -43,128 +44,6 @@ def best(f: Callable[[], Any], repeats: int = 3) -> float:
     return min(ts)
 
 
-def fast_dequantize(w: Any, scales: Any, biases: Any, group_size: int, bits: int) -> Any:
-    """mx.dequantize for affine 4/8-bit, as elementwise MLX ops (bit-identical values)."""
-    import mlx.core as mx
-
-    rows = w.shape[0]
-    shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
-    q = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, cols*bits/32, 32/bits)
-    q = q.reshape(rows, -1, group_size).astype(scales.dtype)
-    return (q * scales[..., None] + biases[..., None]).reshape(rows, -1)
-
-
-def cpu_streams() -> list[Any]:
-    """The library's per-thread CPU streams (one per core; [] off the CPU backend)."""
-    from pixtral_mlx import backend
-
-    return backend.cpu_streams()
-
-
-def _row_splits(n: int, parts: int) -> list[tuple[int, int]]:
-    b = [n * i // parts for i in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(b[:-1], b[1:]) if hi > lo]
-
-
-def split_sdpa(q: Any, k: Any, v: Any, *, scale: float, mask: Any = None, **kw: Any) -> Any:
-    """mx.fast.scaled_dot_product_attention with the kv-head groups spread over the CPU streams.
-
-    The CPU fallback materializes the scores and runs a single-threaded softmax whose exp dominates;
-    heads are independent, so each core takes a share (GQA: a kv head with its query heads).
-    """
-    import mlx.core as mx
-
-    streams = cpu_streams()
-    hk = k.shape[1]
-    if len(streams) < 2 or hk < 2 or kw.get("sinks") is not None:
-        return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask, **kw)
-    rep = q.shape[1] // hk
-    outs = []
-    for st, (a, b) in zip(streams, _row_splits(hk, min(len(streams), hk))):
-        m = mask
-        if isinstance(mask, mx.array) and mask.ndim == 4 and mask.shape[1] == q.shape[1]:
-            m = mask[:, a * rep : b * rep]
-        with mx.stream(st):
-            outs.append(
-                mx.fast.scaled_dot_product_attention(q[:, a * rep : b * rep], k[:, a:b], v[:, a:b], scale=scale, mask=m)
-            )
-    return mx.concatenate(outs, axis=1)
-
-
-_ORIGINAL: dict[str, Any] = {}
-
-
-def patched_linear_call(self: Any, x: Any) -> Any:
-    """`DequantizingQuantizedLinear.__call__`, prefill path changed by the patches in `ACTIVE`."""
-    import mlx.core as mx
-
-    from pixtral_mlx import backend
-
-    if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS or not (self.mode == "affine" and self.bits in (4, 8)):
-        return _ORIGINAL["linear"](self, x)  # the library's own path (decode: split over the streams)
-    streams = cpu_streams() if "dequant-streams" in ACTIVE else []
-    if len(streams) >= 2:
-        # Dequantize row blocks on the CPU streams (the elementwise kernels are single-threaded).
-        ws = []
-        for st, (lo, hi) in zip(streams, _row_splits(self["weight"].shape[0], len(streams))):
-            with mx.stream(st):
-                ws.append(
-                    fast_dequantize(
-                        self["weight"][lo:hi], self["scales"][lo:hi], self["biases"][lo:hi], self.group_size, self.bits
-                    )
-                )
-        y = mx.concatenate([x @ w.astype(x.dtype).T for w in ws], axis=-1)
-    else:
-        w = fast_dequantize(self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
-        y = x @ w.astype(x.dtype).T
-    if "bias" in self:
-        y = y + self["bias"]
-    return y
-
-
-def patched_lm_sdpa(
-    queries: Any, keys: Any, values: Any, cache: Any, scale: float, mask: Any, sinks: Any = None
-) -> Any:
-    """mlx-lm's `scaled_dot_product_attention` with `split_sdpa` for prompts (several queries)."""
-    from mlx_lm.models import base
-
-    if hasattr(cache, "bits") or queries.shape[2] == 1:
-        return base.scaled_dot_product_attention(queries, keys, values, cache, scale, mask, sinks)
-    return split_sdpa(queries, keys, values, scale=scale, mask=mask, sinks=sinks)
-
-
-PATCHES = {
-    "fast-dequant": "prefill path: dequantize with shifts/masks in MLX ops instead of mx.dequantize",
-    "dequant-streams": "prefill path: fast-dequant of row blocks on the CPU streams (implies fast-dequant)",
-    "lm-attention-streams": "decoder prompt attention split by kv-head groups over the CPU streams",
-}
-# Adopted by the library in c405613 (measured here before): decode quantized matmuls split by rows
-# and vision attention split by heads over the CPU streams.
-ACTIVE: set[str] = set()
-
-
-def apply(names: list[str]) -> None:
-    """Install exactly the named patches (the others are removed); can be called at any time."""
-    unknown = set(names) - set(PATCHES)
-    if unknown:
-        raise ValueError(f"unknown patch {sorted(unknown)[0]!r}; known: {', '.join(PATCHES)}")
-    from mlx_lm.models import llama
-
-    from pixtral_mlx import model as pm
-
-    _ORIGINAL.setdefault("linear", pm.DequantizingQuantizedLinear.__call__)
-    _ORIGINAL.setdefault("lm_sdpa", llama.scaled_dot_product_attention)
-    pm.DequantizingQuantizedLinear.__call__ = _ORIGINAL["linear"]
-    llama.scaled_dot_product_attention = _ORIGINAL["lm_sdpa"]
-    ACTIVE.clear()
-    ACTIVE.update(names)
-
-    if ACTIVE & {"fast-dequant", "dequant-streams"}:
-        pm.DequantizingQuantizedLinear.__call__ = patched_linear_call
-    if "lm-attention-streams" in ACTIVE:
-        llama.scaled_dot_product_attention = patched_lm_sdpa
-
-
 # ---------------------------------------------------------------------------------------------
 
 
@@ -172,32 +51,33 @@ def kernels(args: argparse.Namespace) -> dict:
     """One decoder FFN matrix (14336 x 5120): dequantization, prefill GEMM, decode GEMV."""
     import mlx.core as mx
 
-    O, I = 14336, 5120
-    w = mx.random.normal((O, I)) * 0.02
+    from pixtral_mlx.cpu import dequantize_affine
+
+    rows, cols = 14336, 5120
+    w = mx.random.normal((rows, cols)) * 0.02
     wq, s, b = mx.quantize(w, 64, 4)
     mx.eval(wq, s, b)
     del w
-    out: dict[str, Any] = {"matrix": [O, I]}
+    out: dict[str, Any] = {"matrix": [rows, cols]}
     ref = mx.dequantize(wq, s, b, group_size=64, bits=4)
-    out["fast_equals_mx_dequantize"] = bool(mx.array_equal(ref, fast_dequantize(wq, s, b, 64, 4)).item())
-    out["max_abs_diff"] = float(mx.abs(ref - fast_dequantize(wq, s, b, 64, 4)).max().item())
+    out["fast_equals_mx_dequantize"] = bool(mx.array_equal(ref, dequantize_affine(wq, s, b, 64, 4)).item())
+    out["max_abs_diff"] = float(mx.abs(ref - dequantize_affine(wq, s, b, 64, 4)).max().item())
     del ref
     out["mx_dequantize_s"] = best(lambda: mx.eval(mx.dequantize(wq, s, b, group_size=64, bits=4)))
-    out["fast_dequantize_s"] = best(lambda: mx.eval(fast_dequantize(wq, s, b, 64, 4)))
+    out["fast_dequantize_s"] = best(lambda: mx.eval(dequantize_affine(wq, s, b, 64, 4)))
     for m in (1, 4, 16, 128):
-        x = mx.random.normal((m, I))
-        mx.eval(x)
+        xm = mx.random.normal((m, cols))
+        mx.eval(xm)
         out[f"quantized_matmul_{m}_s"] = best(
-            lambda: mx.eval(mx.quantized_matmul(x, wq, s, b, transpose=True, group_size=64, bits=4))
+            lambda xm=xm: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=4))
         )
-    x = mx.random.normal((128, I))
+    x = mx.random.normal((128, cols))
     wd = mx.dequantize(wq, s, b, group_size=64, bits=4)
     mx.eval(x, wd)
     out["gemm_128_s"] = best(lambda: mx.eval(x @ wd.T))
-    del wd
     # Decode: the same GEMV split over two CPU streams (each stream has its own thread).
-    x = mx.random.normal((1, I))
-    h = O // 2
+    x = mx.random.normal((1, cols))
+    h = rows // 2
     halves = [(wq[:h], s[:h], b[:h]), (wq[h:], s[h:], b[h:])]
     mx.eval(x, halves)
     streams = [mx.new_stream(mx.default_device()) for _ in range(2)]
@@ -229,8 +109,8 @@ def compare(args: argparse.Namespace) -> dict:
     variants = [("as is", [])] + [(" + ".join(p), p) for p in (x.split("+") for x in args.patches)]
     work = Path(tempfile.mkdtemp(prefix="experiments-"))
     out: dict[str, Any] = {"model": str(model), "layers": [L, M], "patches": PATCHES, "runs": {}}
-    for rep in range(args.repeats):
-        for name, patches in variants:
+    for _ in range(args.repeats):
+        for name, patch_names in variants:
             spec = {
                 "kind": "ours",
                 "label": f"exp-{len(out['runs'])}",
@@ -239,7 +119,7 @@ def compare(args: argparse.Namespace) -> dict:
                 "vision_layers": M,
                 "settings": settings,
                 "chat": True,
-                "patches": patches,
+                "patches": patch_names,
                 "extra_prompt_tokens": args.extra_tokens,
             }
             raw = run.run_job(spec, work)
@@ -308,8 +188,8 @@ def ab(args: argparse.Namespace) -> dict:
     samples: dict[str, dict[str, list[float]]] = {n: {} for n, _ in variants}
     rt.generate(text, max_tokens=1)  # warm-up
     for r in range(args.repeats):
-        for name, patches in variants:
-            apply(patches)
+        for name, patch_names in variants:
+            apply(patch_names)
             for label, prompt in (("text", text), ("image", image)):
                 for depth in (1, L):
                     rt.set_depth(text=depth)
@@ -336,9 +216,38 @@ def ab(args: argparse.Namespace) -> dict:
     return out
 
 
+def vision(args: argparse.Namespace) -> dict:
+    """The vision encoder at Pixtral-12B's widths (random weights, 2 layers, CPU classes as the library
+    installs them): several images in one `encode_images` call against one call per image."""
+    from pixtral_mlx import backend  # first: it preloads the optimized BLAS before mlx is imported
+    from pixtral_mlx.config import VISION_DEFAULTS, PixtralArgs
+    from pixtral_mlx.model import Model
+
+    cfg = {"vision_config": {**VISION_DEFAULTS, "num_hidden_layers": 2}, "text_config": {"num_hidden_layers": 1,
+           "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+           "head_dim": 16, "vocab_size": 64}}  # fmt: skip
+    import mlx.core as mx
+
+    model = Model(PixtralArgs.from_hf_config(cfg))
+    backend.prepare(model)
+    mx.eval(model.parameters())
+    rng = np.random.default_rng(0)
+    cases = [(8, 128), (4, 256), (2, 512), (4, 512), (2, 1024)]
+    rows = ["| images | one call, s | one call per image, s | per image ÷ one call |", "|---|---|---|---|"]
+    out: dict[str, Any] = {}
+    for n, side in cases:
+        imgs = [rng.standard_normal((3, side, side)).astype(np.float32) for _ in range(n)]
+        together = best(lambda imgs=imgs: mx.eval(model.encode_images(imgs)), args.repeats)
+        apart = best(lambda imgs=imgs: mx.eval([model.encode_images([i]) for i in imgs]), args.repeats)
+        out[f"{n}x{side}"] = {"one_call_s": together, "per_image_s": apart}
+        rows.append(f"| {n} × {side}² | {together:.3f} | {apart:.3f} | {apart / together:.2f}× |")
+    out["table"] = "\n".join(rows)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("what", choices=["kernels", "compare", "ab"])
+    ap.add_argument("what", choices=["kernels", "compare", "ab", "vision"])
     ap.add_argument(
         "--model",
         default=str(HERE / "out" / "checkpoints" / "mlx-4bit"),
@@ -347,7 +256,7 @@ def main() -> int:
     ap.add_argument(
         "--patches",
         nargs="*",
-        default=["fast-dequant", "dequant-streams", "lm-attention-streams", "dequant-streams+lm-attention-streams"],
+        default=["dequant-streams", "lm-attention-streams", "dequant-streams+lm-attention-streams"],
         help=f"variants to compare, each a '+'-joined list of: {', '.join(PATCHES)}",
     )
     ap.add_argument("--repeats", type=int, default=1, help="alternating runs/rounds of every variant (best kept)")
@@ -356,7 +265,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the benchmark's --quick settings")
     ap.add_argument("--out", type=Path, default=None, help="write the JSON here")
     args = ap.parse_args()
-    res = {"kernels": kernels, "compare": compare, "ab": ab}[args.what](args)
+    res = {"kernels": kernels, "compare": compare, "ab": ab, "vision": vision}[args.what](args)
     if args.out:
         args.out.write_text(json.dumps(res, indent=1, default=str))
     if "table" in res:

@@ -132,17 +132,17 @@ class Ours:
 
         mx.synchronize()
         t = now()
-        self.px.image_features(prompt.images[0])
+        self.px.image_features(prompt.images[:1])
         return now() - t
 
     def features(self, prompt: Any) -> Any:
-        return [self.px.image_features(img) for img in prompt.images]
+        return self.px.image_features(prompt.images)
 
     def generate(self, prompt: Any, max_tokens: int, budget_s: float = 1e9) -> dict:
         """Prefill (image features already cached, when the prompt has images) and decode."""
         import mlx.core as mx
 
-        from pixtral_mlx.generate import stream_tokens
+        from pixtral_mlx.generate import Options, stream_tokens
 
         cache = self.model.make_cache()
         mx.synchronize()
@@ -155,9 +155,7 @@ class Ours:
             emb,
             cache,
             eos_id=-1,
-            max_tokens=max_tokens + 1,
-            temperature=0.0,
-            top_p=1.0,
+            options=Options(max_tokens=max_tokens + 1, temperature=0.0, top_p=1.0),
         )
         return run_stream(steps, t0, max_tokens, budget_s)
 
@@ -180,17 +178,13 @@ class Ours:
         out: dict[str, Any] = {}
         out["first_ttft_s"], out["first_prompt_tokens"] = turn(image_message(size, seed)[0]["content"])
         # To repeat the follow-up, put the conversation back as it was after the first turn: drop the
-        # follow-up (undo) and trim the KV cache to the first turn (Chat's `cache`/`cached`).
-        offset = chat.cache[0].offset if getattr(chat, "cache", None) else None
-        cached = list(getattr(chat, "cached", []))
+        # follow-up (undo) and trim the chat's prompt cache to the first turn.
+        offset = chat.cache.offset
         seconds = []
-        for i in range(repeats if offset is not None else 1):
+        for i in range(repeats):
             if i:
-                from mlx_lm.models.cache import trim_prompt_cache
-
                 chat.undo()
-                trim_prompt_cache(chat.cache, chat.cache[0].offset - offset)
-                chat.cached = list(cached)
+                chat.cache.trim(offset)
             t, out["second_prompt_tokens"] = turn(CHAT_FOLLOWUP)
             seconds.append(t)
         out["second_ttft_s"], out["second_samples"] = min(seconds), seconds
@@ -474,7 +468,7 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
     """Greedy tokens of a fixed prompt: lets run.py check both runtimes compute the same model."""
     prompt = rt.encode([{"role": "user", "content": DECODE_PROMPT}])
     if isinstance(rt, Ours):
-        from pixtral_mlx.generate import stream_tokens
+        from pixtral_mlx.generate import Options, stream_tokens
 
         steps = stream_tokens(
             rt.model,
@@ -483,9 +477,7 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
             rt.px.embeddings(prompt),
             rt.model.make_cache(),
             eos_id=-1,
-            max_tokens=n + 1,
-            temperature=0.0,
-            top_p=1.0,
+            options=Options(max_tokens=n + 1, temperature=0.0, top_p=1.0),
         )
         out = [c.token for c in steps if c.token is not None][:n]
     else:
@@ -508,9 +500,9 @@ def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
 
     if spec.get("patches"):  # experiments.py: library changes under test, installed before loading
         sys.path.insert(0, str(Path(__file__).parent))
-        import experiments
+        import patches
 
-        experiments.apply(spec["patches"])
+        patches.apply(spec["patches"])
     rt = Ours(spec["model"])
     res = measure_runtime(rt, spec, log)
     rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])

@@ -141,9 +141,9 @@ def write_safetensors(path: Path, shapes: list[tuple[str, tuple[int, ...]]], see
 
 
 def tekken_json() -> Path:
-    import mistral_common
+    from pixtral_mlx.config import bundled_tekken
 
-    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    return bundled_tekken()
 
 
 def write_checkpoint(folder: Path, text_layers: int, vision_layers: int, tiny: bool = False, seed: int = 0) -> dict:

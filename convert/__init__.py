@@ -11,14 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from pixtral_mlx.errors import ConversionError
+
 if TYPE_CHECKING:
     from pixtral_mlx.convert.stream import convert
 
 __all__ = ["ConversionError", "convert"]
-
-
-class ConversionError(ValueError):
-    """A source or output problem, described in one sentence for the user."""
 
 
 def __getattr__(name: str) -> Any:

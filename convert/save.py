@@ -139,13 +139,6 @@ def write_config(folder: Path, config: dict[str, Any]) -> None:
     (folder / "config.json").write_text(json.dumps(config, indent=4, sort_keys=True) + "\n")
 
 
-def default_tokenizer() -> Path:
-    """The Pixtral tokenizer (tekken v3) that ships with mistral_common."""
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
-
-
 @contextmanager
 def atomic_folder(output: Path, force: bool) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `output` only if the block completes."""

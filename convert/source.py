@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -18,8 +17,12 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
+from pixtral_mlx import hub
 from pixtral_mlx.config import PixtralArgs
-from pixtral_mlx.convert import ConversionError
+from pixtral_mlx.errors import ConversionError, PixtralError
+from pixtral_mlx.hub import is_repo_id
+
+__all__ = ["Source", "TensorInfo", "download", "is_repo_id", "open_source", "read_header", "read_json"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]
@@ -30,7 +33,6 @@ DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
     "F16": (np.float16, mx.float16),
     "F32": (np.float32, mx.float32),
 }
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 @dataclass(frozen=True)
@@ -80,60 +82,16 @@ class Source:
         self._handles.clear()
 
 
-def is_repo_id(source: str) -> bool:
-    return bool(_REPO_ID.match(source)) and not Path(source).exists()
-
-
 def download(repo_id: str) -> Path:
     """Fetch only the files a conversion needs from the Hub (or its cache) and return the folder."""
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-    )
-
-    def gated() -> ConversionError:
-        return ConversionError(
-            f"{repo_id} is gated on Hugging Face: accept its license on "
-            f"https://huggingface.co/{repo_id}, run `huggingface-cli login` (or set HF_TOKEN), "
-            "or download it yourself and pass the folder"
-        )
-
-    def missing() -> ConversionError:
-        return ConversionError(
-            f"{repo_id} is neither a local folder nor a Hugging Face repo you can access: "
-            "check the name, or run `huggingface-cli login` if it is private"
-        )
-
-    patterns = OFFICIAL_FILES + HF_FILES
-    try:
-        names = {s.rfilename for s in HfApi().model_info(repo_id).siblings or []}
-        # A repo with both layouts: fetch the official one only, not the checkpoint twice.
-        patterns = OFFICIAL_FILES if {"consolidated.safetensors", "params.json"} <= names else HF_FILES
-    except GatedRepoError as e:
-        raise gated() from e
-    except RepositoryNotFoundError as e:
-        raise missing() from e
-    except Exception:
-        pass  # offline or no network: snapshot_download falls back to the local cache
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except GatedRepoError as e:
-        raise gated() from e
-    except RepositoryNotFoundError as e:
-        raise missing() from e
-    except LocalEntryNotFoundError as e:
-        raise ConversionError(
-            f"cannot download {repo_id}: Hugging Face is not reachable (no network, or "
-            "HF_HUB_OFFLINE is set) and the repo is not in the local cache; connect and retry, "
-            "or download it yourself and pass the folder"
-        ) from e
-    except Exception as e:  # a dropped connection, a full disk: the Hub cache resumes next time
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConversionError(
-            f"downloading {repo_id} from Hugging Face failed ({first}): run the command again to resume"
-        ) from e
+    names = hub.repo_files(repo_id, ConversionError)
+    if names is None:  # the Hub cannot be asked: take whichever layout the local cache has
+        patterns = OFFICIAL_FILES + HF_FILES
+    elif {"consolidated.safetensors", "params.json"} <= names:  # both layouts: the official one only, not twice
+        patterns = OFFICIAL_FILES
+    else:
+        patterns = HF_FILES
+    return hub.download(repo_id, patterns, error=ConversionError)
 
 
 def open_source(path: Path) -> Source:
@@ -168,7 +126,7 @@ def open_source(path: Path) -> Source:
     config = read_json(config_file)
     try:
         args = PixtralArgs.from_params(config) if fmt == "official" else PixtralArgs.from_hf_config(config)
-    except (ValueError, TypeError, KeyError, AttributeError) as e:
+    except PixtralError as e:
         raise ConversionError(f"{config_file} does not describe a Pixtral model: {e}") from e
     tensors: dict[str, TensorInfo] = {}
     for file in files:

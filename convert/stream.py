@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 from tqdm import tqdm
 
+from pixtral_mlx.config import bundled_tekken
 from pixtral_mlx.convert import ConversionError
 from pixtral_mlx.convert.quantize import QuantSpec
 from pixtral_mlx.convert.quantize import quantize as quantize_block
@@ -24,7 +25,6 @@ from pixtral_mlx.convert.save import (
     Planned,
     ShardedWriter,
     atomic_folder,
-    default_tokenizer,
     plan_shards,
     write_config,
     write_index,
@@ -104,7 +104,7 @@ def convert(
             _write_tensors(src, jobs, tmp, shards, DTYPES[dtype], spec, progress)
             write_index(tmp, shards)
             write_config(tmp, src.args.to_config())
-            shutil.copyfile(src.tokenizer or default_tokenizer(), tmp / "tekken.json")
+            shutil.copyfile(src.tokenizer or bundled_tekken(), tmp / "tekken.json")
     finally:
         src.close()
     return output

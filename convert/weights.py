@@ -126,16 +126,56 @@ _TABLE: list[tuple[str, str, str]] = [
     ),
 ]
 _OFFICIAL = [(re.compile(o + "$"), m) for o, _, m in _TABLE]
-_HF = [(re.compile(h + "$"), m) for _, h, m in _TABLE]
+# HF names are matched after `canonical_key`, which adds the `vision_model` level.
+_HF = [(re.compile(h.replace(r"vision_tower\.", r"vision_tower\.vision_model\.") + "$"), m) for _, h, m in _TABLE]
 
-# transformers 5.x saves `model.language_model.*`, `lm_head.*`, `model.vision_tower.*`;
-# older files and the Hub repo use the legacy LLaVA names. Normalize to the legacy ones.
-HF_PREFIXES = [
-    ("model.language_model.", "language_model.model."),
-    ("lm_head.", "language_model.lm_head."),
-    ("model.vision_tower.", "vision_tower."),
-    ("model.multi_modal_projector.", "multi_modal_projector."),
-]
+
+@dataclass(frozen=True)
+class KeyRule:
+    """One peer naming convention: names starting with `old` are renamed to start with `new`."""
+
+    name: str
+    old: str
+    new: str
+    unless: str = ""  # names that already start with this are left alone
+
+    def apply(self, key: str) -> str:
+        if key.startswith(self.old) and not (self.unless and key.startswith(self.unless)):
+            return self.new + key[len(self.old) :]
+        return key
+
+
+# Hugging Face and MLX-peer tensor names -> ours, applied in order. The legacy LLaVA names (the Hub repo,
+# transformers < 5, mlx-vlm) equal ours but for the `vision_model` level.
+KEY_RULES = (
+    KeyRule("transformers 5: decoder under model.", "model.language_model.", "language_model.model."),
+    KeyRule("transformers 5: lm_head at the top", "lm_head.", "language_model.lm_head."),
+    KeyRule("transformers 5: vision tower under model.", "model.vision_tower.", "vision_tower."),
+    KeyRule("transformers 5: projector under model.", "model.multi_modal_projector.", "multi_modal_projector."),
+    KeyRule(
+        "transformers and older mlx-vlm: no vision_model level",
+        "vision_tower.",
+        "vision_tower.vision_model.",
+        unless="vision_tower.vision_model.",
+    ),
+)
+BUFFERS = ("rotary_emb.", "position_ids")  # non-parameters that older transformers files carry
+
+
+def canonical_key(key: str) -> str | None:
+    """A Hugging Face or MLX-peer tensor name in our layout; None for buffers that are not parameters."""
+    if any(b in key for b in BUFFERS):
+        return None
+    for rule in KEY_RULES:
+        key = rule.apply(key)
+    return key
+
+
+def torch_layout(metadata: dict[str, str]) -> bool:
+    """Whether a safetensors file was written by PyTorch (transformers' `save_pretrained` records
+    `format: pt`), so its patch conv is [O, I, kH, kW] rather than MLX's [O, kH, kW, I]. Our converter
+    and mlx-vlm write `format: mlx`."""
+    return metadata.get("format") == "pt"
 
 
 @dataclass(frozen=True)
@@ -153,10 +193,7 @@ def target(src_key: str, source_format: str, args: PixtralArgs) -> Target | None
         table = _OFFICIAL
     else:
         table = _HF
-        for old, new in HF_PREFIXES:
-            if src_key.startswith(old):
-                src_key = new + src_key[len(old) :]
-                break
+        src_key = canonical_key(src_key) or ""
     for pattern, template in table:
         m = pattern.match(src_key)
         if m is None:
@@ -179,12 +216,6 @@ def permute_for_rope(w: mx.array, n_heads: int) -> mx.array:
     rows, cols = w.shape
     # (n_heads, hd/2, 2, in) -> (n_heads, 2, hd/2, in)
     return w.reshape(n_heads, rows // n_heads // 2, 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
-
-
-def unpermute_for_rope(w: mx.array, n_heads: int) -> mx.array:
-    """Inverse of `permute_for_rope` (used to write official-layout test checkpoints)."""
-    rows, cols = w.shape
-    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(0, 2, 1, 3).reshape(rows, cols)
 
 
 def transform(w: mx.array, t: Target) -> mx.array:

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING
 
 from . import backend as _backend
 from ._version import __version__
+from .errors import PixtralError
 
 _backend.preload_blas()
 
 if TYPE_CHECKING:
     from .pipeline import Pixtral
 
-__all__ = ["load", "__version__"]
+__all__ = ["PixtralError", "__version__", "load"]
 
 
 def load(path: str, progress: Callable[[str], None] | None = None) -> Pixtral:

@@ -16,7 +16,6 @@ import ctypes.util
 import os
 import platform
 import sys
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,10 +30,6 @@ _BLAS_CANDIDATES = [
 
 BLAS: str | None = None  # path of the optimized BLAS in use, if any
 BLAS_NOTE = "bundled BLAS"
-
-# Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
-DEQUANT_MIN_TOKENS = 16
-_local = threading.local()
 
 
 def preload_blas() -> str | None:
@@ -94,38 +89,13 @@ def device_name() -> str:
 
 
 def prepare(model: Any) -> None:
-    """Cast floating weights to the compute dtype and pick the CPU prefill path for quantized layers."""
-    import mlx.nn as nn
-
+    """Cast floating weights to the compute dtype; on the CPU backend, swap in the CPU classes (`cpu.py`)."""
     weight_dtype = model.language_model.model.norm.weight.dtype
     model.set_dtype(compute_dtype(weight_dtype))
     if not on_cpu():
         return
-    from .model import DequantizingQuantizedLinear
+    from .cpu import REPLACEMENTS
 
     for _, module in model.named_modules():
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = DequantizingQuantizedLinear
-
-
-def cpu_streams() -> list[Any]:
-    """One CPU stream per core for this thread, or [] off the CPU backend or on one core.
-
-    MLX runs each CPU stream on its own thread, while single kernels (quantized matmul, the
-    attention softmax) run on one: splitting independent rows or heads over these streams uses
-    every core. Streams are per thread in MLX, so each thread gets its own set.
-    """
-    import mlx.core as mx
-
-    streams = getattr(_local, "streams", None)
-    if streams is None:
-        n = min(os.cpu_count() or 1, 8)
-        streams = [mx.new_stream(mx.cpu) for _ in range(n)] if on_cpu() and n > 1 else []
-        _local.streams = streams
-    return streams
-
-
-def splits(n: int, parts: int) -> list[tuple[int, int]]:
-    """[lo, hi) ranges cutting n items into at most `parts` nearly equal pieces."""
-    b = [n * i // parts for i in range(parts + 1)]
-    return [(lo, hi) for lo, hi in zip(b[:-1], b[1:]) if hi > lo]
+        if type(module) in REPLACEMENTS:
+            module.__class__ = REPLACEMENTS[type(module)]

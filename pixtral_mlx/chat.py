@@ -1,8 +1,9 @@
 """Multi-turn conversations that keep their KV cache and image features across turns.
 
 Each turn encodes the whole history with mistral_common (so the tokens are exactly the reference
-layout), finds the longest prefix already in the KV cache, trims the cache to it and prefills only
-the rest. Regenerate and undo are edits of `messages`; the prefix match trims what changed.
+layout) and runs it through the model's one turn path on the chat's own `PromptCache`, which
+prefills only what differs from the tokens already cached. Regenerate and undo are edits of
+`messages`; the prefix match trims what changed.
 Note: tekken v3 puts the system prompt before the *last* user message, so with a system prompt each
 turn re-prefills the text from the last user message on (image features stay cached).
 """
@@ -11,62 +12,84 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import mlx.core as mx
-from mlx_lm.models.cache import trim_prompt_cache
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_edge
+from .errors import PromptError
+from .generate import Chunk, Options, Reply, collect
 
-from .config import CONTEXT_LENGTH
-from .generate import DEFAULT_MAX_TOKENS, Chunk, ContextError, Reply, stream_tokens
-from .pipeline import Pixtral, collect
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
+if TYPE_CHECKING:
+    from .pipeline import Pixtral
+    from .prompt import Prompt
 
 
 class Chat:
-    def __init__(self, pixtral: Pixtral, system: str | None = None, max_edge: int | None = None, **defaults: Any):
+    def __init__(
+        self,
+        pixtral: Pixtral,
+        system: str | None = None,
+        *,
+        max_edge: int | None = None,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        seed: int | None = None,
+    ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        self.max_edge = max_edge
-        self.defaults = {"max_tokens": DEFAULT_MAX_TOKENS, **defaults}
-        self.cache: list[Any] | None = None
-        self.cached: list[int] = []  # the tokens whose keys/values are in `cache`
+        self.max_edge = check_max_edge(max_edge)
+        self.options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        self.cache = pixtral.new_cache()
         self.context_used = 0  # tokens of the history after the last turn
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
 
     # Public API --------------------------------------------------------------------------------
-    def send(self, content: Any, **kwargs: Any) -> Reply:
-        return collect(self.stream(content, **kwargs))
+    def send(self, content: Any, **options: Any) -> Reply:
+        """Add a user message and return the whole reply (options as in `stream`)."""
+        return collect(self.stream(content, **options))
 
-    def stream(self, content: Any, **kwargs: Any) -> Iterator[Chunk]:
-        """Add a user message and stream the reply; a failed turn leaves the history unchanged."""
+    def stream(
+        self,
+        content: Any,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Chunk]:
+        """Add a user message and stream the reply; options override the chat's for this turn.
+
+        A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
+        history unchanged.
+        """
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         self.messages.append({"role": "user", "content": content})
         try:
-            prepared = self._prepare(kwargs)
+            return self._turn(options)
         except Exception:
             self.messages.pop()
             raise
-        return self._run(*prepared)
 
-    def regenerate(self, **kwargs: Any) -> Iterator[Chunk]:
+    def regenerate(
+        self,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+    ) -> Iterator[Chunk]:
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise ValueError("there is no reply to regenerate.")
+            raise PromptError("there is no reply to regenerate.")
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
         last = self.messages.pop()
         try:
-            prepared = self._prepare(kwargs)
+            return self._turn(options)
         except Exception:
             self.messages.append(last)
             raise
-        return self._run(*prepared)
 
     def undo(self) -> dict[str, Any] | None:
         """Remove the last user turn (and its reply); return the removed user message."""
@@ -80,7 +103,8 @@ class Chat:
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self.cache, self.cached, self.context_used = None, [], 0
+        self.cache = self.pixtral.new_cache()
+        self.context_used = 0
 
     def restore(self, messages: list[dict[str, Any]]) -> None:
         """Start from a saved history; the next turn prefills it once."""
@@ -99,55 +123,22 @@ class Chat:
         return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge))
 
     # Internals ---------------------------------------------------------------------------------
-    def _prepare(self, kwargs: dict[str, Any]) -> tuple[Any, ...]:
+    def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
-        opts = {**self.defaults, **kwargs}
         prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)
-        if len(prompt) >= CONTEXT_LENGTH:
-            new = len(prompt) - min(len(prompt), self.context_used)
-            raise ContextError(
-                f"this turn needs {new:,} more tokens and the conversation would reach {len(prompt):,} of the "
-                f"{CONTEXT_LENGTH:,}-token context; remove images, undo turns or start a new chat."
-            )
-        opts["max_tokens"] = min(opts["max_tokens"], CONTEXT_LENGTH - len(prompt))
-        if self.cache is None:
-            self.cache, self.cached = self.pixtral.model.make_cache(), []
-        keep = min(_common_prefix(prompt.tokens, self.cached), len(prompt) - 1)
-        if self.cache[0].offset > keep:
-            trim_prompt_cache(self.cache, self.cache[0].offset - keep)
-        self.cached = self.cached[:keep]
-        emb = self.pixtral.embeddings(prompt, start=keep)
-        return prompt, keep, emb, opts, tic
+        chunks = self.pixtral._stream_prompt(prompt, self.cache, options, tic, context_used=self.context_used)
+        return self._record(prompt, chunks)
 
-    def _run(self, prompt: Any, keep: int, emb: mx.array, opts: dict[str, Any], tic: float) -> Iterator[Chunk]:
-        mx.reset_peak_memory()
-        px = self.pixtral
-        new_tokens = prompt.tokens[keep:]
-        generated: list[int] = []
-        text = ""
-        finish = "interrupted"
+    def _record(self, prompt: Prompt, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+        """Pass the chunks on; at the end (or on a stop) the reply, partial or not, joins the history."""
+        reply = Reply()
         try:
-            for chunk in stream_tokens(
-                px.model,
-                px.encoder.detokenizer(),
-                new_tokens,
-                emb,
-                self.cache,
-                eos_id=px.encoder.eos_id,
-                start_time=tic,
-                **{k: v for k, v in opts.items() if k in ("max_tokens", "temperature", "top_p", "seed")},
-            ):
-                text += chunk.text
-                if chunk.token is not None:
-                    generated.append(chunk.token)
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
-                    if finish == "stop":
-                        generated.append(px.encoder.eos_id)
+            for chunk in chunks:
+                reply.add(chunk)
                 yield chunk
         finally:
-            # Every token consumed has been fed to the cache; keep the partial reply on a stop.
-            self.cached = (prompt.tokens + generated)[: self.cache[0].offset]
-            self.messages.append({"role": "assistant", "content": text})
-            self.context_used = len(prompt) + len(generated)
-            self.last_finish = finish
+            chunks.close()  # type: ignore[attr-defined]
+            self.messages.append({"role": "assistant", "content": reply.text})
+            self.last_finish = reply.finish_reason or "interrupted"
+            stop = 1 if reply.finish_reason == "stop" else 0  # the </s> is in the context too
+            self.context_used = len(prompt) + len(reply.tokens) + stop

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
+from typing import Any
 
 from ._version import __version__
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_EDGE
 
 DEFAULT_MODEL = "mlx-community/pixtral-12b-4bit"
 
@@ -15,6 +19,9 @@ COMMANDS = {
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
 }
+# Library parameter -> the flag that sets it, so a library error names what the user typed.
+FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
+         "max_edge": "--max-edge"}  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -27,24 +34,83 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         f"once). Default: {DEFAULT_MODEL}",
     )
     parser.add_argument("--system", help="system prompt")
-    parser.add_argument("--max-tokens", type=int, default=512, help="most tokens to generate (default 512)")
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=DEFAULT_MAX_TOKENS,
+        help=f"most tokens to generate (default {DEFAULT_MAX_TOKENS})",
+    )
     parser.add_argument(
         "--temp",
         "--temperature",
         dest="temp",
         type=float,
-        default=0.35,
-        help="sampling temperature; 0 is greedy (default 0.35, Mistral's recommendation)",
+        default=DEFAULT_TEMPERATURE,
+        help=f"sampling temperature; 0 is greedy (default {DEFAULT_TEMPERATURE}, Mistral's recommendation)",
     )
-    parser.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (default 0.8)")
+    parser.add_argument(
+        "--top-p", type=float, default=DEFAULT_TOP_P, help=f"nucleus sampling, above 0 and ≤1 (default {DEFAULT_TOP_P})"
+    )
     parser.add_argument("--seed", type=int, help="random seed for reproducible sampling")
     parser.add_argument(
-        "--max-edge", type=int, help="cap the longest image edge in pixels (≤1024): fewer image tokens, faster"
+        "--max-edge",
+        type=int,
+        help=f"cap the longest image edge in pixels (≤{MAX_EDGE}): fewer image tokens, faster",
     )
+
+
+def check_model_args(args: argparse.Namespace) -> Any:
+    """The generation `Options` of the parsed flags, checked as the library checks them (one home for the
+    ranges); raises `PromptError` whose message names the flag."""
+    from .config import check_max_edge
+    from .errors import PixtralError
+    from .turn import Options
+
+    try:
+        check_max_edge(args.max_edge)
+        return Options(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, seed=args.seed)
+    except PixtralError as e:
+        raise type(e)(flag_message(e), param=e.param) from None
+
+
+def flag_message(error: Exception) -> str:
+    """A library error's sentence with its parameter name replaced by the flag that sets it."""
+    message, param = str(error), getattr(error, "param", None)
+    for name in (param, (param or "").replace("_", " ")):
+        if param in FLAGS and message.startswith(name):
+            return FLAGS[param] + message[len(name) :]
+    return message
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; the usual CLI conventions for what happens around it (exit codes 130 and 141)."""
+    try:
+        code = _dispatch(sys.argv[1:] if argv is None else argv)
+        sys.stdout.flush()
+        return code
+    except KeyboardInterrupt:  # Ctrl-C before a command installed its own handling (imports, loading)
+        return 130
+    except BrokenPipeError:  # `pixtral-mlx describe … | head`: the reader is gone, nothing to say
+        _silence_stdout()
+        return 141
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EFBIG):
+            raise
+        _silence_stdout()
+        print(f"error: cannot write the output ({e.strerror}).", file=sys.stderr)
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def _dispatch(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="pixtral-mlx",
         description="Run Mistral's Pixtral-12B vision-language model locally with MLX.",

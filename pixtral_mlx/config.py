@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 # Published Pixtral-12B-2409 values (REFERENCE.md §2.1 and §3.1).
@@ -36,20 +37,95 @@ VISION_DEFAULTS: dict[str, Any] = {
 }
 CONTEXT_LENGTH = 131072  # the model card's 128K
 
+# Generation defaults, shared by the library, the CLI and the chat app.
+DEFAULT_TEMPERATURE = 0.35  # mistral-inference's example for Pixtral; temperature 0 is greedy
+DEFAULT_TOP_P = 0.8  # mistral-inference applies top-p 0.8 whenever it samples
+DEFAULT_MAX_TOKENS = 512
+
+# `max_edge`: the longest image edge the encoder resizes to. Pixtral-12B's limit is its vision image_size.
+MIN_EDGE = 16  # one patch
+MAX_EDGE = VISION_DEFAULTS["image_size"]
+
+
+def bundled_tekken() -> Path:
+    """The Pixtral tokenizer (tekken v3, `tekken_240911.json`) that ships inside mistral_common."""
+    import mistral_common
+
+    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+
+
+def check_max_edge(value: int | None, limit: int = MAX_EDGE) -> int | None:
+    """`value` if it is a usable longest-edge cap (or None); else PromptError with the allowed range."""
+    from .errors import PromptError
+
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not MIN_EDGE <= value <= limit:
+        raise PromptError(
+            f"max edge must be between {MIN_EDGE} and {limit} pixels (a whole number), got {value!r}.", param="max_edge"
+        )
+    return value
+
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
     names = inspect.signature(cls).parameters
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
+def _check_fields(obj: Any, part: str) -> None:
+    """Every field a positive number of the declared kind: one sentence naming the first bad one."""
+    from .errors import ConfigError
+
+    for name, f in obj.__dataclass_fields__.items():
+        value = getattr(obj, name)
+        want_int = f.type in ("int", int)
+        ok = isinstance(value, int) if want_int else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            kind = "a whole number" if want_int else "a number"
+            raise ConfigError(f"{part}.{name} must be {kind}, not {value!r}")
+        if not value > 0:  # also false for NaN
+            raise ConfigError(f"{part}.{name} must be positive, not {value!r}")
+
+
+def _require(condition: bool, message: str) -> None:
+    from .errors import ConfigError
+
+    if not condition:
+        raise ConfigError(message)
+
+
+def check_quantization(quant: Any) -> dict[str, Any] | None:
+    """The `quantization` block of config.json: group_size and bits, plus per-module overrides."""
+    if quant is None:
+        return None
+    _require(isinstance(quant, dict), f"quantization must be an object, not {quant!r}")
+    for key in ("group_size", "bits"):
+        _require(key in quant, f"quantization has no {key!r}")
+    for where, block in [("quantization", quant)] + [
+        (f"quantization[{k!r}]", v) for k, v in quant.items() if isinstance(v, dict)
+    ]:
+        g, b = block.get("group_size", quant["group_size"]), block.get("bits", quant["bits"])
+        _require(g in (32, 64, 128) and not isinstance(g, bool), f"{where} group_size must be 32, 64 or 128, not {g!r}")
+        _require(b in (2, 3, 4, 5, 6, 8) and not isinstance(b, bool), f"{where} bits must be 2–6 or 8, not {b!r}")
+    return quant
+
+
 def _rope_theta(d: dict[str, Any]) -> float | None:
     # transformers >= 5 writes rope_parameters={"rope_theta": ...}; older files write rope_theta.
     if d.get("rope_theta") is not None:
-        return float(d["rope_theta"])
+        return _number(d["rope_theta"], "rope_theta")
     params = d.get("rope_parameters") or d.get("rope_scaling") or {}
     if isinstance(params, dict) and params.get("rope_theta") is not None:
-        return float(params["rope_theta"])
+        return _number(params["rope_theta"], "rope_parameters.rope_theta")
     return None
+
+
+def _number(value: Any, name: str, kind: type = float) -> Any:
+    from .errors import ConfigError
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"{name} must be {'a whole number' if kind is int else 'a number'}, not {value!r}")
+    return kind(value)
 
 
 @dataclass
@@ -65,12 +141,13 @@ class VisionArgs:
     rms_norm_eps: float = 1e-5
 
     def __post_init__(self) -> None:
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError("vision hidden_size must be divisible by num_attention_heads")
-        if self.head_dim % 4:
-            raise ValueError("vision head_dim must be a multiple of 4 for 2D RoPE")
-        if self.image_size % self.patch_size:
-            raise ValueError("vision image_size must be a multiple of patch_size")
+        _check_fields(self, "vision_config")
+        _require(
+            self.hidden_size % self.num_attention_heads == 0,
+            "vision hidden_size must be divisible by num_attention_heads",
+        )
+        _require(self.head_dim % 4 == 0, "vision head_dim must be a multiple of 4 for 2D RoPE")
+        _require(self.image_size % self.patch_size == 0, "vision image_size must be a multiple of patch_size")
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +170,14 @@ class TextArgs:
     vocab_size: int
     rope_theta: float
     max_position_embeddings: int = 131072
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "text_config")
+        _require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            "text_config.num_attention_heads must be a multiple of num_key_value_heads",
+        )
+        _require(self.head_dim % 2 == 0, "text_config.head_dim must be even (RoPE rotates pairs)")
 
     def to_mlx_lm(self) -> dict[str, Any]:
         """Arguments for mlx-lm's `llama.ModelArgs` (Mistral-NeMo is a llama-family decoder)."""
@@ -117,6 +202,10 @@ class PixtralArgs:
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> PixtralArgs:
         """Read a transformers/mlx-vlm style `config.json` (LLaVA layout, sparse or complete)."""
+        _require(isinstance(config, dict), f"the file must hold a JSON object, not {type(config).__name__}")
+        for part in ("text_config", "vision_config"):
+            value = config.get(part)
+            _require(value is None or isinstance(value, dict), f"{part} must be an object, not {value!r}")
         text = {**TEXT_DEFAULTS, **_without_none(config.get("text_config") or {})}
         vision = {**VISION_DEFAULTS, **_without_none(config.get("vision_config") or {})}
         for part, src in ((text, config.get("text_config") or {}), (vision, config.get("vision_config") or {})):
@@ -129,15 +218,18 @@ class PixtralArgs:
         return cls(
             text=_from_dict(TextArgs, text),
             vision=_from_dict(VisionArgs, vision),
-            image_token_id=int(image_token),
-            image_break_token_id=int(config.get("image_break_token_id", 12)),
-            image_end_token_id=int(config.get("image_end_token_id", 13)),
-            quantization=config.get("quantization"),
+            image_token_id=_number(image_token, "image_token_index", int),
+            image_break_token_id=_number(config.get("image_break_token_id", 12), "image_break_token_id", int),
+            image_end_token_id=_number(config.get("image_end_token_id", 13), "image_end_token_id", int),
+            quantization=check_quantization(config.get("quantization")),
         )
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> PixtralArgs:
         """Read Mistral's official `params.json` (mistral-inference field names)."""
+        from .errors import ConfigError
+
+        _require(isinstance(params, dict), f"the file must hold a JSON object, not {type(params).__name__}")
         try:
             venc = params["vision_encoder"]
             text = TextArgs(
@@ -162,7 +254,9 @@ class PixtralArgs:
                 num_channels=venc.get("num_channels", 3),
             )
         except KeyError as e:
-            raise ValueError(f"params.json has no {e.args[0]!r} field") from e
+            raise ConfigError(f"params.json has no {e.args[0]!r} field") from e
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"params.json has a field of the wrong type ({e})") from e
         return cls(
             text=text,
             vision=vision,

@@ -6,10 +6,9 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
-from .cli import add_model_args
+from .cli import add_model_args, check_model_args
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_PROMPT_MANY = "Describe these images."
@@ -29,7 +28,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--json", action="store_true", help="print the answer and statistics as one JSON object")
     p.add_argument(
-        "--each", action="store_true", help="describe each image on its own and print one JSON line per image"
+        "--each",
+        action="store_true",
+        help="describe each image on its own and print one JSON line per image",
     )
     p.add_argument(
         "--verbose",
@@ -48,21 +49,12 @@ def _info(msg: str) -> None:
     print(f"[INFO] {msg}", file=sys.stderr, flush=True)
 
 
-def _messages(args: argparse.Namespace, prompt: str, images: list[str]) -> list[dict[str, Any]]:
-    parts: list[dict[str, Any]] = [{"type": "image_url", "image_url": {"url": i}} for i in images]
+def _messages(args: argparse.Namespace, prompt: str, images: list[tuple[Any, str]]) -> list[dict[str, Any]]:
+    """A user message with the already decoded images (so nothing is read or downloaded twice)."""
+    parts: list[dict[str, Any]] = [{"type": "image", "image": img, "name": name} for img, name in images]
     parts.append({"type": "text", "text": prompt})
     msgs: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     return msgs + [{"role": "user", "content": parts}]
-
-
-def _gen_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "max_tokens": args.max_tokens,
-        "temperature": args.temp,
-        "top_p": args.top_p,
-        "seed": args.seed,
-        "max_edge": args.max_edge,
-    }
 
 
 def _print_stats(stats: dict[str, Any]) -> None:
@@ -76,66 +68,64 @@ def _print_stats(stats: dict[str, Any]) -> None:
 
 def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, echo: bool) -> dict[str, Any]:
     """Generate one answer; on Ctrl-C return what was generated with finish_reason 'interrupted'."""
-    from .pipeline import collect
+    from .turn import Reply
 
+    prompt = model.encode(messages, max_edge=args.max_edge)
     if args.verbose:
-        for img in model.encode(messages, max_edge=args.max_edge).images:
+        for img in prompt.images:
             _info(img.summary())
-    text: list[str] = []
-    last: dict[str, Any] = {}
-
-    def chunks() -> Iterator[Any]:
-        for c in model.stream(messages, **_gen_kwargs(args)):
-            text.append(c.text)
-            if echo:
-                print(c.text, end="", flush=True)
-            yield c
-
+    opts = args.options
+    reply = Reply()
     try:
-        reply = collect(chunks())
-        last = reply.stats()
+        for chunk in model.stream(
+            prompt, max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed
+        ):
+            reply.add(chunk)
+            if echo:
+                print(chunk.text, end="", flush=True)
     except KeyboardInterrupt:
-        last = {"finish_reason": "interrupted"}
+        reply.finish_reason = "interrupted"
     finally:
         if echo:
             print(flush=True)
-    return {"text": "".join(text), **last}
+    return {"text": reply.text, **reply.stats()}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .errors import PixtralError
+
+    try:
+        args.options = check_model_args(args)
+    except PixtralError as e:
+        _err(str(e))
+        return 2
     if args.prompt == "-":
         args.prompt = sys.stdin.read().strip()
         if not args.prompt:
             _err("--prompt - read an empty prompt from stdin.")
             return 2
-    if args.max_edge is not None and not 16 <= args.max_edge <= 1024:
-        _err(f"--max-edge must be between 16 and 1024 pixels, got {args.max_edge}.")
-        return 2
     prompt = args.prompt or (DEFAULT_PROMPT if len(args.images) == 1 or args.each else DEFAULT_PROMPT_MANY)
 
-    from .images import ImageError, read_source
+    from .images import describe_source, load_image
 
-    bad = []
-    for src in args.images:  # check every image before the (slow) model load
+    loaded, failed = [], 0
+    for src in args.images:  # read and check every image once, before the (slow) model load
         try:
-            read_source(src)
-        except ImageError as e:
+            loaded.append((src, load_image(src)))
+        except PixtralError as e:
             if not args.each:
                 _err(str(e))
                 return 1
-            bad.append(src)
-            print(json.dumps({"image": src, "error": str(e)}), flush=True)
-    images = [i for i in args.images if i not in bad]
-    if not images:
+            failed += 1
+            _err(str(e))
+            print(json.dumps({"image": describe_source(src), "error": str(e)}), flush=True)
+    if not loaded:
         return 1
 
     import pixtral_mlx
 
     from . import backend
-    from .generate import ContextError
-    from .loading import ModelError
-    from .prompt import PromptError
 
     try:
         tic = time.perf_counter()
@@ -143,17 +133,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.verbose:
             _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
         if args.each:
-            return _each(model, images, prompt, args) or (1 if bad else 0)
-        result = _run(model, _messages(args, prompt, images), args, echo=not args.json)
+            return _each(model, loaded, prompt, args) or (1 if failed else 0)
+        result = _run(model, _messages(args, prompt, [img for _, img in loaded]), args, echo=not args.json)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ModelError, ImageError, PromptError, ContextError) as e:
+    except PixtralError as e:
         _err(str(e))
         return 1
     if args.json:
+        images = [describe_source(src) for src, _ in loaded]
         print(json.dumps({"images": images, "prompt": prompt, **result}, ensure_ascii=False))
-    if args.verbose and "prompt_tps" in result:
+    if args.verbose and result.get("prompt_tps"):
         _print_stats(result)
     if result.get("finish_reason") == "interrupted":
         print("interrupted", file=sys.stderr)
@@ -161,21 +152,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _each(model: Any, images: list[str], prompt: str, args: argparse.Namespace) -> int:
-    from .generate import ContextError
-    from .images import ImageError
-    from .prompt import PromptError
+def _each(model: Any, loaded: list[tuple[str, Any]], prompt: str, args: argparse.Namespace) -> int:
+    from .errors import PixtralError
+    from .images import describe_source
 
     failed = 0
-    for src in images:
+    for src, image in loaded:
+        name = describe_source(src)
         try:
-            result = _run(model, _messages(args, prompt, [src]), args, echo=False)
-        except (ImageError, PromptError, ContextError) as e:
+            result = _run(model, _messages(args, prompt, [image]), args, echo=False)
+        except PixtralError as e:
             failed += 1
-            print(json.dumps({"image": src, "error": str(e)}), flush=True)
+            _err(str(e))
+            print(json.dumps({"image": name, "error": str(e)}), flush=True)
             continue
-        print(json.dumps({"image": src, **result}, ensure_ascii=False), flush=True)
-        if args.verbose and "prompt_tps" in result:
+        print(json.dumps({"image": name, **result}, ensure_ascii=False), flush=True)
+        if args.verbose and result.get("prompt_tps"):
             _print_stats(result)
         if result.get("finish_reason") == "interrupted":
             print("interrupted", file=sys.stderr)

@@ -1,86 +1,82 @@
 """Token generation on top of mlx-lm's `generate_step`, samplers and KV caches.
 
-`stream_tokens` prefills a token/embedding sequence into a cache in chunks (logits only for the last
-position) and yields `Chunk`s with mlx-lm's statistic names. Callers load, prefill and decode on one
-thread (MLX streams are per thread).
+What every turn shares lives here: the `PromptCache` (a KV cache and the tokens it holds, reused by
+longest common prefix), the context check, and `stream_tokens`, which prefills a token/embedding
+sequence into a cache in chunks (logits only for the last position) and decodes. The options and the
+`Chunk`/`Reply` carriers are in `turn.py`; `Pixtral._stream_prompt` is the one turn path on top of
+both. Callers load, prefill and decode on one thread (MLX streams are per thread).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import mlx.core as mx
 from mlx_lm.generate import generate_step, wired_limit
-from mlx_lm.sample_utils import make_sampler
+from mlx_lm.models.cache import trim_prompt_cache
 
 from .config import CONTEXT_LENGTH
+from .errors import ContextError
+from .turn import Chunk, Options, Reply, Stats, collect
 
-DEFAULT_TEMPERATURE = 0.35  # mistral-inference's example for Pixtral; temperature 0 is greedy
-DEFAULT_TOP_P = 0.8  # mistral-inference applies top-p 0.8 whenever it samples
-DEFAULT_MAX_TOKENS = 512
+__all__ = ["Chunk", "Options", "PromptCache", "Reply", "Stats", "check_context", "collect", "stream_tokens"]
+
 PREFILL_STEP = 2048
 
 
-class ContextError(ValueError):
-    """A prompt that does not fit the model's context."""
+def check_context(
+    n_prompt: int, max_tokens: int, context: int = CONTEXT_LENGTH, *, context_used: int | None = None
+) -> int:
+    """Raise if the prompt does not fit; return how many tokens may still be generated.
 
-
-@dataclass
-class Chunk:
-    """One streamed piece of a reply (mlx-lm's `GenerationResponse` field names)."""
-
-    text: str
-    token: int | None
-    prompt_tokens: int
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
-    finish_reason: str | None = None  # "stop", "length" or "interrupted" on the last chunk
-
-
-@dataclass
-class Reply:
-    text: str
-    prompt_tokens: int = 0
-    prompt_tps: float = 0.0
-    generation_tokens: int = 0
-    generation_tps: float = 0.0
-    peak_memory: float = 0.0
-    finish_reason: str | None = None
-    tokens: list[int] = field(default_factory=list)
-
-    def stats(self) -> dict[str, Any]:
-        return {
-            k: getattr(self, k)
-            for k in (
-                "prompt_tokens",
-                "prompt_tps",
-                "generation_tokens",
-                "generation_tps",
-                "peak_memory",
-                "finish_reason",
-            )
-        }
-
-
-def sampler_for(temperature: float, top_p: float, seed: int | None) -> Callable[[mx.array], mx.array]:
-    if seed is not None:
-        mx.random.seed(seed)
-    return make_sampler(temp=temperature, top_p=top_p if 0 < top_p < 1 else 0.0)
-
-
-def check_context(n_prompt: int, max_tokens: int, context: int = CONTEXT_LENGTH) -> int:
-    """Raise if the prompt does not fit; return how many tokens may still be generated."""
-    if n_prompt >= context:
+    `context_used` (a conversation's tokens before this turn) makes the message speak of the turn
+    and the conversation rather than of one prompt.
+    """
+    if n_prompt < context:
+        return min(max_tokens, context - n_prompt)
+    if context_used is not None:
         raise ContextError(
-            f"the prompt is {n_prompt:,} tokens, over the model's {context:,}-token context; "
-            "remove images or text (or use a smaller --max-edge)."
+            f"this turn needs {n_prompt - min(n_prompt, context_used):,} more tokens and the conversation would "
+            f"reach {n_prompt:,} of the {context:,}-token context; remove images, undo turns or start a new chat."
         )
-    return min(max_tokens, context - n_prompt)
+    raise ContextError(
+        f"the prompt is {n_prompt:,} tokens, over the model's {context:,}-token context; "
+        "remove images or text (or use a smaller --max-edge)."
+    )
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class PromptCache:
+    """A KV cache (one entry per decoder layer) and the tokens whose keys and values it holds.
+
+    A new prompt reuses the longest common prefix: `reusable(tokens)` says how much (at least the
+    last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
+    """
+
+    def __init__(self, layers: list[Any]):
+        self.layers = layers
+        self.tokens: list[int] = []
+
+    @property
+    def offset(self) -> int:
+        return self.layers[0].offset if self.layers else len(self.tokens)
+
+    def reusable(self, tokens: list[int]) -> int:
+        return min(common_prefix(tokens, self.tokens), max(len(tokens) - 1, 0))
+
+    def trim(self, keep: int) -> None:
+        if self.offset > keep:
+            trim_prompt_cache(self.layers, self.offset - keep)
+        self.tokens = self.tokens[:keep]
 
 
 def stream_tokens(
@@ -91,10 +87,7 @@ def stream_tokens(
     cache: list[Any],
     *,
     eos_id: int,
-    max_tokens: int = DEFAULT_MAX_TOKENS,
-    temperature: float = DEFAULT_TEMPERATURE,
-    top_p: float = DEFAULT_TOP_P,
-    seed: int | None = None,
+    options: Options,
     prefill_step: int = PREFILL_STEP,
     start_time: float | None = None,
 ) -> Iterator[Chunk]:
@@ -105,21 +98,19 @@ def stream_tokens(
     from mlx_lm.generate import generation_stream
 
     tic = start_time or time.perf_counter()
-    sampler = sampler_for(temperature, top_p, seed)
-    n_prompt = len(tokens)
     steps = generate_step(
         mx.array(tokens),
         model,
         generation_stream,
-        max_tokens=max_tokens,
-        sampler=sampler,
+        max_tokens=options.max_tokens,
+        sampler=options.sampler(),
         prompt_cache=cache,
         prefill_step_size=prefill_step,
         input_embeddings=embeddings,
     )
     try:
         with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
-            yield from _decode(steps, detokenizer, n_prompt, max_tokens, eos_id, tic)
+            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic)
     finally:
         steps.close()
 
@@ -127,22 +118,24 @@ def stream_tokens(
 def _decode(
     steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int, tic: float
 ) -> Iterator[Chunk]:
-    prompt_tps = gen_tps = 0.0
+    stats = Stats(prompt_tokens=n_prompt, finish_reason="length")
     n = 0
-    finish, tail, last = "length", "", None
+    tail, last = "", None
     for token, _ in steps:
         if n == 0:
-            prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
+            stats.prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
             tic = time.perf_counter()
         n += 1
-        gen_tps = (n - 1) / max(time.perf_counter() - tic, 1e-9)
+        stats.generation_tokens = n
+        stats.generation_tps = (n - 1) / max(time.perf_counter() - tic, 1e-9)
+        stats.peak_memory = mx.get_peak_memory() / 1e9
         if token == eos_id:
-            finish = "stop"
+            stats.finish_reason = "stop"
             break
         text = detokenizer.add(token)
         if n >= max_tokens:
             tail, last = text, token
             break
-        yield Chunk(text, token, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9)
+        yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token)
     tail += detokenizer.flush()
-    yield Chunk(tail, last, n_prompt, prompt_tps, n, gen_tps, mx.get_peak_memory() / 1e9, finish)
+    yield Chunk(**stats.stats(), text=tail, token=last)

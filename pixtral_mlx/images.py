@@ -18,14 +18,12 @@ from typing import Any
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import ImageError
+
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: 10000 x 10000, far beyond any useful input
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 DOWNLOAD_TIMEOUT = 30
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
-
-
-class ImageError(ValueError):
-    """An image that cannot be used, with a message meant for the user."""
 
 
 def describe_source(source: Any) -> str:

@@ -12,15 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import PixtralArgs
-from .prompt import PromptEncoder, bundled_tekken
+from . import hub
+from .config import PixtralArgs, bundled_tekken
+from .errors import ModelError, PixtralError
+from .prompt import PromptEncoder
 
 MLX_ALLOW_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
 SOURCE_ALLOW_PATTERNS = ["consolidated.safetensors", "params.json", "tekken.json"]
-
-
-class ModelError(ValueError):
-    """A model that cannot be found or loaded, with a message meant for the user."""
 
 
 def cache_root() -> Path:
@@ -36,11 +34,6 @@ def is_mlx_dir(path: Path) -> bool:
     return any(p.name != "consolidated.safetensors" for p in path.glob("*.safetensors"))
 
 
-def _looks_like_repo_id(s: str) -> bool:
-    parts = s.split("/")
-    return len(parts) == 2 and all(parts) and not s.startswith((".", "~", "/"))
-
-
 def resolve(model: str | os.PathLike, progress: Callable[[str], None] | None = None) -> Path:
     """A local MLX folder for `model`: a folder, an MLX repo id, or an official repo id (converted to
     4-bit once, into the cache folder)."""
@@ -53,43 +46,16 @@ def resolve(model: str | os.PathLike, progress: Callable[[str], None] | None = N
         if (path / "consolidated.safetensors").exists() or (path / "config.json").exists():
             raise ModelError(f"{model} is not in MLX format; convert it first: pixtral-mlx convert {model} -q")
         raise ModelError(f"{model} holds no model (no config.json and *.safetensors).")
-    if not _looks_like_repo_id(str(model)):
+    if not hub.is_repo_id(str(model)):
         raise ModelError(f"{model}: no such folder, and it is not a Hugging Face repo id (owner/name).")
     return _resolve_repo(str(model), progress)
 
 
 def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
     converted = cache_root() / "models" / (repo.replace("/", "--") + "-4bit")
     if is_mlx_dir(converted):
         return converted
-    try:
-        try:  # already downloaded, in either layout?
-            local = Path(
-                snapshot_download(
-                    repo, allow_patterns=MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS, local_files_only=True
-                )
-            )
-            if not (is_mlx_dir(local) or (local / "consolidated.safetensors").exists()):
-                raise FileNotFoundError
-        except Exception:
-            if progress:
-                progress(f"Downloading {repo} from Hugging Face…")
-            local = Path(snapshot_download(repo, allow_patterns=MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS))
-    except GatedRepoError as e:
-        raise ModelError(
-            f"{repo} is gated: accept its license on huggingface.co and run `hf auth login`, "
-            "or pass --model with a local folder."
-        ) from e
-    except RepositoryNotFoundError as e:
-        raise ModelError(f"{repo} was not found on Hugging Face (or needs `hf auth login`).") from e
-    except Exception as e:
-        raise ModelError(
-            f"could not download {repo} ({type(e).__name__}); check the network, or convert "
-            "a local copy with `pixtral-mlx convert` and pass --model FOLDER."
-        ) from e
+    local = hub.download(repo, MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS, local_first=True, progress=progress)
     if is_mlx_dir(local):
         return local
     if (local / "consolidated.safetensors").exists():
@@ -103,7 +69,10 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors files, under our names (`convert.weights.KEY_RULES`)."""
     import mlx.core as mx
+
+    from .convert.weights import canonical_key, torch_layout
 
     files = sorted(p for p in path.glob("*.safetensors") if p.name != "consolidated.safetensors")
     if not files:
@@ -111,35 +80,29 @@ def _read_weights(path: Path) -> dict[str, Any]:
     weights: dict[str, Any] = {}
     for f in files:
         try:
-            weights.update(mx.load(str(f)))
+            tensors, metadata = mx.load(str(f), return_metadata=True)
         except Exception as e:
             raise ModelError(f"{f} is not a readable safetensors file ({e}).") from e
+        for k, v in tensors.items():
+            key = canonical_key(k)
+            if key is None:
+                continue
+            if torch_layout(metadata) and key.endswith("patch_conv.weight") and v.ndim == 4:
+                v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
+            weights[key] = v
     return weights
 
 
-def _peer_layout(weights: dict[str, Any], args: PixtralArgs) -> dict[str, Any]:
-    """Names and conv layout of older MLX/HF exports -> ours (idempotent: ours pass unchanged)."""
-    from .convert.weights import HF_PREFIXES
-
-    out = {}
-    for k, v in weights.items():
-        for old, new in HF_PREFIXES:
-            if k.startswith(old):
-                k = new + k[len(old) :]
-                break
-        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
-            k = "vision_tower.vision_model." + k[len("vision_tower.") :]
-        if (
-            k.endswith("patch_conv.weight")
-            and v.ndim == 4
-            and v.shape[1] == args.vision.num_channels
-            and v.shape[3] != args.vision.num_channels
-        ):
-            v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
-        if "rotary_emb" in k or k.endswith("position_ids"):
-            continue
-        out[k] = v
-    return out
+def _read_config(path: Path) -> tuple[dict[str, Any], PixtralArgs]:
+    file = path / "config.json"
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelError(f"{file} cannot be read ({getattr(e, 'strerror', None) or e}).") from e
+    try:
+        return config, PixtralArgs.from_hf_config(config)
+    except PixtralError as e:
+        raise ModelError(f"{file} does not describe a usable Pixtral model: {e}.") from e
 
 
 def load_model(path: Path) -> tuple[Any, PromptEncoder]:
@@ -150,13 +113,9 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     from . import backend
     from .model import Model
 
-    try:
-        config = json.loads((path / "config.json").read_text())
-        args = PixtralArgs.from_hf_config(config)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelError(f"{path / 'config.json'} cannot be read ({e}).") from e
+    config, args = _read_config(path)
     model = Model(args)
-    weights = _peer_layout(_read_weights(path), args)
+    weights = _read_weights(path)
     if quant := config.get("quantization"):
 
         def predicate(p: str, m: nn.Module) -> bool | dict:
@@ -185,9 +144,23 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     for k, v in weights.items():
         if tuple(v.shape) != tuple(expected[k].shape):
             raise ModelError(f"{path}: {k} has shape {tuple(v.shape)}, expected {tuple(expected[k].shape)}.")
+        if mx.issubdtype(expected[k].dtype, mx.floating) and not mx.issubdtype(v.dtype, mx.floating):
+            raise ModelError(f"{path}: {k} is stored as {v.dtype}, but it must hold floating-point values.")
     model.load_weights(list(weights.items()), strict=True)
     backend.prepare(model)
     mx.eval(model.parameters())
+    return model, _encoder(path, args)
+
+
+def _encoder(path: Path, args: PixtralArgs) -> PromptEncoder:
+    """The folder's tekken.json, or (peers ship the HF tokenizer instead) the one in mistral_common."""
     tekken = path / "tekken.json"
-    encoder = PromptEncoder(tekken if tekken.exists() else bundled_tekken(), image_size=args.vision.image_size)
-    return model, encoder
+    if not tekken.exists():
+        return PromptEncoder(bundled_tekken(), image_size=args.vision.image_size)
+    try:
+        return PromptEncoder(tekken, image_size=args.vision.image_size)
+    except PixtralError:
+        raise
+    except Exception as e:  # not JSON, missing keys, unreadable: mistral_common's own exceptions
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{tekken} is not a usable tekken tokenizer ({first[:200]}).") from e

@@ -15,7 +15,6 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
-from . import backend
 from .config import PixtralArgs
 from .vision import VisionModel
 
@@ -39,10 +38,17 @@ class Model(nn.Module):
         self.multi_modal_projector = MultiModalProjector(args)
         self.language_model = llama.Model(llama.ModelArgs.from_dict(args.text.to_mlx_lm()))
 
-    def encode_image(self, pixels: np.ndarray | mx.array) -> mx.array:
-        """One image (3, H, W) normalized -> (rows*cols, text hidden) features for its [IMG] tokens."""
-        img = mx.array(pixels).transpose(1, 2, 0)  # CHW -> HWC for MLX's NHWC conv
-        return self.multi_modal_projector(self.vision_tower([img]))
+    def encode_images(self, images: list[np.ndarray | mx.array]) -> list[mx.array]:
+        """Images (3, H, W), normalized -> for each, its (rows*cols, text hidden) features for its [IMG] tokens.
+
+        All images go through the encoder in one call: their patches are concatenated (so the linear
+        layers run as one matrix product) while attention stays within each image.
+        """
+        hwc = [mx.array(p).transpose(1, 2, 0) for p in images]  # CHW -> HWC for MLX's NHWC conv
+        feats = self.multi_modal_projector(self.vision_tower(hwc))
+        p = self.args.vision.patch_size
+        ends = np.cumsum([(img.shape[0] // p) * (img.shape[1] // p) for img in hwc]).tolist()
+        return mx.split(feats, ends[:-1], axis=0) if len(ends) > 1 else [feats]
 
     def embed(self, tokens: list[int] | np.ndarray, features: mx.array | None) -> mx.array:
         """Token embeddings with image features written into the [IMG] positions only, in order.
@@ -73,55 +79,3 @@ class Model(nn.Module):
 
     def make_cache(self) -> list[Any]:
         return self.language_model.make_cache()
-
-
-class DequantizingQuantizedLinear(nn.QuantizedLinear):
-    """QuantizedLinear that sends many-token inputs through a dequantized BLAS GEMM (CPU only).
-
-    On the CPU backend `quantized_matmul` runs at ~2 GFLOP/s while the BLAS GEMM runs at ~100:
-    for prefill, dequantizing the layer's weights first is ~10x faster. One-token decode keeps
-    the quantized kernel, which reads 4x fewer bytes. `backend.prepare` installs this class.
-    """
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if x.size // x.shape[-1] < backend.DEQUANT_MIN_TOKENS:
-            return self._few_tokens(x, backend.cpu_streams())
-        y = x @ self._dequantized().astype(x.dtype).T
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
-
-    def _dequantized(self) -> mx.array:
-        w, scales, biases = self["weight"], self["scales"], self.get("biases")
-        if self.mode != "affine" or self.bits not in (2, 4, 8) or biases is None:
-            return mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits, mode=self.mode)
-        # The same values as mx.dequantize with shifts, masks and one multiply-add: ~2x faster on CPU.
-        shifts = mx.arange(0, 32, self.bits, dtype=mx.uint32)
-        q = (w[..., None] >> shifts) & ((1 << self.bits) - 1)  # (rows, cols*bits/32, 32/bits)
-        q = q.reshape(w.shape[0], -1, self.group_size).astype(scales.dtype)
-        return (q * scales[..., None] + biases[..., None]).reshape(w.shape[0], -1)
-
-    def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
-        """The quantized kernel, its output rows split over the CPU streams (one thread each)."""
-        if len(streams) < 2:
-            return super().__call__(x)
-        w, s, b = self["weight"], self["scales"], self.get("biases")
-        parts = []
-        for st, (lo, hi) in zip(streams, backend.splits(w.shape[0], len(streams))):
-            with mx.stream(st):
-                parts.append(
-                    mx.quantized_matmul(
-                        x,
-                        w[lo:hi],
-                        s[lo:hi],
-                        None if b is None else b[lo:hi],
-                        transpose=True,
-                        group_size=self.group_size,
-                        bits=self.bits,
-                        mode=self.mode,
-                    )
-                )
-        y = mx.concatenate(parts, axis=-1)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import hashlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,17 +19,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .images import ImageError, load_image
-
-
-class PromptError(ValueError):
-    """Messages that cannot be encoded, with a message meant for the user."""
-
-
-def bundled_tekken() -> Path:
-    import mistral_common
-
-    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+from .config import MAX_EDGE, bundled_tekken, check_max_edge
+from .errors import ImageError, PromptError
+from .images import load_image
 
 
 @dataclass
@@ -38,7 +31,12 @@ class EncodedImage:
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
     grid: tuple[int, int]  # (rows, cols) of 16-px patches
     n_tokens: int  # rows * (cols + 1): [IMG] per patch plus one break/end per row
-    digest: str = ""  # content hash of the pixels, the key of the vision-feature cache
+    digest: str = field(init=False)  # the vision-feature cache key: the pixels' content, never the path
+
+    def __post_init__(self) -> None:
+        h = hashlib.blake2b(self.pixels.tobytes(), digest_size=16)
+        h.update(str(self.pixels.shape).encode())
+        self.digest = h.hexdigest()
 
     @property
     def size(self) -> tuple[int, int]:
@@ -65,6 +63,12 @@ def _image_part(part: dict[str, Any]) -> Any:
     return url.get("url") if isinstance(url, dict) else url
 
 
+def _load(part: dict[str, Any]) -> tuple[Image.Image, str]:
+    """The part's image, RGB; a PIL image part may carry the `name` it was read from."""
+    img, name = load_image(_image_part(part))
+    return img, str(part.get("name") or name)
+
+
 def _content_chunks(content: Any, images: list[tuple[Image.Image, str]]) -> Any:
     from mistral_common.protocol.instruct.messages import ImageChunk, TextChunk
 
@@ -78,12 +82,21 @@ def _content_chunks(content: Any, images: list[tuple[Image.Image, str]]) -> Any:
         if kind == "text":
             chunks.append(TextChunk(text=str(part.get("text", ""))))
         elif kind in ("image_url", "image"):
-            img, name = load_image(_image_part(part))
+            img, name = _load(part)
             images.append((img, name))
             chunks.append(ImageChunk(image=img))
         else:
             raise PromptError(f"unsupported content part {kind!r} (use 'text', 'image_url' or 'image').")
     return chunks
+
+
+def _text_of(content: Any, role: str, sep: str = "") -> str:
+    """The text of an assistant or system message (a string, or a list of text parts)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list) or not all(isinstance(p, dict) for p in content):
+        raise PromptError(f"{role} message content must be a string or a list of text parts.")
+    return sep.join(str(p.get("text", "")) for p in content)
 
 
 def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[Image.Image, str]]]:
@@ -93,21 +106,16 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
     out: list[Any] = []
     images: list[tuple[Image.Image, str]] = []
     for m in messages:
+        if not isinstance(m, dict):
+            raise PromptError(f"each message must be a {{'role', 'content'}} dict, not {type(m).__name__}.")
         role = m.get("role")
         content = m.get("content", "")
         if role == "user":
             out.append(UserMessage(content=_content_chunks(content, images)))
         elif role == "assistant":
-            text = (
-                content
-                if isinstance(content, str)
-                else "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            )
-            out.append(AssistantMessage(content=text))
+            out.append(AssistantMessage(content=_text_of(content, role)))
         elif role == "system":
-            if not isinstance(content, str):
-                content = "\n\n".join(p.get("text", "") for p in content if isinstance(p, dict))
-            out.append(SystemMessage(content=content))
+            out.append(SystemMessage(content=_text_of(content, role, "\n\n")))
         else:
             raise PromptError(f"unsupported message role {role!r}.")
     if not out or not isinstance(out[-1], UserMessage):
@@ -118,7 +126,7 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
 class PromptEncoder:
     """Holds the tekken tokenizer; turns messages into a `Prompt`."""
 
-    def __init__(self, tekken_path: str | Path | None = None, image_size: int = 1024):
+    def __init__(self, tekken_path: str | Path | None = None, image_size: int = MAX_EDGE):
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         self.tokenizer = MistralTokenizer.from_file(str(tekken_path or bundled_tekken()))
@@ -135,9 +143,7 @@ class PromptEncoder:
         from mistral_common.tokens.tokenizers.image import ImageConfig
 
         old = self.image_encoder.image_config
-        if max_edge is not None:
-            if not 16 <= max_edge <= self.image_size:
-                raise PromptError(f"max edge must be between 16 and {self.image_size} pixels, got {max_edge}.")
+        if check_max_edge(max_edge, self.image_size) is not None:
             self.image_encoder.image_config = ImageConfig(old.image_patch_size, int(max_edge), old.spatial_merge_size)
         try:
             yield

@@ -10,7 +10,6 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from . import backend
 from .config import VisionArgs
 
 
@@ -64,16 +63,7 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        # On the CPU backend the softmax runs on one thread: heads are independent, so each
-        # core's stream takes a share of them (backend.cpu_streams is [] elsewhere).
-        streams = backend.cpu_streams()
-        if len(streams) < 2:
-            return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        parts = []
-        for st, (a, b) in zip(streams, backend.splits(self.n_heads, len(streams))):
-            with mx.stream(st):
-                parts.append(mx.fast.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale))
-        return mx.concatenate(parts, axis=1)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class FeedForward(nn.Module):

@@ -36,9 +36,9 @@ VISION = {
 
 
 def tekken_path() -> Path:
-    import mistral_common
+    from pixtral_mlx.config import bundled_tekken
 
-    return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
+    return bundled_tekken()
 
 
 def hf_model(seed: int = 0, text: dict | None = None, vision: dict | None = None):

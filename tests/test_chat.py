@@ -23,7 +23,7 @@ GREEDY = {"temperature": 0.0, "max_tokens": 12}
 
 
 def test_second_turn_prefills_only_new_tokens(pixtral):
-    from pixtral_mlx.chat import _common_prefix
+    from pixtral_mlx.generate import common_prefix as _common_prefix
 
     chat = pixtral.chat(**GREEDY)
     r1 = chat.send(parts(noise(64, 48, 1), "Describe."))
@@ -95,11 +95,9 @@ def test_stop_keeps_partial_reply_and_next_turn_is_consistent(pixtral):
 
 
 def test_context_overflow_is_refused_before_work(pixtral, monkeypatch):
-    import pixtral_mlx.chat as chat_mod
-
     chat = pixtral.chat(**GREEDY)
     chat.send("Hello.")
-    monkeypatch.setattr(chat_mod, "CONTEXT_LENGTH", 60)
+    monkeypatch.setattr(pixtral, "context_length", 60)
     with pytest.raises(ContextError, match=r"this turn needs [\d,]+ more tokens .* of the 60-token context"):
         chat.send(parts(noise(128, 128, 6), "What is this?"))
     assert len(chat.messages) == 2  # the failed turn left the history unchanged

@@ -15,13 +15,13 @@ from pixtral_mlx.loading import ModelError
 MESSAGES = [{"role": "user", "content": "Hello, who are you?"}]
 
 
-def copy_checkpoint(src, dst, edit):
+def copy_checkpoint(src, dst, edit, metadata=None):
     """Copy an MLX checkpoint, passing its weights through `edit(dict) -> dict`, as one shard."""
     dst.mkdir()
     weights = {}
     for f in src.glob("model*.safetensors"):
         weights.update(mx.load(str(f)))
-    mx.save_safetensors(str(dst / "model.safetensors"), edit(weights))
+    mx.save_safetensors(str(dst / "model.safetensors"), edit(weights), metadata=metadata)
     shutil.copy(src / "config.json", dst / "config.json")
     return dst
 
@@ -45,13 +45,43 @@ def test_peer_layout_loads_the_same(mlx_dir, pixtral, tmp_path):
 
 
 def test_torch_conv_layout_is_accepted_once(mlx_dir, pixtral, tmp_path):
+    """Files PyTorch wrote (transformers records `format: pt`) hold the conv as [O, I, kH, kW]: the named rule
+    `convert.weights.torch_layout`, not a guess from the shape. Files without that mark are MLX layout."""
+
     def torch_conv(w):
         key = "vision_tower.vision_model.patch_conv.weight"
         return {**w, key: w[key].transpose(0, 3, 1, 2)}
 
-    peer = copy_checkpoint(mlx_dir, tmp_path / "torchconv", torch_conv)
+    peer = copy_checkpoint(mlx_dir, tmp_path / "torchconv", torch_conv, metadata={"format": "pt"})
     got = pixtral_mlx.load(str(peer)).model.vision_tower.vision_model.patch_conv.weight
     np.testing.assert_array_equal(np.array(got), np.array(pixtral.model.vision_tower.vision_model.patch_conv.weight))
+    unmarked = copy_checkpoint(mlx_dir, tmp_path / "unmarked", torch_conv)
+    with pytest.raises(ModelError, match=r"patch_conv.weight has shape \(32, 3, 16, 16\), expected \(32, 16, 16, 3\)"):
+        pixtral_mlx.load(str(unmarked))
+
+
+@pytest.mark.parametrize(
+    "name,ours",
+    [
+        ("model.language_model.layers.0.mlp.up_proj.weight", "language_model.model.layers.0.mlp.up_proj.weight"),
+        ("lm_head.weight", "language_model.lm_head.weight"),
+        ("model.vision_tower.ln_pre.weight", "vision_tower.vision_model.ln_pre.weight"),
+        ("model.multi_modal_projector.linear_1.bias", "multi_modal_projector.linear_1.bias"),
+        (
+            "vision_tower.transformer.layers.1.ffn_norm.weight",
+            "vision_tower.vision_model.transformer.layers.1.ffn_norm.weight",
+        ),
+        ("vision_tower.vision_model.ln_pre.weight", "vision_tower.vision_model.ln_pre.weight"),
+        ("language_model.model.norm.weight", "language_model.model.norm.weight"),
+        ("vision_tower.transformer.layers.0.attention.rotary_emb.inv_freq", None),
+        ("language_model.model.embed_tokens.position_ids", None),
+    ],
+)
+def test_each_peer_naming_rule(name, ours):
+    """`canonical_key` is the one renaming for the loader and the converter: one case per rule in KEY_RULES."""
+    from pixtral_mlx.convert.weights import canonical_key
+
+    assert canonical_key(name) == ours
 
 
 @pytest.mark.parametrize(

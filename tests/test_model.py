@@ -8,6 +8,7 @@ from PIL import Image
 
 import pixtral_mlx
 from pixtral_mlx.convert import convert
+from pixtral_mlx.pipeline import Pixtral
 
 
 def noise(w: int, h: int, seed: int, mode: str = "RGB") -> Image.Image:
@@ -81,12 +82,24 @@ def test_images_change_logits(pixtral):
 
 
 def test_vision_attention_stays_within_each_image(pixtral):
-    """Features of an image do not depend on the other images of the prompt (block-diagonal attention)."""
+    """Images encoded in one call (patches concatenated) give each the features it has alone: attention is
+    block-diagonal and RoPE-2D restarts at every image, wherever it sits in the batch."""
     a, b = noise(48, 32, 7), noise(32, 64, 8)
-    alone = pixtral.embeddings(pixtral.encode([user(a, "x")]))
-    together = pixtral.embeddings(pixtral.encode([user(a, b, "x")]))
-    n = 2 * 3 + 2  # image a: 2 rows x 3 cols of [IMG] + 2 break/end tokens, after <s>[INST]
-    np.testing.assert_allclose(np.array(together[2 : 2 + n]), np.array(alone[2 : 2 + n]), atol=1e-5)
+    pa, pb = (pixtral.encode([user(x, "x")]).images[0].pixels for x in (a, b))
+    alone = np.array(pixtral.model.encode_images([pa])[0])
+    together = [np.array(f) for f in pixtral.model.encode_images([pb, pa, pb])]
+    assert [f.shape[0] for f in together] == [4 * 2, 2 * 3, 4 * 2]
+    np.testing.assert_allclose(together[1], alone, atol=1e-5)
+    np.testing.assert_allclose(together[0], together[2], atol=1e-5)
+    # Through the prompt path: both new images go through the encoder in one call, then are cached.
+    fresh = Pixtral(pixtral.model, pixtral.encoder)
+    emb = np.array(fresh.embeddings(fresh.encode([user(b, a, "x")])))
+    assert fresh.vision_runs == 2
+    n = 2 * 3 + 2  # image a: 2 rows x 3 cols of [IMG] + 2 break/end tokens, after <s>[INST] and image b
+    start = 2 + 4 * 3
+    np.testing.assert_allclose(
+        emb[start : start + n][np.array(fresh.encode([user(a, "x")]).tokens[2 : 2 + n]) == 10], alone, atol=1e-5
+    )
 
 
 def test_features_only_on_img_positions(pixtral):
@@ -125,16 +138,16 @@ def test_quantized_checkpoints_stay_close(bits, rms_bound, cos_bound, hf_dir, bf
 
 def test_cpu_dequantized_prefill_equals_quantized_kernel(hf_dir, tmp_path, monkeypatch):
     """The CPU prefill path (dequantize + BLAS GEMM) computes the same function as quantized_matmul."""
-    from pixtral_mlx import backend
-    from pixtral_mlx.model import DequantizingQuantizedLinear
+    from pixtral_mlx import backend, cpu
+    from pixtral_mlx.cpu import DequantizingQuantizedLinear
 
     out = convert(hf_dir, tmp_path / "q4", quantize=True, bits=4, group_size=32, progress=False)
     q = pixtral_mlx.load(str(out))
     layer = q.model.language_model.model.layers[0].mlp.gate_proj
     assert isinstance(layer, DequantizingQuantizedLinear) == backend.on_cpu()
     messages = CASES["one_image"]
-    assert len(q.encode(messages)) > backend.DEQUANT_MIN_TOKENS
+    assert len(q.encode(messages)) > cpu.DEQUANT_MIN_TOKENS
     fast = q.logits(messages)
-    monkeypatch.setattr(backend, "DEQUANT_MIN_TOKENS", 10**9)
+    monkeypatch.setattr(cpu, "DEQUANT_MIN_TOKENS", 10**9)
     kernel = q.logits(messages)
     np.testing.assert_allclose(fast, kernel, atol=1e-4 * np.abs(kernel).max())

@@ -60,8 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     missing = [str(p) for p in args.images if not p.expanduser().is_file()]
     if missing:
         parser.error(f"{missing[0]}: no such file.")
-    if args.max_edge is not None and not 16 <= args.max_edge <= 1024:
-        parser.error("--max-edge must be between 16 and 1024 pixels.")
+    from pixtral_mlx.cli import check_model_args
+    from pixtral_mlx.errors import PixtralError
+
+    try:
+        check_model_args(args)
+    except PixtralError as e:
+        parser.error(str(e))
 
     # textual_image asks the terminal about graphics support when imported: before the app starts.
     from .app import make_app

@@ -20,6 +20,10 @@ from typing import Any, Protocol
 from textual.message import Message
 from textual.message_pump import MessagePump
 
+from pixtral_mlx.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from pixtral_mlx.errors import PixtralError
+from pixtral_mlx.turn import Reply
+
 from .messages import (
     ContextUpdated,
     EngineFailed,
@@ -61,9 +65,9 @@ class Engine:
         *,
         system: str | None = None,
         max_edge: int | None = None,
-        max_tokens: int = 512,
-        temperature: float = 0.35,
-        top_p: float = 0.8,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
     ):
         self.model = model
@@ -129,7 +133,7 @@ class Engine:
                 name, args = request
                 try:
                     getattr(self, f"_do_{name}")(*args)
-                except ValueError as e:  # the library's errors: one sentence meant for the user
+                except PixtralError as e:  # the library's errors: one sentence meant for the user
                     self._post(EngineFailed(name, str(e)))
                 except Exception as e:
                     log.exception("engine request %s failed", name)
@@ -152,16 +156,16 @@ class Engine:
         try:
             self.chat = self._load(lambda text: self._post(ModelLoading(text)))
         except Exception as e:
-            if not isinstance(e, ValueError):
+            if not isinstance(e, PixtralError):
                 log.exception("loading %s failed", self.model)
-            self.load_error = str(e) if isinstance(e, ValueError) else f"{type(e).__name__}: {e}"
+            self.load_error = str(e) if isinstance(e, PixtralError) else f"{type(e).__name__}: {e}"
             self._post(LoadFailed(self.load_error))
             return
         self._post(ModelLoaded(self.name, time.perf_counter() - tic))
 
     def _ready(self) -> ChatBackend:
         if self.chat is None:
-            raise ValueError(f"the model is not loaded ({self.load_error or 'still loading'}).")
+            raise PixtralError(f"the model is not loaded ({self.load_error or 'still loading'}).")
         return self.chat
 
     def _do_send(self, content: Any) -> None:
@@ -183,35 +187,21 @@ class Engine:
     def _stream(self, chunks: Iterator[Any]) -> None:
         """Post the chunks; between them honour Stop: close the generator (keeps the partial)."""
         self._post(ReplyStarted())
-        text, pending, last, finish = "", "", None, "interrupted"
+        reply, pending = Reply(), ""
         posted = time.perf_counter()
         try:
             for chunk in chunks:
-                text += chunk.text
+                reply.add(chunk)
                 pending += chunk.text
-                last = chunk
                 # Batch tokens: one UI update per TOKEN_INTERVAL keeps the UI thread off the GIL.
                 if pending and time.perf_counter() - posted >= TOKEN_INTERVAL:
                     self._post(Token(pending))
                     pending, posted = "", time.perf_counter()
-                if chunk.finish_reason:
-                    finish = chunk.finish_reason
-                    break
-                if self._stop.is_set():
+                if chunk.finish_reason or self._stop.is_set():
                     break
         finally:
             chunks.close()  # type: ignore[attr-defined]
             if pending:
                 self._post(Token(pending))
-        chat = self._ready()
-        stats = {
-            k: getattr(last, k, 0)
-            for k in (
-                "prompt_tokens",
-                "prompt_tps",
-                "generation_tokens",
-                "generation_tps",
-                "peak_memory",
-            )
-        }
-        self._post(ReplyFinished(text, finish, **stats, context_used=chat.context_used))
+        reply.finish_reason = reply.finish_reason or "interrupted"
+        self._post(ReplyFinished(reply, context_used=self._ready().context_used))

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from textual.message import Message
 
+from pixtral_mlx.turn import Reply
+
 
 def sentence(error: str) -> str:
     """Library errors are sentences without the capital; a leading file name keeps its case."""
@@ -41,13 +43,7 @@ class Token(Message):
 
 @dataclass
 class ReplyFinished(Message):
-    text: str
-    finish_reason: str  # "stop", "length" or "interrupted"
-    prompt_tokens: int  # tokens prefilled this turn (the cached prefix is not counted)
-    prompt_tps: float
-    generation_tokens: int
-    generation_tps: float
-    peak_memory: float  # GB
+    reply: Reply  # text, finish_reason ("stop", "length" or "interrupted") and mlx-lm's statistics
     context_used: int
 
 

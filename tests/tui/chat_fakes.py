@@ -1,8 +1,7 @@
-"""Test doubles for the chat: a `FakeEngine` with the real engine thread and canned replies."""
+"""Test doubles for the chat: a `FakeEngine` with the real engine thread, the real `Chat`, and canned replies."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import threading
 import time
@@ -12,8 +11,11 @@ from typing import Any
 
 from PIL import Image
 
-from pixtral_mlx.generate import Chunk, ContextError
-from pixtral_mlx.images import ImageError
+from pixtral_mlx.chat import Chat
+from pixtral_mlx.errors import ImageError, ModelError
+from pixtral_mlx.generate import Chunk, PromptCache
+from pixtral_mlx.pipeline import Pixtral
+from pixtral_mlx.prompt import Prompt
 from pixtral_mlx.tui.engine import Engine
 
 REPLIES = [
@@ -23,120 +25,66 @@ REPLIES = [
 ]
 IMAGE_TOKENS = 100  # what the fake counts per image
 STATS = {"prompt_tps": 1234.0, "generation_tps": 42.0, "peak_memory": 1.25}
+EOS = 2
 
 
-def _count(messages: list[dict[str, Any]]) -> int:
-    n = 1
-    for m in messages:
-        content = m["content"]
-        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
-        for p in parts:
-            n += IMAGE_TOKENS if p["type"] == "image_url" else len(p["text"].split()) + 2
-    return n
+class FakePixtral(Pixtral):
+    """A `Pixtral` with words for tokens and canned replies instead of a model.
 
+    Only the tokenizer and the model run are fake: the turn path (context check, cache reuse) and all
+    of `Chat`'s accounting are the library's own, so the app is tested against the real behaviour.
+    """
 
-class FakeChat:
-    """The `pixtral_mlx.chat.Chat` interface with words for tokens and fixed statistics."""
-
-    def __init__(
-        self,
-        replies: list[str],
-        delay: float,
-        context_length: int,
-        system: str | None,
-        gate: threading.Event | None = None,
-    ):
-        self.messages: list[dict[str, Any]] = [{"role": "system", "content": system}] if system else []
-        self.context_used = 0
-        self.replies, self.delay, self.context_length, self.gate = (
-            replies,
-            delay,
-            context_length,
-            gate,
-        )
+    def __init__(self, replies: list[str], delay: float, context_length: int, gate: threading.Event | None = None):
+        self.replies, self.delay, self.gate = replies, delay, gate
+        self.context_length = context_length
+        self.vocab: dict[str, int] = {}
         self.n_replies = 0
-        self.prefilled: list[int] = []  # prompt tokens of each turn, like the real Chat reports
+        self.prefilled: list[int] = []  # prompt tokens of each turn, as the real Chat reports them
 
-    def stream(self, content: Any) -> Iterator[Chunk]:
-        for part in content if isinstance(content, list) else []:
-            if part["type"] == "image_url" and not Path(part["image_url"]["url"]).exists():
-                raise ImageError(f"{part['image_url']['url']}: no such file.")
-        self.messages.append({"role": "user", "content": content})
-        need = _count(self.messages)
-        if need >= self.context_length:
-            self.messages.pop()
-            raise ContextError(
-                f"this turn needs {need - self.context_used:,} more tokens and the conversation "
-                f"would reach {need:,} of the {self.context_length:,}-token context; remove "
-                "images, undo turns or start a new chat."
-            )
-        return self._run(max(need - self.context_used, 1))
+    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
+        """Like tekken: `<s>`, each user part as `[INST] words [/INST]`, each image IMAGE_TOKENS tokens,
+        each reply as its words then `</s>` (what the cache holds after a turn)."""
+        tokens = [1]
+        for m in messages:
+            content = m["content"]
+            if m["role"] == "assistant":
+                tokens += [*(self._id(w) for w in content.split()), EOS]
+                continue
+            for p in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+                if p["type"] == "image_url":
+                    if not Path(p["image_url"]["url"]).exists():
+                        raise ImageError(f"{p['image_url']['url']}: no such file.")
+                    tokens += [10] * IMAGE_TOKENS
+                else:
+                    tokens += [3, *(self._id(w) for w in p["text"].split()), 4]
+        return Prompt(tokens=tokens)
 
-    def regenerate(self) -> Iterator[Chunk]:
-        if not self.messages or self.messages[-1]["role"] != "assistant":
-            raise ValueError("there is no reply to regenerate.")
-        self.messages.pop()
-        return self._run(max(_count(self.messages) - self.context_used, 1))
+    def new_cache(self) -> PromptCache:
+        return PromptCache([])  # no layers: it holds exactly the tokens it is told
 
-    def undo(self) -> dict[str, Any] | None:
-        while self.messages and self.messages[-1]["role"] == "assistant":
-            self.messages.pop()
-        removed = self.messages.pop() if self.messages and self.messages[-1]["role"] == "user" else None
-        self.context_used = self.history_tokens()
-        return removed
+    def _id(self, word: str) -> int:
+        return self.vocab.setdefault(word, 1000 + len(self.vocab))
 
-    def restore(self, messages: list[dict[str, Any]]) -> None:
-        self.reset()
-        self.messages = list(messages)
-        self.context_used = self.history_tokens()
-
-    def history_tokens(self) -> int:
-        if not any(m["role"] != "system" for m in self.messages):
-            return 0
-        return max(self.tokens_needed("") - 2, 0)
-
-    def reset(self) -> None:
-        self.messages = [m for m in self.messages if m["role"] == "system"]
-        self.context_used = 0
-
-    def tokens_needed(self, content: Any) -> int:
-        return _count(self.messages + [{"role": "user", "content": content}])
-
-    def _run(self, n_prompt: int) -> Iterator[Chunk]:
+    def _turn(self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float) -> Iterator[Chunk]:
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
-        self.prefilled.append(n_prompt)
+        self.prefilled.append(len(prompt) - keep)
         words = re.findall(r"\S+\s*|\s+", reply)
-        text = ""
+        stats = {**STATS, "prompt_tokens": len(prompt) - keep}
+        generated: list[int] = []
         try:
             for i, word in enumerate(words):
                 if self.gate is not None:
                     self.gate.wait(10)
                 if self.delay:
                     time.sleep(self.delay)
-                text += word
-                yield Chunk(
-                    word,
-                    i,
-                    n_prompt,
-                    STATS["prompt_tps"],
-                    i + 1,
-                    STATS["generation_tps"],
-                    STATS["peak_memory"],
-                )
-            yield Chunk(
-                "",
-                None,
-                n_prompt,
-                STATS["prompt_tps"],
-                len(words),
-                STATS["generation_tps"],
-                STATS["peak_memory"],
-                "stop",
-            )
+                generated.append(self._id(word.strip()))
+                yield Chunk(text=word, token=generated[-1], generation_tokens=i + 1, **stats)
+            generated.append(EOS)
+            yield Chunk(text="", token=None, generation_tokens=len(words), finish_reason="stop", **stats)
         finally:
-            self.messages.append({"role": "assistant", "content": text})
-            self.context_used = _count(self.messages)
+            cache.tokens = prompt.tokens + generated
 
 
 class FakeEngine(Engine):
@@ -159,11 +107,11 @@ class FakeEngine(Engine):
             gate,
         )
 
-    def _load(self, progress: Callable[[str], None]) -> FakeChat:
+    def _load(self, progress: Callable[[str], None]) -> Chat:
         progress("Reading the fake weights…")
         if self.fail_load:
-            raise ValueError(self.fail_load)
-        return FakeChat(self.replies, self.delay, self.context_length, self.system, self.gate)
+            raise ModelError(self.fail_load)
+        return FakePixtral(self.replies, self.delay, self.context_length, self.gate).chat(system=self.system)
 
 
 def make_image(path: Path, size: tuple[int, int] = (300, 200), color: tuple[int, int, int] = (200, 20, 20)) -> Path:
@@ -178,13 +126,6 @@ async def wait_for(pilot: Any, condition: Callable[[], Any], timeout: float = 10
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what or condition}")
         await pilot.pause(0.02)
-
-
-async def settle(pilot: Any) -> None:
-    """Let queued messages and workers finish."""
-    await pilot.app.workers.wait_for_complete()
-    await pilot.pause()
-    await asyncio.sleep(0)
 
 
 def notes(app: Any) -> list[str]:

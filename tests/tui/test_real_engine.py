@@ -40,10 +40,10 @@ async def test_two_turns_with_an_image(mlx_dir, data_dir, images):
         first, second = engine.finished
         assert [t.role for t in screen.conversation.turns] == ["user", "assistant"] * 2
         assert all(t.text for t in screen.conversation.turns)
-        assert first.generation_tokens == 8 and first.finish_reason == "length"
+        assert first.reply.generation_tokens == 8 and first.reply.finish_reason == "length"
         # Turn 1 prefilled the image; turn 2 only the new tokens, not the whole history again.
-        assert first.prompt_tokens > chip.tokens
-        assert second.prompt_tokens < 20 < first.context_used < second.context_used
+        assert first.reply.prompt_tokens > chip.tokens
+        assert second.reply.prompt_tokens < 20 < first.context_used < second.context_used
         assert engine.chat.pixtral.vision_runs == 1  # the image was encoded once
         assert screen.query_one("#status").context_used == second.context_used
 
@@ -60,6 +60,6 @@ async def test_two_turns_with_an_image(mlx_dir, data_dir, images):
         await pilot.press("enter")
         await wait_for(pilot, lambda: len(engine.finished) == 3 and not screen.busy, timeout=60)
         third = engine.finished[2]
-        assert third.prompt_tokens > second.context_used  # the whole history, once
+        assert third.reply.prompt_tokens > second.context_used  # the whole history, once
         assert len(engine.chat.messages) == 6 and engine.chat.pixtral.vision_runs == 1
     assert engine.chat is None  # the engine thread released the model on exit

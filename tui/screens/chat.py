@@ -11,6 +11,8 @@ from textual.binding import Binding, BindingType
 from textual.containers import Vertical
 from textual.widgets import Footer, LoadingIndicator, Static
 
+from pixtral_mlx.turn import Reply
+
 from .. import commands
 from ..engine import Engine
 from ..messages import (
@@ -123,11 +125,11 @@ class ChatScreen(SavedChats):
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         reply = self.reply or await self.query_one(Transcript).start_reply()
         self.reply, self._regenerated = None, None
-        await reply.finish(message.text, message.finish_reason, stats_line(message))
+        await reply.finish(message.reply.text, message.reply.finish_reason, stats_line(message.reply))
         self.conversation.turns.append(reply.turn)
         status = self.query_one(StatusBar)
-        status.context_used, status.generation_tps = message.context_used, message.generation_tps
-        status.peak_memory = message.peak_memory
+        status.context_used, status.generation_tps = message.context_used, message.reply.generation_tps
+        status.peak_memory = message.reply.peak_memory
         self._set_busy(False)
         self._autosave()
 
@@ -140,18 +142,8 @@ class ChatScreen(SavedChats):
         if message.request not in ("send", "regenerate"):
             return
         if self.reply is not None:  # failed mid-reply: the library kept the partial reply
-            await self.on_reply_finished(
-                ReplyFinished(
-                    self.reply.turn.text,
-                    "interrupted",
-                    0,
-                    0,
-                    0,
-                    0,
-                    0,
-                    self.query_one(StatusBar).context_used,
-                )
-            )
+            partial = Reply(text=self.reply.turn.text, finish_reason="interrupted")
+            await self.on_reply_finished(ReplyFinished(partial, self.query_one(StatusBar).context_used))
             return
         if self._failed_send is not None:  # nothing happened: give the message back (elia's pattern)
             turn, widget = self._failed_send

@@ -10,14 +10,15 @@ from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
 from textual.widgets import Markdown, Static
 
-from ..messages import ReplyFinished
+from pixtral_mlx.turn import Reply
+
 from ..storage import Turn
 from .attachment import Chip
 
 FINISH_NOTES = {"interrupted": "stopped", "length": "hit the token limit"}
 
 
-def stats_line(m: ReplyFinished) -> str:
+def stats_line(m: Reply) -> str:
     parts = [
         f"{m.generation_tokens:,} tokens",
         f"{m.generation_tps:,.1f} tok/s",
@@ -53,10 +54,6 @@ class ReplyMessage(Vertical):
         stats = Static(note if self.turn.text or note else "thinking…", classes="stats")
         stats.display = bool(note or not self.turn.text)
         yield stats
-
-    @property
-    def streaming(self) -> bool:
-        return self._stream is not None
 
     async def write(self, fragment: str) -> None:
         if self._stream is None:

@@ -1,0 +1,104 @@
+"""What a turn takes and yields: validated generation `Options`; `Chunk`s while it streams and a `Reply`
+when collected, both with mlx-lm's statistic names.
+
+No MLX at import, so the CLI, the chat app and the server can use these before loading the framework.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from .errors import PromptError
+
+MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+
+
+@dataclass
+class Stats:
+    """mlx-lm's `GenerationResponse` statistic names: the one list of them."""
+
+    prompt_tokens: int = 0  # tokens prefilled by this call (a reused cache prefix is not counted)
+    prompt_tps: float = 0.0
+    generation_tokens: int = 0
+    generation_tps: float = 0.0
+    peak_memory: float = 0.0  # GB
+    finish_reason: str | None = None  # "stop", "length" or "interrupted"
+
+    def stats(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(Stats)}
+
+
+@dataclass
+class Chunk(Stats):
+    """One streamed piece of a reply; the last one carries `finish_reason`."""
+
+    text: str = ""
+    token: int | None = None
+
+
+@dataclass
+class Reply(Stats):
+    """A whole reply: its text and tokens, and the statistics of its last chunk."""
+
+    text: str = ""
+    tokens: list[int] = field(default_factory=list)
+
+    def add(self, chunk: Chunk) -> None:
+        self.text += chunk.text
+        if chunk.token is not None:
+            self.tokens.append(chunk.token)
+        for f in fields(Stats):
+            setattr(self, f.name, getattr(chunk, f.name))
+
+
+def collect(chunks: Iterator[Chunk]) -> Reply:
+    reply = Reply()
+    for chunk in chunks:
+        reply.add(chunk)
+    return reply
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class Options:
+    """Generation options, checked once: a bad value is a `PromptError` naming the allowed range."""
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        def bad(param: str, rule: str) -> PromptError:
+            return PromptError(f"{param} must be {rule}, got {getattr(self, param)!r}.", param=param)
+
+        if not _whole(self.max_tokens) or self.max_tokens < 1:
+            raise bad("max_tokens", "a whole number of at least 1")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)):
+            raise bad("temperature", "a number of at least 0 (0 is greedy)")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise bad("temperature", "a number of at least 0 (0 is greedy)")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number greater than 0 and at most 1")
+        if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
+            raise bad("seed", f"a whole number from 0 to {MAX_SEED}")
+
+    def merge(self, **overrides: Any) -> Options:
+        """These options with every override that is not None (so callers can pass their defaults through)."""
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def sampler(self) -> Callable[[Any], Any]:
+        """mlx-lm's sampler for these options (seeding MLX's generator first when a seed is set)."""
+        import mlx.core as mx
+        from mlx_lm.sample_utils import make_sampler
+
+        if self.seed is not None:
+            mx.random.seed(self.seed)
+        return make_sampler(temp=self.temperature, top_p=self.top_p if self.top_p < 1 else 0.0)
