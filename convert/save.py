@@ -179,8 +179,9 @@ def not_a_conversion(output: Path) -> str | None:
     if foreign:
         more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
         return f"is not a model conversion (it holds {foreign[0]}{more})"
-    if not {"config.json", "model.safetensors.index.json"} <= names:
-        return "is not a complete model conversion (no config.json or model.safetensors.index.json)"
+    missing = sorted({"config.json", "model.safetensors.index.json"} - names)
+    if missing:
+        return f"is not a complete model conversion (it has no {missing[0]})"
     return None
 
 
