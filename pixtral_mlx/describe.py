@@ -44,6 +44,15 @@ def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr)
 
 
+def _image_failed(src: str, e: Exception) -> None:
+    """--each: a JSON line on stdout, and one `error:` line naming the image on stderr."""
+    from .images import describe_source
+
+    name = describe_source(src)
+    print(json.dumps({"image": name, "error": str(e)}), flush=True)
+    _err(str(e) if name in str(e) else f"{name}: {e}")
+
+
 def _info(msg: str) -> None:
     print(f"[INFO] {msg}", file=sys.stderr, flush=True)
 
@@ -114,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     prompt = args.prompt or (DEFAULT_PROMPT if len(args.images) == 1 or args.each else DEFAULT_PROMPT_MANY)
 
-    from .images import ImageError, read_source
+    from .images import ImageError, describe_source, read_source
 
     bad = []
     for src in args.images:  # check every image before the (slow) model load
@@ -125,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
                 _err(str(e))
                 return 1
             bad.append(src)
-            print(json.dumps({"image": src, "error": str(e)}), flush=True)
+            _image_failed(src, e)
     images = [i for i in args.images if i not in bad]
     if not images:
         return 1
@@ -152,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         _err(str(e))
         return 1
     if args.json:
-        print(json.dumps({"images": images, "prompt": prompt, **result}, ensure_ascii=False))
+        shown = [describe_source(i) for i in images]
+        print(json.dumps({"images": shown, "prompt": prompt, **result}, ensure_ascii=False))
     if args.verbose and "prompt_tps" in result:
         _print_stats(result)
     if result.get("finish_reason") == "interrupted":
@@ -163,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _each(model: Any, images: list[str], prompt: str, args: argparse.Namespace) -> int:
     from .generate import ContextError
-    from .images import ImageError
+    from .images import ImageError, describe_source
     from .prompt import PromptError
 
     failed = 0
@@ -172,9 +182,9 @@ def _each(model: Any, images: list[str], prompt: str, args: argparse.Namespace) 
             result = _run(model, _messages(args, prompt, [src]), args, echo=False)
         except (ImageError, PromptError, ContextError) as e:
             failed += 1
-            print(json.dumps({"image": src, "error": str(e)}), flush=True)
+            _image_failed(src, e)
             continue
-        print(json.dumps({"image": src, **result}, ensure_ascii=False), flush=True)
+        print(json.dumps({"image": describe_source(src), **result}, ensure_ascii=False), flush=True)
         if args.verbose and "prompt_tps" in result:
             _print_stats(result)
         if result.get("finish_reason") == "interrupted":
