@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with -q, also quantize the vision tower and adapter (default: keep them dense)",
     )
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--force", action="store_true", help="replace OUT if it holds a previous conversion (nothing else)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     return p
 
@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     output = Path(a.output) if a.output else default_output(source, a.quantize, a.bits)
 
     from pixtral_mlx.convert import ConversionError, convert
+    from pixtral_mlx.convert.save import Terminated
 
     try:
         out = convert(
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
             force=a.force,
             progress=not a.quiet,
         )
+    except Terminated:  # SIGTERM: cleaned up as for Ctrl-C
+        print("terminated: nothing was written", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted: nothing was written", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ from pixtral_mlx.convert.save import (
     Planned,
     ShardedWriter,
     atomic_folder,
+    check_output,
     plan_shards,
     write_config,
     write_index,
@@ -63,7 +64,8 @@ def convert(
     Args:
         source: a local folder (official or Hugging Face layout) or a repo id such as
             "mistralai/Pixtral-12B-2409".
-        output: the folder to create; it must not exist unless `force` is set.
+        output: the folder to create; it must not exist unless `force` is set. Another conversion
+            writing to the same folder at the same time is refused (ConversionError).
         dtype: "bfloat16", "float16" or "float32" for every float tensor (and the scales).
         quantize: quantize the decoder matrices (affine, `bits` bits, groups of `group_size`).
         quantize_vision: with `quantize`, also quantize the vision tower and adapter linears.
@@ -74,7 +76,9 @@ def convert(
 
     Raises:
         ConversionError: a bad source or argument, in one sentence.
-        FileExistsError: `output` exists and `force` is not set.
+        FileExistsError: `output` exists and `force` is not set, or it is not a previous conversion
+            (`force` replaces only those, never a folder holding anything else).
+        KeyboardInterrupt: Ctrl-C, or SIGTERM (`Terminated`); the output is then as it was before.
     """
     if dtype not in DTYPES:
         raise ConversionError(f"dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
@@ -84,8 +88,9 @@ def convert(
             "bits must be 2, 3, 4, 5, 6 or 8 and the group size 32, 64 or 128"
         )
     output = Path(output).absolute()
-    if output.exists() and not force:  # checked before a possibly long download
-        raise FileExistsError(f"output {output} already exists: pass --force (force=True) to replace it")
+    if not is_repo_id(str(source)):
+        _check_overlap(output, Path(source))
+    check_output(output, force)  # before a possibly long download; checked again with the output locked
     path = download(str(source)) if is_repo_id(str(source)) else Path(source)
     src = open_source(path)
     try:
@@ -100,7 +105,7 @@ def convert(
             f"[INFO] Converting {len(jobs)} tensors ({size} GB, {src.format} layout) "
             f"from {path} to {dtype}" + (f", {bits}-bit" if spec else ""),
         )
-        with atomic_folder(output, force) as tmp:
+        with atomic_folder(output, force, log=lambda line: _log(progress, line)) as tmp:
             _write_tensors(src, jobs, tmp, shards, DTYPES[dtype], spec, progress)
             write_index(tmp, shards)
             write_config(tmp, src.args.to_config())
@@ -159,10 +164,14 @@ def _source_shape(shape: tuple[int, ...], t: Target) -> tuple[int, ...]:
     return (shape[0], shape[-1], *shape[1:-1]) if t.conv else shape
 
 
-def _check_output(output: Path, source: Path, nbytes: int) -> None:
+def _check_overlap(output: Path, source: Path) -> None:
     src = source.resolve()
     if output.resolve() == src or output.resolve() in src.parents:
         raise ConversionError(f"output {output} would replace the source checkpoint: choose another folder")
+
+
+def _check_output(output: Path, source: Path, nbytes: int) -> None:
+    _check_overlap(output, source)
     parent = next(p for p in [output, *output.parents] if p.exists())
     free = shutil.disk_usage(parent).free
     if free < nbytes + (64 << 20):

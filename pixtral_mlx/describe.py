@@ -49,6 +49,15 @@ def _info(msg: str) -> None:
     print(f"[INFO] {msg}", file=sys.stderr, flush=True)
 
 
+def _image_failed(src: str, e: Exception) -> None:
+    """--each: a JSON line on stdout, and one `error:` line naming the image on stderr."""
+    from .images import describe_source
+
+    name = describe_source(src)
+    print(json.dumps({"image": name, "error": str(e)}), flush=True)
+    _err(str(e) if name in str(e) else f"{name}: {e}")
+
+
 def _messages(args: argparse.Namespace, prompt: str, images: list[tuple[Any, str]]) -> list[dict[str, Any]]:
     """A user message with the already decoded images (so nothing is read or downloaded twice)."""
     parts: list[dict[str, Any]] = [{"type": "image", "image": img, "name": name} for img, name in images]
@@ -118,8 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 _err(str(e))
                 return 1
             failed += 1
-            _err(str(e))
-            print(json.dumps({"image": describe_source(src), "error": str(e)}), flush=True)
+            _image_failed(src, e)
     if not loaded:
         return 1
 
@@ -158,15 +166,13 @@ def _each(model: Any, loaded: list[tuple[str, Any]], prompt: str, args: argparse
 
     failed = 0
     for src, image in loaded:
-        name = describe_source(src)
         try:
             result = _run(model, _messages(args, prompt, [image]), args, echo=False)
         except PixtralError as e:
             failed += 1
-            _err(str(e))
-            print(json.dumps({"image": name, "error": str(e)}), flush=True)
+            _image_failed(src, e)
             continue
-        print(json.dumps({"image": name, **result}, ensure_ascii=False), flush=True)
+        print(json.dumps({"image": describe_source(src), **result}, ensure_ascii=False), flush=True)
         if args.verbose and result.get("prompt_tps"):
             _print_stats(result)
         if result.get("finish_reason") == "interrupted":

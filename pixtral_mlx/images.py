@@ -9,7 +9,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import http.client
 import io
+import os
+import socket
+import stat
+import threading
+import time
+import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -22,7 +30,9 @@ from .errors import ImageError
 
 MAX_PIXELS = 100_000_000  # decompression-bomb guard: 10000 x 10000, far beyond any useful input
 MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
-DOWNLOAD_TIMEOUT = 30
+MAX_FILE_BYTES = 1 << 30  # a local file: a 100 MP 16-bit RGBA TIFF is 800 MB
+DOWNLOAD_TIMEOUT = 60  # seconds for the whole download, redirects included (50 MB at ~7 Mbit/s)
+MAX_REDIRECTS = 5
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
 
 
@@ -67,28 +77,163 @@ def _check_size(img: Image.Image, name: str) -> None:
 
 
 def _read_path(path: Path, name: str) -> bytes:
+    """The bytes of a regular file no larger than MAX_FILE_BYTES; pipes and devices are never opened."""
     path = path.expanduser()
-    if not path.exists():
-        raise ImageError(f"{name}: no such file.")
-    if path.is_dir():
-        raise ImageError(f"{name} is a directory, not an image.")
     try:
-        return path.read_bytes()
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(f"{name} is a directory, not an image.")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"{name} is {_kind(st.st_mode)}, not an image file.")
+        if st.st_size > MAX_FILE_BYTES:
+            raise ImageError(f"{name} is {st.st_size:,} bytes, over the {MAX_FILE_BYTES >> 20} MB limit for images.")
+        # O_NONBLOCK: if the path became a pipe since the stat, opening it must not wait for a writer.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        with os.fdopen(fd, "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ImageError(f"{name} is {_kind(mode)}, not an image file.")
+            data = f.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError as e:
+        raise ImageError(f"{name}: no such file.") from e
     except OSError as e:
         raise ImageError(f"{name} cannot be read ({e.strerror or e}).") from e
+    if len(data) > MAX_FILE_BYTES:  # it grew after the stat
+        raise ImageError(f"{name} is over the {MAX_FILE_BYTES >> 20} MB limit for images.")
+    return data
+
+
+def _kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+class _Deadline:
+    """One clock for a whole download (connects, redirects, TLS, headers, body).
+
+    Socket timeouts bound each read, not the total: a server sending a byte every few seconds would
+    never trip them. At the deadline a timer shuts every socket the download opened, so whatever read
+    is waiting returns at once.
+    """
+
+    def __init__(self, seconds: float):
+        self.end = time.monotonic() + seconds
+        self.fired = False  # the sockets were shut: whatever was read may be cut short
+        self._socks: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def create_connection(self, address: Any, timeout: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
+        left = max(0.001, self.end - time.monotonic())
+        timeout = left if not isinstance(timeout, (int, float)) else min(timeout, left)
+        sock = socket.create_connection(address, timeout, *args, **kwargs)
+        with self._lock:  # a duplicate descriptor: ssl's wrap_socket() detaches the original object
+            self._socks.append(socket.socket(fileno=os.dup(sock.fileno())))
+        if time.monotonic() >= self.end:
+            self._expire()
+        return sock
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.fired = True
+            for s in self._socks:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._timer.cancel()
+        with self._lock:
+            for s in self._socks:
+                s.close()
+            self._socks.clear()
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    def connection(base: type[http.client.HTTPConnection]) -> Any:
+        class Connection(base):  # type: ignore[misc, valid-type]
+            def __init__(self, *args: Any, **kwargs: Any):
+                super().__init__(*args, **kwargs)
+                self._create_connection = deadline.create_connection
+
+        return Connection
+
+    class HTTP(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(connection(http.client.HTTPConnection), req)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> Any:
+            return self.do_open(connection(http.client.HTTPSConnection), req, context=self._context)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        max_redirections = MAX_REDIRECTS
+
+        def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+            location = headers.get("location") or headers.get("uri") or ""
+            scheme = urllib.parse.urlparse(urllib.parse.urljoin(req.full_url, location)).scheme
+            if scheme not in ("http", "https"):
+                raise _BadRedirect(f"{scheme}:")
+            return super().http_error_302(req, fp, code, msg, headers)
+
+        http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+    return urllib.request.build_opener(HTTP, HTTPS, Redirects)
 
 
 def _download(url: str) -> bytes:
+    """At most MAX_DOWNLOAD_BYTES, all of it within DOWNLOAD_TIMEOUT seconds, over http(s) only."""
+    deadline = _Deadline(DOWNLOAD_TIMEOUT)
     req = urllib.request.Request(url, headers={"User-Agent": "pixtral-mlx"})
     try:
-        with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT) as resp:
+        with _opener(deadline).open(req, timeout=DOWNLOAD_TIMEOUT) as resp:
+            size = resp.headers.get("Content-Length", "")
+            if size.isdigit() and int(size) > MAX_DOWNLOAD_BYTES:
+                raise ImageError(f"{url} is {int(size):,} bytes, over the {MAX_DOWNLOAD_BYTES >> 20} MB limit.")
             data = resp.read(MAX_DOWNLOAD_BYTES + 1)
-    except Exception as e:  # URLError, HTTPError, timeouts, SSL errors
+    except ImageError:
+        raise
+    except _BadRedirect as e:
+        raise ImageError(f"could not download {url}: it redirects to a {e} URL, and only http(s) is followed.") from e
+    except urllib.error.HTTPError as e:
+        if deadline.fired:
+            raise _timeout(url) from e
+        if str(e.msg).startswith(urllib.request.HTTPRedirectHandler.inf_msg):  # urllib's is three lines long
+            raise ImageError(
+                f"could not download {url}: it redirects in a loop or more than {MAX_REDIRECTS} times."
+            ) from e
+        raise ImageError(f"could not download {url} (HTTP {e.code} {_first_line(e.reason)}).") from e
+    except Exception as e:  # URLError, timeouts, SSL errors, a connection the deadline shut
+        if deadline.fired:
+            raise _timeout(url) from e
         reason = getattr(e, "reason", None) or e
-        raise ImageError(f"could not download {url} ({reason}).") from e
+        raise ImageError(f"could not download {url} ({_first_line(reason)}).") from e
+    finally:
+        deadline.close()
+    if deadline.fired:  # a body without a length ends quietly when its socket is shut
+        raise _timeout(url)
     if len(data) > MAX_DOWNLOAD_BYTES:
-        raise ImageError(f"{url} is larger than {MAX_DOWNLOAD_BYTES // 2**20} MB.")
+        raise ImageError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MB.")
     return data
+
+
+class _BadRedirect(Exception):
+    """A redirect to a scheme other than http(s) (file:, ftp:, ...): never followed."""
+
+
+def _timeout(url: str) -> ImageError:
+    return ImageError(f"could not download {url}: it did not arrive within {DOWNLOAD_TIMEOUT:g} seconds.")
+
+
+def _first_line(reason: object) -> str:
+    lines = str(reason).strip().splitlines()
+    return lines[0] if lines else type(reason).__name__
 
 
 def read_source(source: Any) -> tuple[Image.Image, str]:

@@ -317,16 +317,29 @@ def test_bad_input_is_one_clear_line(tiny, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == (["src"] if make else [])
 
 
-def test_existing_output_needs_force(tiny, tmp_path, capsys):
+def test_existing_output_needs_force(tiny, converted, tmp_path, capsys):
+    out = tmp_path / "out"
+    shutil.copytree(converted["hf"], out)  # a previous conversion (float32)
+    assert main([str(tiny["official"]), "-o", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"error: output {out} already exists: pass --force (force=True) to replace it\n"
+    assert main([str(tiny["official"]), "-o", str(out), "--quiet", "--force"]) == 0
+    assert next(iter(load_all(out).values())).dtype == mx.bfloat16  # replaced by the new one
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_force_never_replaces_anything_but_a_conversion(tiny, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    assert main([str(tiny["official"]), "-o", str(out), "--quiet"]) == 1
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "--force" in err
-    assert main([str(tiny["official"]), "-o", str(out), "--quiet", "--force"]) == 0
-    assert not (out / "old.txt").exists() and (out / "config.json").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    for flags in ([], ["--force"]):
+        assert main([str(tiny["official"]), "-o", str(out), "--quiet", *flags]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: output {out} is not a model conversion (it holds old.txt): ")
+        assert err.count("\n") == 1 and err.endswith("choose another folder\n")
+    assert (out / "old.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(FileExistsError, match="--force replaces only a previous conversion"):
+        convert(tiny["official"], out, force=True, progress=False)
 
 
 def test_offline_repo_id(tmp_path, capsys, monkeypatch):
@@ -378,13 +391,16 @@ def test_interrupt_leaves_nothing(tiny, tmp_path, capsys, monkeypatch):
     assert main([str(tiny["official"]), "-o", str(out), "--quiet"]) == 130
     assert capsys.readouterr().err == "interrupted: nothing was written\n"
     assert list(tmp_path.iterdir()) == []
-    # With --force, an interrupted run keeps the old output.
-    out.mkdir()
-    (out / "keep.txt").write_text("keep")
+    # With --force, an interrupted run keeps the previous conversion as it was.
+    monkeypatch.undo()
+    convert(tiny["official"], out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(ShardedWriter, "write", flaky)
     count["n"] = 0
     with pytest.raises(KeyboardInterrupt):
-        convert(tiny["official"], out, force=True, progress=False)
-    assert [p.name for p in tmp_path.iterdir()] == ["out"] and (out / "keep.txt").exists()
+        convert(tiny["official"], out, force=True, dtype="float32", progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_library_errors_are_conversion_errors(tiny, tmp_path):
