@@ -63,7 +63,10 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
 
         if progress:
             progress(f"Converting {repo} to 4-bit MLX into {converted} (once)…")
-        convert(local, converted, quantize=True, bits=4, group_size=64, progress=progress is not None)
+        try:
+            convert(local, converted, quantize=True, bits=4, group_size=64, progress=progress is not None)
+        except (PixtralError, FileExistsError) as e:  # e.g. another process is converting it right now
+            raise ModelError(f"could not convert {repo} into {converted}: {e}") from e
         return converted
     raise ModelError(f"{repo} has neither MLX weights nor an official consolidated.safetensors.")
 
