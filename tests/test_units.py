@@ -267,3 +267,12 @@ def test_new_images_are_encoded_in_groups_of_bounded_patches(pixtral, monkeypatc
     assert calls == [2, 1] and fresh.vision_runs == 3
     for img, f in zip(prompt.images, feats):
         np.testing.assert_allclose(np.array(f), np.array(encode([img.pixels])[0]), atol=1e-5)
+
+
+def test_chat_rejects_unknown_options_instead_of_ignoring_them(pixtral):
+    chat = pixtral.chat()
+    with pytest.raises(TypeError, match="temp"):
+        chat.send("Hello.", temp=0)
+    with pytest.raises(PromptError, match="temperature must be"):
+        chat.send("Hello.", temperature=-1)
+    assert chat.messages == []  # neither attempt reached the history

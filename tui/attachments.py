@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-MAX_EDGE = 1024  # Pixtral-12B's vision image_size
+from pixtral_mlx.config import MAX_EDGE  # Pixtral-12B's vision image_size
+
 PATCH = 16
 
 
