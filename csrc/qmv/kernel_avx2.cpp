@@ -19,7 +19,9 @@
 namespace qmv {
 namespace {
 
-constexpr int kScaleBlock = 256;
+constexpr int kScaleBlock = 256;  // most groups in one K block (scales on the stack)
+constexpr int kXBytes = 24 * 1024;  // x bytes per K block: half a typical L1d
+constexpr int kRowBlock = 64;     // rows swept per K block
 
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -28,8 +30,9 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// Groups [g0, g1) of rows n .. n+R-1; the first K block (g0 == 0) stores, later ones add.
 template <int M, int R, int BITS>
-inline void block(const Problem& p, int n) {
+inline void block(const Problem& p, int n, int g0, int g1) {
   constexpr int CE = BITS == 4 ? 16 : 8;  // codes per 8-byte chunk
   const int G = p.K / p.group_size;
   const int cpg = p.group_size / CE;
@@ -37,9 +40,8 @@ inline void block(const Problem& p, int n) {
   const uint8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint8_t*>(p.w + (n + r) * p.w_stride);
 
-  float bd[R][M];
-  for (int r = 0; r < R; ++r) {
-    for (int m = 0; m < M; ++m) bd[r][m] = 0.0f;
+  float bd[R][M] = {};
+  for (int r = 0; r < R && g0 == 0; ++r) {
     for (int g = 0; g < G; ++g) {
       const float b = load_scale(p.biases, p.scale_type, (n + r) * p.b_stride + g);
       for (int m = 0; m < M; ++m) bd[r][m] += b * p.xsum[m * G + g];
@@ -51,9 +53,9 @@ inline void block(const Problem& p, int n) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) tot[r][m] = _mm256_setzero_ps();
 
-  float sc[R][kScaleBlock];
-  for (int gb = 0; gb < G; gb += kScaleBlock) {
-    const int gn = G - gb < kScaleBlock ? G - gb : kScaleBlock;
+  float sc[R][kScaleBlock];  // g1 - g0 <= kScaleBlock
+  {
+    const int gb = g0, gn = g1 - g0;
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < gn; ++j) sc[r][j] = load_scale(p.scales, p.scale_type, (n + r) * p.s_stride + gb + j);
     for (int g = gb; g < gb + gn; ++g) {
@@ -85,14 +87,29 @@ inline void block(const Problem& p, int n) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) p.out[m * static_cast<int64_t>(p.N) + n + r] = hsum(tot[r][m]) + bd[r][m];
+    for (int m = 0; m < M; ++m) {
+      float* o = p.out + m * static_cast<int64_t>(p.N) + n + r;
+      const float v = hsum(tot[r][m]) + bd[r][m];
+      *o = g0 == 0 ? v : *o + v;
+    }
 }
 
+// Rows [n0, n1) in blocks of kRowBlock rows; within a block, K in pieces whose x (M rows) fits the L1
+// cache, so that x is read from L1 for every row however many rows x has.
 template <int M, int R, int BITS>
 void rows_mr(const Problem& p, int n0, int n1) {
-  int n = n0;
-  for (; n + R <= n1; n += R) block<M, R, BITS>(p, n);
-  for (; n < n1; ++n) block<M, 1, BITS>(p, n);
+  const int G = p.K / p.group_size;
+  int kg = kXBytes / (M * p.group_size * 4);
+  kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
+  for (int nb = n0; nb < n1; nb += kRowBlock) {
+    const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int g0 = 0; g0 < G; g0 += kg) {
+      const int g1 = g0 + kg < G ? g0 + kg : G;
+      int n = nb;
+      for (; n + R <= nb1; n += R) block<M, R, BITS>(p, n, g0, g1);
+      for (; n < nb1; ++n) block<M, 1, BITS>(p, n, g0, g1);
+    }
+  }
 }
 
 template <int BITS>

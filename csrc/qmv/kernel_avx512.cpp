@@ -23,7 +23,9 @@
 namespace qmv {
 namespace {
 
-constexpr int kScaleBlock = 256;  // groups whose scales are converted to float at once (stack)
+constexpr int kScaleBlock = 256;  // most groups in one K block (scales on the stack)
+constexpr int kXBytes = 24 * 1024;  // x bytes per K block: half a typical L1d
+constexpr int kRowBlock = 64;     // rows swept per K block  // groups whose scales are converted to float at once (stack)
 
 inline __m512 load_scales16(const void* base, int type, int64_t i, int count) {
   const __mmask16 k = count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
@@ -40,8 +42,9 @@ inline __m512 load_scales16(const void* base, int type, int64_t i, int count) {
 }
 
 // Rows n .. n+R-1 for all M rows of x.
+// Groups [g0, g1) of rows n .. n+R-1; the first K block (g0 == 0) stores, later ones add.
 template <int M, int R, int BITS>
-inline void block(const Problem& p, int n) {
+inline void block(const Problem& p, int n, int g0, int g1) {
   constexpr int CE = BITS == 4 ? 32 : 16;  // codes per 16-byte chunk
   const int G = p.K / p.group_size;
   const int cpg = p.group_size / CE;
@@ -49,16 +52,16 @@ inline void block(const Problem& p, int n) {
   const uint8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint8_t*>(p.w + (n + r) * p.w_stride);
 
-  // Bias term: sum_g bias[n, g] * xsum[m, g].
-  float bd[R][M];
-  for (int r = 0; r < R; ++r) {
+  // Bias term: sum_g bias[n, g] * xsum[m, g], with the first K block.
+  float bd[R][M] = {};
+  for (int r = 0; r < R && g0 == 0; ++r) {
     __m512 a[M];
     for (int m = 0; m < M; ++m) a[m] = _mm512_setzero_ps();
-    for (int g0 = 0; g0 < G; g0 += 16) {
-      const int cnt = G - g0 < 16 ? G - g0 : 16;
+    for (int gi = 0; gi < G; gi += 16) {
+      const int cnt = G - gi < 16 ? G - gi : 16;
       const __mmask16 k = cnt >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << cnt) - 1);
-      __m512 b = load_scales16(p.biases, p.scale_type, (n + r) * p.b_stride + g0, cnt);
-      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(k, p.xsum + m * G + g0), a[m]);
+      __m512 b = load_scales16(p.biases, p.scale_type, (n + r) * p.b_stride + gi, cnt);
+      for (int m = 0; m < M; ++m) a[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(k, p.xsum + m * G + gi), a[m]);
     }
     for (int m = 0; m < M; ++m) bd[r][m] = _mm512_reduce_add_ps(a[m]);
   }
@@ -69,9 +72,9 @@ inline void block(const Problem& p, int n) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) tot[r][m] = _mm512_setzero_ps();
 
-  alignas(64) float sc[R][kScaleBlock];
-  for (int gb = 0; gb < G; gb += kScaleBlock) {
-    const int gn = G - gb < kScaleBlock ? G - gb : kScaleBlock;
+  alignas(64) float sc[R][kScaleBlock];  // g1 - g0 <= kScaleBlock
+  {
+    const int gb = g0, gn = g1 - g0;
     for (int r = 0; r < R; ++r)
       for (int j = 0; j < gn; j += 16)
         _mm512_store_ps(sc[r] + j, load_scales16(p.scales, p.scale_type, (n + r) * p.s_stride + gb + j, gn - j));
@@ -105,14 +108,29 @@ inline void block(const Problem& p, int n) {
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int m = 0; m < M; ++m) p.out[m * static_cast<int64_t>(p.N) + n + r] = _mm512_reduce_add_ps(tot[r][m]) + bd[r][m];
+    for (int m = 0; m < M; ++m) {
+      float* o = p.out + m * static_cast<int64_t>(p.N) + n + r;
+      const float v = _mm512_reduce_add_ps(tot[r][m]) + bd[r][m];
+      *o = g0 == 0 ? v : *o + v;
+    }
 }
 
+// Rows [n0, n1) in blocks of kRowBlock rows; within a block, K in pieces whose x (M rows) fits the L1
+// cache, so that x is read from L1 for every row however many rows x has.
 template <int M, int R, int BITS>
 void rows_mr(const Problem& p, int n0, int n1) {
-  int n = n0;
-  for (; n + R <= n1; n += R) block<M, R, BITS>(p, n);
-  for (; n < n1; ++n) block<M, 1, BITS>(p, n);
+  const int G = p.K / p.group_size;
+  int kg = kXBytes / (M * p.group_size * 4);
+  kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
+  for (int nb = n0; nb < n1; nb += kRowBlock) {
+    const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int g0 = 0; g0 < G; g0 += kg) {
+      const int g1 = g0 + kg < G ? g0 + kg : G;
+      int n = nb;
+      for (; n + R <= nb1; n += R) block<M, R, BITS>(p, n, g0, g1);
+      for (; n < nb1; ++n) block<M, 1, BITS>(p, n, g0, g1);
+    }
+  }
 }
 
 template <int BITS>
