@@ -102,7 +102,15 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return (q * scales[..., None] + biases[..., None]).reshape(w.shape[0], -1)
 
     def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
-        """The quantized kernel, its output rows split over the CPU streams (one thread each)."""
+        """The quantized kernel: the C++ CPU matvec when built (pixtral_mlx.cpu_kernel), else
+        mx.quantized_matmul with its output rows split over the CPU streams (one thread each)."""
+        from . import cpu_kernel
+
+        if self.mode == "affine" and "biases" in self and cpu_kernel.available():
+            y = cpu_kernel.quantized_matvec(
+                x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
+            )
+            return y + self["bias"] if "bias" in self else y
         if len(streams) < 2:
             return super().__call__(x)
         w, s, b = self["weight"], self["scales"], self.get("biases")
