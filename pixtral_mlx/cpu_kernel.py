@@ -133,7 +133,9 @@ def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
         or mx.default_device() != mx.cpu
     ):
         return fallback()
-    out_dtype = mx.promote_types(x.dtype, scales.dtype)
+    # mx.quantized_matmul's result dtype: type promotion of x and scales (for these float types: the
+    # common dtype when they agree, else float32).
+    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
     if rows <= MAX_ROWS:
         y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=bits)
