@@ -26,7 +26,8 @@ ROOT = Path(__file__).parent.resolve()
 
 class CMakeExtension(Extension):
     def __init__(self, name: str, sourcedir: Path) -> None:
-        super().__init__(name, sources=[])
+        # optional: setuptools then skips copying it into the source tree (editable installs) when absent.
+        super().__init__(name, sources=[], optional=True)
         self.sourcedir = str(sourcedir)
 
 
@@ -73,22 +74,6 @@ class OptionalCMakeBuild(build_ext):
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         subprocess.run([cmake, "--build", str(build_dir), "--config", "Release", "-j", jobs], check=True)
         print(f"pixtral-mlx: built {ext.name} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-
-    def copy_extensions_to_source(self) -> None:
-        # In-place builds copy each built extension into the source tree; skip one that failed.
-        for ext in self.extensions:
-            if Path(self.get_ext_fullpath(ext.name)).exists():
-                self._copy_one(ext)
-
-    def _copy_one(self, ext: Extension) -> None:
-        build_py = self.get_finalized_command("build_py")
-        fullname = self.get_ext_fullname(ext.name)
-        filename = self.get_ext_filename(fullname)
-        package = ".".join(fullname.split(".")[:-1])
-        dest = Path(build_py.get_package_dir(package)) / Path(filename).name
-        src = Path(self.build_lib) / filename
-        if src.exists() and src.resolve() != dest.resolve():
-            self.copy_file(str(src), str(dest), level=self.verbose)
 
     def get_outputs(self) -> list[str]:
         return [o for o in super().get_outputs() if Path(o).exists()]
