@@ -87,7 +87,8 @@ def test_long_rows_several_k_blocks(isa, m):
     for bits, gs in ((4, 32), (8, 128)):
         wq, scales, biases = quantized(n, k, gs, bits, mx.bfloat16, seed=1)
         x = mx.random.normal((m, k), key=mx.random.key(2))
-        check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=bits), x, wq, scales, biases, gs, bits)
+        out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=bits)
+        check(out, x, wq, scales, biases, gs, bits)
 
 
 def test_half_scales_subnormal_and_negative(isa):
@@ -165,9 +166,10 @@ def test_inside_compile(ext):
     cf = mx.compile(f)
     for m in (1, 2, 8, 2):
         x = mx.random.normal((m, k))
-        ref = mx.maximum(
-            mx.quantized_matmul(x * 2.0, wq, scales, biases, transpose=True, group_size=gs, bits=4), 0.0
-        ) + 1.0
+        ref = (
+            mx.maximum(mx.quantized_matmul(x * 2.0, wq, scales, biases, transpose=True, group_size=gs, bits=4), 0.0)
+            + 1.0
+        )
         assert mx.allclose(cf(x), ref, rtol=1e-4, atol=1e-4).item()
         assert mx.allclose(cf(x), f(x), rtol=1e-5, atol=1e-5).item()
 
@@ -247,8 +249,8 @@ def pixtral_q4(hf_dir, tmp_path_factory):
     import pixtral_mlx
     from pixtral_mlx.convert import convert
 
-    out = convert(hf_dir, tmp_path_factory.mktemp("q4") / "tiny-q4", quantize=True, bits=4, group_size=32, progress=False)
-    return pixtral_mlx.load(str(out))
+    out = tmp_path_factory.mktemp("q4") / "tiny-q4"
+    return pixtral_mlx.load(str(convert(hf_dir, out, quantize=True, bits=4, group_size=32, progress=False)))
 
 
 def test_tiny_model_greedy_unchanged(ext, pixtral_q4, monkeypatch):
