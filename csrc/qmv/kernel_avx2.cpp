@@ -21,6 +21,7 @@ namespace {
 
 constexpr int kScaleBlock = 256;  // most groups in one K block (scales on the stack)
 constexpr int kXBytes = 24 * 1024;  // x bytes per K block: half a typical L1d
+constexpr int kXBytesOneRow = 256 * 1024;
 constexpr int kRowBlock = 64;     // rows swept per K block
 
 inline float hsum(__m256 v) {
@@ -99,7 +100,9 @@ inline void block(const Problem& p, int n, int g0, int g1) {
 template <int M, int R, int BITS>
 void rows_mr(const Problem& p, int n0, int n1) {
   const int G = p.K / p.group_size;
-  int kg = kXBytes / (M * p.group_size * 4);
+  // One row of x streams well from L2 (split K only when it would not fit there); several rows of
+  // x are read once per row of w, so they must come from L1.
+  int kg = (M == 1 ? kXBytesOneRow : kXBytes) / (M * p.group_size * 4);
   kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
   for (int nb = n0; nb < n1; nb += kRowBlock) {
     const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
