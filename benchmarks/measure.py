@@ -496,7 +496,7 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
 def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
     import mlx.core as mx
 
-    from pixtral_mlx import backend
+    from pixtral_mlx import backend, cpu_kernel
 
     if spec.get("patches"):  # experiments.py: library changes under test, installed before loading
         sys.path.insert(0, str(Path(__file__).parent))
@@ -512,6 +512,7 @@ def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
         runtime="pixtral_mlx",
         patches=spec.get("patches") or [],
         blas=backend.BLAS_NOTE,
+        decode_kernel=cpu_kernel.describe() if backend.on_cpu() else None,
         device=backend.device_name(),
         mlx_device=str(mx.default_device()),
         compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),

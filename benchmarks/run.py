@@ -176,6 +176,7 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
         return {"error": r["error"]}
     out: dict[str, Any] = {
         "blas": r.get("blas"),
+        "decode_kernel": r.get("decode_kernel"),
         "device": r.get("device"),
         "compute_dtype": r.get("compute_dtype"),
         "load_s": r.get("load_s"),
@@ -499,7 +500,9 @@ def markdown(res: dict) -> str:
             if r and "error" not in r:
                 load = r.get("machine_load") or [None, None]
                 notes.append(
-                    f"{name}: computes in {r.get('compute_dtype')}, {r.get('blas')}; job {r.get('job_wall_s', 0):.0f} s"
+                    f"{name}: computes in {r.get('compute_dtype')}, {r.get('blas')}"
+                    + (f", decode kernel {r['decode_kernel']}" if r.get("decode_kernel") else "")
+                    + f"; job {r.get('job_wall_s', 0):.0f} s"
                     + (f", machine load {load[0]:.1f} → {load[1]:.1f}" if None not in load else "")
                 )
         if notes:

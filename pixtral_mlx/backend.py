@@ -80,7 +80,9 @@ def device_name() -> str:
     import mlx.core as mx
 
     if on_cpu():
-        return f"cpu ({BLAS_NOTE})"
+        from . import cpu_kernel
+
+        return f"cpu ({BLAS_NOTE}; decode: {cpu_kernel.describe()})"
     try:
         info = mx.device_info()
         return f"gpu ({info.get('device_name', info.get('architecture', 'gpu'))})"

@@ -16,6 +16,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import cpu_kernel
 from .vision import Attention
 
 # Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
@@ -76,7 +77,13 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return dequantize_affine(w, scales, biases, self.group_size, self.bits)
 
     def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
-        """The quantized kernel, its output rows split over the CPU streams (one thread each)."""
+        """The quantized kernel: the C++ CPU matvec when built (`cpu_kernel`), else mx.quantized_matmul with
+        its output rows split over the CPU streams (one thread each)."""
+        if self.mode == "affine" and "biases" in self and cpu_kernel.available():
+            y = cpu_kernel.quantized_matvec(
+                x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
+            )
+            return y + self["bias"] if "bias" in self else y
         if len(streams) < 2:
             return super().__call__(x)
         w, s, b = self["weight"], self["scales"], self.get("biases")

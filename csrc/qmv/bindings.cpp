@@ -1,0 +1,43 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// pixtral_mlx._qmv: the Python face of the QuantizedMatvec primitive. Built with NB_DOMAIN mlx so that
+// mx.array, streams and devices are the very types mlx.core registers (import mlx.core first).
+
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
+
+#include "mlx/version.h"
+#include "qmv.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+#define QMV_STR2(x) #x
+#define QMV_STR(x) QMV_STR2(x)
+
+NB_MODULE(_qmv, m) {
+  m.doc() = "Quantized matvec for MLX's CPU backend (AVX-512 / AVX2 / scalar, multithreaded).";
+
+  m.def(
+      "quantized_matvec",
+      &qmv::quantized_matvec,
+      "x"_a,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a,
+      "bits"_a,
+      "stream"_a = nb::none(),
+      R"(x @ dequantize(w, scales, biases).T for float32 x with at most 8 rows (affine mode, 4 or 8 bits).)");
+  m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
+  m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");
+  m.def("select_isa", &qmv::select_isa, "name"_a, "Use kernel `name` ('auto': the best); returns the choice.");
+  m.def("threads", &qmv::threads, "Threads one call splits its output rows over.");
+  m.def("set_threads", &qmv::set_threads, "n"_a, "Set the thread count (n <= 0: the default); returns it.");
+  m.attr("mlx_version") = QMV_STR(MLX_VERSION_MAJOR) "." QMV_STR(MLX_VERSION_MINOR) "." QMV_STR(MLX_VERSION_PATCH);
+  m.attr("nanobind_version") =
+      QMV_STR(NB_VERSION_MAJOR) "." QMV_STR(NB_VERSION_MINOR) "." QMV_STR(NB_VERSION_PATCH);
+}

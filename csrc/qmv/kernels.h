@@ -1,0 +1,99 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// The interface between the MLX primitive (qmv.cpp) and the per-ISA matvec kernels
+// (kernel_avx512.cpp, kernel_avx2.cpp, kernel_scalar.cpp). Nothing here depends on MLX.
+//
+// Problem: out[m, n] = sum_k x[m, k] * (scale[n, g(k)] * q[n, k] + bias[n, g(k)]) for m < M <= 8,
+// with q the 4- or 8-bit affine codes MLX packs into uint32 words, low bits first.
+// Kernels compute it as sum_g scale[n, g] * dot(q[n, g], x[m, g]) + bias[n, g] * xsum[m, g].
+
+#pragma once
+
+#include <cstdint>
+
+namespace qmv {
+
+constexpr int kMaxRows = 8;  // rows of x handled in one pass over the weights
+
+enum ScaleType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
+
+struct Problem {
+  int M;           // rows of x (1..kMaxRows)
+  int N;           // output features (rows of w)
+  int K;           // input features
+  int group_size;  // 32, 64 or 128 (any multiple of 32)
+  int bits;        // 4 or 8
+  const uint32_t* w;       // N rows, w_stride uint32 words apart
+  int64_t w_stride;
+  const void* scales;      // N rows of K / group_size, s_stride elements apart, dtype scale_type
+  const void* biases;      // same layout as scales (b_stride)
+  int64_t s_stride;
+  int64_t b_stride;
+  int scale_type;
+  const float* xp;    // x prepared for the kernel's layout: M rows of K floats (see x_chunk)
+  const float* xsum;  // M rows of K / group_size group sums of x
+  float* out;         // M rows of N floats
+};
+
+// Computes output features [n0, n1) for all M rows of x.
+using RowsFn = void (*)(const Problem&, int n0, int n1);
+
+struct Kernel {
+  const char* name;
+  // How the kernel wants x laid out for 4-bit weights: within every chunk of x_chunk elements the
+  // even-indexed elements come first, then the odd-indexed ones (0 = natural order). 8-bit always
+  // uses natural order.
+  int x_chunk;
+  RowsFn rows;
+};
+
+Kernel kernel_scalar();
+Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
+Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
+
+// float <- IEEE half / bfloat16 bits, portable (used by the scalar kernel and for tails).
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  uint32_t exp = (h >> 10) & 0x1fu;
+  uint32_t man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0) {
+    if (man == 0) {
+      bits = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      do {
+        man <<= 1;
+        ++e;
+      } while ((man & 0x400u) == 0);
+      bits = sign | static_cast<uint32_t>(127 - 15 - e) << 23 | (man & 0x3ffu) << 13;
+    }
+  } else if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | man << 13;
+  } else {
+    bits = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float bf16_to_float(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float f;
+  __builtin_memcpy(&f, &bits, 4);
+  return f;
+}
+
+inline float load_scale(const void* p, int type, int64_t i) {
+  switch (type) {
+    case kF16:
+      return half_to_float(static_cast<const uint16_t*>(p)[i]);
+    case kBF16:
+      return bf16_to_float(static_cast<const uint16_t*>(p)[i]);
+    default:
+      return static_cast<const float*>(p)[i];
+  }
+}
+
+}  // namespace qmv

@@ -1,0 +1,428 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+
+#include "qmv.h"
+
+#include <sched.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/common/utils.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/utils.h"
+
+namespace qmv {
+
+///////////////////////////////////////////////////////////////////////////////
+// Kernel choice
+///////////////////////////////////////////////////////////////////////////////
+
+namespace {
+
+bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
+
+std::vector<Kernel> available_kernels() {
+  std::vector<Kernel> ks;
+#if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx512()) ks.push_back(kernel_avx512());
+  if (cpu_has_avx2()) ks.push_back(kernel_avx2());
+#endif
+  ks.push_back(kernel_scalar());
+  return ks;
+}
+
+std::mutex config_mutex;
+Kernel current_kernel = {nullptr, 0, nullptr};
+int current_threads = 0;
+
+Kernel get_kernel() {
+  std::lock_guard<std::mutex> lock(config_mutex);
+  if (current_kernel.rows == nullptr) {
+    const char* env = std::getenv("PIXTRAL_MLX_QMV_ISA");
+    auto ks = available_kernels();
+    current_kernel = ks.front();
+    if (env != nullptr) {
+      for (auto& k : ks)
+        if (std::string(env) == k.name) current_kernel = k;
+    }
+  }
+  return current_kernel;
+}
+
+int default_threads() {
+  int n = 0;
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) n = CPU_COUNT(&set);
+  if (n <= 0) n = static_cast<int>(std::thread::hardware_concurrency());
+  if (const char* env = std::getenv("PIXTRAL_MLX_QMV_THREADS")) {
+    int v = std::atoi(env);
+    if (v > 0) n = v;
+  }
+  return std::clamp(n, 1, 16);
+}
+
+int get_threads() {
+  std::lock_guard<std::mutex> lock(config_mutex);
+  if (current_threads <= 0) current_threads = default_threads();
+  return current_threads;
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Thread pool: the caller works too, so concurrent callers (two streams) always make progress.
+///////////////////////////////////////////////////////////////////////////////
+
+struct Job {
+  std::function<void(int)> fn;
+  int ntasks = 0;
+  std::atomic<int> next{0};
+  std::atomic<int> done{0};
+  std::mutex mu;
+  std::condition_variable cv;
+
+  void work() {
+    int i;
+    while ((i = next.fetch_add(1, std::memory_order_relaxed)) < ntasks) {
+      fn(i);
+      if (done.fetch_add(1, std::memory_order_acq_rel) + 1 == ntasks) {
+        std::lock_guard<std::mutex> lock(mu);
+        cv.notify_all();
+      }
+    }
+  }
+};
+
+class Pool {
+ public:
+  // Never destroyed (threads blocked on the queue simply end with the process).
+  static Pool& get() {
+    static Pool* pool = new Pool();
+    return *pool;
+  }
+
+  void run(int ntasks, int nthreads, std::function<void(int)> fn) {
+    auto job = std::make_shared<Job>();
+    job->fn = std::move(fn);
+    job->ntasks = ntasks;
+    int helpers = std::min(nthreads, ntasks) - 1;
+    if (helpers > 0) {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (static_cast<int>(workers_.size()) < helpers) workers_.emplace_back([this] { loop(); });
+      for (int i = 0; i < helpers; ++i) queue_.push_back(job);
+    }
+    if (helpers > 0) cv_.notify_all();
+    job->work();
+    if (job->done.load(std::memory_order_acquire) < ntasks) {
+      // Spin briefly (the last tasks are usually about to finish), then sleep.
+      for (int spin = 0; spin < 2000 && job->done.load(std::memory_order_acquire) < ntasks; ++spin) {
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+      }
+      std::unique_lock<std::mutex> lock(job->mu);
+      job->cv.wait(lock, [&] { return job->done.load(std::memory_order_acquire) >= ntasks; });
+    }
+  }
+
+ private:
+  void loop() {
+    for (;;) {
+      std::shared_ptr<Job> job;
+      {
+        std::unique_lock<std::mutex> lock(mu_);
+        cv_.wait(lock, [&] { return !queue_.empty(); });
+        job = std::move(queue_.front());
+        queue_.pop_front();
+      }
+      job->work();
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<Job>> queue_;
+  std::vector<std::thread> workers_;
+};
+
+///////////////////////////////////////////////////////////////////////////////
+// The work of one evaluation
+///////////////////////////////////////////////////////////////////////////////
+
+int scale_type_of(mx::Dtype t) {
+  if (t == mx::float16) return kF16;
+  if (t == mx::bfloat16) return kBF16;
+  return kF32;
+}
+
+// A 2-D view (rows, cols) whose columns may not be unit-stride: copy it row-contiguous.
+template <typename T>
+std::shared_ptr<std::vector<T>> gather_2d(const T* p, int rows, int cols, int64_t rs, int64_t cs) {
+  auto v = std::make_shared<std::vector<T>>(static_cast<size_t>(rows) * cols);
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < cols; ++c) (*v)[static_cast<size_t>(r) * cols + c] = p[r * rs + c * cs];
+  return v;
+}
+
+struct Operand {
+  const void* data;
+  int64_t row_stride;  // elements
+  std::shared_ptr<void> keep;  // owns a gathered copy, if one was needed
+};
+
+// What the task needs of a 2-D input: pointers and strides only (arrays are not captured).
+struct View2D {
+  const void* data = nullptr;
+  int rows = 0, cols = 0;
+  int64_t rs = 0, cs = 0;
+  size_t itemsize = 4;
+
+  static View2D of(const mx::array& a) {
+    return {a.data<void>(), a.shape(0), a.shape(1), a.strides()[0], a.strides()[1], a.itemsize()};
+  }
+
+  Operand operand() const {
+    if (cs == 1 || cols == 1) return {data, rows == 1 ? cols : rs, nullptr};
+    if (itemsize == 4) {
+      auto v = gather_2d(static_cast<const uint32_t*>(data), rows, cols, rs, cs);
+      return {v->data(), cols, v};
+    }
+    auto v = gather_2d(static_cast<const uint16_t*>(data), rows, cols, rs, cs);
+    return {v->data(), cols, v};
+  }
+};
+
+struct Call {
+  Kernel kernel;
+  int nthreads;
+  int M, N, K, group_size, bits;
+  // x: M rows of K floats at x + row_offset[m] + k * x_col_stride
+  const float* x;
+  std::vector<int64_t> x_row_offset;
+  int64_t x_col_stride;
+  View2D w_view, scales_view, biases_view;
+  int scale_type;
+  float* out;
+
+  void operator()() const {
+    const int G = K / group_size;
+    std::vector<float> xp(static_cast<size_t>(M) * K);
+    std::vector<float> xsum(static_cast<size_t>(M) * G);
+    const int chunk = bits == 4 ? kernel.x_chunk : 0;
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + x_row_offset[m];
+      float* dst = xp.data() + static_cast<size_t>(m) * K;
+      for (int g = 0; g < G; ++g) {
+        float s = 0.0f;
+        for (int k = g * group_size; k < (g + 1) * group_size; ++k) s += xm[k * x_col_stride];
+        xsum[static_cast<size_t>(m) * G + g] = s;
+      }
+      if (chunk == 0) {
+        for (int k = 0; k < K; ++k) dst[k] = xm[k * x_col_stride];
+      } else {
+        const int half = chunk / 2;
+        for (int c0 = 0; c0 < K; c0 += chunk)
+          for (int j = 0; j < half; ++j) {
+            dst[c0 + j] = xm[(c0 + 2 * j) * x_col_stride];
+            dst[c0 + half + j] = xm[(c0 + 2 * j + 1) * x_col_stride];
+          }
+      }
+    }
+    const Operand w = w_view.operand();
+    const Operand scales = scales_view.operand();
+    const Operand biases = biases_view.operand();
+    Problem p;
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.group_size = group_size;
+    p.bits = bits;
+    p.w = static_cast<const uint32_t*>(w.data);
+    p.w_stride = w.row_stride;
+    p.scales = scales.data;
+    p.biases = biases.data;
+    p.s_stride = scales.row_stride;
+    p.b_stride = biases.row_stride;
+    p.scale_type = scale_type;
+    p.xp = xp.data();
+    p.xsum = xsum.data();
+    p.out = out;
+
+    const double weight_bytes = static_cast<double>(N) * K * bits / 8;
+    int nthr = nthreads;
+    if (weight_bytes < 256 * 1024) nthr = 1;  // not worth waking threads
+    // Contiguous blocks of rows, a multiple of 4 (the kernels' row blocking), about 4 per thread
+    // so that a thread slowed down by other work on the machine does not hold everyone up.
+    const int ntasks_target = nthr == 1 ? 1 : nthr * 4;
+    int rows_per_task = (N + ntasks_target - 1) / ntasks_target;
+    rows_per_task = std::max(4, (rows_per_task + 3) / 4 * 4);
+    const int ntasks = (N + rows_per_task - 1) / rows_per_task;
+    if (ntasks <= 1 || nthr == 1) {
+      kernel.rows(p, 0, N);
+      return;
+    }
+    const Kernel k = kernel;
+    const int n_total = N;
+    Pool::get().run(ntasks, nthr, [&p, k, rows_per_task, n_total](int t) {
+      const int n0 = t * rows_per_task;
+      const int n1 = std::min(n_total, n0 + rows_per_task);
+      if (n0 < n1) k.rows(p, n0, n1);
+    });
+  }
+};
+
+}  // namespace
+
+std::string isa() {
+  return get_kernel().name;
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> names;
+  for (auto& k : available_kernels()) names.emplace_back(k.name);
+  return names;
+}
+
+std::string select_isa(const std::string& name) {
+  auto ks = available_kernels();
+  Kernel chosen = ks.front();
+  if (!name.empty() && name != "auto") {
+    bool found = false;
+    for (auto& k : ks)
+      if (name == k.name) {
+        chosen = k;
+        found = true;
+      }
+    if (!found) throw std::invalid_argument("qmv: kernel '" + name + "' is not supported on this CPU");
+  }
+  std::lock_guard<std::mutex> lock(config_mutex);
+  current_kernel = chosen;
+  return chosen.name;
+}
+
+int threads() {
+  return get_threads();
+}
+
+int set_threads(int n) {
+  std::lock_guard<std::mutex> lock(config_mutex);
+  current_threads = n > 0 ? std::min(n, 64) : default_threads();
+  return current_threads;
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Operation
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array quantized_matvec(
+    const mx::array& x,
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.quantized_matvec: " + msg); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8");
+  if (group_size <= 0 || group_size % 32 != 0) fail("group_size must be a multiple of 32");
+  if (x.dtype() != mx::float32) fail("x must be float32");
+  if (x.ndim() < 1 || x.shape(-1) == 0) fail("x must have a last dimension");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) fail("w must be a 2-D uint32 array");
+  const int K = x.shape(-1);
+  const int N = w.shape(0);
+  if (K % group_size != 0) fail("the last dimension of x must be a multiple of group_size");
+  if (static_cast<int64_t>(w.shape(1)) * 32 != static_cast<int64_t>(K) * bits)
+    fail("w has " + std::to_string(w.shape(1)) + " words per row, x needs " + std::to_string(K * bits / 32));
+  const int G = K / group_size;
+  for (const auto* a : {&scales, &biases}) {
+    if (a->ndim() != 2 || a->shape(0) != N || a->shape(1) != G) fail("scales and biases must have shape (N, K / group_size)");
+    if (a->dtype() != mx::float32 && a->dtype() != mx::float16 && a->dtype() != mx::bfloat16)
+      fail("scales and biases must be float32, float16 or bfloat16");
+  }
+  if (scales.dtype() != biases.dtype()) fail("scales and biases must have the same dtype");
+  const int64_t M = x.size() / K;
+  if (M < 1 || M > kMaxRowsOfX) fail("x must have between 1 and 8 rows");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  mx::Shape out_shape = x.shape();
+  out_shape.back() = N;
+  return mx::array(
+      out_shape, mx::float32, std::make_shared<QuantizedMatvec>(stream, group_size, bits), {x, w, scales, biases});
+}
+
+std::vector<mx::Shape> QuantizedMatvec::output_shapes(const std::vector<mx::array>& inputs) {
+  mx::Shape out_shape = inputs[0].shape();
+  out_shape.back() = inputs[1].shape(0);
+  return {out_shape};
+}
+
+bool QuantizedMatvec::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedMatvec&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+void QuantizedMatvec::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("QuantizedMatvec has no GPU implementation (use mx.quantized_matmul)");
+}
+
+void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  const auto& scales = inputs[2];
+  const auto& biases = inputs[3];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+
+  Call call;
+  call.kernel = get_kernel();
+  call.nthreads = get_threads();
+  call.K = x.shape(-1);
+  call.M = static_cast<int>(x.size() / call.K);
+  call.N = w.shape(0);
+  call.group_size = group_size_;
+  call.bits = bits_;
+  call.x = x.data<float>();
+  call.x_col_stride = x.strides().back();
+  call.x_row_offset.resize(call.M);
+  for (int m = 0; m < call.M; ++m) call.x_row_offset[m] = mx::elem_to_loc(m * call.K, x.shape(), x.strides());
+  // Pointers only: the data is computed by earlier tasks; gathers of column-strided views (rare)
+  // happen in the task.
+  call.w_view = View2D::of(w);
+  call.scales_view = View2D::of(scales);
+  call.biases_view = View2D::of(biases);
+  call.scale_type = scale_type_of(scales.dtype());
+  call.out = out.data<float>();
+  encoder.dispatch([call = std::move(call)]() { call(); });
+}
+
+}  // namespace qmv

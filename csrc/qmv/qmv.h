@@ -1,0 +1,60 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// QuantizedMatvec: an MLX primitive for out = x @ dequantize(w, scales, biases).T with x holding a
+// few rows (1..8) and w 4- or 8-bit affine quantized -- the one-token (and few-token) decode matvec.
+// CPU only: eval_cpu runs a SIMD kernel picked at run time (AVX-512, AVX2 or scalar) with the output
+// rows split over a small thread pool. Same result as mx.quantized_matmul(x, w, scales, biases,
+// transpose=True, group_size, bits) up to float32 rounding.
+
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace qmv {
+
+constexpr int kMaxRowsOfX = 8;
+
+mx::array quantized_matvec(
+    const mx::array& x,       // (..., K) float32, at most 8 rows in all
+    const mx::array& w,       // (N, K * bits / 32) uint32
+    const mx::array& scales,  // (N, K / group_size) float32, float16 or bfloat16
+    const mx::array& biases,  // like scales
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+class QuantizedMatvec : public mx::Primitive {
+ public:
+  QuantizedMatvec(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+
+  const char* name() const override {
+    return "QuantizedMatvec";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+// Run-time configuration (process-wide).
+std::string isa();                        // the kernel in use: "avx512", "avx2" or "scalar"
+std::vector<std::string> supported_isas();  // what this CPU can run, best first
+std::string select_isa(const std::string& name);  // "" or "auto" picks the best; returns the choice
+int threads();
+int set_threads(int n);  // n <= 0: the default (CPUs this process may run on, at most 16)
+
+}  // namespace qmv

@@ -1,0 +1,149 @@
+"""The CPU decode kernel: a C++ MLX primitive for the few-row 4/8-bit affine quantized matvec.
+
+On Linux x86 MLX's CPU `quantized_matmul` takes a scalar path (~0.65 GB/s of weights per thread):
+decode, which reads every weight once per token, runs at a few percent of the memory bandwidth.
+`pixtral_mlx._qmv` (sources in csrc/qmv, built by `pip install` on Linux) is an MLX `Primitive`
+whose `eval_cpu` runs an AVX-512, AVX2 or scalar kernel chosen at run time, with the output rows
+split over a small thread pool. It stays in MLX's lazy graph (streams, `mx.compile`) and reads the
+scales and biases in their stored dtype (float32, float16 or bfloat16). Up to 8 rows of x share one
+pass over the weights: batched decoding costs little more memory traffic than one token.
+
+The result equals `mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` up to float32
+rounding (the sums run in another order). Nothing here raises on import: when the extension is
+missing, was built for another mlx, or `PIXTRAL_MLX_QMV=off` is set, `available()` is False and
+`quantized_matvec` is `mx.quantized_matmul`. `describe()` is the phrase `--verbose` prints.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import threading
+from typing import Any
+
+MAX_ROWS = 8  # rows of x one kernel call handles (one pass over the weights)
+MAX_SPLIT_ROWS = 32  # up to this many rows: passes of MAX_ROWS; more rows: mx.quantized_matmul
+
+_lock = threading.Lock()
+_loaded = False
+_ext: Any = None
+_why = ""  # why the extension is not in use, when it is not
+
+
+def _disabled_by_env() -> bool:
+    return os.environ.get("PIXTRAL_MLX_QMV", "").strip().lower() in ("0", "off", "no", "false")
+
+
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split(".")[:3]:
+        digits = "".join(c for c in p if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _load() -> Any:
+    """Import the extension once (after mlx.core, whose libmlx and nanobind types it uses)."""
+    global _loaded, _ext, _why
+    if _loaded:
+        return _ext
+    with _lock:
+        if _loaded:
+            return _ext
+        try:
+            import mlx.core as mx
+        except Exception as e:  # noqa: BLE001 - never raise from here
+            _why = f"mlx unavailable: {e}"
+        else:
+            try:
+                from . import _qmv  # type: ignore[attr-defined]
+            except ModuleNotFoundError:
+                _why = (
+                    "qmv extension not built"
+                    if platform.system() == "Linux"
+                    else f"qmv extension not built on {platform.system()}"
+                )
+            except Exception as e:  # noqa: BLE001 - a broken build must not break pixtral_mlx
+                _why = f"qmv extension failed to load: {e}"
+            else:
+                built, running = _qmv.mlx_version, mx.__version__
+                if _version_tuple(built) != _version_tuple(running):
+                    _why = f"qmv extension built for mlx {built}, running mlx {running}; reinstall pixtral-mlx"
+                else:
+                    _ext = _qmv
+        _loaded = True
+    return _ext
+
+
+def extension() -> Any:
+    """The loaded `pixtral_mlx._qmv` module, or None (ignores PIXTRAL_MLX_QMV)."""
+    return _load()
+
+
+def available() -> bool:
+    """True when decode can use the kernel: built, loadable, for this mlx, and not switched off."""
+    return not _disabled_by_env() and _load() is not None
+
+
+def reason() -> str:
+    """Why the kernel is not in use ('' when it is)."""
+    if _disabled_by_env():
+        return "PIXTRAL_MLX_QMV=off"
+    _load()
+    return _why
+
+
+def describe() -> str:
+    """A short phrase for --verbose, e.g. 'qmv avx512, 2 threads'."""
+    if available():
+        n = _ext.threads()
+        return f"qmv {_ext.isa()}, {n} thread{'s' if n != 1 else ''}"
+    return f"mx.quantized_matmul ({reason()})"
+
+
+def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:
+    """`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size, bits)`, affine mode.
+
+    x is (..., K) with at most MAX_ROWS rows in all for one pass over the weights (up to
+    MAX_SPLIT_ROWS rows run as several passes; more rows go to mx.quantized_matmul). The kernel
+    computes in float32; the result has mx.quantized_matmul's dtype (float32 for float32 x).
+    Shapes or modes the kernel does not cover (no biases, other bit widths, a non-CPU default
+    device) go to mx.quantized_matmul.
+    """
+    import mlx.core as mx
+
+    def fallback() -> Any:
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+
+    if not available() or biases is None or bits not in (4, 8) or group_size % 32 != 0:
+        return fallback()
+    k = x.shape[-1] if x.ndim else 0
+    rows = x.size // k if k else 0
+    float_types = (mx.float32, mx.float16, mx.bfloat16)
+    if (
+        rows < 1
+        or rows > MAX_SPLIT_ROWS
+        or k % group_size != 0
+        or w.ndim != 2
+        or w.dtype != mx.uint32
+        or w.shape[1] * 32 != k * bits
+        or scales.dtype not in float_types
+        or biases.dtype != scales.dtype
+        or x.dtype not in float_types
+        or mx.default_device() != mx.cpu
+    ):
+        return fallback()
+    # mx.quantized_matmul's result dtype: type promotion of x and scales (for these float types: the
+    # common dtype when they agree, else float32).
+    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32
+    xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    if rows <= MAX_ROWS:
+        y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=bits)
+    else:
+        flat = xf.reshape(rows, k)
+        parts = [
+            _ext.quantized_matvec(flat[i : i + MAX_ROWS], w, scales, biases, group_size=group_size, bits=bits)
+            for i in range(0, rows, MAX_ROWS)
+        ]
+        y = mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], w.shape[0])
+    return y if out_dtype == mx.float32 else y.astype(out_dtype)

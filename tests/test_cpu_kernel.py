@@ -1,0 +1,272 @@
+"""The C++ CPU quantized matvec (pixtral_mlx._qmv via pixtral_mlx.cpu_kernel) equals mx.quantized_matmul.
+
+On Linux the extension must be built: these tests fail (not skip) when it is missing, so a broken
+build shows in CI. Elsewhere (macOS: Metal does the work) they are skipped.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from pixtral_mlx import cpu_kernel
+
+ON_LINUX = platform.system() == "Linux"
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = cpu_kernel.extension()
+    if e is None:
+        if ON_LINUX:
+            pytest.fail(f"the qmv extension must be built on Linux: {cpu_kernel.reason()}")
+        pytest.skip(f"no qmv extension on {platform.system()}")
+    return e
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
+
+
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
+def isa(request, ext):
+    if request.param not in ext.supported_isas():
+        pytest.skip(f"{request.param} not supported by this CPU")
+    ext.select_isa(request.param)
+    yield request.param
+    ext.select_isa("auto")
+
+
+def quantized(n: int, k: int, group_size: int, bits: int, dtype=mx.float32, seed: int = 0):
+    w = mx.random.normal((n, k), key=mx.random.key(seed)).astype(dtype)
+    return mx.quantize(w, group_size=group_size, bits=bits)
+
+
+def check(out, x, wq, scales, biases, group_size, bits, rtol=2e-5):
+    """out equals mx.quantized_matmul up to float32 rounding of the sums.
+
+    The tolerance scales with sum_k |x_k| |w_nk| (what float32 accumulation error is proportional to).
+    A half-precision result is compared with the float32 computation, rounded once.
+    """
+    ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    half = out.dtype in (mx.bfloat16, mx.float16)
+    if half:
+        x = x.astype(mx.float32)
+        ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    wd = mx.dequantize(wq, scales, biases, group_size=group_size, bits=bits).astype(mx.float32)
+    bound = np.array(mx.abs(x.astype(mx.float32)) @ mx.abs(wd).T)
+    ref = np.array(ref.astype(mx.float32))
+    diff = np.abs(np.array(out.astype(mx.float32)) - ref)
+    tol = rtol * bound + 1e-6 + (2.0**-7 * np.abs(ref) if half else 0.0)
+    assert (diff <= tol).all(), f"max excess {(diff - tol).max()}"
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("sdtype", [mx.float32, mx.float16, mx.bfloat16], ids=["f32", "f16", "bf16"])
+def test_equals_quantized_matmul(isa, bits, group_size, sdtype):
+    n, k = 4099, 384  # odd number of rows: tails of every row block
+    wq, scales, biases = quantized(n, k, group_size, bits, sdtype)
+    assert scales.dtype == sdtype
+    for m in range(1, 9):
+        x = mx.random.normal((m, k), key=mx.random.key(m))
+        out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=group_size, bits=bits)
+        check(out, x, wq, scales, biases, group_size, bits)
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_long_rows_several_k_blocks(isa, m):
+    # K long enough that x is swept in several L1-sized blocks and scales in several stack blocks.
+    n, k = 67, 8192
+    for bits, gs in ((4, 32), (8, 128)):
+        wq, scales, biases = quantized(n, k, gs, bits, mx.bfloat16, seed=1)
+        x = mx.random.normal((m, k), key=mx.random.key(2))
+        out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=bits)
+        check(out, x, wq, scales, biases, gs, bits)
+
+
+def test_half_scales_subnormal_and_negative(isa):
+    n, k, gs = 40, 256, 64
+    wq, _, _ = quantized(n, k, gs, 4)
+    rng = np.random.default_rng(0)
+    scales = mx.array(rng.normal(size=(n, k // gs)) * 1e-5, dtype=mx.float16)  # many subnormals
+    biases = mx.array(rng.normal(size=(n, k // gs)) * 3.0, dtype=mx.float16)
+    x = mx.random.normal((2, k))
+    check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_threads(ext, threads):
+    n, k, gs = 8195, 512, 64
+    wq, scales, biases = quantized(n, k, gs, 4, mx.bfloat16)
+    x = mx.random.normal((4, k))
+    old = ext.threads()
+    try:
+        assert ext.set_threads(threads) == threads
+        check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
+    finally:
+        ext.set_threads(old)
+
+
+def test_leading_dims_and_non_contiguous(ext):
+    n, k, gs = 515, 256, 64
+    wq, scales, biases = quantized(n, k, gs, 4, mx.bfloat16)
+    big = mx.random.normal((2, 3, 2 * k))
+    cases = {
+        "batch dims": big[..., :k],  # (2, 3, K): 6 rows, row stride 2K
+        "strided last dim": big[0, :, ::2],  # column stride 2
+        "transposed": mx.random.normal((k, 5)).T,  # (5, K), column stride 5
+        "broadcast": mx.broadcast_to(mx.random.normal((1, k)), (4, k)),  # row stride 0
+        "one row 1-D": mx.random.normal((k,)),
+        "one row 3-D": mx.random.normal((1, 1, k)),
+    }
+    for name, x in cases.items():
+        out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4)
+        assert out.shape == (*x.shape[:-1], n), name
+        check(out, x, wq, scales, biases, gs, 4)
+
+
+def test_non_contiguous_weights(ext):
+    n, k, gs = 300, 256, 32
+    wq, scales, biases = quantized(n, k, gs, 8, mx.float16)
+    x = mx.random.normal((3, k))
+    # Row slices (the stream split's views) and column-strided scales/biases (gathered in the task).
+    ws, ss, bs = wq[17:211], scales[17:211], biases[17:211]
+    check(cpu_kernel.quantized_matvec(x, ws, ss, bs, group_size=gs, bits=8), x, ws, ss, bs, gs, 8)
+    s2 = mx.stack([scales, scales * 2], axis=-1)[..., 0]
+    b2 = mx.stack([biases, biases * 2], axis=-1)[..., 0]
+    check(cpu_kernel.quantized_matvec(x, wq, s2, b2, group_size=gs, bits=8), x, wq, s2, b2, gs, 8)
+
+
+def test_more_rows_and_other_dtypes(ext):
+    n, k, gs = 129, 128, 64
+    wq, scales, biases = quantized(n, k, gs, 4, mx.bfloat16)
+    for rows in (9, 15, 32, 40):  # passes of 8 rows up to 32, then mx.quantized_matmul
+        x = mx.random.normal((rows, k))
+        check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
+    x = mx.random.normal((2, k)).astype(mx.bfloat16)  # same dtype rule as mx.quantized_matmul: bfloat16 out
+    out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4)
+    assert out.dtype == mx.bfloat16
+    check(out, x, wq, scales, biases, gs, 4)
+
+
+def test_inside_compile(ext):
+    n, k, gs = 1000, 256, 64
+    wq, scales, biases = quantized(n, k, gs, 4, mx.bfloat16)
+
+    def f(x):
+        return mx.maximum(cpu_kernel.quantized_matvec(x * 2.0, wq, scales, biases, group_size=gs, bits=4), 0.0) + 1.0
+
+    cf = mx.compile(f)
+    for m in (1, 2, 8, 2):
+        x = mx.random.normal((m, k))
+        ref = (
+            mx.maximum(mx.quantized_matmul(x * 2.0, wq, scales, biases, transpose=True, group_size=gs, bits=4), 0.0)
+            + 1.0
+        )
+        assert mx.allclose(cf(x), ref, rtol=1e-4, atol=1e-4).item()
+        assert mx.allclose(cf(x), f(x), rtol=1e-5, atol=1e-5).item()
+
+
+def test_two_streams_at_once(ext):
+    n, k, gs = 4096, 1024, 64
+    a = quantized(n, k, gs, 4, mx.bfloat16, seed=3)
+    b = quantized(n, k, gs, 8, mx.float32, seed=4)
+    x = mx.random.normal((2, k))
+    ref_a = mx.quantized_matmul(x, *a, transpose=True, group_size=gs, bits=4)
+    ref_b = mx.quantized_matmul(x, *b, transpose=True, group_size=gs, bits=8)
+
+    # One thread, two CPU streams evaluated together (both stream threads call the kernel at once).
+    s1, s2 = mx.new_stream(mx.cpu), mx.new_stream(mx.cpu)
+    for _ in range(5):
+        with mx.stream(s1):
+            ya = cpu_kernel.quantized_matvec(x, *a, group_size=gs, bits=4)
+        with mx.stream(s2):
+            yb = cpu_kernel.quantized_matvec(x, *b, group_size=gs, bits=8)
+        mx.eval(ya, yb)
+        assert mx.allclose(ya, ref_a, rtol=1e-4, atol=1e-3).item()
+        assert mx.allclose(yb, ref_b, rtol=1e-4, atol=1e-3).item()
+
+    # Two Python threads, each with its own stream.
+    errors: list[str] = []
+
+    def work(q, bits, ref):
+        try:
+            s = mx.new_stream(mx.cpu)
+            with mx.stream(s):
+                for _ in range(10):
+                    y = cpu_kernel.quantized_matvec(x, *q, group_size=gs, bits=bits)
+                    mx.eval(y)
+                    if not mx.allclose(y, ref, rtol=1e-4, atol=1e-3).item():
+                        errors.append(f"{bits}-bit result differs")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=work, args=args) for args in ((a, 4, ref_a), (b, 8, ref_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_switched_off_falls_back(ext, monkeypatch):
+    n, k, gs = 200, 128, 64
+    wq, scales, biases = quantized(n, k, gs, 4)
+    x = mx.random.normal((1, k))
+    assert cpu_kernel.available()
+    assert cpu_kernel.describe().startswith(f"qmv {ext.isa()}, ")
+    monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
+    assert not cpu_kernel.available()
+    assert cpu_kernel.describe() == "mx.quantized_matmul (PIXTRAL_MLX_QMV=off)"
+    out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4)
+    ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=gs, bits=4)
+    assert mx.array_equal(out, ref).item()  # it *is* mx.quantized_matmul
+
+
+def test_unsupported_inputs_fall_back(ext):
+    n, k = 64, 128
+    wq, scales, biases = quantized(n, k, 64, 2)  # 2-bit: not a kernel case
+    x = mx.random.normal((1, k))
+    out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=64, bits=2)
+    ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=64, bits=2)
+    assert mx.array_equal(out, ref).item()
+    with pytest.raises(ValueError):
+        ext.quantized_matvec(x, wq, scales, biases, group_size=64, bits=2)
+    with pytest.raises(ValueError):  # 9 rows in one kernel call
+        w4 = quantized(n, k, 64, 4)
+        ext.quantized_matvec(mx.zeros((9, k)), *w4, group_size=64, bits=4)
+
+
+@pytest.fixture(scope="module")
+def pixtral_q4(hf_dir, tmp_path_factory):
+    import pixtral_mlx
+    from pixtral_mlx.convert import convert
+
+    out = tmp_path_factory.mktemp("q4") / "tiny-q4"
+    return pixtral_mlx.load(str(convert(hf_dir, out, quantize=True, bits=4, group_size=32, progress=False)))
+
+
+def test_tiny_model_greedy_unchanged(ext, pixtral_q4, monkeypatch):
+    messages = [{"role": "user", "content": "Tell me about the sea and the river."}]
+    calls = []
+    real = cpu_kernel.quantized_matvec
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernel, "quantized_matvec", counting)
+    on = pixtral_q4.generate(messages, max_tokens=12, temperature=0.0)
+    assert calls, "decode did not use the kernel"
+    monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
+    calls.clear()
+    off = pixtral_q4.generate(messages, max_tokens=12, temperature=0.0)
+    assert not calls
+    assert on.tokens == off.tokens and on.text == off.text
