@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 import mlx.core as mx
 import numpy as np
 
-from pixtral_mlx.convert import ConversionError
+from pixtral_mlx.errors import ConversionError
 
 try:
     import fcntl

@@ -16,7 +16,6 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from pixtral_mlx.config import bundled_tekken
-from pixtral_mlx.convert import ConversionError
 from pixtral_mlx.convert.quantize import QuantSpec
 from pixtral_mlx.convert.quantize import quantize as quantize_block
 from pixtral_mlx.convert.save import (
@@ -32,6 +31,7 @@ from pixtral_mlx.convert.save import (
 )
 from pixtral_mlx.convert.source import Source, download, is_repo_id, open_source
 from pixtral_mlx.convert.weights import Target, expected_shapes, target, transform
+from pixtral_mlx.errors import ConversionError
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 CHUNK_BYTES = 64 << 20  # source bytes per block of rows: bounds memory whatever the tensor size

@@ -56,7 +56,7 @@ def _load() -> Any:
             _why = f"mlx unavailable: {e}"
         else:
             try:
-                from . import _qmv  # type: ignore[attr-defined]
+                import pixtral_mlx._qmv as _qmv  # type: ignore[import-not-found]
             except ModuleNotFoundError:
                 _why = (
                     "qmv extension not built"
