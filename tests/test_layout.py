@@ -1,0 +1,78 @@
+"""The layering DESIGN.md asks for, checked on the source: no import cycles (lazy imports included), and model
+files that know nothing about devices."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = {
+    "pixtral_mlx": ROOT / "pixtral_mlx",
+    "pixtral_mlx.convert": ROOT / "convert",
+    "pixtral_mlx.tui": ROOT / "tui",
+}
+BENCH = ("measure", "run", "patches", "experiments", "synthetic", "qmv")
+
+
+def modules() -> dict[str, Path]:
+    out = {}
+    for pkg, folder in PACKAGES.items():
+        for f in folder.rglob("*.py"):
+            parts = [p for p in f.relative_to(folder).with_suffix("").parts if p != "__init__"]
+            out[".".join([pkg, *parts])] = f
+    for f in (ROOT / "benchmarks").glob("*.py"):
+        out["benchmarks." + f.stem] = f
+    return out
+
+
+def imports(name: str, file: Path, known: dict[str, Path]) -> set[str]:
+    """Every module of ours that `file` imports, at module level or inside functions (TYPE_CHECKING excluded)."""
+    tree = ast.parse(file.read_text())
+    tree.body = [n for n in tree.body if not (isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))]
+    package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
+    out: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+                if name.startswith("benchmarks.") and module in BENCH:
+                    module = "benchmarks." + module
+            subs = {f"{module}.{a.name}" for a in node.names} & set(known)
+            out |= subs or {module}
+    return (out & set(known)) - {name}
+
+
+def test_no_import_cycles():
+    known = modules()
+    graph = {m: imports(m, f, known) for m, f in known.items()}
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        path.append(m)
+        for n in sorted(graph[m]):
+            assert state.get(n) != 1, "import cycle: " + " -> ".join(path[path.index(n) :] + [n])
+            if n not in state:
+                visit(n)
+        path.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_model_files_know_nothing_about_devices():
+    known = modules()
+    for name in ("pixtral_mlx.model", "pixtral_mlx.vision"):
+        ours = imports(name, known[name], known)
+        assert ours <= {"pixtral_mlx.config", "pixtral_mlx.vision"}, (name, ours)  # no backend, cpu, cpu_kernel
+        text = known[name].read_text()
+        assert "mx.cpu" not in text and "new_stream" not in text and "mx.stream(" not in text, name
