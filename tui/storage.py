@@ -23,6 +23,7 @@ from .attachments import Attachment, file_digest
 
 FORMAT = "pixtral-mlx.conversation"
 VERSION = 1
+MISSING = "[image missing: {name}]"  # stands in for an image whose stored copy is gone
 
 
 class StorageError(ValueError):
@@ -77,6 +78,21 @@ class Conversation:
                 text = " ".join(t.text.split()) or ", ".join(a.name for a in t.images)
                 return text[:60] + ("…" if len(text) > 60 else "")
         return "New chat"
+
+    def missing_images(self) -> list[Attachment]:
+        """Images of the history whose file is gone (deleted from images/ since they were sent)."""
+        return [a for t in self.turns for a in t.images if not a.path.is_file()]
+
+    def drop_missing_images(self) -> list[str]:
+        """Put a text marker in place of each missing image, so the history stays honest; return their names."""
+        dropped = []
+        for t in self.turns:
+            gone = [a for a in t.images if not a.path.is_file()]
+            if gone:
+                t.images = [a for a in t.images if a.path.is_file()]
+                t.text = "\n".join([*(MISSING.format(name=a.name) for a in gone), *([t.text] if t.text else [])])
+                dropped += [a.name for a in gone]
+        return dropped
 
     def messages(self) -> list[dict[str, Any]]:
         """OpenAI-format history for the engine (system prompt first)."""
