@@ -37,6 +37,7 @@ class QuitScreen(Confirm):
             "Quit",
             "Stay",
             danger=True,
+            hint="esc stays · ctrl+q quits",
         )
 
 

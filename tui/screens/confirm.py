@@ -23,9 +23,10 @@ class Confirm(ModalScreen[bool]):
         Binding("left,right", "switch", "Switch", show=False),
     ]
 
-    def __init__(self, title: str, question: str, yes: str, no: str, *, danger: bool = False) -> None:
+    def __init__(self, title: str, question: str, yes: str, no: str, *, danger: bool = False, hint: str = "") -> None:
         super().__init__()
         self.title_text, self.question, self.yes, self.no, self.danger = title, question, yes, no, danger
+        self.hint = hint or "esc cancels"
 
     def compose(self) -> ComposeResult:
         with Vertical(id="confirm"):
@@ -36,6 +37,7 @@ class Confirm(ModalScreen[bool]):
 
     def on_mount(self) -> None:
         self.query_one("#confirm").border_title = self.title_text
+        self.query_one("#confirm").border_subtitle = self.hint
         self.query_one("#no", Button).focus()
 
     @on(Button.Pressed)
