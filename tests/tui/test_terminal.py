@@ -72,7 +72,7 @@ def test_chat_in_tmux(mlx_dir, data_dir, images, tmp_path):
 
 
 def test_broken_files_in_tmux(mlx_dir, data_dir, images, tmp_path):
-    """Resume a chat whose image is gone, preview a broken file, quit with a draft, fit 30×8."""
+    """Resume a chat whose image is gone, preview a broken file, quit with a draft."""
     from pixtral_mlx.tui.attachments import inspect
     from pixtral_mlx.tui.storage import Conversation, Store, Turn
 
@@ -95,10 +95,8 @@ def test_broken_files_in_tmux(mlx_dir, data_dir, images, tmp_path):
     try:
         pane = wait_for(session, "Go on without it", timeout=60)  # --resume: the newest good one
         assert "missing from" in pane and "red square.png" in pane
-        tmux("send-keys", "-t", session, "Left")  # from "Don't open" to "Go on without it"
-        time.sleep(0.5)
-        tmux("send-keys", "-t", session, "Enter")
-        wait_for(session, "[image missing: red square.png]", timeout=20)
+        tmux("send-keys", "-t", session, "Left", "Enter")  # from "Don't open" to "Go on without it", at once
+        wait_for(session, "▌ [image missing: red square.png]", timeout=20)  # in the transcript, not the question
         wait_for(session, "ready", timeout=90)
         tmux("send-keys", "-t", session, "-l", "Go on")
         tmux("send-keys", "-t", session, "Enter")
@@ -107,8 +105,8 @@ def test_broken_files_in_tmux(mlx_dir, data_dir, images, tmp_path):
         tmux("send-keys", "-t", session, "C-f")
         wait_for(session, "Attach an image", timeout=10)
         tmux("send-keys", "-t", session, "Down")  # the folder, then broken.png
-        pane = wait_for(session, "cannot preview: broken.png is not an", timeout=10)  # wrapped in the side panel
-        assert "image file PIL can read." in pane
+        pane = wait_for(session, "cannot preview: broken.png", timeout=10)
+        assert "PIL can read." in pane  # the rest of the sentence, wrapped in the side panel
         tmux("send-keys", "-t", session, "Escape")
         time.sleep(1)  # a lone esc is told from an escape sequence by a pause
 
@@ -119,11 +117,6 @@ def test_broken_files_in_tmux(mlx_dir, data_dir, images, tmp_path):
         tmux("send-keys", "-t", session, "Enter")  # "Stay" has the focus
         time.sleep(1)
         assert "An unsent draft" in screen(session) and "EXIT=" not in screen(session)
-
-        tmux("resize-window", "-t", session, "-x", "30", "-y", "8")
-        time.sleep(1.5)
-        footer = screen(session).rstrip("\n").splitlines()[-1]
-        assert footer.rstrip().endswith("▏^p palette"), footer  # no stray character after it
 
         tmux("send-keys", "-t", session, "C-q")
         wait_for(session, "Quit", timeout=10)

@@ -45,4 +45,5 @@ class Confirm(ModalScreen[bool]):
         self.dismiss(event.button.id == "yes")
 
     def action_switch(self) -> None:
-        self.query_one("#yes" if self.focused and self.focused.id == "no" else "#no", Button).focus()
+        # set_focus now, not focus() (a deferred call): an enter already queued must reach the new button.
+        self.set_focus(self.query_one("#yes" if self.focused and self.focused.id == "no" else "#no", Button))
