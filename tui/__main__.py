@@ -39,11 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from .storage import Store
+    from .storage import StorageError, Store
 
     store = Store()
+    if args.list or args.resume == "latest":
+        saved, damaged = store.scan()
+        for e in damaged:  # one bad file must not hide the others: name it and go on
+            print(f"pixtral-mlx chat: skipped {e.path}: {e.reason}; the file was left as it is.", file=sys.stderr)
     if args.list:
-        for s in store.list():
+        for s in saved:
             when = s.updated.replace("T", " ")[:16]
             turns = f"{s.turns:>3} turn" + ("s" if s.turns != 1 else " ")
             images = f"{s.images:>2} image" + ("s" if s.images != 1 else " ")
@@ -51,12 +55,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     resume = args.resume
     if resume == "latest":
-        saved = store.list()
         if not saved:
             parser.error(f"there are no saved conversations in {store.conversations}.")
         resume = saved[0].id
-    elif resume and not (store.conversations / f"{resume}.json").exists():
-        parser.error(f"there is no saved conversation {resume!r}; `pixtral-mlx chat --list` shows them.")
+    elif resume:
+        try:
+            store.load(resume)  # checked before the model loads: a damaged file fails at once, in one sentence
+        except StorageError as e:
+            print(f"pixtral-mlx chat: error: {e}", file=sys.stderr)
+            return 1
+        except ValueError as e:
+            parser.error(f"{e} `pixtral-mlx chat --list` shows the saved conversations.")
     missing = [str(p) for p in args.images if not p.expanduser().is_file()]
     if missing:
         parser.error(f"{missing[0]}: no such file.")

@@ -12,6 +12,7 @@ from textual.screen import Screen
 
 from .engine import Engine
 from .screens.chat import ChatScreen
+from .screens.confirm import Confirm
 from .screens.help import HelpScreen
 from .storage import Store
 
@@ -26,6 +27,18 @@ PALETTE = [  # (title, help, ChatScreen action)
     ("Undo last turn", "Take back the last message and its reply (ctrl+g)", "undo"),
     ("Stop reply", "Stop the reply being written (esc)", "stop"),
 ]
+
+
+class QuitScreen(Confirm):
+    def __init__(self, draft: str) -> None:
+        super().__init__(
+            "Quit?",
+            f"The message box holds {draft} that you have not sent. Quitting discards it.",
+            "Quit",
+            "Stay",
+            danger=True,
+            hint="esc stays · ctrl+q quits",
+        )
 
 
 class PixtralChatApp(App[None]):
@@ -54,6 +67,19 @@ class PixtralChatApp(App[None]):
 
     def on_unmount(self) -> None:
         self.engine.close()
+
+    async def action_quit(self) -> None:
+        """Quit at once, unless the message box holds a draft: then ask (ctrl+q again quits)."""
+        draft = self.chat_screen.draft()
+        if not draft or isinstance(self.screen, QuitScreen):
+            self.exit()
+            return
+
+        def answered(quit: bool | None) -> None:
+            if quit:
+                self.exit()
+
+        self.push_screen(QuitScreen(draft), answered)
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):

@@ -13,6 +13,7 @@ import re
 import secrets
 import shutil
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,15 @@ from .attachments import Attachment, file_digest
 
 FORMAT = "pixtral-mlx.conversation"
 VERSION = 1
+MISSING = "[image missing: {name}]"  # stands in for an image whose stored copy is gone
+
+
+class StorageError(ValueError):
+    """A conversation file that cannot be used; the message is one sentence that names the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} is damaged: {reason}.")
+        self.path, self.reason = path, reason
 
 
 def data_dir() -> Path:
@@ -69,6 +79,21 @@ class Conversation:
                 return text[:60] + ("…" if len(text) > 60 else "")
         return "New chat"
 
+    def missing_images(self) -> list[Attachment]:
+        """Images of the history whose file is gone (deleted from images/ since they were sent)."""
+        return [a for t in self.turns for a in t.images if not a.path.is_file()]
+
+    def drop_missing_images(self) -> list[str]:
+        """Put a text marker in place of each missing image, so the history stays honest; return their names."""
+        dropped = []
+        for t in self.turns:
+            gone = [a for a in t.images if not a.path.is_file()]
+            if gone:
+                t.images = [a for a in t.images if a.path.is_file()]
+                t.text = "\n".join([*(MISSING.format(name=a.name) for a in gone), *([t.text] if t.text else [])])
+                dropped += [a.name for a in gone]
+        return dropped
+
     def messages(self) -> list[dict[str, Any]]:
         """OpenAI-format history for the engine (system prompt first)."""
         out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
@@ -83,6 +108,82 @@ class Summary:
     updated: str
     turns: int
     images: int
+
+
+def _kind(value: Any) -> str:
+    """The JSON name of a value's type, for messages: "null", "a list", "a number"…"""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _parse(doc: Any, path: Path, root: Path) -> Conversation:
+    """Check a conversation file's JSON against the format `Store.save` writes; build the `Conversation`.
+
+    Anything else raises `StorageError`: a file that fails here was not written by us (or was cut
+    short), so nothing is guessed and the file is never rewritten.
+    """
+
+    def check(ok: bool, reason: str) -> None:
+        if not ok:
+            raise StorageError(path, reason)
+
+    check(isinstance(doc, dict), f"it holds {_kind(doc)} where an object is expected")
+    check(doc.get("format") == FORMAT, "it is not a pixtral-mlx conversation")
+    version = doc.get("version", VERSION)
+    check(isinstance(version, int) and not isinstance(version, bool), f"'version' is {_kind(version)}")
+    check(version <= VERSION, f"it was written by a newer pixtral-mlx (format version {version})")
+    check("id" in doc, "it has no 'id'")
+    check(doc["id"] == path.stem, f"its 'id' ({doc['id']!r}) does not match the file name")
+    for key in ("title", "model", "created", "updated"):
+        check(isinstance(doc.get(key, ""), str), f"'{key}' is {_kind(doc.get(key))}, not a string")
+    system = doc.get("system")
+    check(system is None or isinstance(system, str), f"'system' is {_kind(system)}, not a string")
+    check("messages" in doc, "it has no 'messages'")
+    messages = doc["messages"]
+    check(isinstance(messages, list), f"'messages' is {_kind(messages)}, not a list")
+    turns = [_parse_turn(m, f"message {i}", check, root) for i, m in enumerate(messages, 1)]
+    return Conversation(
+        id=doc["id"],
+        turns=turns,
+        system=system,
+        model=doc.get("model", ""),
+        created=doc.get("created", ""),
+        updated=doc.get("updated", ""),
+    )
+
+
+def _parse_turn(m: Any, where: str, check: Callable[[bool, str], None], root: Path) -> Turn:
+    check(isinstance(m, dict), f"{where} is {_kind(m)}, not an object")
+    check(m.get("role") in ("user", "assistant"), f"{where} has the role {m.get('role')!r}")
+    finish = m.get("finish")
+    check(finish is None or isinstance(finish, str), f"the 'finish' of {where} is {_kind(finish)}")
+    content = m.get("content")
+    if isinstance(content, str):
+        return Turn(m["role"], content, finish=finish)
+    check(isinstance(content, list), f"the content of {where} is {_kind(content)}, not a string or a list")
+    text, images = "", []
+    for j, p in enumerate(content, 1):
+        part = f"part {j} of {where}"
+        check(isinstance(p, dict), f"{part} is {_kind(p)}, not an object")
+        if p.get("type") == "text":
+            check(isinstance(p.get("text"), str), f"the text of {part} is {_kind(p.get('text'))}")
+            text += p["text"]
+            continue
+        check(p.get("type") == "image_url", f"{part} has the type {p.get('type')!r}")
+        url = p.get("image_url", {}).get("url") if isinstance(p.get("image_url"), dict) else None
+        check(isinstance(url, str) and bool(url), f"{part} has no image URL")
+        check(isinstance(p.get("name", ""), str), f"the name of {part} is {_kind(p.get('name'))}")
+        for key in ("original_size", "size"):
+            size = p.get(key, [0, 0])
+            ok = isinstance(size, list) and len(size) == 2 and all(type(n) is int for n in size)
+            check(ok, f"the {key} of {part} is not a [width, height] pair")
+        check(type(p.get("tokens", 0)) is int, f"the token count of {part} is {_kind(p.get('tokens'))}")
+        images.append(Attachment.from_json(p, root))
+    return Turn(m["role"], text, images, finish=finish)
 
 
 class Store:
@@ -133,7 +234,7 @@ class Store:
         path = self.conversations / f"{conv.id}.json"
         try:
             old = json.loads(path.read_text(encoding="utf-8"))
-            if {**old, "updated": ""} == doc:
+            if isinstance(old, dict) and {**old, "updated": ""} == doc:
                 conv.updated = old["updated"]
                 return path
         except (OSError, ValueError):
@@ -145,59 +246,39 @@ class Store:
         return path
 
     def load(self, conv_id: str) -> Conversation:
+        """The saved conversation `conv_id`; raises `StorageError` (a `ValueError`) naming a damaged file."""
+        if not re.fullmatch(r"[\w-][\w.-]*", conv_id):
+            raise ValueError(f"{conv_id!r} is not a conversation id.")
         path = self.conversations / f"{conv_id}.json"
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ValueError(f"there is no saved conversation {conv_id!r} in {self.conversations}.") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"{path} cannot be read ({e}).") from e
-        if doc.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a pixtral-mlx conversation.")
-        turns = []
-        for m in doc["messages"]:
-            content = m["content"]
-            if isinstance(content, str):
-                turns.append(Turn(m["role"], content, finish=m.get("finish")))
+        if not path.is_file():
+            raise ValueError(f"there is no saved conversation {conv_id!r} in {self.conversations}.")
+        return self._read(path)
+
+    def scan(self) -> tuple[list[Summary], list[StorageError]]:
+        """Saved conversations, most recently updated first, and the damaged files that were skipped."""
+        out, damaged = [], []
+        for path in sorted(self.conversations.glob("*.json")):
+            try:
+                conv = self._read(path)
+            except StorageError as e:
+                damaged.append(e)
                 continue
-            text = "".join(p.get("text", "") for p in content if p.get("type") == "text")
-            images = [Attachment.from_json(p, self.root) for p in content if p.get("type") == "image_url"]
-            turns.append(Turn(m["role"], text, images, finish=m.get("finish")))
-        return Conversation(
-            id=doc["id"],
-            turns=turns,
-            system=doc.get("system"),
-            model=doc.get("model", ""),
-            created=doc.get("created", ""),
-            updated=doc.get("updated", ""),
-        )
+            user_turns = sum(1 for t in conv.turns if t.role == "user")
+            out.append(Summary(conv.id, conv.title, conv.updated, user_turns, sum(len(t.images) for t in conv.turns)))
+        return sorted(out, key=lambda s: (s.updated, s.id), reverse=True), damaged
 
     def list(self) -> list[Summary]:
-        """Saved conversations, most recently updated first."""
-        out = []
-        for path in self.conversations.glob("*.json"):
-            try:
-                doc = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError):
-                continue
-            msgs = doc.get("messages", [])
-            n_images = sum(
-                1
-                for m in msgs
-                if isinstance(m.get("content"), list)
-                for p in m["content"]
-                if p.get("type") == "image_url"
-            )
-            out.append(
-                Summary(
-                    doc.get("id", path.stem),
-                    doc.get("title", ""),
-                    doc.get("updated", ""),
-                    sum(1 for m in msgs if m.get("role") == "user"),
-                    n_images,
-                )
-            )
-        return sorted(out, key=lambda s: (s.updated, s.id), reverse=True)
+        """Saved conversations, most recently updated first; damaged files are left out (`scan` names them)."""
+        return self.scan()[0]
+
+    def _read(self, path: Path) -> Conversation:
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise StorageError(path, f"it cannot be read ({e.strerror or e})") from e
+        except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError
+            raise StorageError(path, f"it is not valid JSON ({e})") from e
+        return _parse(doc, path, self.root)
 
     def delete(self, conv_id: str) -> None:
         (self.conversations / f"{conv_id}.json").unlink(missing_ok=True)

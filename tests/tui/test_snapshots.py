@@ -43,3 +43,23 @@ def test_help_screen(snap_compare, data_dir):
         await pilot.pause()
 
     assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=(110, 44), run_before=run_before)
+
+
+def test_quit_with_a_draft(snap_compare, data_dir, images):
+    async def run_before(pilot):
+        screen = await started(pilot)
+        screen.query_one("#prompt").post_message(events.Paste(f"'{images['red']}'"))
+        await wait_for(pilot, lambda: screen.query_one("#attachments").attachments)
+        screen.query_one("#prompt").insert("A question I have not sent")
+        await pilot.press("ctrl+q")
+        await pilot.pause()
+
+    assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=SIZE, run_before=run_before)
+
+
+def test_narrow_terminal(snap_compare, data_dir):
+    async def run_before(pilot):
+        await started(pilot)
+        await pilot.pause()
+
+    assert snap_compare(make_app(FakeEngine(), data_dir=data_dir), terminal_size=(30, 8), run_before=run_before)

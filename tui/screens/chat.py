@@ -171,7 +171,7 @@ class ChatScreen(SavedChats):
         attachments = self.query_one(AttachmentBar).attachments
         if not text and not attachments:
             return
-        if not self._can_start():
+        if not self._can_start() or not self.images_present(self.query_one(Prompt).action_submit):
             return
         try:
             stored = [self.store.store_image(a) for a in attachments]
@@ -283,7 +283,7 @@ class ChatScreen(SavedChats):
         if not turns or turns[-1].role != "assistant":
             self.notify("There is no reply to regenerate.", severity="warning")
             return
-        if not self._can_start():
+        if not self._can_start() or not self.images_present(self.action_regenerate):
             return
         self._regenerated = turns.pop()
         await self.query_one(Transcript).remove_last(ReplyMessage)
@@ -309,6 +309,15 @@ class ChatScreen(SavedChats):
         self._autosave()
 
     # State -------------------------------------------------------------------------------------
+    def draft(self) -> str | None:
+        """What quitting would lose ("a message of 12 words and 2 images"), or None."""
+        words = len(self.query_one(Prompt).text.split())
+        images = len(self.query_one(AttachmentBar).attachments)
+        parts = [f"{n} {noun}{'s' * (n != 1)}" for n, noun in ((words, "word"), (images, "image")) if n]
+        if not parts:
+            return None
+        return f"a message of {' and '.join(parts)}" if words else " and ".join(parts)
+
     def _can_start(self) -> bool:
         if self.busy:
             self.notify("A reply is being written; press esc to stop it first.", severity="warning")

@@ -13,7 +13,7 @@ from textual.screen import ModalScreen
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
-from ..storage import Store, Summary
+from ..storage import StorageError, Store, Summary
 
 
 def _option(s: Summary, current: bool) -> Option:
@@ -34,9 +34,10 @@ class ConversationsScreen(ModalScreen[str | None]):
         self.store = store
         self.current = current
         self._armed: str | None = None  # the id a first delete press asked about
+        self.damaged: list[StorageError] = []  # files `scan` skipped
 
     def compose(self) -> ComposeResult:
-        summaries = self.store.list()
+        summaries, self.damaged = self.store.scan()
         with Vertical(id="conversations"):
             yield OptionList(*[_option(s, s.id == self.current) for s in summaries], id="conversation-list")
             hint = "enter opens · delete deletes · esc closes" if summaries else "No saved conversations yet."
@@ -45,6 +46,16 @@ class ConversationsScreen(ModalScreen[str | None]):
     def on_mount(self) -> None:
         self.query_one("#conversations").border_title = f"Saved conversations · {self.store.conversations}"
         self.query_one(OptionList).focus()
+        if len(self.damaged) == 1:
+            self.notify(f"{self.damaged[0]} It was skipped and left as it is.", severity="warning", timeout=10)
+        elif self.damaged:
+            names = ", ".join(e.path.name for e in self.damaged[:3]) + (", …" if len(self.damaged) > 3 else "")
+            self.notify(
+                f"{len(self.damaged)} conversation files in {self.store.conversations} are damaged: {names}. "
+                "They were skipped and left as they are.",
+                severity="warning",
+                timeout=10,
+            )
 
     @on(OptionList.OptionSelected)
     def selected(self, event: OptionList.OptionSelected) -> None:

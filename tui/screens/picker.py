@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
 
-from PIL import Image as PILImage
-from textual import on
+from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -17,6 +17,7 @@ from textual_image.widget import Image
 
 from ..attachments import plan
 from ..paths import is_image
+from .preview import open_preview
 
 
 class ImageTree(DirectoryTree):
@@ -24,14 +25,9 @@ class ImageTree(DirectoryTree):
         return [p for p in paths if not p.name.startswith(".") and (p.is_dir() or is_image(p))]
 
 
-def describe(path: Path, max_edge: int | None) -> str:
-    try:
-        with PILImage.open(path) as img:
-            w0, h0 = img.size
-    except (OSError, ValueError, PILImage.DecompressionBombError):
-        return f"{path.name}: not readable as an image"
-    w, h, tokens = plan(w0, h0, max_edge)
-    return f"{path.name}  {w0}×{h0} → {w}×{h} · {tokens:,} tokens"
+def describe(path: Path, size: tuple[int, int], max_edge: int | None) -> str:
+    w, h, tokens = plan(*size, max_edge)
+    return f"{path.name}  {size[0]}×{size[1]} → {w}×{h} · {tokens:,} tokens"
 
 
 class FilePicker(ModalScreen[Path | None]):
@@ -70,11 +66,25 @@ class FilePicker(ModalScreen[Path | None]):
 
     @on(Tree.NodeHighlighted)
     def highlighted(self, event: Tree.NodeHighlighted) -> None:
-        entry = event.node.data
-        path = getattr(entry, "path", None)
-        if path is not None and Path(path).is_file():
-            self.query_one("#picker-image", Image).image = str(path)
-            self.query_one("#picker-info", Static).update(describe(Path(path), self.max_edge))
+        path = getattr(event.node.data, "path", None)
+        self.show_preview(Path(path) if path is not None and Path(path).is_file() else None)
+
+    @work(exclusive=True, group="picker-preview")
+    async def show_preview(self, path: Path | None) -> None:
+        """Decode off the UI thread; a file that cannot be decoded says why in place of the image."""
+        image, info = self.query_one("#picker-image", Image), self.query_one("#picker-info", Static)
+        if path is None:  # a folder
+            image.image, image.display = None, False
+            info.update("")
+            return
+        try:
+            img, size = await asyncio.to_thread(open_preview, path)
+        except ValueError as e:
+            image.image, image.display = None, False
+            info.update(f"cannot preview: {e}")
+            return
+        image.image, image.display = img, True
+        info.update(describe(path, size, self.max_edge))
 
     @on(DirectoryTree.FileSelected)
     def selected(self, event: DirectoryTree.FileSelected) -> None:

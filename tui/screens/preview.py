@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
+from PIL import Image as PILImage
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Vertical
@@ -12,6 +14,25 @@ from textual.widgets import Static
 from textual_image.widget import Image
 
 from ..attachments import Attachment
+
+PREVIEW_EDGE = 1024  # no terminal shows more pixels than this; a smaller copy renders faster
+
+
+def open_preview(path: Path) -> tuple[PILImage.Image, tuple[int, int]]:
+    """`path` decoded and checked as the library will, shrunk for the screen; and its decoded size.
+
+    Raises `ValueError` (the library's `ImageError`) with one sentence; it names the file by its
+    name only, since the preview already shows where it is.
+    """
+    from pixtral_mlx.images import load_image
+
+    try:
+        img, _ = load_image(str(path))
+    except ValueError as e:
+        raise ValueError(str(e).replace(str(path), path.name)) from e
+    size = img.size
+    img.thumbnail((PREVIEW_EDGE, PREVIEW_EDGE))
+    return img, size
 
 
 class PreviewScreen(ModalScreen[None]):
@@ -23,10 +44,10 @@ class PreviewScreen(ModalScreen[None]):
 
     def compose(self) -> ComposeResult:
         with Vertical(id="preview"):
-            if self.attachment.path.exists():
-                yield Image(str(self.attachment.path), id="preview-image")
-            else:
-                yield Static(f"{self.attachment.path} is missing.", id="preview-image")
+            try:
+                yield Image(open_preview(self.attachment.path)[0], id="preview-image")
+            except ValueError as e:  # the stored copy was deleted or damaged since it was attached
+                yield Static(f"cannot preview: {e}", id="preview-image", markup=False)
             yield Static(self.attachment.label(), markup=False, id="preview-info")
 
     def on_mount(self) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -9,10 +11,11 @@ from textual import work
 from textual.screen import Screen
 
 from ..messages import sentence
-from ..storage import Conversation, Store, export_path, to_markdown
+from ..storage import MISSING, Conversation, Store, export_path, to_markdown
 from ..widgets.prompt import Prompt
 from ..widgets.status import StatusBar
 from ..widgets.transcript import Transcript
+from .confirm import Confirm
 from .conversations import ConversationsScreen
 
 if TYPE_CHECKING:
@@ -52,17 +55,45 @@ class SavedChats(Screen[None]):
         except ValueError as e:
             self.notify(sentence(str(e)), severity="error")
             return
+        if conv.missing_images():
+            if not await self._continue_without_missing(conv, "Don't open"):
+                self.notify(f"“{conv.title}” was not opened; its file was left as it is.")
+                return
+            conv.drop_missing_images()
         self._autosave()
         await self._show(conv)
-        missing = [a.name for t in conv.turns for a in t.images if not a.path.exists()]
-        if missing:
-            self.notify(
-                f"{len(missing)} image(s) of this conversation are missing from "
-                f"{self.store.images}: "
-                f"{', '.join(missing[:3])}.",
-                severity="warning",
-            )
         self.notify(f"Opened “{conv.title}”.")
+
+    def images_present(self, then: Callable[[], Awaitable[object] | object]) -> bool:
+        """Before a turn: if images of the open chat are gone, offer to go on without them, then call `then`."""
+        if not self.conversation.missing_images():
+            return True
+        self._drop_missing_and_retry(then)
+        return False
+
+    @work(group="missing", exclusive=True)
+    async def _drop_missing_and_retry(self, then: Callable[[], Awaitable[object] | object]) -> None:
+        if not await self._continue_without_missing(self.conversation, "Cancel"):
+            return
+        self.conversation.drop_missing_images()
+        await self.query_one(Transcript).show(self.conversation.turns)
+        self.engine.restore(self.conversation.messages())  # the engine re-reads every image of the history
+        self._autosave()
+        if inspect.isawaitable(result := then()):
+            await result
+
+    async def _continue_without_missing(self, conv: Conversation, no: str) -> bool:
+        """Ask (in a worker) whether to go on with each missing image replaced by a text marker."""
+        names = [a.name for a in conv.missing_images()]
+        listed = ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        them = "them" if len(names) > 1 else "it"
+        question = (
+            f"{len(names)} image{'s' * (len(names) > 1)} of “{conv.title}” {'are' if len(names) > 1 else 'is'} "
+            f"missing from {self.store.images}: {listed}.\n\n"
+            f"The model cannot see {them} again. Go on without {them}? The chat will say "
+            f"{MISSING.format(name=names[0])} where {'each' if len(names) > 1 else 'it'} was."
+        )
+        return bool(await self.app.push_screen_wait(Confirm("Images missing", question, f"Go on without {them}", no)))
 
     async def _show(self, conv: Conversation) -> None:
         self.conversation = conv
@@ -78,29 +109,47 @@ class SavedChats(Screen[None]):
         if not self.conversation.turns:
             self.notify("There is nothing to save yet.", severity="warning")
             return
-        path = self.store.save(self.conversation)
-        self.notify(f"Saved to {path}", title="Saved")
+        if path := self._save():
+            self.notify(f"Saved to {path}", title="Saved")
 
     def action_export(self, dest: str | None = None) -> None:
         if not self.conversation.turns:
             self.notify("There is nothing to export yet.", severity="warning")
             return
-        self.store.save(self.conversation)  # the export links to the stored image copies
-        conv = self.store.load(self.conversation.id)
-        path = Path(dest).expanduser() if dest else export_path(conv, Path.cwd())
-        if path.is_dir():
-            path = export_path(conv, path)
+        self._save()  # a failed save is reported, and the export still goes on: it needs only the open chat
+        conv, path = self.conversation, None
         try:
+            path = Path(dest).expanduser() if dest else export_path(conv, Path.cwd())
+            if path.is_dir():
+                path = export_path(conv, path)
             path.write_text(to_markdown(conv), encoding="utf-8")
         except OSError as e:
-            self.notify(f"{path} cannot be written ({e.strerror or e}).", severity="error")
+            where = path or "The export"
+            self.notify(f"{where} cannot be written ({_why(e)}).", title="Not exported", severity="error")
             return
         self.notify(f"Exported to {path}", title="Exported")
 
     def _autosave(self) -> None:
         saved = (self.store.conversations / f"{self.conversation.id}.json").exists()
         if saved or any(t.role == "assistant" for t in self.conversation.turns):
-            try:
-                self.store.save(self.conversation)
-            except OSError as e:
-                self.notify(f"The conversation could not be saved ({e.strerror or e}).", severity="error")
+            self._save()
+
+    def _save(self) -> Path | None:
+        """Write the conversation; on failure say why and return None (the chat goes on, unsaved)."""
+        try:
+            return self.store.save(self.conversation)
+        except OSError as e:
+            self.notify(
+                f"The conversation could not be saved in {self.store.root} ({_why(e)}); it stays open here.",
+                title="Not saved",
+                severity="error",
+                timeout=10,
+            )
+            return None
+
+
+def _why(e: OSError) -> str:
+    """ "Not a directory: /data/conversations" rather than "[Errno 20] …"."""
+    if e.strerror and e.filename:
+        return f"{e.strerror}: {e.filename}"
+    return e.strerror or str(e)
