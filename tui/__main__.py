@@ -39,6 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from pixtral_mlx.errors import PixtralError
+
     from .storage import StorageError, Store
 
     store = Store()
@@ -64,13 +66,12 @@ def main(argv: list[str] | None = None) -> int:
         except StorageError as e:
             print(f"pixtral-mlx chat: error: {e}", file=sys.stderr)
             return 1
-        except ValueError as e:
+        except PixtralError as e:
             parser.error(f"{e} `pixtral-mlx chat --list` shows the saved conversations.")
     missing = [str(p) for p in args.images if not p.expanduser().is_file()]
     if missing:
         parser.error(f"{missing[0]}: no such file.")
     from pixtral_mlx.cli import check_model_args
-    from pixtral_mlx.errors import PixtralError
 
     try:
         check_model_args(args)

@@ -19,6 +19,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from pixtral_mlx.errors import PixtralError
+
 from .attachments import Attachment, file_digest
 
 FORMAT = "pixtral-mlx.conversation"
@@ -26,7 +28,7 @@ VERSION = 1
 MISSING = "[image missing: {name}]"  # stands in for an image whose stored copy is gone
 
 
-class StorageError(ValueError):
+class StorageError(PixtralError):
     """A conversation file that cannot be used; the message is one sentence that names the file."""
 
     def __init__(self, path: Path, reason: str) -> None:
@@ -246,12 +248,12 @@ class Store:
         return path
 
     def load(self, conv_id: str) -> Conversation:
-        """The saved conversation `conv_id`; raises `StorageError` (a `ValueError`) naming a damaged file."""
+        """The saved conversation `conv_id`; raises `StorageError` (a `PixtralError`) naming a damaged file."""
         if not re.fullmatch(r"[\w-][\w.-]*", conv_id):
-            raise ValueError(f"{conv_id!r} is not a conversation id.")
+            raise PixtralError(f"{conv_id!r} is not a conversation id.")
         path = self.conversations / f"{conv_id}.json"
         if not path.is_file():
-            raise ValueError(f"there is no saved conversation {conv_id!r} in {self.conversations}.")
+            raise PixtralError(f"there is no saved conversation {conv_id!r} in {self.conversations}.")
         return self._read(path)
 
     def scan(self) -> tuple[list[Summary], list[StorageError]]:

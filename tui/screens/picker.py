@@ -15,6 +15,8 @@ from textual.screen import ModalScreen
 from textual.widgets import DirectoryTree, Input, Static, Tree
 from textual_image.widget import Image
 
+from pixtral_mlx.errors import PixtralError
+
 from ..attachments import plan
 from ..paths import is_image
 from .preview import open_preview
@@ -79,7 +81,7 @@ class FilePicker(ModalScreen[Path | None]):
             return
         try:
             img, size = await asyncio.to_thread(open_preview, path)
-        except ValueError as e:
+        except PixtralError as e:
             image.image, image.display = None, False
             info.update(f"cannot preview: {e}")
             return

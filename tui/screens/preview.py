@@ -13,6 +13,8 @@ from textual.screen import ModalScreen
 from textual.widgets import Static
 from textual_image.widget import Image
 
+from pixtral_mlx.errors import PixtralError
+
 from ..attachments import Attachment
 
 PREVIEW_EDGE = 1024  # no terminal shows more pixels than this; a smaller copy renders faster
@@ -21,15 +23,16 @@ PREVIEW_EDGE = 1024  # no terminal shows more pixels than this; a smaller copy r
 def open_preview(path: Path) -> tuple[PILImage.Image, tuple[int, int]]:
     """`path` decoded and checked as the library will, shrunk for the screen; and its decoded size.
 
-    Raises `ValueError` (the library's `ImageError`) with one sentence; it names the file by its
-    name only, since the preview already shows where it is.
+    Raises the library's `ImageError` with one sentence; it names the file by its name only, since the
+    preview already shows where it is.
     """
+    from pixtral_mlx.errors import ImageError
     from pixtral_mlx.images import load_image
 
     try:
         img, _ = load_image(str(path))
-    except ValueError as e:
-        raise ValueError(str(e).replace(str(path), path.name)) from e
+    except ImageError as e:
+        raise ImageError(str(e).replace(str(path), path.name)) from e
     size = img.size
     img.thumbnail((PREVIEW_EDGE, PREVIEW_EDGE))
     return img, size
@@ -46,7 +49,7 @@ class PreviewScreen(ModalScreen[None]):
         with Vertical(id="preview"):
             try:
                 yield Image(open_preview(self.attachment.path)[0], id="preview-image")
-            except ValueError as e:  # the stored copy was deleted or damaged since it was attached
+            except PixtralError as e:  # the stored copy was deleted or damaged since it was attached
                 yield Static(f"cannot preview: {e}", id="preview-image", markup=False)
             yield Static(self.attachment.label(), markup=False, id="preview-info")
 
