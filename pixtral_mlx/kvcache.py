@@ -28,17 +28,22 @@ META_KEY = "pixtral_mlx"
 _FINGERPRINTS: dict[str, str] = {}
 
 
+def check_group(args: Any, kv_bits: int | None, kv_group_size: int) -> None:
+    """A quantized cache's groups must tile each head's keys and values."""
+    if kv_bits is not None and args.text.head_dim % kv_group_size:
+        raise PromptError(
+            f"kv_group_size must divide the model's head size {args.text.head_dim}, got {kv_group_size}.",
+            param="kv_group_size",
+        )
+
+
 def make_layers(model: Any, kv_bits: int | None, kv_group_size: int) -> list[Any]:
     """The decoder's per-layer caches for this KV setting."""
     if kv_bits is None:
         return model.make_cache()
     from mlx_lm.models.cache import QuantizedKVCache
 
-    head_dim = model.args.text.head_dim
-    if head_dim % kv_group_size:
-        raise PromptError(
-            f"kv_group_size must divide the model's head size {head_dim}, got {kv_group_size}.", param="kv_group_size"
-        )
+    check_group(model.args, kv_bits, kv_group_size)
     return [QuantizedKVCache(group_size=kv_group_size, bits=kv_bits) for _ in model.layers]
 
 

@@ -142,7 +142,8 @@ class MemoryPlan:
             f"weights {self.weights / GB:.1f}, KV cache {self.kv / GB:.1f} for {self.total_tokens:,} tokens, "
             f"images and prefill {(self.features + max(self.vision, self.prefill)) / GB:.1f}"
         )
-        hint = "; ".join(suggestions) if suggestions else "use a smaller model or a machine with more memory"
+        hint = ", ".join(suggestions[:-1]) + f" or {suggestions[-1]}" if len(suggestions) > 1 else "".join(suggestions)
+        hint = hint or "use a smaller model or a machine with more memory"
         return MemoryPlanError(
             f"this turn would need about {self.total / GB:.1f} GB ({terms}) but {self.limit_source} is "
             f"{(self.limit or 0) / GB:.1f} GB; {hint}."
@@ -283,14 +284,19 @@ def estimate(
 
 def suggestions(plan: MemoryPlan, replan: Any) -> list[str]:
     """What would make the turn fit: a smaller KV cache first (checked), then fewer or smaller images."""
+    from .errors import PixtralError
+
     out = []
     for bits in (8, 4):
         if plan.kv_bits is not None and bits >= plan.kv_bits:
             continue
-        if replan(bits).fits:
-            out.append(f"{'an' if bits == 8 else 'a'} {bits}-bit KV cache would fit (--kv-bits {bits})")
+        try:
+            if replan(bits).fits:
+                out.append(f"{'an' if bits == 8 else 'a'} {bits}-bit KV cache would fit (--kv-bits {bits})")
+                break
+        except PixtralError:  # a group size this model's heads cannot use
             break
     if plan.image_tokens:
-        out.append("use smaller images (--max-edge 512) or fewer images")
-    out.append("or start a new conversation" if plan.new_tokens < plan.prompt_tokens else "or shorten the prompt")
+        out.append("use smaller or fewer images (--max-edge 512)")
+    out.append("start a new conversation" if plan.new_tokens < plan.prompt_tokens else "shorten the prompt")
     return out

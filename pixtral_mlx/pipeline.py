@@ -99,10 +99,15 @@ class Pixtral:
     ) -> MemoryPlan:
         """What `stream` with these arguments would need (weights, KV cache, vision encoder, prefill) and
         what the machine has, without doing the work."""
+        from .kvcache import check_group
+
         options = Options(max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        check_group(self.args, kv_bits, kv_group_size)
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
-        cache = self._cache_for(cache, options)
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length)
+        if cache is None:
+            return estimate(self, prompt, keep=0, max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        cache = self._cache_for(cache, options)
         return self._plan(prompt, cache, cache.reusable(prompt.tokens), max_tokens)
 
     def stream(
@@ -191,7 +196,13 @@ class Pixtral:
         )
 
     def _turn(
-        self, prompt: Prompt, cache: PromptCache, keep: int, options: Options, tic: float, prefill_step: int = PREFILL_STEP
+        self,
+        prompt: Prompt,
+        cache: PromptCache,
+        keep: int,
+        options: Options,
+        tic: float,
+        prefill_step: int = PREFILL_STEP,
     ) -> Iterator[Chunk]:
         mx.reset_peak_memory()
         generated: list[int] = []
