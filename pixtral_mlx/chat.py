@@ -158,6 +158,7 @@ class Chat:
             "max_edge": self.max_edge,
             "options": {k: getattr(self.options, k) for k in ("max_tokens", "temperature", "top_p", "seed")},
             "tokens": tokens,
+            "context_used": self.context_used,
             "image_digests": digests,
             "fingerprint": kvcache.fingerprint(self.pixtral),
             "kv_bits": self.options.kv_bits,
@@ -184,6 +185,8 @@ class Chat:
         kwargs.setdefault("max_edge", meta.get("max_edge"))
         chat = cls(pixtral, **kwargs)
         chat.restore(meta.get("messages") or [])
+        if isinstance(meta.get("context_used"), int):
+            chat.context_used = meta["context_used"]  # as counted live (a reply's tokens, not their re-encoding)
         chat.load_cache(path)
         return chat
 

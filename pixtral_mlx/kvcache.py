@@ -172,11 +172,11 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a chat KV file; PromptError if it is not one."""
     import mlx.core as mx
 
+    if not Path(path).is_file():
+        raise PromptError(f"{path}: no such file.")
     try:
         _, raw = mx.load(str(path), return_metadata=True)
         meta = json.loads(next(v for k, v in raw.items() if k.endswith(META_KEY)))
-    except FileNotFoundError:
-        raise PromptError(f"{path}: no such file.") from None
     except Exception as e:
         raise PromptError(f"{path} is not a pixtral-mlx chat KV file ({type(e).__name__}).") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
