@@ -134,8 +134,8 @@ class MemoryPlan:
 
     def summary(self) -> str:
         """One line for a status bar."""
-        limit = "" if self.limit is None else f" / {self.limit / GB:.1f}"
-        return f"mem {self.total / GB:.1f}{limit} GB · KV {self.kv / GB:.2f} GB"
+        limit = "" if self.limit is None else f"/{self.limit / GB:.1f}"
+        return f"mem {self.total / GB:.1f}{limit} GB (KV {self.kv / GB:.2f})"
 
     def refusal(self, suggestions: list[str]) -> MemoryPlanError:
         terms = (

@@ -131,9 +131,10 @@ def test_saved_chat_resumes_without_prefill_and_replies_the_same(pixtral, tmp_pa
     chat = two_turn_chat(pixtral, tmp_path / "a.png", **kv)
     path = chat.save(tmp_path / "chat.safetensors")
     resumed = Chat.load(pixtral, path)
-    assert resumed.messages == chat.messages[:2] + [
-        {"role": "user", "content": resumed.messages[2]["content"]}
-    ] + chat.messages[3:]  # the PIL image came back as a PNG data: URL
+    assert (
+        resumed.messages
+        == chat.messages[:2] + [{"role": "user", "content": resumed.messages[2]["content"]}] + chat.messages[3:]
+    )  # the PIL image came back as a PNG data: URL
     assert resumed.options == chat.options, (resumed.options, chat.options)
     assert resumed.context_used == chat.context_used
     assert resumed.resumed_tokens == len(resumed.cache.tokens) > 0

@@ -20,7 +20,9 @@ def noise(w, h, seed):
 
 
 def user(*items):
-    content = [{"type": "image", "image": i} if isinstance(i, Image.Image) else {"type": "text", "text": i} for i in items]
+    content = [
+        {"type": "image", "image": i} if isinstance(i, Image.Image) else {"type": "text", "text": i} for i in items
+    ]
     return [{"role": "user", "content": content}]
 
 

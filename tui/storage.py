@@ -199,8 +199,13 @@ class Store:
             )
         return sorted(out, key=lambda s: (s.updated, s.id), reverse=True)
 
+    def kv_path(self, conv_id: str) -> Path:
+        """The conversation's saved KV cache (mlx-lm's prompt-cache format), beside its JSON file."""
+        return self.conversations / f"{conv_id}.kv.safetensors"
+
     def delete(self, conv_id: str) -> None:
         (self.conversations / f"{conv_id}.json").unlink(missing_ok=True)
+        self.kv_path(conv_id).unlink(missing_ok=True)
 
 
 def to_markdown(conv: Conversation) -> str:

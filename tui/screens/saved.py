@@ -71,7 +71,7 @@ class SavedChats(Screen[None]):
         status = self.query_one(StatusBar)
         status.context_used, status.generation_tps, status.peak_memory = 0, 0.0, 0.0
         if not self.load_failed:
-            self.engine.restore(conv.messages())
+            self.engine.restore(conv.messages(), kv_path=self.store.kv_path(conv.id))
         self.query_one(Prompt).focus()
 
     def action_save(self) -> None:
@@ -104,3 +104,6 @@ class SavedChats(Screen[None]):
                 self.store.save(self.conversation)
             except OSError as e:
                 self.notify(f"The conversation could not be saved ({e.strerror or e}).", severity="error")
+                return
+            if not self.load_failed and any(t.role == "assistant" for t in self.conversation.turns):
+                self.engine.save_kv(self.store.kv_path(self.conversation.id))  # resumes without prefill
