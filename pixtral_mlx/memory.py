@@ -64,13 +64,13 @@ def largest_chunk(n_new: int, keep: int, step: int) -> tuple[int, int]:
     return best
 
 
-def prefill_step(heads: int, total: int, dtype_size: int, materialized: bool) -> int:
+def prefill_step(heads: int, total: int, dtype_size: int, materialized: bool, budget: int = SCORES_BUDGET) -> int:
     """The prefill chunk: mlx-lm's 2048 tokens, smaller where unfused attention would materialize more than
-    `SCORES_BUDGET` bytes of scores against `total` keys."""
+    `budget` bytes of scores against `total` keys."""
     if not materialized:
         return PREFILL_STEP
     per_query = heads * max(total, 1) * dtype_size * SCORE_COPIES
-    step = SCORES_BUDGET // per_query
+    step = min(budget, SCORES_BUDGET) // per_query
     return int(max(MIN_PREFILL_STEP, min(PREFILL_STEP, step)))
 
 
@@ -249,18 +249,22 @@ def estimate(
     features = held + n_patch * t.hidden_size * a
 
     # Prefill: the embeddings of every new token (built at once: token rows, gathered features, merged),
-    # then chunks through one layer at a time.
-    step = prefill_step(t.num_attention_heads, total, a, materialized)
+    # then chunks through one layer at a time; where the scores are arrays, the chunk shrinks to leave
+    # room (half of what is left) on a machine that is short of it.
+    weights = weights_bytes(model)
+    limit, source = machine_limit()
+    logits = 3 * t.vocab_size * 4
+    dequant = 3 * 4 * _largest_quantized(model) if cpu and n_new > DEQUANT_MIN_TOKENS else 0
+    budget = SCORES_BUDGET
+    if limit is not None:
+        budget = max(limit - weights - kv - features - n_new * t.hidden_size * a - logits - dequant, 0) // 2
+    step = prefill_step(t.num_attention_heads, total, a, materialized, budget)
     chunk, keys = largest_chunk(n_new, keep, step)
     embed = 3 * n_new * t.hidden_size * a if img_tokens else 2 * n_new * t.hidden_size * a
     q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     layer = chunk * (5 * t.hidden_size + 2 * q_width + 4 * kv_width + 3 * t.intermediate_size) * a
     scores = t.num_attention_heads * chunk * keys * a * SCORE_COPIES if materialized else 0
-    dequant = 3 * 4 * _largest_quantized(model) if cpu and chunk >= DEQUANT_MIN_TOKENS else 0
-    logits = 3 * t.vocab_size * 4
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
-
-    limit, source = machine_limit()
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(
         image_tokens=names,
@@ -270,7 +274,7 @@ def estimate(
         kv_bits=kv_bits,
         kv_group_size=kv_group_size,
         kv_per_token=per_token,
-        weights=weights_bytes(model),
+        weights=weights,
         kv=kv,
         features=features,
         vision=int(vision),
