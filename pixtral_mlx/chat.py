@@ -10,15 +10,18 @@ turn re-prefills the text from the last user message on (image features stay cac
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_edge
 from .errors import PromptError
-from .generate import Chunk, Options, Reply, collect
+from .generate import Chunk, Options, Reply, check_context, collect
 
 if TYPE_CHECKING:
+    from .memory import MemoryPlan
     from .pipeline import Pixtral
     from .prompt import Prompt
 
@@ -34,16 +37,27 @@ class Chat:
         temperature: float = DEFAULT_TEMPERATURE,
         top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
         self.max_edge = check_max_edge(max_edge)
-        self.options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        self.cache = pixtral.new_cache()
+        self.options = Options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
+        self.cache = pixtral.new_cache(kv_bits, kv_group_size)
         self.context_used = 0  # tokens of the history after the last turn
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
+        self.resumed_tokens = 0  # tokens `load_cache` adopted from a saved KV cache
+        self.cache_note = ""  # why a saved KV cache was not used
 
     # Public API --------------------------------------------------------------------------------
     def send(self, content: Any, **options: Any) -> Reply:
@@ -103,7 +117,7 @@ class Chat:
 
     def reset(self) -> None:
         self.messages = [m for m in self.messages if m["role"] == "system"]
-        self.cache = self.pixtral.new_cache()
+        self.cache = self.pixtral.new_cache(self.options.kv_bits, self.options.kv_group_size)
         self.context_used = 0
 
     def restore(self, messages: list[dict[str, Any]]) -> None:
@@ -121,6 +135,88 @@ class Chat:
     def tokens_needed(self, content: Any) -> int:
         """How many tokens the history would use with `content` as the next user message."""
         return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge))
+
+    def memory_plan(self, content: Any = "") -> MemoryPlan:
+        """The memory plan of a next turn with `content` (by default the figures of the history alone)."""
+        prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge)
+        max_tokens = check_context(len(prompt), self.options.max_tokens, self.pixtral.context_length)
+        return self.pixtral._plan(prompt, self.cache, self.cache.reusable(prompt.tokens), max_tokens)
+
+    # Saving and resuming the KV cache ----------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the history and its KV cache (mlx-lm's prompt-cache format) to `path`, so that
+        `Chat.load` resumes without prefilling it again."""
+        from . import kvcache
+
+        tokens = self.cache.tokens
+        starts = kvcache.image_starts(tokens, self.pixtral.args.image_token_id, self.pixtral.args.image_break_token_id)
+        prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": ""}], max_edge=self.max_edge)
+        digests = [img.digest for img in prompt.images][: len(starts)]
+        meta = {
+            "version": kvcache.VERSION,
+            "messages": kvcache.jsonable(self.messages),
+            "max_edge": self.max_edge,
+            "options": {k: getattr(self.options, k) for k in ("max_tokens", "temperature", "top_p", "seed")},
+            "tokens": tokens,
+            "context_used": self.context_used,
+            "image_digests": digests,
+            "fingerprint": kvcache.fingerprint(self.pixtral),
+            "kv_bits": self.options.kv_bits,
+            "kv_group_size": self.options.kv_group_size if self.options.kv_bits else None,
+            "kv_dtype": kvcache.kv_dtype(self.pixtral.model),
+        }
+        return kvcache.write_file(path, self.cache.layers, meta)
+
+    @classmethod
+    def load(cls, pixtral: Pixtral, path: str | os.PathLike, **kwargs: Any) -> Chat:
+        """A chat with the history saved in `path`, resuming its KV cache when it was computed by this model
+        with this KV setting (by default the file's); otherwise the next turn prefills the history again.
+        Keyword arguments as for `Pixtral.chat` (by default the saved chat's); `resumed_tokens` says how
+        many tokens were reused."""
+        from .kvcache import read_meta
+
+        meta = read_meta(path)
+        saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
+        for key in ("max_tokens", "temperature", "top_p", "seed"):
+            if key in saved:
+                kwargs.setdefault(key, saved[key])
+        if "kv_bits" not in kwargs:
+            kwargs.update(kv_bits=meta.get("kv_bits"), kv_group_size=meta.get("kv_group_size") or 64)
+        kwargs.setdefault("max_edge", meta.get("max_edge"))
+        chat = cls(pixtral, **kwargs)
+        chat.restore(meta.get("messages") or [])
+        if isinstance(meta.get("context_used"), int):
+            chat.context_used = meta["context_used"]  # as counted live (a reply's tokens, not their re-encoding)
+        chat.load_cache(path)
+        return chat
+
+    def load_cache(self, path: str | os.PathLike) -> int:
+        """Adopt the KV cache saved in `path` for the current history, as far as it holds the same tokens and
+        images; return how many tokens it saves prefilling (0 when it is unusable: `cache_note` says why)."""
+        from . import kvcache
+        from .generate import PromptCache, common_prefix
+
+        found, reason = kvcache.read_file(path, self.pixtral, self.options.kv_bits, self.options.kv_group_size)
+        self.resumed_tokens, self.cache_note = 0, reason
+        if found is None:
+            return 0
+        layers, meta = found
+        tokens = meta["tokens"]
+        prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": ""}], max_edge=self.max_edge)
+        keep = common_prefix(tokens, prompt.tokens)
+        args = self.pixtral.args
+        digests = [img.digest for img in prompt.images]
+        for i, start in enumerate(kvcache.image_starts(tokens, args.image_token_id, args.image_break_token_id)):
+            saved = meta.get("image_digests") or []
+            if i >= len(saved) or i >= len(digests) or saved[i] != digests[i]:
+                keep = min(keep, start)  # same tokens, other pixels: never reuse that image's keys
+                break
+        cache = PromptCache(layers, self.options.kv_bits, self.options.kv_group_size)
+        cache.tokens = list(tokens)
+        cache.trim(keep)
+        self.cache, self.resumed_tokens = cache, keep
+        self.cache_note = "" if keep else "it holds none of this history"
+        return keep
 
     # Internals ---------------------------------------------------------------------------------
     def _turn(self, options: Options) -> Iterator[Chunk]:

@@ -21,7 +21,7 @@ COMMANDS = {
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
-         "max_edge": "--max-edge"}  # fmt: skip
+         "max_edge": "--max-edge", "kv_bits": "--kv-bits", "kv_group_size": "--kv-group-size"}  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         type=int,
         help=f"cap the longest image edge in pixels (≤{MAX_EDGE}): fewer image tokens, faster",
     )
+    parser.add_argument(
+        "--kv-bits",
+        type=int,
+        metavar="{4,8}",
+        help="quantize the KV cache to 8 bits (about half the memory per token of bf16) or 4 (about a quarter); "
+        "default: unquantized",
+    )
+    parser.add_argument(
+        "--kv-group-size", type=int, default=64, help="elements per scale in the quantized KV cache (default 64)"
+    )
 
 
 def check_model_args(args: argparse.Namespace) -> Any:
@@ -68,7 +78,14 @@ def check_model_args(args: argparse.Namespace) -> Any:
 
     try:
         check_max_edge(args.max_edge)
-        return Options(max_tokens=args.max_tokens, temperature=args.temp, top_p=args.top_p, seed=args.seed)
+        return Options(
+            max_tokens=args.max_tokens,
+            temperature=args.temp,
+            top_p=args.top_p,
+            seed=args.seed,
+            kv_bits=args.kv_bits,
+            kv_group_size=args.kv_group_size,
+        )
     except PixtralError as e:
         raise type(e)(flag_message(e), param=e.param) from None
 

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_model_args, check_model_args
+from .cli import add_model_args, check_model_args, flag_message
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_PROMPT_MANY = "Describe these images."
@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--each",
         action="store_true",
         help="describe each image on its own and print one JSON line per image",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the memory plan (tokens per image, total tokens, each memory term, the machine's limit) "
+        "without generating; exit 1 if it would not fit",
     )
     p.add_argument(
         "--verbose",
@@ -87,7 +93,13 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
     reply = Reply()
     try:
         for chunk in model.stream(
-            prompt, max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed
+            prompt,
+            max_tokens=opts.max_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            seed=opts.seed,
+            kv_bits=opts.kv_bits,
+            kv_group_size=opts.kv_group_size,
         ):
             reply.add(chunk)
             if echo:
@@ -140,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         model = pixtral_mlx.load(args.model, progress=_info)
         if args.verbose:
             _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
+        if args.dry_run:
+            groups = [[img] for _, img in loaded] if args.each else [[img for _, img in loaded]]
+            fits = [_dry_run(model, _messages(args, prompt, group), args) for group in groups]
+            return 0 if all(fits) and not failed else 1
         if args.each:
             return _each(model, loaded, prompt, args) or (1 if failed else 0)
         result = _run(model, _messages(args, prompt, [img for _, img in loaded]), args, echo=not args.json)
@@ -147,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except PixtralError as e:
-        _err(str(e))
+        _err(flag_message(e))
         return 1
     if args.json:
         images = [describe_source(src) for src, _ in loaded]
@@ -158,6 +174,30 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> bool:
+    """Print the memory plan of generating for `messages` (JSON with --json); return whether it fits."""
+    opts = args.options
+    plan = model.memory_plan(
+        messages,
+        max_tokens=opts.max_tokens,
+        kv_bits=opts.kv_bits,
+        kv_group_size=opts.kv_group_size,
+        max_edge=args.max_edge,
+    )
+    if args.json:
+        print(json.dumps(plan.as_dict(), ensure_ascii=False), flush=True)
+    else:
+        print("\n".join(plan.lines()), flush=True)
+    if not plan.fits:
+        from .memory import suggestions
+
+        error = plan.refusal(suggestions(plan, lambda bits: model.memory_plan(
+            messages, max_tokens=opts.max_tokens, kv_bits=bits, kv_group_size=opts.kv_group_size,
+            max_edge=args.max_edge)))  # fmt: skip
+        _err(str(error))
+    return plan.fits
 
 
 def _each(model: Any, loaded: list[tuple[str, Any]], prompt: str, args: argparse.Namespace) -> int:

@@ -41,3 +41,7 @@ class ConversionError(PixtralError):
 
 class ConfigError(PixtralError):
     """A model configuration (config.json / params.json) that does not describe a usable Pixtral."""
+
+
+class MemoryPlanError(PixtralError):
+    """A turn whose estimated memory exceeds what the machine has (refused before any work)."""

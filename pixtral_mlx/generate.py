@@ -60,11 +60,19 @@ class PromptCache:
 
     A new prompt reuses the longest common prefix: `reusable(tokens)` says how much (at least the
     last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
+    `kv_bits`/`kv_group_size`: the layers are mlx-lm's `QuantizedKVCache` (which trims like `KVCache`).
     """
 
-    def __init__(self, layers: list[Any]):
+    def __init__(self, layers: list[Any], kv_bits: int | None = None, kv_group_size: int = 64):
         self.layers = layers
         self.tokens: list[int] = []
+        self.kv_bits = kv_bits
+        self.kv_group_size = kv_group_size
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layers have allocated (keys, values, and scales and biases when quantized)."""
+        return sum(c.nbytes for c in self.layers if not c.empty())
 
     @property
     def offset(self) -> int:

@@ -17,7 +17,9 @@ import numpy as np
 
 from .chat import Chat
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .generate import Chunk, Options, PromptCache, Reply, check_context, collect, stream_tokens
+from .errors import PromptError
+from .generate import PREFILL_STEP, Chunk, Options, PromptCache, Reply, check_context, collect, stream_tokens
+from .memory import MemoryPlan, estimate, suggestions
 from .prompt import EncodedImage, Prompt, PromptEncoder
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
@@ -97,8 +99,35 @@ class Pixtral:
         return np.array(out[0].astype(mx.float32))
 
     # Generation ------------------------------------------------------------------------------
-    def new_cache(self) -> PromptCache:
-        return PromptCache(self.model.make_cache())
+    def new_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> PromptCache:
+        """An empty KV cache; `kv_bits` (4 or 8) makes it mlx-lm's quantized cache from the first token."""
+        from .kvcache import make_layers
+
+        Options(kv_bits=kv_bits, kv_group_size=kv_group_size)  # the one check of the values
+        return PromptCache(make_layers(self.model, kv_bits, kv_group_size), kv_bits, kv_group_size)
+
+    def memory_plan(
+        self,
+        messages: list[dict[str, Any]] | Prompt,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
+        max_edge: int | None = None,
+        cache: PromptCache | None = None,
+    ) -> MemoryPlan:
+        """What `stream` with these arguments would need (weights, KV cache, vision encoder, prefill) and
+        what the machine has, without doing the work."""
+        from .kvcache import check_group
+
+        options = Options(max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        check_group(self.args, kv_bits, kv_group_size)
+        prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
+        max_tokens = check_context(len(prompt), options.max_tokens, self.context_length)
+        if cache is None:
+            return estimate(self, prompt, keep=0, max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
+        cache = self._cache_for(cache, options)
+        return self._plan(prompt, cache, cache.reusable(prompt.tokens), max_tokens)
 
     def stream(
         self,
@@ -110,17 +139,28 @@ class Pixtral:
         seed: int | None = None,
         max_edge: int | None = None,
         cache: PromptCache | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
 
         Options and the context are checked before any work. Pass a `cache` (from `new_cache()`) to
         reuse it across calls: each call prefills only what differs from the tokens it holds.
+        `kv_bits` (4 or 8) and `kv_group_size` quantize the KV cache (a given `cache` keeps its own setting).
+        The memory plan is checked before any work too: over the machine's limit raises `MemoryPlanError`.
         """
         tic = time.perf_counter()
-        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = Options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            kv_bits=kv_bits,
+            kv_group_size=kv_group_size,
+        )
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
-        return self._stream_prompt(prompt, cache or self.new_cache(), options, tic)
+        return self._stream_prompt(prompt, self._cache_for(cache, options), options, tic)
 
     def generate(self, messages: list[dict[str, Any]] | Prompt, **kwargs: Any) -> Reply:
         """The whole reply as text, with mlx-lm's statistics (same arguments as `stream`)."""
@@ -129,8 +169,8 @@ class Pixtral:
     def chat(self, system: str | None = None, **kwargs: Any) -> Chat:
         """A multi-turn conversation that keeps its KV cache and image features across turns.
 
-        Keyword arguments: `max_edge` and the generation defaults of `stream` (`max_tokens`,
-        `temperature`, `top_p`, `seed`), which each turn may override.
+        Keyword arguments: `max_edge`, the KV setting (`kv_bits`, `kv_group_size`) and the generation
+        defaults of `stream` (`max_tokens`, `temperature`, `top_p`, `seed`), which each turn may override.
         """
         return Chat(self, system=system, **kwargs)
 
@@ -143,10 +183,46 @@ class Pixtral:
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         keep = cache.reusable(prompt.tokens)
+        plan = self._plan(prompt, cache, keep, max_tokens)
+        if not plan.fits:
+            raise plan.refusal(suggestions(plan, lambda bits: self._plan(prompt, cache, keep, max_tokens, bits)))
         cache.trim(keep)
-        return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic)
+        options = Options.merge(options, max_tokens=max_tokens)
+        return self._turn(prompt, cache, keep, options, tic, prefill_step=plan.prefill_step)
 
-    def _turn(self, prompt: Prompt, cache: PromptCache, keep: int, options: Options, tic: float) -> Iterator[Chunk]:
+    def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
+        """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""
+        if cache is None:
+            return self.new_cache(options.kv_bits, options.kv_group_size)
+        if options.kv_bits is not None and options.kv_bits != cache.kv_bits:
+            raise PromptError(
+                f"kv_bits must match the cache's ({cache.kv_bits}), got {options.kv_bits}.", param="kv_bits"
+            )
+        return cache
+
+    def _plan(self, prompt: Prompt, cache: PromptCache, keep: int, max_tokens: int, kv_bits: Any = False) -> MemoryPlan:
+        """The memory plan of prefilling `prompt` after `keep` cached tokens (`kv_bits`: another setting)."""
+        bits = cache.kv_bits if kv_bits is False else kv_bits
+        size = cache.nbytes if bits == cache.kv_bits else 0
+        return estimate(
+            self,
+            prompt,
+            keep=keep,
+            max_tokens=max_tokens,
+            kv_bits=bits,
+            kv_group_size=cache.kv_group_size,
+            cache_bytes=size,
+        )
+
+    def _turn(
+        self,
+        prompt: Prompt,
+        cache: PromptCache,
+        keep: int,
+        options: Options,
+        tic: float,
+        prefill_step: int = PREFILL_STEP,
+    ) -> Iterator[Chunk]:
         mx.reset_peak_memory()
         generated: list[int] = []
         try:
@@ -159,6 +235,7 @@ class Pixtral:
                 cache.layers,
                 eos_id=self.encoder.eos_id,
                 options=options,
+                prefill_step=prefill_step,
                 start_time=tic,
             ):
                 if chunk.token is not None:

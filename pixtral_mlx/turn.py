@@ -15,6 +15,8 @@ from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .errors import PromptError
 
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+KV_BITS = (4, 8)  # mlx-lm's QuantizedKVCache; below 4 bits quality drops sharply
+KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 
 
 @dataclass
@@ -74,6 +76,8 @@ class Options:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     seed: int | None = None
+    kv_bits: int | None = None  # quantize the KV cache to 4 or 8 bits (None: the compute dtype)
+    kv_group_size: int = 64  # elements sharing one scale and bias in the quantized KV cache
 
     def __post_init__(self) -> None:
         def bad(param: str, rule: str) -> PromptError:
@@ -89,6 +93,10 @@ class Options:
             raise bad("top_p", "a number greater than 0 and at most 1")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"a whole number from 0 to {MAX_SEED}")
+        if self.kv_bits is not None and (not _whole(self.kv_bits) or self.kv_bits not in KV_BITS):
+            raise bad("kv_bits", "4 or 8 (or None for an unquantized KV cache)")
+        if not _whole(self.kv_group_size) or self.kv_group_size not in KV_GROUP_SIZES:
+            raise bad("kv_group_size", "32, 64 or 128")
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""

@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         temperature=args.temp,
         top_p=args.top_p,
         seed=args.seed,
+        kv_bits=args.kv_bits,
+        kv_group_size=args.kv_group_size,
     )
     app = make_app(engine, data_dir=store.root, images=list(args.images), resume=resume)
     app.run()

@@ -28,6 +28,7 @@ from .messages import (
     ContextUpdated,
     EngineFailed,
     LoadFailed,
+    MemoryUpdated,
     ModelLoaded,
     ModelLoading,
     ReplyFinished,
@@ -69,6 +70,8 @@ class Engine:
         temperature: float = DEFAULT_TEMPERATURE,
         top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
+        kv_bits: int | None = None,
+        kv_group_size: int = 64,
     ):
         self.model = model
         self.name = model_name(model)
@@ -79,6 +82,8 @@ class Engine:
             "temperature": temperature,
             "top_p": top_p,
             "seed": seed,
+            "kv_bits": kv_bits,
+            "kv_group_size": kv_group_size,
         }
         self.chat: ChatBackend | None = None
         self.load_error: str | None = None
@@ -105,9 +110,14 @@ class Engine:
     def undo(self) -> None:
         self._put("undo")
 
-    def restore(self, messages: list[dict[str, Any]]) -> None:
-        """Replace the history (new chat, reopened chat); the next turn prefills it once."""
-        self._put("restore", messages)
+    def restore(self, messages: list[dict[str, Any]], kv_path: Path | None = None) -> None:
+        """Replace the history (new chat, reopened chat); the next turn prefills it once, or only what the
+        KV cache saved in `kv_path` does not hold."""
+        self._put("restore", messages, kv_path)
+
+    def save_kv(self, path: Path) -> None:
+        """Save the conversation's KV cache to `path` (beside the conversation file)."""
+        self._put("save_kv", path)
 
     def stop(self) -> None:
         """Stop the reply being generated; the partial reply is kept."""
@@ -178,11 +188,35 @@ class Engine:
         chat = self._ready()
         chat.undo()  # the UI already took the turn off the screen
         self._post(ContextUpdated(chat.context_used))
+        self._post_memory()
 
-    def _do_restore(self, messages: list[dict[str, Any]]) -> None:
+    def _do_restore(self, messages: list[dict[str, Any]], kv_path: Path | None = None) -> None:
         chat = self._ready()
         chat.restore(messages)
+        if kv_path is not None and kv_path.exists() and hasattr(chat, "load_cache"):
+            if not chat.load_cache(kv_path):
+                log.info("KV cache %s not used: %s", kv_path, chat.cache_note)
         self._post(ContextUpdated(chat.context_used))
+        self._post_memory()
+
+    def _do_save_kv(self, path: Path) -> None:
+        chat = self.chat  # not loaded (yet): nothing to save, and nothing to say
+        if chat is None or not hasattr(chat, "save") or not chat.messages:
+            return
+        try:
+            chat.save(path)
+        except OSError as e:
+            self._post(EngineFailed("save_kv", f"the KV cache could not be saved to {path} ({e.strerror or e})."))
+
+    def _post_memory(self) -> None:
+        """The memory plan of the history so far, for the status bar (nothing if the backend has none)."""
+        plan = getattr(self.chat, "memory_plan", None)
+        if plan is None:
+            return
+        try:
+            self._post(MemoryUpdated(plan().summary()))
+        except PixtralError as e:
+            self._post(MemoryUpdated(str(e)[:60]))
 
     def _stream(self, chunks: Iterator[Any]) -> None:
         """Post the chunks; between them honour Stop: close the generator (keeps the partial)."""
@@ -205,3 +239,4 @@ class Engine:
                 self._post(Token(pending))
         reply.finish_reason = reply.finish_reason or "interrupted"
         self._post(ReplyFinished(reply, context_used=self._ready().context_used))
+        self._post_memory()

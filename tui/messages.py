@@ -53,6 +53,13 @@ class ContextUpdated(Message):
 
 
 @dataclass
+class MemoryUpdated(Message):
+    """The memory plan's figures for the history so far (`MemoryPlan.summary()`)."""
+
+    summary: str
+
+
+@dataclass
 class EngineFailed(Message):
     """A request failed; `expected` errors carry one sentence meant for the user."""
 

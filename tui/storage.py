@@ -282,8 +282,13 @@ class Store:
             raise StorageError(path, f"it is not valid JSON ({e})") from e
         return _parse(doc, path, self.root)
 
+    def kv_path(self, conv_id: str) -> Path:
+        """The conversation's saved KV cache (mlx-lm's prompt-cache format), beside its JSON file."""
+        return self.conversations / f"{conv_id}.kv.safetensors"
+
     def delete(self, conv_id: str) -> None:
         (self.conversations / f"{conv_id}.json").unlink(missing_ok=True)
+        self.kv_path(conv_id).unlink(missing_ok=True)
 
 
 def to_markdown(conv: Conversation) -> str:

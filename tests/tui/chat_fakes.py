@@ -60,13 +60,38 @@ class FakePixtral(Pixtral):
                     tokens += [3, *(self._id(w) for w in p["text"].split()), 4]
         return Prompt(tokens=tokens)
 
-    def new_cache(self) -> PromptCache:
-        return PromptCache([])  # no layers: it holds exactly the tokens it is told
+    def new_cache(self, kv_bits: int | None = None, kv_group_size: int = 64) -> PromptCache:
+        return PromptCache([], kv_bits, kv_group_size)  # no layers: it holds exactly the tokens it is told
+
+    def _plan(self, prompt: Prompt, cache: PromptCache, keep: int, max_tokens: int, kv_bits: Any = False) -> Any:
+        """Fixed figures, like STATS: 4-bit Pixtral-12B weights, its bf16 KV per token, a 16 GB Mac's limit."""
+        from pixtral_mlx.memory import MemoryPlan
+
+        per_token = 163_840.0
+        return MemoryPlan(
+            image_tokens=[],
+            prompt_tokens=len(prompt),
+            new_tokens=len(prompt) - keep,
+            max_tokens=max_tokens,
+            kv_bits=None,
+            kv_group_size=64,
+            kv_per_token=per_token,
+            weights=7_000_000_000,
+            kv=int(per_token * (len(prompt) + max_tokens)),
+            features=0,
+            vision=0,
+            prefill=100_000_000,
+            prefill_step=2048,
+            limit=11_400_000_000,
+            limit_source="Metal's recommended working set",
+        )
 
     def _id(self, word: str) -> int:
         return self.vocab.setdefault(word, 1000 + len(self.vocab))
 
-    def _turn(self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float) -> Iterator[Chunk]:
+    def _turn(
+        self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float, prefill_step: int = 2048
+    ) -> Iterator[Chunk]:
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
         self.prefilled.append(len(prompt) - keep)
@@ -112,6 +137,10 @@ class FakeEngine(Engine):
         if self.fail_load:
             raise ModelError(self.fail_load)
         return FakePixtral(self.replies, self.delay, self.context_length, self.gate).chat(system=self.system)
+
+    def _do_save_kv(self, path: Path) -> None:
+        """The fake has no KV cache to write (tests/tui/test_real_engine.py saves and resumes a real one)."""
+        self.kv_saved = [*getattr(self, "kv_saved", []), path]
 
 
 def make_image(path: Path, size: tuple[int, int] = (300, 200), color: tuple[int, int, int] = (200, 20, 20)) -> Path:

@@ -19,6 +19,7 @@ from ..messages import (
     ContextUpdated,
     EngineFailed,
     LoadFailed,
+    MemoryUpdated,
     ModelLoaded,
     ModelLoading,
     ReplyFinished,
@@ -135,6 +136,9 @@ class ChatScreen(SavedChats):
 
     def on_context_updated(self, message: ContextUpdated) -> None:
         self.query_one(StatusBar).context_used = message.context_used
+
+    def on_memory_updated(self, message: MemoryUpdated) -> None:
+        self.query_one(StatusBar).memory = message.summary
 
     async def on_engine_failed(self, message: EngineFailed) -> None:
         title = "Error" if message.expected else "Engine error"

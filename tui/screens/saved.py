@@ -102,7 +102,7 @@ class SavedChats(Screen[None]):
         status = self.query_one(StatusBar)
         status.context_used, status.generation_tps, status.peak_memory = 0, 0.0, 0.0
         if not self.load_failed:
-            self.engine.restore(conv.messages())
+            self.engine.restore(conv.messages(), kv_path=self.store.kv_path(conv.id))
         self.query_one(Prompt).focus()
 
     def action_save(self) -> None:
@@ -132,7 +132,8 @@ class SavedChats(Screen[None]):
     def _autosave(self) -> None:
         saved = (self.store.conversations / f"{self.conversation.id}.json").exists()
         if saved or any(t.role == "assistant" for t in self.conversation.turns):
-            self._save()
+            if self._save() and not self.load_failed and any(t.role == "assistant" for t in self.conversation.turns):
+                self.engine.save_kv(self.store.kv_path(self.conversation.id))  # resumes without prefill
 
     def _save(self) -> Path | None:
         """Write the conversation; on failure say why and return None (the chat goes on, unsaved)."""

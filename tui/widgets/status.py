@@ -16,6 +16,7 @@ class StatusBar(Widget):
     pending = reactive(0)  # image tokens attached to the next message
     generation_tps = reactive(0.0)
     peak_memory = reactive(0.0)
+    memory = reactive("")  # the memory plan's figures for the history (`MemoryPlan.summary()`)
 
     def render(self) -> Text:
         used = self.context_used
@@ -29,8 +30,11 @@ class StatusBar(Widget):
             "  │  ",
             context,
         ]
+        if self.memory:  # the memory plan's figures grow with the context: shown beside it
+            parts += ["  │  ", self.memory]
         if self.generation_tps:
             parts += ["  │  ", f"{self.generation_tps:,.1f} tok/s"]
         if self.peak_memory:
             parts += ["  │  ", f"peak {self.peak_memory:.2f} GB"]
+
         return Text.assemble(*parts)
