@@ -34,13 +34,14 @@ class Chat:
         temperature: float = DEFAULT_TEMPERATURE,
         top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] = (),
     ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
         self.max_edge = check_max_edge(max_edge)
-        self.options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        self.options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         self.cache = pixtral.new_cache()
         self.context_used = 0  # tokens of the history after the last turn
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
@@ -58,13 +59,14 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
     ) -> Iterator[Chunk]:
         """Add a user message and stream the reply; options override the chat's for this turn.
 
         A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
         history unchanged.
         """
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         self.messages.append({"role": "user", "content": content})
         try:
             return self._turn(options)
@@ -79,11 +81,12 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
     ) -> Iterator[Chunk]:
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise PromptError("there is no reply to regenerate.")
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         last = self.messages.pop()
         try:
             return self._turn(options)

@@ -110,17 +110,38 @@ def stream_tokens(
     )
     try:
         with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
-            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic)
+            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic, stop=options.stop)
     finally:
         steps.close()
 
 
+def split_stop(text: str, stop: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Split `text` at the first stop string: (what may be shown, what to hold back, whether one was found).
+
+    Without a stop string in it, the held-back part is the longest end of `text` that could still grow
+    into one, so a stop string split across tokens is never shown.
+    """
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        return text[: min(hits)], "", True
+    hold = max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
 def _decode(
-    steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int, tic: float
+    steps: Iterator[Any],
+    detokenizer: Any,
+    n_prompt: int,
+    max_tokens: int,
+    eos_id: int,
+    tic: float,
+    stop: tuple[str, ...] = (),
 ) -> Iterator[Chunk]:
+    """One chunk per token (its text may be empty while held back for `stop`); the last one carries
+    `finish_reason`: "stop" for the end-of-sequence token or a stop string (cut off, never shown)."""
     stats = Stats(prompt_tokens=n_prompt, finish_reason="length")
     n = 0
-    tail, last = "", None
+    tail, held, last, stopped = "", "", None, False
     for token, _ in steps:
         if n == 0:
             stats.prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
@@ -132,10 +153,15 @@ def _decode(
         if token == eos_id:
             stats.finish_reason = "stop"
             break
-        text = detokenizer.add(token)
-        if n >= max_tokens:
+        text, held, stopped = split_stop(held + detokenizer.add(token), stop)
+        if stopped or n >= max_tokens:
             tail, last = text, token
             break
         yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token)
-    tail += detokenizer.flush()
+    if stopped:
+        stats.finish_reason = "stop"
+    else:
+        text, held, stopped = split_stop(held + detokenizer.flush(), stop)
+        tail += text if stopped else text + held
+        stats.finish_reason = "stop" if stopped else stats.finish_reason
     yield Chunk(**stats.stats(), text=tail, token=last)

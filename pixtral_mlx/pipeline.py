@@ -91,15 +91,17 @@ class Pixtral:
         seed: int | None = None,
         max_edge: int | None = None,
         cache: PromptCache | None = None,
+        stop: str | list[str] | tuple[str, ...] = (),
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
 
         Options and the context are checked before any work. Pass a `cache` (from `new_cache()`) to
         reuse it across calls: each call prefills only what differs from the tokens it holds.
+        `stop`: up to 4 strings that end the reply (finish_reason "stop"); the text ends before them.
         """
         tic = time.perf_counter()
-        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
         return self._stream_prompt(prompt, cache or self.new_cache(), options, tic)
 
@@ -144,7 +146,7 @@ class Pixtral:
             ):
                 if chunk.token is not None:
                     generated.append(chunk.token)
-                if chunk.finish_reason == "stop":
+                if chunk.finish_reason == "stop" and chunk.token is None:  # the end-of-sequence token
                     generated.append(self.encoder.eos_id)
                 yield chunk
         finally:

@@ -15,6 +15,7 @@ from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .errors import PromptError
 
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Options:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     seed: int | None = None
+    stop: tuple[str, ...] = ()  # strings that end the reply; never part of its text (a str is one of them)
 
     def __post_init__(self) -> None:
         def bad(param: str, rule: str) -> PromptError:
@@ -89,6 +91,12 @@ class Options:
             raise bad("top_p", "a number greater than 0 and at most 1")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"a whole number from 0 to {MAX_SEED}")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP:
+            raise bad("stop", f"at most {MAX_STOP} strings")
+        object.__setattr__(self, "stop", tuple(stop))
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""
