@@ -10,7 +10,7 @@ both. Callers load, prefill and decode on one thread (MLX streams are per thread
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -47,7 +47,7 @@ def check_context(
     )
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[Any], b: list[Any]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -55,28 +55,38 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def prompt_keys(tokens: list[int], images: list[Any], image_token_id: int) -> list[Hashable]:
+    """What each position of a prompt feeds the model: its token id, or for an image token the image's
+    content digest and the feature row. Two images of one size give the same tokens, not the same keys."""
+    rows = iter([(img.digest, k) for img in images for k in range(img.grid[0] * img.grid[1])])
+    return [next(rows) if t == image_token_id else t for t in tokens]
+
+
 class PromptCache:
     """A KV cache (one entry per decoder layer) and the tokens whose keys and values it holds.
 
-    A new prompt reuses the longest common prefix: `reusable(tokens)` says how much (at least the
-    last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
+    A new prompt reuses the longest common prefix of `keys` (see `prompt_keys`: by token, and by
+    content for image positions): `reusable(keys)` says how much (at least the last token is always
+    prefilled again, to get its logits), `trim(keep)` drops the rest.
     """
 
     def __init__(self, layers: list[Any]):
         self.layers = layers
         self.tokens: list[int] = []
+        self.keys: list[Hashable] = []  # `prompt_keys` of `tokens`, set with them
 
     @property
     def offset(self) -> int:
         return self.layers[0].offset if self.layers else len(self.tokens)
 
-    def reusable(self, tokens: list[int]) -> int:
-        return min(common_prefix(tokens, self.tokens), max(len(tokens) - 1, 0))
+    def reusable(self, keys: list[Hashable]) -> int:
+        return min(common_prefix(keys, self.keys), max(len(keys) - 1, 0))
 
     def trim(self, keep: int) -> None:
         if self.offset > keep:
             trim_prompt_cache(self.layers, self.offset - keep)
         self.tokens = self.tokens[:keep]
+        self.keys = self.keys[:keep]
 
 
 def stream_tokens(

@@ -17,7 +17,7 @@ import numpy as np
 
 from .chat import Chat
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .generate import Chunk, Options, PromptCache, Reply, check_context, collect, stream_tokens
+from .generate import Chunk, Options, PromptCache, Reply, check_context, collect, prompt_keys, stream_tokens
 from .prompt import EncodedImage, Prompt, PromptEncoder
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
@@ -125,7 +125,7 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
-        keep = cache.reusable(prompt.tokens)
+        keep = cache.reusable(prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id))
         cache.trim(keep)
         return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic)
 
@@ -152,3 +152,5 @@ class Pixtral:
         finally:
             # Every token consumed has been fed to the cache (a stopped reply's too).
             cache.tokens = (prompt.tokens + generated)[: cache.offset]
+            keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id)
+            cache.keys = (keys + generated)[: cache.offset]
