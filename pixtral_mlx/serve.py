@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     config = uvicorn.Config(create_app(settings, engine), log_level="info", timeout_graceful_shutdown=3)
     try:
         uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C: a normal stop
+        pass
     finally:
         engine.close()
         sock.close()

@@ -117,13 +117,13 @@ class Engine:
                 self.ready.set()
             while (job := self.jobs.get()) is not None:
                 self.running = job
+                self.records.append(job.record)  # filled in as the job runs
                 tic = time.perf_counter()
                 try:
                     self._serve(job)
                 finally:
                     self.running = None
                     job.record.seconds = time.perf_counter() - tic
-                    self.records.append(job.record)
                     seconds = job.record.seconds
                     self._seconds = 0.7 * self._seconds + 0.3 * seconds if self._seconds else seconds
         finally:
