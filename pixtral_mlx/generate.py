@@ -65,9 +65,8 @@ def prompt_keys(tokens: list[int], images: list[Any], image_token_id: int) -> li
 class PromptCache:
     """A KV cache (one entry per decoder layer) and the tokens whose keys and values it holds.
 
-    A new prompt reuses the longest common prefix of `keys` (see `prompt_keys`: by token, and by
-    content for image positions): `reusable(keys)` says how much (at least the last token is always
-    prefilled again, to get its logits), `trim(keep)` drops the rest.
+    A new prompt reuses the longest common prefix: `reusable(tokens, keys)` says how much (at least
+    the last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
     """
 
     def __init__(self, layers: list[Any]):
@@ -79,8 +78,12 @@ class PromptCache:
     def offset(self) -> int:
         return self.layers[0].offset if self.layers else len(self.tokens)
 
-    def reusable(self, keys: list[Hashable]) -> int:
-        return min(common_prefix(keys, self.keys), max(len(keys) - 1, 0))
+    def reusable(self, tokens: list[int], keys: list[Hashable] | None = None) -> int:
+        """`keys` (the prompt's `prompt_keys`, for a prompt with images) match image positions by content too."""
+        n = common_prefix(tokens, self.tokens)
+        if keys is not None:
+            n = min(n, common_prefix(keys, self.keys))
+        return min(n, max(len(tokens) - 1, 0))
 
     def trim(self, keep: int) -> None:
         if self.offset > keep:

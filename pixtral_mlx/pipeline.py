@@ -125,7 +125,8 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
-        keep = cache.reusable(prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id))
+        keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else None
+        keep = cache.reusable(prompt.tokens, keys)
         cache.trim(keep)
         return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic)
 

@@ -31,8 +31,11 @@ def test_prompt_keys_tell_same_sized_images_apart(pixtral):
     rows, cols = a.images[0].grid
     assert sum(isinstance(k, tuple) for k in ka) == rows * cols
     cache = PromptCache([])
-    cache.keys = ka
-    assert cache.reusable(kb) == first and cache.reusable(ka) == len(ka) - 1
+    cache.tokens, cache.keys = a.tokens, ka
+    assert cache.reusable(b.tokens, kb) == first and cache.reusable(a.tokens, ka) == len(ka) - 1
+    assert cache.reusable(b.tokens) == len(ka) - 1  # by tokens alone, as for prompts without images
+    cache.keys = []  # a cache whose keys were not recorded reuses nothing of a prompt with images
+    assert cache.reusable(a.tokens, ka) == 0
 
 
 def test_a_shared_cache_never_reuses_another_images_keys_and_values(pixtral):
