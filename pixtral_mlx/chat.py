@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_edge
 from .errors import PromptError
-from .generate import Chunk, Options, Reply, check_context, collect
+from .generate import Chunk, Options, Reply, check_context, collect, prompt_keys
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
@@ -39,6 +39,7 @@ class Chat:
         seed: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
+        stop: str | list[str] | tuple[str, ...] = (),
     ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
@@ -52,6 +53,7 @@ class Chat:
             seed=seed,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
+            stop=stop,
         )
         self.cache = pixtral.new_cache(kv_bits, kv_group_size)
         self.context_used = 0  # tokens of the history after the last turn
@@ -72,13 +74,14 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
     ) -> Iterator[Chunk]:
         """Add a user message and stream the reply; options override the chat's for this turn.
 
         A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
         history unchanged.
         """
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         self.messages.append({"role": "user", "content": content})
         try:
             return self._turn(options)
@@ -93,11 +96,12 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: str | list[str] | tuple[str, ...] | None = None,
     ) -> Iterator[Chunk]:
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise PromptError("there is no reply to regenerate.")
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         last = self.messages.pop()
         try:
             return self._turn(options)
@@ -213,6 +217,8 @@ class Chat:
                 break
         cache = PromptCache(layers, self.options.kv_bits, self.options.kv_group_size)
         cache.tokens = list(tokens)
+        # The images up to `keep` are the saved ones (digests checked above): their content keys hold too.
+        cache.keys = prompt_keys(prompt.tokens, prompt.images, args.image_token_id)[:keep]
         cache.trim(keep)
         self.cache, self.resumed_tokens = cache, keep
         self.cache_note = "" if keep else "it holds none of this history"

@@ -1,4 +1,4 @@
-"""`pixtral-mlx {describe,chat,convert}`: a lazy dispatcher, so `--help` never imports MLX."""
+"""`pixtral-mlx {describe,chat,convert,serve}`: a lazy dispatcher, so `--help` never imports MLX."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ COMMANDS = {
     "describe": ("pixtral_mlx.describe", "describe images: stream an answer about one or more images"),
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
+    "serve": ("pixtral_mlx.serve", "serve an OpenAI-compatible API (/v1/chat/completions) with image input"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",

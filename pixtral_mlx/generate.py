@@ -10,7 +10,7 @@ both. Callers load, prefill and decode on one thread (MLX streams are per thread
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Any
 
 import mlx.core as mx
@@ -47,7 +47,7 @@ def check_context(
     )
 
 
-def common_prefix(a: list[int], b: list[int]) -> int:
+def common_prefix(a: list[Any], b: list[Any]) -> int:
     n = min(len(a), len(b))
     for i in range(n):
         if a[i] != b[i]:
@@ -55,17 +55,25 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def prompt_keys(tokens: list[int], images: list[Any], image_token_id: int) -> list[Hashable]:
+    """What each position of a prompt feeds the model: its token id, or for an image token the image's
+    content digest and the feature row. Two images of one size give the same tokens, not the same keys."""
+    rows = iter([(img.digest, k) for img in images for k in range(img.grid[0] * img.grid[1])])
+    return [next(rows) if t == image_token_id else t for t in tokens]
+
+
 class PromptCache:
     """A KV cache (one entry per decoder layer) and the tokens whose keys and values it holds.
 
-    A new prompt reuses the longest common prefix: `reusable(tokens)` says how much (at least the
-    last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
+    A new prompt reuses the longest common prefix: `reusable(tokens, keys)` says how much (at least
+    the last token is always prefilled again, to get its logits), `trim(keep)` drops the rest.
     `kv_bits`/`kv_group_size`: the layers are mlx-lm's `QuantizedKVCache` (which trims like `KVCache`).
     """
 
     def __init__(self, layers: list[Any], kv_bits: int | None = None, kv_group_size: int = 64):
         self.layers = layers
         self.tokens: list[int] = []
+        self.keys: list[Hashable] = []  # `prompt_keys` of `tokens`, set with them
         self.kv_bits = kv_bits
         self.kv_group_size = kv_group_size
 
@@ -78,13 +86,18 @@ class PromptCache:
     def offset(self) -> int:
         return self.layers[0].offset if self.layers else len(self.tokens)
 
-    def reusable(self, tokens: list[int]) -> int:
-        return min(common_prefix(tokens, self.tokens), max(len(tokens) - 1, 0))
+    def reusable(self, tokens: list[int], keys: list[Hashable] | None = None) -> int:
+        """`keys` (the prompt's `prompt_keys`, for a prompt with images) match image positions by content too."""
+        n = common_prefix(tokens, self.tokens)
+        if keys is not None:
+            n = min(n, common_prefix(keys, self.keys))
+        return min(n, max(len(tokens) - 1, 0))
 
     def trim(self, keep: int) -> None:
         if self.offset > keep:
             trim_prompt_cache(self.layers, self.offset - keep)
         self.tokens = self.tokens[:keep]
+        self.keys = self.keys[:keep]
 
 
 def stream_tokens(
@@ -118,17 +131,38 @@ def stream_tokens(
     )
     try:
         with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
-            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic)
+            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic, stop=options.stop)
     finally:
         steps.close()
 
 
+def split_stop(text: str, stop: tuple[str, ...]) -> tuple[str, str, bool]:
+    """Split `text` at the first stop string: (what may be shown, what to hold back, whether one was found).
+
+    Without a stop string in it, the held-back part is the longest end of `text` that could still grow
+    into one, so a stop string split across tokens is never shown.
+    """
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    if hits:
+        return text[: min(hits)], "", True
+    hold = max((k for s in stop for k in range(min(len(s) - 1, len(text)), 0, -1) if text.endswith(s[:k])), default=0)
+    return text[: len(text) - hold], text[len(text) - hold :], False
+
+
 def _decode(
-    steps: Iterator[Any], detokenizer: Any, n_prompt: int, max_tokens: int, eos_id: int, tic: float
+    steps: Iterator[Any],
+    detokenizer: Any,
+    n_prompt: int,
+    max_tokens: int,
+    eos_id: int,
+    tic: float,
+    stop: tuple[str, ...] = (),
 ) -> Iterator[Chunk]:
+    """One chunk per token (its text may be empty while held back for `stop`); the last one carries
+    `finish_reason`: "stop" for the end-of-sequence token or a stop string (cut off, never shown)."""
     stats = Stats(prompt_tokens=n_prompt, finish_reason="length")
     n = 0
-    tail, last = "", None
+    tail, held, last, stopped = "", "", None, False
     for token, _ in steps:
         if n == 0:
             stats.prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
@@ -140,10 +174,15 @@ def _decode(
         if token == eos_id:
             stats.finish_reason = "stop"
             break
-        text = detokenizer.add(token)
-        if n >= max_tokens:
+        text, held, stopped = split_stop(held + detokenizer.add(token), stop)
+        if stopped or n >= max_tokens:
             tail, last = text, token
             break
         yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token)
-    tail += detokenizer.flush()
+    if stopped:
+        stats.finish_reason = "stop"
+    else:
+        text, held, stopped = split_stop(held + detokenizer.flush(), stop)
+        tail += text if stopped else text + held
+        stats.finish_reason = "stop" if stopped else stats.finish_reason
     yield Chunk(**stats.stats(), text=tail, token=last)

@@ -187,12 +187,13 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(HTTP, HTTPS, Redirects)
 
 
-def _download(url: str) -> bytes:
-    """At most MAX_DOWNLOAD_BYTES, all of it within DOWNLOAD_TIMEOUT seconds, over http(s) only."""
-    deadline = _Deadline(DOWNLOAD_TIMEOUT)
+def _download(url: str, timeout: float | None = None) -> bytes:
+    """At most MAX_DOWNLOAD_BYTES, all of it within `timeout` (default DOWNLOAD_TIMEOUT) seconds, over http(s)."""
+    timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
+    deadline = _Deadline(timeout)
     req = urllib.request.Request(url, headers={"User-Agent": "pixtral-mlx"})
     try:
-        with _opener(deadline).open(req, timeout=DOWNLOAD_TIMEOUT) as resp:
+        with _opener(deadline).open(req, timeout=timeout) as resp:
             size = resp.headers.get("Content-Length", "")
             if size.isdigit() and int(size) > MAX_DOWNLOAD_BYTES:
                 raise ImageError(f"{url} is {int(size):,} bytes, over the {MAX_DOWNLOAD_BYTES >> 20} MB limit.")
@@ -203,7 +204,7 @@ def _download(url: str) -> bytes:
         raise ImageError(f"could not download {url}: it redirects to a {e} URL, and only http(s) is followed.") from e
     except urllib.error.HTTPError as e:
         if deadline.fired:
-            raise _timeout(url) from e
+            raise _timeout(url, timeout) from e
         if str(e.msg).startswith(urllib.request.HTTPRedirectHandler.inf_msg):  # urllib's is three lines long
             raise ImageError(
                 f"could not download {url}: it redirects in a loop or more than {MAX_REDIRECTS} times."
@@ -211,13 +212,13 @@ def _download(url: str) -> bytes:
         raise ImageError(f"could not download {url} (HTTP {e.code} {_first_line(e.reason)}).") from e
     except Exception as e:  # URLError, timeouts, SSL errors, a connection the deadline shut
         if deadline.fired:
-            raise _timeout(url) from e
+            raise _timeout(url, timeout) from e
         reason = getattr(e, "reason", None) or e
         raise ImageError(f"could not download {url} ({_first_line(reason)}).") from e
     finally:
         deadline.close()
     if deadline.fired:  # a body without a length ends quietly when its socket is shut
-        raise _timeout(url)
+        raise _timeout(url, timeout)
     if len(data) > MAX_DOWNLOAD_BYTES:
         raise ImageError(f"{url} is larger than {MAX_DOWNLOAD_BYTES >> 20} MB.")
     return data
@@ -227,8 +228,8 @@ class _BadRedirect(Exception):
     """A redirect to a scheme other than http(s) (file:, ftp:, ...): never followed."""
 
 
-def _timeout(url: str) -> ImageError:
-    return ImageError(f"could not download {url}: it did not arrive within {DOWNLOAD_TIMEOUT:g} seconds.")
+def _timeout(url: str, seconds: float) -> ImageError:
+    return ImageError(f"could not download {url}: it did not arrive within {seconds:g} seconds.")
 
 
 def _first_line(reason: object) -> str:
@@ -236,8 +237,9 @@ def _first_line(reason: object) -> str:
     return lines[0] if lines else type(reason).__name__
 
 
-def read_source(source: Any) -> tuple[Image.Image, str]:
-    """Decode any supported source into a PIL image, without any conversion yet."""
+def read_source(source: Any, *, download_timeout: float | None = None) -> tuple[Image.Image, str]:
+    """Decode any supported source into a PIL image, without any conversion yet (an http(s) download must
+    arrive whole within `download_timeout` seconds, default DOWNLOAD_TIMEOUT)."""
     if isinstance(source, Image.Image):
         _check_size(source, "the image")
         return source, "<PIL image>"
@@ -256,7 +258,7 @@ def read_source(source: Any) -> tuple[Image.Image, str]:
             raise ImageError(f"{name} does not hold valid base64.") from e
         return _open_bytes(data, "the data: URL image"), name
     if source.startswith(("http://", "https://")):
-        return _open_bytes(_download(source), source), name
+        return _open_bytes(_download(source, download_timeout), source), name
     if source.startswith("file://"):
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path))
         return _open_bytes(_read_path(path, str(path)), str(path)), str(path)

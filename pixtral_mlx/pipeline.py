@@ -18,7 +18,17 @@ import numpy as np
 from .chat import Chat
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .errors import PromptError
-from .generate import PREFILL_STEP, Chunk, Options, PromptCache, Reply, check_context, collect, stream_tokens
+from .generate import (
+    PREFILL_STEP,
+    Chunk,
+    Options,
+    PromptCache,
+    Reply,
+    check_context,
+    collect,
+    prompt_keys,
+    stream_tokens,
+)
 from .memory import MemoryPlan, estimate, suggestions
 from .prompt import EncodedImage, Prompt, PromptEncoder
 
@@ -141,6 +151,7 @@ class Pixtral:
         cache: PromptCache | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
+        stop: str | list[str] | tuple[str, ...] = (),
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
@@ -149,6 +160,7 @@ class Pixtral:
         reuse it across calls: each call prefills only what differs from the tokens it holds.
         `kv_bits` (4 or 8) and `kv_group_size` quantize the KV cache (a given `cache` keeps its own setting).
         The memory plan is checked before any work too: over the machine's limit raises `MemoryPlanError`.
+        `stop`: up to 4 strings that end the reply (finish_reason "stop"); the text ends before them.
         """
         tic = time.perf_counter()
         options = Options(
@@ -158,6 +170,7 @@ class Pixtral:
             seed=seed,
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
+            stop=stop,
         )
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
         return self._stream_prompt(prompt, self._cache_for(cache, options), options, tic)
@@ -182,7 +195,8 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
-        keep = cache.reusable(prompt.tokens)
+        keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else None
+        keep = cache.reusable(prompt.tokens, keys)
         plan = self._plan(prompt, cache, keep, max_tokens)
         if not plan.fits:
             raise plan.refusal(suggestions(plan, lambda bits: self._plan(prompt, cache, keep, max_tokens, bits)))
@@ -240,9 +254,11 @@ class Pixtral:
             ):
                 if chunk.token is not None:
                     generated.append(chunk.token)
-                if chunk.finish_reason == "stop":
+                if chunk.finish_reason == "stop" and chunk.token is None:  # the end-of-sequence token
                     generated.append(self.encoder.eos_id)
                 yield chunk
         finally:
             # Every token consumed has been fed to the cache (a stopped reply's too).
             cache.tokens = (prompt.tokens + generated)[: cache.offset]
+            keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id)
+            cache.keys = (keys + generated)[: cache.offset]

@@ -17,6 +17,7 @@ from .errors import PromptError
 MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 KV_BITS = (4, 8)  # mlx-lm's QuantizedKVCache; below 4 bits quality drops sharply
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
+MAX_STOP = 4  # stop strings per request, as OpenAI allows
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Options:
     seed: int | None = None
     kv_bits: int | None = None  # quantize the KV cache to 4 or 8 bits (None: the compute dtype)
     kv_group_size: int = 64  # elements sharing one scale and bias in the quantized KV cache
+    stop: tuple[str, ...] = ()  # strings that end the reply; never part of its text (a str is one of them)
 
     def __post_init__(self) -> None:
         def bad(param: str, rule: str) -> PromptError:
@@ -97,6 +99,12 @@ class Options:
             raise bad("kv_bits", "4 or 8 (or None for an unquantized KV cache)")
         if not _whole(self.kv_group_size) or self.kv_group_size not in KV_GROUP_SIZES:
             raise bad("kv_group_size", "32, 64 or 128")
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            raise bad("stop", "a non-empty string or a list of non-empty strings")
+        if len(stop) > MAX_STOP:
+            raise bad("stop", f"at most {MAX_STOP} strings")
+        object.__setattr__(self, "stop", tuple(stop))
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""

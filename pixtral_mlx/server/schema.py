@@ -1,0 +1,172 @@
+"""The OpenAI chat-completions request, checked: pydantic for the shape, then what this server refuses.
+
+`parse_request` turns a request body into a `ChatRequest` or raises `APIError` (OpenAI's error shape, with
+the status and the `param` that names the offending field). Fields that would change the meaning of a
+reply if ignored (`n` > 1, tools, logprobs, audio, penalties, JSON output) are refused, not dropped;
+fields that do not (`user`, `metadata`, `store`, ...) are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pixtral_mlx.errors import PixtralError
+from pixtral_mlx.turn import Options
+
+
+@dataclass
+class APIError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    status: int
+    message: str
+    param: str | None = None
+    code: str | None = None
+    type: str = "invalid_request_error"
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Strict(BaseModel):
+    # strict: "0.5" is not a number and 1.0 is not an integer, as in OpenAI's API; unknown fields are ignored
+    model_config = ConfigDict(strict=True, extra="allow")
+
+
+class Message(_Strict):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: bool = False
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+
+
+class ChatRequest(_Strict):
+    messages: list[Message] = Field(min_length=1)
+    model: str | None = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    max_edge: int | None = None  # extension: cap the longest image edge for this request
+    return_token_ids: bool = False  # extension (as vLLM's): the prompt's and the reply's token ids
+    # Accepted only where they change nothing (see REFUSED).
+    n: int | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    modalities: list[str] | None = None
+    audio: Any = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None
+
+
+# Field -> (is this value harmless?, what to say). Anything else is a 400 naming the field.
+REFUSED: dict[str, tuple[Any, str]] = {
+    "n": (lambda v: v in (None, 1), "only n=1 is supported (one reply per request)"),
+    "tools": (lambda v: not v, "tools (function calling) are not supported by this server"),
+    "functions": (lambda v: not v, "functions (function calling) are not supported by this server"),
+    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool_choice is not supported: this server has no tools"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported by this server"),
+    "logprobs": (lambda v: not v, "logprobs are not supported by this server"),
+    "top_logprobs": (lambda v: not v, "top_logprobs is not supported by this server"),
+    "modalities": (lambda v: v is None or set(v) <= {"text"}, "this server replies with text only"),
+    "audio": (lambda v: v is None, "audio output is not supported by this server"),
+    "presence_penalty": (lambda v: not v, "presence_penalty is not supported by this server (leave it at 0)"),
+    "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported by this server (leave it at 0)"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported by this server"),
+}
+_FIELDS = set(ChatRequest.model_fields) | set(Message.model_fields) | set(StreamOptions.model_fields) | {"type"}
+
+
+def parse_request(body: bytes) -> ChatRequest:
+    """The request, or an `APIError` (400) naming the first field that is wrong."""
+    try:
+        request = ChatRequest.model_validate_json(body)
+    except ValidationError as e:
+        raise _validation_error(e) from None
+    for name, (harmless, why) in REFUSED.items():
+        if not harmless(getattr(request, name)):
+            raise APIError(400, f"{why}.", param=name, code="unsupported_parameter")
+    check_response_format(request)
+    return request
+
+
+def check_response_format(request: ChatRequest) -> None:
+    """Plain text only, for now. Structured output (json_object / json_schema) plugs in here: map the
+    `response_format` to the library's option for it instead of refusing."""
+    fmt = request.response_format
+    if fmt is not None and fmt.type != "text":
+        raise APIError(
+            400,
+            f"response_format {fmt.type!r} is not supported by this server yet; use 'text'.",
+            param="response_format",
+            code="unsupported_parameter",
+        )
+
+
+def _validation_error(e: ValidationError) -> APIError:
+    err = e.errors()[0]
+    if err["type"] == "json_invalid":
+        return APIError(400, f"the request body is not valid JSON ({err['msg'].removeprefix('Invalid JSON: ')}).")
+    parts: list[str] = []
+    for loc in err["loc"]:  # stop at pydantic's union-member labels ('str', 'list[str]', ...)
+        if isinstance(loc, int):
+            parts.append(f"[{loc}]")
+        elif loc in _FIELDS:
+            parts.append(loc)
+        else:
+            break
+    if not parts:
+        return APIError(400, f"the request body must be a JSON object ({err['msg'].lower()}).")
+    param = ".".join(parts)
+    if err["type"] == "missing":
+        return APIError(400, f"'{param}' is required.", param=param)
+    value = err.get("input")
+    shown = repr(value) if isinstance(value, (str, int, float, bool)) or value is None else type(value).__name__
+    return APIError(400, f"invalid value for '{param}': {err['msg'].lower()}, got {shown}.", param=param)
+
+
+def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int | None) -> tuple[Options, int | None]:
+    """The generation `Options` and image edge cap of a request; the library's checks, reported with the
+    name of the field the client set."""
+    from pixtral_mlx.config import MAX_EDGE, check_max_edge
+
+    tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
+    max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+    try:
+        options = defaults.merge(
+            max_tokens=max_tokens,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            seed=request.seed,
+            stop=request.stop,
+        )
+        max_edge = check_max_edge(request.max_edge, max_edge_limit or MAX_EDGE)
+    except PixtralError as e:
+        param, message = e.param, str(e)
+        if param == "max_tokens":
+            param, message = tokens_field, message.replace("max_tokens", tokens_field, 1)
+        if param == "max_edge":
+            message = message.replace("max edge", "max_edge", 1)
+        raise APIError(400, message, param=param) from None
+    return options, max_edge if max_edge is not None else max_edge_limit
