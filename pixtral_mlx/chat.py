@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_edge
@@ -34,13 +35,22 @@ class Chat:
         temperature: float = DEFAULT_TEMPERATURE,
         top_p: float = DEFAULT_TOP_P,
         seed: int | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool = False,
     ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
         self.max_edge = check_max_edge(max_edge)
-        self.options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        self.options = Options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         self.cache = pixtral.new_cache()
         self.context_used = 0  # tokens of the history after the last turn
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
@@ -58,13 +68,22 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool | None = None,
     ) -> Iterator[Chunk]:
         """Add a user message and stream the reply; options override the chat's for this turn.
 
         A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
         history unchanged.
         """
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self._options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         self.messages.append({"role": "user", "content": content})
         try:
             return self._turn(options)
@@ -79,11 +98,20 @@ class Chat:
         temperature: float | None = None,
         top_p: float | None = None,
         seed: int | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool | None = None,
     ) -> Iterator[Chunk]:
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise PromptError("there is no reply to regenerate.")
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = self._options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         last = self.messages.pop()
         try:
             return self._turn(options)
@@ -123,6 +151,14 @@ class Chat:
         return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge))
 
     # Internals ---------------------------------------------------------------------------------
+    def _options(self, **overrides: Any) -> Options:
+        """The chat's options with this turn's overrides; a turn that asks for its own JSON constraint
+        (`json_schema`, or `json_object=True`) replaces the chat's rather than combining with it."""
+        options = self.options
+        if overrides.get("json_schema") is not None or overrides.get("json_object"):
+            options = replace(options, json_schema=None, json_object=False)
+        return options.merge(**overrides)
+
     def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
         prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)

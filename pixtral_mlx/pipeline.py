@@ -19,6 +19,7 @@ from .chat import Chat
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from .generate import Chunk, Options, PromptCache, Reply, check_context, collect, stream_tokens
 from .prompt import EncodedImage, Prompt, PromptEncoder
+from .structured import logits_processors
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
 
@@ -91,15 +92,26 @@ class Pixtral:
         seed: int | None = None,
         max_edge: int | None = None,
         cache: PromptCache | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool = False,
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
 
         Options and the context are checked before any work. Pass a `cache` (from `new_cache()`) to
         reuse it across calls: each call prefills only what differs from the tokens it holds.
+        `json_schema` (a JSON Schema dict) or `json_object=True` constrain the reply to JSON that parses
+        (and validates); it ends when the JSON is complete. An unsupported schema raises before any work.
         """
         tic = time.perf_counter()
-        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        options = Options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
         return self._stream_prompt(prompt, cache or self.new_cache(), options, tic)
 
@@ -111,7 +123,7 @@ class Pixtral:
         """A multi-turn conversation that keeps its KV cache and image features across turns.
 
         Keyword arguments: `max_edge` and the generation defaults of `stream` (`max_tokens`,
-        `temperature`, `top_p`, `seed`), which each turn may override.
+        `temperature`, `top_p`, `seed`, `json_schema`, `json_object`), which each turn may override.
         """
         return Chat(self, system=system, **kwargs)
 
@@ -123,11 +135,20 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
+        processors = logits_processors(options, self.encoder.tokenizer)  # a grammar error raises here
         keep = cache.reusable(prompt.tokens)
         cache.trim(keep)
-        return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic)
+        return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic, processors)
 
-    def _turn(self, prompt: Prompt, cache: PromptCache, keep: int, options: Options, tic: float) -> Iterator[Chunk]:
+    def _turn(
+        self,
+        prompt: Prompt,
+        cache: PromptCache,
+        keep: int,
+        options: Options,
+        tic: float,
+        processors: list[Any] | None = None,
+    ) -> Iterator[Chunk]:
         mx.reset_peak_memory()
         generated: list[int] = []
         try:
@@ -141,6 +162,7 @@ class Pixtral:
                 eos_id=self.encoder.eos_id,
                 options=options,
                 start_time=tic,
+                logits_processors=processors,
             ):
                 if chunk.token is not None:
                     generated.append(chunk.token)

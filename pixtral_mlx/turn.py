@@ -74,6 +74,8 @@ class Options:
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
     seed: int | None = None
+    json_schema: dict[str, Any] | None = None  # the reply is JSON that matches this JSON Schema
+    json_object: bool = False  # the reply is a JSON object
 
     def __post_init__(self) -> None:
         def bad(param: str, rule: str) -> PromptError:
@@ -89,6 +91,17 @@ class Options:
             raise bad("top_p", "a number greater than 0 and at most 1")
         if self.seed is not None and (not _whole(self.seed) or not 0 <= self.seed <= MAX_SEED):
             raise bad("seed", f"a whole number from 0 to {MAX_SEED}")
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object", "True or False")
+        if self.json_schema is not None:
+            if self.json_object:
+                raise PromptError(
+                    "json_object and json_schema cannot be combined; a schema already asks for JSON.",
+                    param="json_object",
+                )
+            from .structured import check_schema  # llguidance, imported only when a schema is given
+
+            object.__setattr__(self, "json_schema", check_schema(self.json_schema))
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""
