@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 import weakref
 from typing import Any
 
@@ -139,16 +140,17 @@ class JsonConstraint:
         self.vocab_size = factory.llg_tokenizer.vocab_size
         self.bitmask = np.zeros((1, (self.vocab_size + 31) // 32), dtype=np.int32)
         self.started = False
-        self.steps = 0  # masks computed (tests, measurements)
+        self.steps = 0  # masks computed
+        self.seconds = 0.0  # time spent advancing the matcher and computing masks (the grammar's cost)
 
     def __call__(self, tokens: Any, logits: Any) -> Any:
         import mlx.core as mx
         import numpy as np
 
-        if self.started:
-            token = tokens[-1].item()
-            if not self.matcher.consume_token(token):  # only allowed tokens can be sampled: a bug if reached
-                raise RuntimeError(f"token {token} broke the JSON grammar: {self.matcher.get_error()}")
+        token = tokens[-1].item() if self.started else None  # waits for the sampled token
+        tic = time.perf_counter()
+        if token is not None and not self.matcher.consume_token(token):  # only allowed tokens can be sampled
+            raise RuntimeError(f"token {token} broke the JSON grammar: {self.matcher.get_error()}")
         self.started = True
         self.steps += 1
         self.matcher.unsafe_compute_mask_ptr(self.bitmask.ctypes.data, self.bitmask.nbytes)
@@ -156,7 +158,9 @@ class JsonConstraint:
         vocab = logits.shape[-1]
         if allowed.size < vocab:  # a model vocabulary padded beyond the tokenizer's
             allowed = np.concatenate([allowed, np.zeros(vocab - allowed.size, dtype=np.bool_)])
-        return mx.where(mx.array(allowed[:vocab]), logits, mx.array(-mx.inf, dtype=logits.dtype))
+        mask = mx.array(allowed[:vocab])
+        self.seconds += time.perf_counter() - tic
+        return mx.where(mask, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
 def logits_processors(options: Any, tokenizer: Any) -> list[Any]:
