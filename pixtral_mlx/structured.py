@@ -44,12 +44,14 @@ def check_schema(schema: Any, name: str = "json_schema") -> dict[str, Any]:
         text = json.dumps(schema, allow_nan=False)
     except (TypeError, ValueError) as e:
         raise PromptError(f"{name} must hold only JSON values ({e}).", param="json_schema") from None
-    from mistral_common.utils.json_utils import validate_json_schema_by_draft7
+    import jsonschema
 
     try:
-        validate_json_schema_by_draft7(schema)  # the check mistral_common's own `JsonSchema` makes
-    except ValueError as e:
-        raise PromptError(f"{name} is not a valid JSON Schema: {e}.", param="json_schema") from None
+        jsonschema.Draft7Validator.check_schema(schema)  # the check mistral_common's own `JsonSchema` makes
+    except jsonschema.SchemaError as e:
+        where = f" at {e.json_path}" if e.path else ""
+        reason = e.message.rstrip(".")
+        raise PromptError(f"{name} is not a valid JSON Schema{where}: {reason}.", param="json_schema") from None
     import llguidance
 
     grammar = llguidance.grammar_from("json_schema", json.dumps(_grammar_schema(schema)))

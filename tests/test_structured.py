@@ -55,11 +55,11 @@ ASK = [{"role": "user", "content": "Read this receipt into JSON."}]
 
 
 def test_every_sampled_reply_parses_and_validates(pixtral):
-    plain = pixtral.generate(ASK, temperature=1.0, seed=0, max_tokens=12)
+    plain = pixtral.generate(ASK, temperature=1.0, top_p=1.0, seed=0, max_tokens=12)
     with pytest.raises(ValueError):  # what the random model writes on its own
         json.loads(plain.text)
     for seed in range(20):
-        reply = pixtral.generate(ASK, json_schema=SCHEMA, temperature=1.0, seed=seed, max_tokens=MAX_TOKENS)
+        reply = pixtral.generate(ASK, json_schema=SCHEMA, temperature=1.0, top_p=1.0, seed=seed, max_tokens=MAX_TOKENS)
         assert reply.finish_reason == "stop", (seed, reply.text)
         assert len(reply.text) - len(reply.text.lstrip()) <= 8  # mistral_common's grammar: ≤8 blanks first
         jsonschema.validate(json.loads(reply.text), SCHEMA)
@@ -71,7 +71,7 @@ def test_json_object_replies_parse(pixtral):
     ends is an object, one that is cut off is the start of one."""
     ended = 0
     for seed in range(10):
-        reply = pixtral.generate(ASK, json_object=True, temperature=1.0, seed=seed, max_tokens=24)
+        reply = pixtral.generate(ASK, json_object=True, temperature=1.0, top_p=1.0, seed=seed, max_tokens=24)
         assert reply.text.lstrip().startswith("{"), reply.text
         if reply.finish_reason == "stop":
             ended += 1
@@ -84,16 +84,17 @@ def test_json_object_replies_parse(pixtral):
 
 
 def reference_greedy(pixtral, messages, schema, max_tokens):
-    """Greedy decoding without a cache or mlx-lm: a full forward pass per token, masked by a fresh matcher."""
+    """Greedy decoding without mlx-lm's loop or our processor: the model fed one token at a time, its logits
+    masked by a fresh llguidance matcher."""
     import llguidance
 
     from pixtral_mlx.structured import grammar_factory, json_grammar
 
     factory = grammar_factory(pixtral.encoder.tokenizer)
     matcher = llguidance.LLMatcher(factory.llg_tokenizer, json_grammar(factory, schema))
-    tokens, out = list(pixtral.encode(messages).tokens), []
+    cache, tokens, out = pixtral.model.make_cache(), list(pixtral.encode(messages).tokens), []
     for _ in range(max_tokens):
-        logits = np.array(pixtral.model(mx.array(tokens)[None])[0, -1].astype(mx.float32))
+        logits = np.array(pixtral.model(mx.array(tokens)[None], cache=cache)[0, -1].astype(mx.float32))
         allowed = np.frombuffer(matcher.compute_bitmask(), dtype=np.uint8)
         allowed = np.unpackbits(allowed, bitorder="little")[: logits.size].astype(bool)
         token = int(np.argmax(np.where(allowed, logits, -np.inf)))
@@ -101,7 +102,7 @@ def reference_greedy(pixtral, messages, schema, max_tokens):
         out.append(token)
         if token == pixtral.encoder.eos_id:
             break
-        tokens.append(token)
+        tokens = [token]
     return out
 
 
@@ -126,7 +127,7 @@ def test_chat_turns_follow_the_schema(pixtral):
     # A turn's own constraint replaces the chat's; a sampled regeneration still validates.
     obj = chat.send("Anything.", json_object=True, max_tokens=8)
     assert obj.text.lstrip().startswith("{") and chat.options.json_schema == SCHEMA
-    again = list(chat.regenerate(temperature=1.0, seed=3))
+    again = list(chat.regenerate(temperature=1.0, top_p=1.0, seed=3))
     text = "".join(c.text for c in again)
     assert again[-1].finish_reason == "stop" and chat.messages[-1]["content"] == text
     jsonschema.validate(json.loads(text), SCHEMA)
@@ -136,8 +137,8 @@ BAD = [
     (["not", "a", "dict"], "json_schema must be a JSON Schema object (a dict), got list."),
     ({"type": "object", "default": {1, 2}}, "json_schema must hold only JSON values"),
     ({"type": "number", "maximum": float("nan")}, "json_schema must hold only JSON values"),
-    ({"type": "strin"}, "json_schema is not a valid JSON Schema: 'strin' is not valid under any of the given"),
-    ({"type": "object", "required": "name"}, "json_schema is not a valid JSON Schema: 'name' is not of type"),
+    ({"type": "strin"}, "json_schema is not a valid JSON Schema at $.type: 'strin' is not valid under any"),
+    ({"type": "object", "required": "name"}, "json_schema is not a valid JSON Schema at $.required: 'name' is not"),
     ({"not": {"type": "string"}}, "json_schema uses something structured output does not support: Unimplemented keys"),
     ({"$ref": "#/$defs/missing"}, "json_schema uses something structured output does not support: Pointer"),
     (
