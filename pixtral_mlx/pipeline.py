@@ -135,7 +135,8 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
-        processors = logits_processors(options, self.encoder.tokenizer)  # a grammar error raises here
+        constrained = options.json_schema is not None or options.json_object
+        processors = logits_processors(options, self.encoder) if constrained else []  # grammar errors raise here
         keep = cache.reusable(prompt.tokens)
         cache.trim(keep)
         return self._turn(prompt, cache, keep, Options.merge(options, max_tokens=max_tokens), tic, processors)

@@ -165,13 +165,12 @@ class JsonConstraint:
         return mx.where(mask, logits, mx.array(-mx.inf, dtype=logits.dtype))
 
 
-def logits_processors(options: Any, tokenizer: Any) -> list[Any]:
-    """The processors a turn with these `Options` needs (none without a JSON constraint).
-
-    Builds the grammar and its matcher now, so a grammar error is raised before any model work.
-    """
+def logits_processors(options: Any, encoder: Any) -> list[Any]:
+    """The processors a turn with these `Options` needs (none without a JSON constraint), for the
+    `PromptEncoder`'s tokenizer. Builds the grammar and its matcher now, so a grammar error is raised
+    before any model work."""
     if options.json_schema is None and not options.json_object:
         return []
     schema = JSON_OBJECT_SCHEMA if options.json_schema is None else options.json_schema
-    factory = grammar_factory(tokenizer)
+    factory = grammar_factory(encoder.tokenizer)
     return [JsonConstraint(factory, json_grammar(factory, schema))]

@@ -66,7 +66,9 @@ class FakePixtral(Pixtral):
     def _id(self, word: str) -> int:
         return self.vocab.setdefault(word, 1000 + len(self.vocab))
 
-    def _turn(self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float) -> Iterator[Chunk]:
+    def _turn(
+        self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float, processors: Any = None
+    ) -> Iterator[Chunk]:
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
         self.prefilled.append(len(prompt) - keep)
