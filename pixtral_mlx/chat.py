@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +41,8 @@ class Chat:
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         stop: str | list[str] | tuple[str, ...] = (),
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool = False,
     ):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
@@ -54,6 +57,8 @@ class Chat:
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
             stop=stop,
+            json_schema=json_schema,
+            json_object=json_object,
         )
         self.cache = pixtral.new_cache(kv_bits, kv_group_size)
         self.context_used = 0  # tokens of the history after the last turn
@@ -75,13 +80,23 @@ class Chat:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | list[str] | tuple[str, ...] | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool | None = None,
     ) -> Iterator[Chunk]:
         """Add a user message and stream the reply; options override the chat's for this turn.
 
         A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
         history unchanged.
         """
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        options = self._options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         self.messages.append({"role": "user", "content": content})
         try:
             return self._turn(options)
@@ -97,11 +112,21 @@ class Chat:
         top_p: float | None = None,
         seed: int | None = None,
         stop: str | list[str] | tuple[str, ...] | None = None,
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool | None = None,
     ) -> Iterator[Chunk]:
         """Replace the last reply with a new one."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise PromptError("there is no reply to regenerate.")
-        options = self.options.merge(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
+        options = self._options(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=stop,
+            json_schema=json_schema,
+            json_object=json_object,
+        )
         last = self.messages.pop()
         try:
             return self._turn(options)
@@ -225,6 +250,14 @@ class Chat:
         return keep
 
     # Internals ---------------------------------------------------------------------------------
+    def _options(self, **overrides: Any) -> Options:
+        """The chat's options with this turn's overrides; a turn that asks for its own JSON constraint
+        (`json_schema`, or `json_object=True`) replaces the chat's rather than combining with it."""
+        options = self.options
+        if overrides.get("json_schema") is not None or overrides.get("json_object"):
+            options = replace(options, json_schema=None, json_object=False)
+        return options.merge(**overrides)
+
     def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
         prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)

@@ -22,7 +22,8 @@ COMMANDS = {
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
-         "max_edge": "--max-edge", "kv_bits": "--kv-bits", "kv_group_size": "--kv-group-size"}  # fmt: skip
+         "max_edge": "--max-edge", "kv_bits": "--kv-bits", "kv_group_size": "--kv-group-size",
+         "json_schema": "--json-schema", "json_object": "--json-object"}  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -68,6 +69,51 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--kv-group-size", type=int, default=64, help="elements per scale in the quantized KV cache (default 64)"
     )
+
+
+def add_structured_args(parser: argparse.ArgumentParser) -> None:
+    """`--json-schema FILE` / `--json-object`: constrain the answer to JSON (describe, caption)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="answer with JSON that matches the JSON Schema in FILE: the answer is that JSON, complete unless "
+        "--max-tokens cuts it off (then the exit status is 1)",
+    )
+    group.add_argument("--json-object", action="store_true", help="answer with a JSON object (same rules)")
+
+
+def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The `json_schema`/`json_object` options of the parsed flags, before any model work: reads and checks
+    the schema file; a missing file, invalid JSON or an unsupported schema is one `PromptError` sentence."""
+    import json
+    from pathlib import Path
+
+    from .errors import PromptError
+
+    if args.json_schema is None:
+        return {"json_object": bool(args.json_object)}
+    path = Path(args.json_schema)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PromptError(f"--json-schema: {path} does not exist.", param="json_schema") from None
+    except IsADirectoryError:
+        raise PromptError(f"--json-schema: {path} is a folder, not a JSON Schema file.", param="json_schema") from None
+    except UnicodeDecodeError:
+        raise PromptError(f"--json-schema: {path} is not UTF-8 text.", param="json_schema") from None
+    except OSError as e:
+        raise PromptError(f"--json-schema: cannot read {path} ({e.strerror}).", param="json_schema") from None
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PromptError(
+            f"--json-schema: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
+            param="json_schema",
+        ) from None
+    from .structured import check_schema
+
+    return {"json_schema": check_schema(schema, name=f"--json-schema {path}")}
 
 
 def check_model_args(args: argparse.Namespace) -> Any:

@@ -8,7 +8,7 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_model_args, check_model_args, flag_message
+from .cli import add_model_args, add_structured_args, check_model_args, check_structured_args, flag_message
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_PROMPT_MANY = "Describe these images."
@@ -20,12 +20,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Describe images with Pixtral-12B; the answer streams to stdout.",
         epilog="Examples:\n  pixtral-mlx describe photo.jpg\n"
         "  pixtral-mlx describe a.png b.png --prompt 'What changed?'\n"
-        "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl",
+        "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl\n"
+        "  pixtral-mlx describe receipt.jpg --json-schema receipt.schema.json -p 'Read this receipt.'",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image paths or http(s)/file:/data: URLs")
     p.add_argument("--prompt", "-p", help="the question ('-' reads it from stdin); default: describe the image")
     add_model_args(p)
+    add_structured_args(p)
     p.add_argument("--json", action="store_true", help="print the answer and statistics as one JSON object")
     p.add_argument(
         "--each",
@@ -100,6 +102,8 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
             seed=opts.seed,
             kv_bits=opts.kv_bits,
             kv_group_size=opts.kv_group_size,
+            json_schema=opts.json_schema,
+            json_object=opts.json_object,
         ):
             reply.add(chunk)
             if echo:
@@ -117,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from .errors import PixtralError
 
     try:
-        args.options = check_model_args(args)
+        args.options = check_model_args(args).merge(**check_structured_args(args))
     except PixtralError as e:
         _err(str(e))
         return 2
@@ -173,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.get("finish_reason") == "interrupted":
         print("interrupted", file=sys.stderr)
         return 130
+    if result.get("finish_reason") == "length" and (args.options.json_schema or args.options.json_object):
+        _err(f"the JSON answer reached --max-tokens {args.options.max_tokens} before it was complete.")
+        return 1
     return 0
 
 

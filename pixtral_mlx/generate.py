@@ -111,10 +111,13 @@ def stream_tokens(
     options: Options,
     prefill_step: int = PREFILL_STEP,
     start_time: float | None = None,
+    logits_processors: list[Any] | None = None,
 ) -> Iterator[Chunk]:
     """Prefill `tokens` (with their `embeddings`, shape (L, D)) into `cache`, then decode.
 
     `start_time` lets callers count image encoding into the prompt speed, as users feel it.
+    `logits_processors`: mlx-lm's `(tokens, logits) -> logits` functions (e.g. a JSON grammar's mask);
+    the tokens they see are this call's `tokens` followed by the ones generated.
     """
     from mlx_lm.generate import generation_stream
 
@@ -125,6 +128,7 @@ def stream_tokens(
         generation_stream,
         max_tokens=options.max_tokens,
         sampler=options.sampler(),
+        logits_processors=logits_processors or None,
         prompt_cache=cache,
         prefill_step_size=prefill_step,
         input_embeddings=embeddings,

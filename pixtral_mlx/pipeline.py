@@ -31,6 +31,7 @@ from .generate import (
 )
 from .memory import MemoryPlan, estimate, suggestions
 from .prompt import EncodedImage, Prompt, PromptEncoder
+from .structured import logits_processors
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
 # New images go through the vision encoder together up to this many patches (a 1024² image is 4096):
@@ -152,6 +153,8 @@ class Pixtral:
         kv_bits: int | None = None,
         kv_group_size: int = 64,
         stop: str | list[str] | tuple[str, ...] = (),
+        json_schema: dict[str, Any] | None = None,
+        json_object: bool = False,
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
@@ -161,6 +164,8 @@ class Pixtral:
         `kv_bits` (4 or 8) and `kv_group_size` quantize the KV cache (a given `cache` keeps its own setting).
         The memory plan is checked before any work too: over the machine's limit raises `MemoryPlanError`.
         `stop`: up to 4 strings that end the reply (finish_reason "stop"); the text ends before them.
+        `json_schema` (a JSON Schema dict) or `json_object=True` constrain the reply to JSON that parses
+        (and validates); it ends when the JSON is complete. An unsupported schema raises before any work.
         """
         tic = time.perf_counter()
         options = Options(
@@ -171,6 +176,8 @@ class Pixtral:
             kv_bits=kv_bits,
             kv_group_size=kv_group_size,
             stop=stop,
+            json_schema=json_schema,
+            json_object=json_object,
         )
         prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
         return self._stream_prompt(prompt, self._cache_for(cache, options), options, tic)
@@ -183,7 +190,8 @@ class Pixtral:
         """A multi-turn conversation that keeps its KV cache and image features across turns.
 
         Keyword arguments: `max_edge`, the KV setting (`kv_bits`, `kv_group_size`) and the generation
-        defaults of `stream` (`max_tokens`, `temperature`, `top_p`, `seed`), which each turn may override.
+        defaults of `stream` (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `json_schema`,
+        `json_object`), which each turn may override.
         """
         return Chat(self, system=system, **kwargs)
 
@@ -195,6 +203,8 @@ class Pixtral:
         the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
         `context_used`: a conversation's tokens before this turn (for the context message)."""
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
+        constrained = options.json_schema is not None or options.json_object
+        processors = logits_processors(options, self.encoder) if constrained else []  # grammar errors raise here
         keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else None
         keep = cache.reusable(prompt.tokens, keys)
         plan = self._plan(prompt, cache, keep, max_tokens)
@@ -202,7 +212,7 @@ class Pixtral:
             raise plan.refusal(suggestions(plan, lambda bits: self._plan(prompt, cache, keep, max_tokens, bits)))
         cache.trim(keep)
         options = Options.merge(options, max_tokens=max_tokens)
-        return self._turn(prompt, cache, keep, options, tic, prefill_step=plan.prefill_step)
+        return self._turn(prompt, cache, keep, options, tic, prefill_step=plan.prefill_step, processors=processors)
 
     def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
         """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""
@@ -236,6 +246,7 @@ class Pixtral:
         options: Options,
         tic: float,
         prefill_step: int = PREFILL_STEP,
+        processors: list[Any] | None = None,
     ) -> Iterator[Chunk]:
         mx.reset_peak_memory()
         generated: list[int] = []
@@ -251,6 +262,7 @@ class Pixtral:
                 options=options,
                 prefill_step=prefill_step,
                 start_time=tic,
+                logits_processors=processors,
             ):
                 if chunk.token is not None:
                     generated.append(chunk.token)

@@ -80,6 +80,8 @@ class Options:
     kv_bits: int | None = None  # quantize the KV cache to 4 or 8 bits (None: the compute dtype)
     kv_group_size: int = 64  # elements sharing one scale and bias in the quantized KV cache
     stop: tuple[str, ...] = ()  # strings that end the reply; never part of its text (a str is one of them)
+    json_schema: dict[str, Any] | None = None  # the reply is JSON that matches this JSON Schema
+    json_object: bool = False  # the reply is a JSON object
 
     def __post_init__(self) -> None:
         def bad(param: str, rule: str) -> PromptError:
@@ -105,6 +107,17 @@ class Options:
         if len(stop) > MAX_STOP:
             raise bad("stop", f"at most {MAX_STOP} strings")
         object.__setattr__(self, "stop", tuple(stop))
+        if not isinstance(self.json_object, bool):
+            raise bad("json_object", "True or False")
+        if self.json_schema is not None:
+            if self.json_object:
+                raise PromptError(
+                    "json_object and json_schema cannot be combined; a schema already asks for JSON.",
+                    param="json_object",
+                )
+            from .structured import check_schema  # llguidance, imported only when a schema is given
+
+            object.__setattr__(self, "json_schema", check_schema(self.json_schema))
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""

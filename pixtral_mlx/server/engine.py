@@ -151,6 +151,8 @@ class Engine:
                 top_p=o.top_p,
                 seed=o.seed,
                 stop=o.stop,
+                json_schema=o.json_schema,
+                json_object=o.json_object,
             )
         except Exception as e:  # nothing was done: a PixtralError is the client's, anything else a bug
             if not isinstance(e, PixtralError):

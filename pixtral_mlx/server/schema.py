@@ -49,6 +49,7 @@ class StreamOptions(_Strict):
 
 class ResponseFormat(_Strict):
     type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None  # {"name", "schema", "strict"} for type json_schema
 
 
 class ChatRequest(_Strict):
@@ -107,21 +108,7 @@ def parse_request(body: bytes) -> ChatRequest:
     for name, (harmless, why) in REFUSED.items():
         if not harmless(getattr(request, name)):
             raise APIError(400, f"{why}.", param=name, code="unsupported_parameter")
-    check_response_format(request)
     return request
-
-
-def check_response_format(request: ChatRequest) -> None:
-    """Plain text only, for now. Structured output (json_object / json_schema) plugs in here: map the
-    `response_format` to the library's option for it instead of refusing."""
-    fmt = request.response_format
-    if fmt is not None and fmt.type != "text":
-        raise APIError(
-            400,
-            f"response_format {fmt.type!r} is not supported by this server yet; use 'text'.",
-            param="response_format",
-            code="unsupported_parameter",
-        )
 
 
 def _validation_error(e: ValidationError) -> APIError:
@@ -154,12 +141,17 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
     tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     try:
+        from pixtral_mlx.structured import response_format_options
+
+        fmt = request.response_format
+        structured = response_format_options(fmt.model_dump(exclude_none=True) if fmt else None)
         options = defaults.merge(
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
             stop=request.stop,
+            **structured,
         )
         max_edge = check_max_edge(request.max_edge, max_edge_limit or MAX_EDGE)
     except PixtralError as e:
@@ -168,5 +160,7 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
             param, message = tokens_field, message.replace("max_tokens", tokens_field, 1)
         if param == "max_edge":
             message = message.replace("max edge", "max_edge", 1)
+        if param in ("json_schema", "json_object"):
+            param = "response_format"
         raise APIError(400, message, param=param) from None
     return options, max_edge if max_edge is not None else max_edge_limit

@@ -90,7 +90,14 @@ class FakePixtral(Pixtral):
         return self.vocab.setdefault(word, 1000 + len(self.vocab))
 
     def _turn(
-        self, prompt: Prompt, cache: PromptCache, keep: int, options: Any, tic: float, prefill_step: int = 2048
+        self,
+        prompt: Prompt,
+        cache: PromptCache,
+        keep: int,
+        options: Any,
+        tic: float,
+        prefill_step: int = 2048,
+        processors: Any = None,
     ) -> Iterator[Chunk]:
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
