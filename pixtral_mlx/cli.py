@@ -18,6 +18,7 @@ COMMANDS = {
     "describe": ("pixtral_mlx.describe", "describe images: stream an answer about one or more images"),
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
+    "caption": ("pixtral_mlx.caption", "caption every image of folders, resumably and in batches (JSONL or sidecars)"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
