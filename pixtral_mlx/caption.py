@@ -551,8 +551,6 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total:
                     for _, record in records:
                         emit(record)
                     progress.add(len(records))
-                else:  # every rank ends with the same status
-                    failed += sum("error" in record for _, record in records)
                 if any(part["stop"] for part in everyone):
                     stop.signum = stop.signum or next(part["stop"] for part in everyone if part["stop"])
             if stop.signum:
@@ -562,17 +560,24 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total:
             progress.close()
         _err(str(e))
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second signal: stop now (single process; a lone rank cannot wait for the others)
         stop.signum = stop.signum or signal.SIGINT
+        group.size = 1
     if progress:
         progress.close()
+    if group.size > 1:
+        # The ranks wait here until rank 0 has written the last records; only rank 0 reports. mlx.launch
+        # stops every rank as soon as one exits with an error and does not pass exit statuses on, so a
+        # finished distributed run exits 0 everywhere (its failures are in the output and on stderr).
+        group.gather(None)
+        if group.rank != 0:
+            return 0
     if stop.signum:
-        if group.rank == 0:
-            print("interrupted: run the same command again to finish.", file=sys.stderr)
+        print("interrupted: run the same command again to finish.", file=sys.stderr)
         return stop.code
-    if failed and group.rank == 0:
+    if failed:
         print(f"{failed} of {total - skipped} images failed.", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if failed and group.size == 1 else 0
 
 
 def _caption(
