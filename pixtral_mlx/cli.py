@@ -19,6 +19,7 @@ COMMANDS = {
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
     "serve": ("pixtral_mlx.serve", "serve an OpenAI-compatible API (/v1/chat/completions) with image input"),
+    "caption": ("pixtral_mlx.caption", "caption every image of folders, resumably and in batches (JSONL or sidecars)"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",

@@ -21,7 +21,18 @@ from .config import CONTEXT_LENGTH
 from .errors import ContextError
 from .turn import Chunk, Options, Reply, Stats, collect
 
-__all__ = ["Chunk", "Options", "PromptCache", "Reply", "Stats", "check_context", "collect", "stream_tokens"]
+__all__ = [
+    "Chunk",
+    "Options",
+    "PromptCache",
+    "Reply",
+    "Stats",
+    "check_context",
+    "collect",
+    "prefill",
+    "stream_batch",
+    "stream_tokens",
+]
 
 PREFILL_STEP = 2048
 
@@ -190,3 +201,101 @@ def _decode(
         tail += text if stopped else text + held
         stats.finish_reason = "stop" if stopped else stats.finish_reason
     yield Chunk(**stats.stats(), text=tail, token=last)
+
+
+def prefill(
+    model: Any, tokens: list[int], embeddings: mx.array, cache: list[Any], prefill_step: int = PREFILL_STEP
+) -> None:
+    """Feed all but the last of `tokens` (with their `embeddings`, (L, D)) into `cache`, in chunks of
+    `prefill_step`: exactly what `generate_step` does before its first sampled token."""
+    from mlx_lm.generate import generation_stream
+
+    done, total = 0, len(tokens)
+    while total - done > 1:
+        n = min(prefill_step, total - done - 1)
+        with mx.stream(generation_stream):
+            model(
+                mx.array(tokens[done : done + n])[None], cache=cache, input_embeddings=embeddings[None, done : done + n]
+            )
+            mx.eval([c.state for c in cache])
+        done += n
+        mx.clear_cache()
+
+
+def stream_batch(
+    model: Any,
+    detokenizers: list[Any],
+    prompts: list[tuple[list[int], Any]],
+    *,
+    eos_id: int,
+    options: Options,
+    max_tokens: list[int],
+    prefill_step: int = PREFILL_STEP,
+    start_time: float | None = None,
+) -> Iterator[tuple[int, Chunk]]:
+    """Several sequences decoded together: yields `(index, chunk)`; each sequence's last chunk carries
+    its `finish_reason`, and a finished sequence leaves the batch (each stops on its own).
+
+    `prompts` holds `(tokens, embeddings)` pairs, where `embeddings` is an (L, D) array or a callable
+    returning it (so image features are computed one prompt at a time). Each prompt is prefilled on its
+    own into a fresh KV cache exactly as `stream_tokens` does; the caches are then merged into mlx-lm's
+    left-padded `BatchKVCache` and every decode step runs all remaining sequences as one batch, so the
+    weights are read once per step for all of them. `max_tokens[i]` caps sequence i. Token and chunk
+    semantics (end of sequence, length, text) are `_decode`'s, the same as for one sequence.
+    """
+    from collections import deque
+
+    from mlx_lm.generate import generation_stream
+    from mlx_lm.models.cache import BatchKVCache
+
+    tic = start_time or time.perf_counter()
+    sampler = options.sampler()
+    caches, last = [], []
+    for tokens, emb in prompts:
+        emb = emb() if callable(emb) else emb
+        cache = model.make_cache()
+        prefill(model, tokens, emb, cache, prefill_step)
+        caches.append(cache)
+        last.append(emb[-1:])
+    with mx.stream(generation_stream):
+        batch = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
+    del caches
+
+    def step(inputs: mx.array, embeddings: mx.array | None = None) -> mx.array:
+        with mx.stream(generation_stream):
+            logits = model(inputs, cache=batch, input_embeddings=embeddings)[:, -1, :]
+            return sampler(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+
+    queues = [deque() for _ in prompts]
+
+    def feed(i: int) -> Iterator[tuple[int, None]]:
+        while True:
+            yield queues[i].popleft(), None
+
+    decoders = [
+        _decode(feed(i), detokenizers[i], len(tokens), max_tokens[i], eos_id, tic)
+        for i, (tokens, _) in enumerate(prompts)
+    ]
+    active = list(range(len(prompts)))
+    y = step(mx.array([[tokens[-1]] for tokens, _ in prompts]), mx.stack(last))
+    mx.async_eval(y)
+    with wired_limit(model, [generation_stream]):
+        while active:
+            next_y = step(y[:, None])  # computed while the current tokens are handed out
+            mx.async_eval(next_y)
+            keep = []
+            for row, (i, token) in enumerate(zip(active, y.tolist())):
+                queues[i].append(token)
+                chunk = next(decoders[i])
+                if chunk.finish_reason is None:
+                    keep.append(row)
+                yield i, chunk
+            if len(keep) < len(active):
+                if not keep:
+                    break
+                rows = mx.array(keep)
+                for c in batch:
+                    c.filter(rows)
+                next_y = next_y[rows]
+                active = [active[row] for row in keep]
+            y = next_y

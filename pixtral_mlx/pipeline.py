@@ -17,7 +17,7 @@ import numpy as np
 
 from .chat import Chat
 from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .errors import PromptError
+from .errors import ContextError, PromptError
 from .generate import (
     PREFILL_STEP,
     Chunk,
@@ -27,6 +27,7 @@ from .generate import (
     check_context,
     collect,
     prompt_keys,
+    stream_batch,
     stream_tokens,
 )
 from .memory import MemoryPlan, estimate, suggestions
@@ -185,6 +186,53 @@ class Pixtral:
     def generate(self, messages: list[dict[str, Any]] | Prompt, **kwargs: Any) -> Reply:
         """The whole reply as text, with mlx-lm's statistics (same arguments as `stream`)."""
         return collect(self.stream(messages, **kwargs))
+
+    def stream_batch(
+        self,
+        prompts: list[list[dict[str, Any]] | Prompt],
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        temperature: float = DEFAULT_TEMPERATURE,
+        top_p: float = DEFAULT_TOP_P,
+        seed: int | None = None,
+        max_edge: int | None = None,
+    ) -> Iterator[tuple[int, Chunk]]:
+        """Replies to several independent prompts, decoded together as one batch: yields `(index, chunk)`
+        pairs; each reply's last chunk carries its `finish_reason` and statistics, and each stops on its own.
+
+        Each prompt is prefilled on its own (its images encoded then), and every decode step runs the
+        remaining sequences together, which reads the weights once for all of them. At temperature 0 the
+        replies are token for token those of `generate` on each prompt alone. Options and every prompt's
+        context are checked before any work.
+        """
+        tic = time.perf_counter()
+        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+        encoded = [p if isinstance(p, Prompt) else self.encode(p, max_edge=max_edge) for p in prompts]
+        if not encoded:
+            return iter(())
+        limits = []
+        for i, prompt in enumerate(encoded):
+            try:
+                limits.append(check_context(len(prompt), options.max_tokens, self.context_length))
+            except ContextError as e:
+                raise ContextError(f"prompt {i + 1} of {len(encoded)}: {e}", param=e.param) from None
+        mx.reset_peak_memory()
+        return stream_batch(
+            self.model,
+            [self.encoder.detokenizer() for _ in encoded],
+            [(p.tokens, lambda p=p: self.embeddings(p)) for p in encoded],
+            eos_id=self.encoder.eos_id,
+            options=options,
+            max_tokens=limits,
+            start_time=tic,
+        )
+
+    def generate_batch(self, prompts: list[list[dict[str, Any]] | Prompt], **kwargs: Any) -> list[Reply]:
+        """Whole replies to several prompts, decoded together (same arguments as `stream_batch`)."""
+        replies = [Reply() for _ in prompts]
+        for i, chunk in self.stream_batch(prompts, **kwargs):
+            replies[i].add(chunk)
+        return replies
 
     def chat(self, system: str | None = None, **kwargs: Any) -> Chat:
         """A multi-turn conversation that keeps its KV cache and image features across turns.

@@ -22,7 +22,15 @@ print("HEAVY", heavy)
 
 
 @pytest.mark.parametrize(
-    "argv", [["--help"], ["--version"], ["describe", "--help"], ["chat", "--help"], ["convert", "--help"]]
+    "argv",
+    [
+        ["--help"],
+        ["--version"],
+        ["describe", "--help"],
+        ["chat", "--help"],
+        ["convert", "--help"],
+        ["caption", "--help"],
+    ],
 )
 def test_help_and_version_import_nothing_heavy(argv):
     run = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], capture_output=True, text=True, timeout=60)
