@@ -644,17 +644,7 @@ def _one_by_one(model: Any, prompts: list[Any], opts: Any) -> Iterator[tuple[int
     """`stream_batch`'s (index, chunk) pairs from the single-sequence turn path, prompt after prompt: for the
     options the batched decode does not support (a quantized KV cache, a JSON constraint)."""
     for i, prompt in enumerate(prompts):
-        chunks = model.stream(
-            prompt,
-            max_tokens=opts.max_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            seed=opts.seed,
-            kv_bits=opts.kv_bits,
-            kv_group_size=opts.kv_group_size,
-            json_schema=opts.json_schema,
-            json_object=opts.json_object,
-        )
+        chunks = model.stream(prompt, **opts.kwargs())
         try:
             for chunk in chunks:
                 yield i, chunk

@@ -94,17 +94,7 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
     opts = args.options
     reply = Reply()
     try:
-        for chunk in model.stream(
-            prompt,
-            max_tokens=opts.max_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            seed=opts.seed,
-            kv_bits=opts.kv_bits,
-            kv_group_size=opts.kv_group_size,
-            json_schema=opts.json_schema,
-            json_object=opts.json_object,
-        ):
+        for chunk in model.stream(prompt, **opts.kwargs()):
             reply.add(chunk)
             if echo:
                 print(chunk.text, end="", flush=True)

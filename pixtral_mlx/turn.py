@@ -119,6 +119,10 @@ class Options:
 
             object.__setattr__(self, "json_schema", check_schema(self.json_schema))
 
+    def kwargs(self) -> dict[str, Any]:
+        """These options as the keyword arguments of `Pixtral.stream`/`generate` (which take each by name)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})

@@ -143,17 +143,7 @@ class Engine:
         o = job.options
         try:
             prompt = self.pixtral.encode(job.messages, max_edge=job.max_edge)
-            chunks = self.pixtral.stream(
-                prompt,
-                cache=self.cache,
-                max_tokens=o.max_tokens,
-                temperature=o.temperature,
-                top_p=o.top_p,
-                seed=o.seed,
-                stop=o.stop,
-                json_schema=o.json_schema,
-                json_object=o.json_object,
-            )
+            chunks = self.pixtral.stream(prompt, cache=self.cache, **o.kwargs())
         except Exception as e:  # nothing was done: a PixtralError is the client's, anything else a bug
             if not isinstance(e, PixtralError):
                 log.exception("a request failed before generation")
