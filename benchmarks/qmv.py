@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 import pixtral_mlx  # noqa: F401  (before mlx: the BLAS preload)
-from pixtral_mlx import backend, cpu_kernel
+from pixtral_mlx import backend, cpu, cpu_kernel
 
 # isort: split
 import mlx.core as mx  # after pixtral_mlx on purpose
@@ -118,7 +118,7 @@ def timed(f: Callable[..., Any], x: Any, copies: list[tuple], repeats: int, *ext
 def split_quantized_matmul(x: Any, w: Any, s: Any, b: Any, streams: list[Any]) -> Any:
     """What decode did before the kernel (model.py's fallback): output rows over the CPU streams."""
     parts = []
-    for st, (lo, hi) in zip(streams, backend.splits(w.shape[0], len(streams))):
+    for st, (lo, hi) in zip(streams, cpu.splits(w.shape[0], len(streams))):
         with mx.stream(st):
             parts.append(
                 mx.quantized_matmul(x, w[lo:hi], s[lo:hi], b[lo:hi], transpose=True, group_size=GROUP, bits=BITS)
@@ -130,7 +130,7 @@ def prefill_check(sdtype: Any, repeats: int) -> dict:
     """128 tokens through a gate_proj-sized DequantizingQuantizedLinear, kernel on and off."""
     import mlx.nn as nn
 
-    from pixtral_mlx.model import DequantizingQuantizedLinear
+    from pixtral_mlx.cpu import DequantizingQuantizedLinear
 
     layer = nn.QuantizedLinear(HIDDEN, FFN, bias=False, group_size=GROUP, bits=BITS)
     layer.weight, layer.scales, layer.biases = weights(FFN, HIDDEN, sdtype, seed=7)
@@ -179,7 +179,7 @@ def main() -> int:
         flush=True,
     )
 
-    streams = backend.cpu_streams()
+    streams = cpu.cpu_streams()
     rows = []
     x = mx.random.normal((1, HIDDEN))
     print(f"\n{'matrix':10} {'N x K':>14} {'MB':>7} | {'qmv ms':>8} {'GB/s':>6} | ", end="")
