@@ -253,14 +253,17 @@ class Pixtral:
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         constrained = options.json_schema is not None or options.json_object
         processors = logits_processors(options, self.encoder) if constrained else []  # grammar errors raise here
-        keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else None
-        keep = cache.reusable(prompt.tokens, keys)
+        # Without images every position's key is its token id: prompt_keys would return the tokens themselves.
+        keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else prompt.tokens
+        keep = cache.reusable(prompt.tokens, keys if prompt.images else None)
         plan = self._plan(prompt, cache, keep, max_tokens)
         if not plan.fits:
             raise plan.refusal(suggestions(plan, lambda bits: self._plan(prompt, cache, keep, max_tokens, bits)))
         cache.trim(keep)
         options = Options.merge(options, max_tokens=max_tokens)
-        return self._turn(prompt, cache, keep, options, tic, prefill_step=plan.prefill_step, processors=processors)
+        return self._turn(
+            prompt, cache, keep, options, tic, prefill_step=plan.prefill_step, processors=processors, keys=keys
+        )
 
     def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
         """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""
@@ -295,6 +298,8 @@ class Pixtral:
         tic: float,
         prefill_step: int = PREFILL_STEP,
         processors: list[Any] | None = None,
+        *,
+        keys: list[Any],
     ) -> Iterator[Chunk]:
         mx.reset_peak_memory()
         generated: list[int] = []
@@ -320,5 +325,4 @@ class Pixtral:
         finally:
             # Every token consumed has been fed to the cache (a stopped reply's too).
             cache.tokens = (prompt.tokens + generated)[: cache.offset]
-            keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id)
             cache.keys = (keys + generated)[: cache.offset]

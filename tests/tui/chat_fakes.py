@@ -98,6 +98,8 @@ class FakePixtral(Pixtral):
         tic: float,
         prefill_step: int = 2048,
         processors: Any = None,
+        *,
+        keys: Any = None,
     ) -> Iterator[Chunk]:
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
