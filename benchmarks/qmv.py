@@ -15,7 +15,8 @@ Weights are random packed codes with random scales: speed does not depend on the
 is allocated in as many copies as it takes to exceed --cold-mb (default 1 GiB, above the last-level
 cache) and one timing runs them all in turn, so weights come from memory as in real decode, not from
 a cache warmed by the previous repeat. Times are the best of --repeats runs (the machine is shared;
-best-of filters the interference).
+best-of filters the interference). As at load (`backend.place_weights`), the copies are backed by huge
+pages (`--pages 4k` leaves them in 4 KiB pages, to show what that costs).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def main() -> int:
     ap.add_argument("--no-ref", action="store_true", help="skip the mx.quantized_matmul timings")
     ap.add_argument("--bandwidth-mb", type=int, default=1024)
     ap.add_argument("--cold-mb", type=int, default=1024, help="bytes of weight copies cycled per timing")
+    ap.add_argument("--pages", choices=["huge", "4k"], default="huge", help="weights in huge pages, as at load")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
     sdtype = mx.bfloat16 if args.scales == "bf16" else mx.float32
@@ -168,8 +170,9 @@ def main() -> int:
         "kernel": cpu_kernel.describe(),
         "scales": args.scales,
         "format": f"{BITS}-bit, group size {GROUP}, {args.scales} scales and biases",
+        "pages": args.pages,
     }
-    print(f"# qmv benchmark: {res['kernel']}; {res['format']}; {res['machine']}", flush=True)
+    print(f"# qmv benchmark: {res['kernel']}; {res['format']}; weights in {args.pages} pages; {res['machine']}")
 
     bw = bandwidth(args.bandwidth_mb << 20, max(2, cpus), args.repeats)
     res["bandwidth"] = bw
@@ -194,9 +197,21 @@ def main() -> int:
             nbytes = sum(a.nbytes for a in copies[0])
             while len(copies) * nbytes < args.cold_mb << 20:
                 copies.append(weights(n, k, sdtype, seed=100 * i + len(copies)))
+            if args.pages == "huge":  # what load does to the model's weights
+                pages = cpu_kernel.huge_pages([a for c in copies for a in c])
+            else:
+                pages = "4 KiB pages"
             x = mx.random.normal((1, k))
             mx.eval(x)
-            r = {"name": name, "n": n, "k": k, "bytes": nbytes, "per_token": per_token, "copies": len(copies)}
+            r = {
+                "name": name,
+                "pages": pages,
+                "n": n,
+                "k": k,
+                "bytes": nbytes,
+                "per_token": per_token,
+                "copies": len(copies),
+            }
             r["qmv_s"] = timed(qmv, x, copies, args.repeats)
             if not args.no_ref:  # slow: one copy (it is far from any cache effect)
                 r["qmm_s"] = timed(qmm, x, copies[:1], args.ref_repeats)

@@ -50,7 +50,10 @@ def dequantize_affine(w: mx.array, scales: mx.array, biases: mx.array, group_siz
     ~2x faster on the CPU backend."""
     shifts = mx.arange(0, 32, bits, dtype=mx.uint32)
     q = (w[..., None] >> shifts) & ((1 << bits) - 1)  # (rows, cols*bits/32, 32/bits)
-    q = q.reshape(w.shape[0], -1, group_size).astype(scales.dtype)
+    # In float32 whatever the scales' dtype (the CPU keeps the checkpoint's bf16 scales): the same
+    # values as casting the scales first.
+    q = q.reshape(w.shape[0], -1, group_size).astype(mx.float32)
+    scales, biases = scales.astype(mx.float32), biases.astype(mx.float32)
     return (q * scales[..., None] + biases[..., None]).reshape(w.shape[0], -1)
 
 
@@ -73,6 +76,9 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     def _dequantized(self) -> mx.array:
         w, scales, biases = self["weight"], self["scales"], self.get("biases")
         if self.mode != "affine" or self.bits not in (2, 4, 8) or biases is None:
+            if self.mode == "affine" and scales.dtype != mx.float32:  # bf16 scales: dequantize in float32
+                scales = scales.astype(mx.float32)
+                biases = None if biases is None else biases.astype(mx.float32)
             return mx.dequantize(w, scales, biases, group_size=self.group_size, bits=self.bits, mode=self.mode)
         return dequantize_affine(w, scales, biases, self.group_size, self.bits)
 
@@ -84,9 +90,15 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
                 x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
             )
             return y + self["bias"] if "bias" in self else y
-        if len(streams) < 2:
-            return super().__call__(x)
         w, s, b = self["weight"], self["scales"], self.get("biases")
+        if self.mode == "affine" and s.dtype != x.dtype:  # the checkpoint's bf16 scales (`backend.prepare`), float32 x
+            s = s.astype(x.dtype)
+            b = None if b is None else b.astype(x.dtype)
+        if len(streams) < 2:
+            y = mx.quantized_matmul(
+                x, w, s, b, transpose=True, group_size=self.group_size, bits=self.bits, mode=self.mode
+            )
+            return y + self["bias"] if "bias" in self else y
         parts = []
         for st, (lo, hi) in zip(streams, splits(w.shape[0], len(streams))):
             with mx.stream(st):

@@ -28,6 +28,7 @@ _lock = threading.Lock()
 _loaded = False
 _ext: Any = None
 _why = ""  # why the extension is not in use, when it is not
+_pages = ""  # what huge_pages() did last, for describe()
 
 
 def _disabled_by_env() -> bool:
@@ -94,11 +95,47 @@ def reason() -> str:
 
 
 def describe() -> str:
-    """A short phrase for --verbose, e.g. 'qmv avx512, 2 threads'."""
+    """A short phrase for --verbose, e.g. 'qmv avx512, 2 threads; weights in 2 MiB pages: 6.4 of 6.5 GB'."""
     if available():
         n = _ext.threads()
-        return f"qmv {_ext.isa()}, {n} thread{'s' if n != 1 else ''}"
-    return f"mx.quantized_matmul ({reason()})"
+        text = f"qmv {_ext.isa()}, {n} thread{'s' if n != 1 else ''}"
+    else:
+        text = f"mx.quantized_matmul ({reason()})"
+    return f"{text}; {_pages}" if _pages else text
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+def huge_pages(arrays: list[Any]) -> str:
+    """Back the (evaluated) arrays' memory with transparent huge pages; returns what was done, in words.
+
+    Linux only, through the extension (`madvise` MADV_HUGEPAGE, then MADV_COLLAPSE on Linux 6.1+ to
+    move what is already there). The values do not change. Skipped, with the reason in the phrase,
+    when `PIXTRAL_MLX_HUGE_PAGES=off`, without the extension, or when the kernel refuses.
+    """
+    global _pages
+    import mlx.core as mx
+
+    setting = os.environ.get("PIXTRAL_MLX_HUGE_PAGES", "").strip().lower()
+    if setting in ("0", "off", "no", "false"):
+        _pages = "weights in 4 KiB pages (PIXTRAL_MLX_HUGE_PAGES=off)"
+        return _pages
+    ext = _load()
+    if ext is None or not hasattr(ext, "huge_pages"):
+        return ""
+    arrays = [a for a in arrays if isinstance(a, mx.array)]
+    mx.eval(arrays)
+    total, advised, collapsed, err = ext.huge_pages(arrays, True)
+    why = f" ({os.strerror(err)})" if err else ""
+    if collapsed:
+        _pages = f"weights in 2 MiB pages: {_size(collapsed)} of {_size(total)}"
+    elif advised:
+        _pages = f"weights marked for 2 MiB pages, not moved now{why}"
+    else:
+        _pages = f"weights in 4 KiB pages{why or ' (no array spans a 2 MiB page)'}"
+    return _pages
 
 
 def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:

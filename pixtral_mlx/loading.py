@@ -152,6 +152,7 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     model.load_weights(list(weights.items()), strict=True)
     backend.prepare(model)
     mx.eval(model.parameters())
+    backend.place_weights(model)
     return model, _encoder(path, args)
 
 

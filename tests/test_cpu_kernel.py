@@ -270,3 +270,51 @@ def test_tiny_model_greedy_unchanged(ext, pixtral_q4, monkeypatch):
     off = pixtral_q4.generate(messages, max_tokens=12, temperature=0.0)
     assert not calls
     assert on.tokens == off.tokens and on.text == off.text
+
+
+def test_tiny_model_keeps_checkpoint_scales(ext, pixtral_q4, monkeypatch):
+    """On the CPU the quantized layers keep their bf16 scales (fewer bytes per token), and every path
+    (kernel, fallback, prefill) computes what float32 copies of those scales give."""
+    import mlx.nn as nn
+
+    from pixtral_mlx.cpu import DequantizingQuantizedLinear
+
+    layers = [m for _, m in pixtral_q4.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and all(type(m) is DequantizingQuantizedLinear for m in layers)
+    assert {m.scales.dtype for m in layers} == {mx.bfloat16} and {m.biases.dtype for m in layers} == {mx.bfloat16}
+    assert pixtral_q4.model.language_model.model.norm.weight.dtype == mx.float32  # the rest is float32
+    layer = pixtral_q4.model.language_model.model.layers[0].mlp.gate_proj
+    f32 = nn.QuantizedLinear(layer.group_size, 1, bias=False, group_size=layer.group_size, bits=layer.bits)
+    f32.update(
+        {"weight": layer.weight, "scales": layer.scales.astype(mx.float32), "biases": layer.biases.astype(mx.float32)}
+    )
+    f32.__class__ = DequantizingQuantizedLinear
+    k = layer.weight.shape[1] * 32 // layer.bits
+    for rows in (1, 3, 40):  # kernel, kernel, dequantize + GEMM
+        x = mx.random.normal((1, rows, k), key=mx.random.key(rows))
+        assert mx.array_equal(layer(x), f32(x)).item()
+        monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
+        assert mx.allclose(layer(x), f32(x), rtol=1e-5, atol=1e-6).item()  # the fallback casts
+        monkeypatch.delenv("PIXTRAL_MLX_QMV")
+
+
+def test_huge_pages_keep_values(ext, monkeypatch):
+    a = mx.random.normal((3, 1 << 20))  # 12 MiB: at least four whole 2 MiB pages
+    b = mx.arange(7)
+    mx.eval(a, b)
+    before = np.array(a)
+    total, advised, collapsed, err = ext.huge_pages([a, b], True)
+    assert total == a.nbytes + b.nbytes
+    assert 4 * (2 << 20) <= advised <= a.nbytes and advised % (2 << 20) == 0
+    assert collapsed in (0, advised)  # 0: a kernel without MADV_COLLAPSE (err says why)
+    assert collapsed == advised or err
+    np.testing.assert_array_equal(np.array(a), before)
+    assert np.array(b).tolist() == list(range(7))
+    phrase = cpu_kernel.huge_pages([a])
+    if collapsed:  # the same pages again
+        assert phrase == f"weights in 2 MiB pages: {collapsed / 1e6:.0f} MB of {a.nbytes / 1e6:.0f} MB"
+    else:
+        assert phrase.startswith("weights marked for 2 MiB pages, not moved now (")
+    assert cpu_kernel.describe().endswith(phrase)
+    monkeypatch.setenv("PIXTRAL_MLX_HUGE_PAGES", "off")
+    assert cpu_kernel.huge_pages([a]) == "weights in 4 KiB pages (PIXTRAL_MLX_HUGE_PAGES=off)"

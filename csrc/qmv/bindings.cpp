@@ -37,6 +37,19 @@ NB_MODULE(_qmv, m) {
   m.def("select_isa", &qmv::select_isa, "name"_a, "Use kernel `name` ('auto': the best); returns the choice.");
   m.def("threads", &qmv::threads, "Threads one call splits its output rows over.");
   m.def("set_threads", &qmv::set_threads, "n"_a, "Set the thread count (n <= 0: the default); returns it.");
+  m.def(
+      "huge_pages",
+      [](const std::vector<mx::array>& arrays, bool collapse) {
+        qmv::HugePages r;
+        {
+          nb::gil_scoped_release release;
+          r = qmv::huge_pages(arrays, collapse);
+        }
+        return nb::make_tuple(r.bytes, r.advised, r.collapsed, r.error);
+      },
+      "arrays"_a,
+      "collapse"_a = true,
+      "Back evaluated arrays with transparent huge pages (Linux): (bytes, advised, collapsed, errno).");
   m.attr("mlx_version") = QMV_STR(MLX_VERSION_MAJOR) "." QMV_STR(MLX_VERSION_MINOR) "." QMV_STR(MLX_VERSION_PATCH);
   m.attr("nanobind_version") =
       QMV_STR(NB_VERSION_MAJOR) "." QMV_STR(NB_VERSION_MINOR) "." QMV_STR(NB_VERSION_PATCH);

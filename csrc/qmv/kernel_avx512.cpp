@@ -26,7 +26,7 @@ namespace {
 constexpr int kScaleBlock = 256;  // most groups in one K block (scales on the stack)
 constexpr int kXBytes = 24 * 1024;  // x bytes per K block: half a typical L1d
 constexpr int kXBytesOneRow = 256 * 1024;
-constexpr int kRowBlock = 64;     // rows swept per K block  // groups whose scales are converted to float at once (stack)
+constexpr int kRowBlock = 256;  // rows swept per K block (when x needs several K blocks)
 
 inline __m512 load_scales16(const void* base, int type, int64_t i, int count) {
   const __mmask16 k = count >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << count) - 1);
@@ -45,13 +45,15 @@ inline __m512 load_scales16(const void* base, int type, int64_t i, int count) {
 // Rows n .. n+R-1 for all M rows of x.
 // Groups [g0, g1) of rows n .. n+R-1; the first K block (g0 == 0) stores, later ones add.
 template <int M, int R, int BITS>
-inline void block(const Problem& p, int n, int g0, int g1) {
+inline void block(const Problem& p, int n, int g0, int g1, int pf) {
   constexpr int CE = BITS == 4 ? 32 : 16;  // codes per 16-byte chunk
   const int G = p.K / p.group_size;
   const int cpg = p.group_size / CE;
   const int64_t K = p.K;
   const uint8_t* wr[R];
   for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint8_t*>(p.w + (n + r) * p.w_stride);
+  // The same bytes pf rows ahead (pf = 0: this row again, already cached; no branch in the loop).
+  const int64_t pf_off = static_cast<int64_t>(pf) * p.w_stride * 4;
 
   // Bias term: sum_g bias[n, g] * xsum[m, g], with the first K block.
   float bd[R][M] = {};
@@ -87,7 +89,7 @@ inline void block(const Problem& p, int n, int g0, int g1) {
         const int64_t ci = static_cast<int64_t>(g) * cpg + c;
         const float* xc = p.xp + ci * CE;
         for (int r = 0; r < R; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(wr[r] + ci * 16 + 1024), _MM_HINT_T0);
+          if ((ci & 3) == 0) prefetch_l2(wr[r] + pf_off + ci * 16);
           const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wr[r] + ci * 16)));
           if constexpr (BITS == 4) {
             const __m512 lo = _mm512_permutexvar_ps(v, table);
@@ -125,13 +127,17 @@ void rows_mr(const Problem& p, int n0, int n1) {
   // x are read once per row of w, so they must come from L1.
   int kg = (M == 1 ? kXBytesOneRow : kXBytes) / (M * p.group_size * 4);
   kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
+  // Prefetch the rows that come next in this order: with one K block, the rows of the whole range;
+  // with several, the next rows of this row block in the same K block.
+  const int64_t row_bytes = (kg >= G ? p.K : static_cast<int64_t>(kg) * p.group_size) * BITS / 8;
   for (int nb = n0; nb < n1; nb += kRowBlock) {
     const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    const int limit = kg >= G ? n1 : nb1;
     for (int g0 = 0; g0 < G; g0 += kg) {
       const int g1 = g0 + kg < G ? g0 + kg : G;
       int n = nb;
-      for (; n + R <= nb1; n += R) block<M, R, BITS>(p, n, g0, g1);
-      for (; n < nb1; ++n) block<M, 1, BITS>(p, n, g0, g1);
+      for (; n + R <= nb1; n += R) block<M, R, BITS>(p, n, g0, g1, prefetch_rows<R>(n, limit, row_bytes));
+      for (; n < nb1; ++n) block<M, 1, BITS>(p, n, g0, g1, prefetch_rows<1>(n, limit, row_bytes));
     }
   }
 }

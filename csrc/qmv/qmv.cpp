@@ -3,6 +3,10 @@
 #include "qmv.h"
 
 #include <sched.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <algorithm>
 #include <atomic>
@@ -334,6 +338,45 @@ int set_threads(int n) {
   std::lock_guard<std::mutex> lock(config_mutex);
   current_threads = n > 0 ? std::min(n, 64) : default_threads();
   return current_threads;
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Huge pages
+///////////////////////////////////////////////////////////////////////////////
+
+HugePages huge_pages(const std::vector<mx::array>& arrays, bool collapse) {
+  HugePages r;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+#ifndef MADV_COLLAPSE
+  constexpr int MADV_COLLAPSE = 25;  // Linux 6.1; older kernels answer EINVAL
+#endif
+  for (const auto& a : arrays) {
+    if (!a.is_available() || a.data_shared_ptr() == nullptr) continue;
+    r.bytes += static_cast<int64_t>(a.nbytes());
+    const auto begin = reinterpret_cast<uintptr_t>(a.data<char>());
+    const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + a.nbytes()) & ~(kHuge - 1);
+    if (hi <= lo) continue;  // no whole 2 MiB page inside this buffer
+    void* p = reinterpret_cast<void*>(lo);
+    const size_t n = hi - lo;
+    if (madvise(p, n, MADV_HUGEPAGE) != 0) {
+      r.error = errno;
+      continue;
+    }
+    r.advised += static_cast<int64_t>(n);
+    if (collapse) {
+      if (madvise(p, n, MADV_COLLAPSE) == 0) {
+        r.collapsed += static_cast<int64_t>(n);
+      } else {
+        r.error = errno;
+      }
+    }
+  }
+#else
+  for (const auto& a : arrays) r.bytes += static_cast<int64_t>(a.nbytes());
+#endif
+  return r;
 }
 
 ///////////////////////////////////////////////////////////////////////////////
