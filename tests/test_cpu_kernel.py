@@ -224,7 +224,7 @@ def test_switched_off_falls_back(ext, monkeypatch):
     assert cpu_kernel.describe().startswith(f"qmv {ext.isa()}, ")
     monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
     assert not cpu_kernel.available()
-    assert cpu_kernel.describe() == "mx.quantized_matmul (PIXTRAL_MLX_QMV=off)"
+    assert cpu_kernel.describe().split("; ")[0] == "mx.quantized_matmul (PIXTRAL_MLX_QMV=off)"
     out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4)
     ref = mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=gs, bits=4)
     assert mx.array_equal(out, ref).item()  # it *is* mx.quantized_matmul

@@ -110,6 +110,7 @@ void rows_mr(const Problem& p, int n0, int n1) {
   // Prefetch the rows that come next in this order: with one K block, the rows of the whole range;
   // with several, the next rows of this row block in the same K block.
   const int64_t row_bytes = (kg >= G ? p.K : static_cast<int64_t>(kg) * p.group_size) * BITS / 8;
+  if (kg >= G) prefetch_start(p, n0, n1, row_bytes);
   for (int nb = n0; nb < n1; nb += kRowBlock) {
     const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
     const int limit = kg >= G ? n1 : nb1;

@@ -75,6 +75,15 @@ inline void prefetch_l2(const void* p) {
   __builtin_prefetch(p, 0, 1);
 }
 
+// The first kPrefetchBytes of rows [n0, n1) when they are one contiguous stream (one K block): the
+// row-ahead prefetch in the loop covers the rest, and nothing fetched the start of this range.
+inline void prefetch_start(const Problem& p, int n0, int n1, int64_t row_bytes) {
+  if (p.w_stride * 4 != row_bytes) return;
+  const char* base = reinterpret_cast<const char*>(p.w + static_cast<int64_t>(n0) * p.w_stride);
+  const int64_t span = static_cast<int64_t>(n1 - n0) * row_bytes;
+  for (int64_t o = 0; o < span && o < kPrefetchBytes; o += 64) prefetch_l2(base + o);
+}
+
 // float <- IEEE half / bfloat16 bits, portable (used by the scalar kernel and for tails).
 inline float half_to_float(uint16_t h) {
   uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
