@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 
 from patches import PATCHES, apply  # noqa: E402
 
+import pixtral_mlx  # noqa: E402,F401  (before any mlx import below: on Linux it preloads the BLAS)
+
 
 def now() -> float:
     return time.perf_counter()

@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+import pixtral_mlx  # noqa: F401  (before any mlx import in the jobs below: on Linux it preloads the BLAS)
+
 TEXT_QUESTION = "Describe this image in detail."
 CHAT_FOLLOWUP = "Which colours dominate?"
 DECODE_PROMPT = "Write a long story about the sea."
@@ -107,7 +109,6 @@ class Ours:
     name = "pixtral_mlx"
 
     def __init__(self, path: str):
-        import pixtral_mlx
 
         t = now()
         self.px = pixtral_mlx.load(path)
@@ -524,7 +525,6 @@ def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
     import mlx.core as mx
     import mlx_vlm
 
-    import pixtral_mlx  # noqa: F401  first: the same BLAS preload as ours
     from pixtral_mlx import backend
     from pixtral_mlx.prompt import PromptEncoder
 
@@ -568,8 +568,6 @@ def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
     import threading
 
     import mlx.core as mx
-
-    import pixtral_mlx  # noqa: F401
 
     n = spec["bytes"] // 4
 

@@ -6,7 +6,10 @@ build shows in CI. Elsewhere (macOS: Metal does the work) they are skipped.
 
 from __future__ import annotations
 
+import os
 import platform
+import subprocess
+import sys
 import threading
 
 import mlx.core as mx
@@ -112,6 +115,29 @@ def test_threads(ext, threads):
         check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
     finally:
         ext.set_threads(old)
+
+
+@pytest.mark.parametrize("spin_us", ["0", "300"])
+def test_pool_sleeping_or_spinning_workers(ext, spin_us):
+    """Workers that sleep at once (PIXTRAL_MLX_QMV_SPIN_US=0) or spin between calls give the same results,
+    call after call (a fresh process: the pool reads the setting when it starts)."""
+    code = (
+        "import pixtral_mlx, mlx.core as mx\n"
+        "from pixtral_mlx import cpu_kernel\n"
+        "cpu_kernel.extension().set_threads(2)\n"
+        "w, s, b = mx.quantize(mx.random.normal((3000, 512), key=mx.random.key(1)), group_size=64, bits=4)\n"
+        "worst = 0.0\n"
+        "for i in range(50):\n"
+        "    x = mx.random.normal((1, 512), key=mx.random.key(i))\n"
+        "    out = cpu_kernel.quantized_matvec(x, w, s, b, group_size=64, bits=4)\n"
+        "    ref = mx.quantized_matmul(x, w, s, b, transpose=True, group_size=64, bits=4)\n"
+        "    worst = max(worst, mx.abs(out - ref).max().item() / mx.abs(ref).max().item())\n"
+        "print(worst)\n"
+    )
+    env = {**os.environ, "PIXTRAL_MLX_QMV_SPIN_US": spin_us}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1e-5
 
 
 def test_leading_dims_and_non_contiguous(ext):

@@ -4,7 +4,11 @@ files that know nothing about devices."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = {
@@ -76,3 +80,18 @@ def test_model_files_know_nothing_about_devices():
         assert ours <= {"pixtral_mlx.config", "pixtral_mlx.vision"}, (name, ours)  # no backend, cpu, cpu_kernel
         text = known[name].read_text()
         assert "mx.cpu" not in text and "new_stream" not in text and "mx.stream(" not in text, name
+
+
+@pytest.mark.parametrize("script", ["measure", "experiments", "qmv", "caption", "kv"])
+def test_benchmarks_get_the_optimized_blas(script):
+    """A benchmark that imports mlx before pixtral_mlx runs on MLX's bundled reference BLAS (about 50x
+    slower GEMMs on Linux) and measures nothing we ship: each must import pixtral_mlx when it is imported,
+    before its functions import mlx."""
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        f"import sys; sys.path.insert(0, {str(root / 'benchmarks')!r}); import {script}; "
+        "import mlx.core; from pixtral_mlx import backend; print(backend.BLAS_NOTE)"  # mlx: as a job's first line
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "imported before pixtral_mlx" not in done.stdout

@@ -4,13 +4,11 @@
 
 #include <sched.h>
 #include <sys/mman.h>
-#include <unistd.h>
-
-#include <cerrno>
 
 #include <algorithm>
-#include <chrono>
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
@@ -164,7 +162,7 @@ class Pool {
       // a sleeping thread (futex, and in a VM an IPI to a halted vCPU) measured 50-100 us per call.
       const auto t0 = std::chrono::steady_clock::now();
       while (queued_.load(std::memory_order_acquire) == 0 &&
-             std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(kSpinMicros)) {
+             std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(spin_us_)) {
         for (int i = 0; i < 64; ++i) pause();
       }
       std::shared_ptr<Job> job;
@@ -185,7 +183,13 @@ class Pool {
 #endif
   }
 
-  static constexpr int kSpinMicros = 300;
+  // PIXTRAL_MLX_QMV_SPIN_US: how long an idle worker spins (default 300 us; 0: sleep at once).
+  static int spin_micros() {
+    const char* env = std::getenv("PIXTRAL_MLX_QMV_SPIN_US");
+    return env != nullptr && *env != '\0' ? std::max(0, std::atoi(env)) : 300;
+  }
+
+  const int spin_us_ = spin_micros();
   std::atomic<int> queued_{0};
   std::mutex mu_;
   std::condition_variable cv_;
@@ -372,9 +376,10 @@ HugePages huge_pages(const std::vector<mx::array>& arrays, bool collapse) {
   for (const auto& a : arrays) {
     if (!a.is_available() || a.data_shared_ptr() == nullptr) continue;
     r.bytes += static_cast<int64_t>(a.nbytes());
+    // Only the bytes the array's elements occupy (a view's data_size covers its span in the buffer).
     const auto begin = reinterpret_cast<uintptr_t>(a.data<char>());
     const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
-    const uintptr_t hi = (begin + a.nbytes()) & ~(kHuge - 1);
+    const uintptr_t hi = (begin + std::min(a.nbytes(), a.data_size() * a.itemsize())) & ~(kHuge - 1);
     if (hi <= lo) continue;  // no whole 2 MiB page inside this buffer
     void* p = reinterpret_cast<void*>(lo);
     const size_t n = hi - lo;
