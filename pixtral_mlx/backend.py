@@ -93,16 +93,19 @@ def device_name() -> str:
 def prepare(model: Any) -> None:
     """Cast floating weights to the compute dtype; on the CPU backend, swap in the CPU classes (`cpu.py`).
 
-    On the CPU the quantized layers keep their scales and biases in the checkpoint's dtype (bf16):
-    decode reads them on every token, and the kernel (`cpu_kernel`) converts them exactly as it goes,
-    so float32 copies would only add bytes (7.24 instead of 6.51 GB per token for Pixtral-12B).
+    With the CPU kernel, the quantized layers keep their scales and biases in the checkpoint's dtype
+    (bf16): decode reads them on every token, and the kernel (`cpu_kernel`) converts them exactly as it
+    goes, so float32 copies would only add bytes (7.24 instead of 6.51 GB per token for Pixtral-12B).
+    Without it they are cast like the rest (the fallback would otherwise cast them on every call).
     """
     import mlx.nn as nn
+
+    from . import cpu_kernel
 
     weight_dtype = model.language_model.model.norm.weight.dtype
     cpu = on_cpu()
     stored = []
-    if cpu:
+    if cpu and cpu_kernel.available():
         for _, module in model.named_modules():
             if isinstance(module, nn.QuantizedLinear):
                 stored.append((module, {k: module[k] for k in ("scales", "biases") if k in module}))

@@ -344,3 +344,21 @@ def test_huge_pages_keep_values(ext, monkeypatch):
     assert cpu_kernel.describe().endswith(phrase)
     monkeypatch.setenv("PIXTRAL_MLX_HUGE_PAGES", "off")
     assert cpu_kernel.huge_pages([a]) == "weights in 4 KiB pages (PIXTRAL_MLX_HUGE_PAGES=off)"
+
+
+def test_scales_cast_when_the_kernel_is_off(ext, pixtral_q4, monkeypatch):
+    """Without the kernel, the scales are cast to float32 once at load (the fallback would cast them on
+    every call), and greedy decoding gives what it gives with the kernel."""
+    import mlx.nn as nn
+
+    import pixtral_mlx
+
+    monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
+    off = pixtral_mlx.load(str(pixtral_q4.path))
+    layers = [m for _, m in off.model.named_modules() if isinstance(m, nn.QuantizedLinear)]
+    assert layers and {m.scales.dtype for m in layers} == {mx.float32}
+    messages = [{"role": "user", "content": "Tell me about the sea and the river."}]
+    a = off.generate(messages, max_tokens=12, temperature=0.0)
+    monkeypatch.delenv("PIXTRAL_MLX_QMV")
+    b = pixtral_q4.generate(messages, max_tokens=12, temperature=0.0)
+    assert a.tokens == b.tokens
