@@ -517,6 +517,9 @@ def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
         device=backend.device_name(),
         mlx_device=str(mx.default_device()),
         compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
+        scales_dtype=str(
+            getattr(rt.text_layers[0].self_attn.q_proj, "scales", rt.model.language_model.model.norm.weight).dtype
+        ),
     )
     return res
 
@@ -540,6 +543,9 @@ def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
         device=backend.device_name(),
         mlx_device=str(mx.default_device()),
         compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
+        scales_dtype=str(
+            getattr(rt.text_layers[0].self_attn.q_proj, "scales", rt.model.language_model.model.norm.weight).dtype
+        ),
     )
     return res
 

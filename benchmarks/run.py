@@ -830,7 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         if "memory" in o4:
             m = o4["memory"]
             bound["ours_bytes"] = m["text_layer_bytes"] * FULL_TEXT_LAYERS + m["lm_head_bytes"]
-            bound["ours_dtype"] = o4.get("compute_dtype")
+            bound["ours_dtype"] = o4.get("scales_dtype") or o4.get("compute_dtype")
         bound["runtimes"] = {}
         for ck_name in ("4bit", "bf16"):
             for k, label in (("ours", "ours"), ("vlm_bf16", "mlx-vlm default"), ("vlm_fp32", "mlx-vlm fp32")):
