@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import threading
 import time
-
-import numpy as np
 
 import pixtral_mlx  # noqa: F401  (before mlx: it chooses the BLAS)
 
@@ -25,33 +22,18 @@ import pixtral_mlx  # noqa: F401  (before mlx: it chooses the BLAS)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from qmv import bandwidth  # this folder: the same bound qmv.py prints
 
 from pixtral_mlx import backend, cpu_kernel
 from pixtral_mlx.cpu import REPLACEMENTS
 from pixtral_mlx.generate import Options, stream_tokens
 
+
+def bound_gbps() -> float:
+    return bandwidth(1 << 30, 2, 5)["bound_gbps"]
+
+
 LAYERS = 40
-
-
-def bound_gbps(n_bytes: int = 1 << 30, repeats: int = 5) -> float:
-    b = np.ones(n_bytes // 4, dtype=np.float32)
-    parts = np.array_split(b, 2)
-
-    def par() -> None:
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    best = 0.0
-    for f in (b.sum, par):
-        f()
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f()
-            best = max(best, b.nbytes / (time.perf_counter() - t) / 1e9)
-    return best
 
 
 def main() -> int:

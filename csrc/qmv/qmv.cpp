@@ -146,11 +146,7 @@ class Pool {
     if (job->done.load(std::memory_order_acquire) < ntasks) {
       // Spin (the other threads' last tasks are about to finish), then sleep: being woken costs as much
       // as the worker's wake-up (below), and a call's tasks end within a task's time of each other.
-      const auto t0 = std::chrono::steady_clock::now();
-      while (job->done.load(std::memory_order_acquire) < ntasks &&
-             std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(spin_us_)) {
-        for (int i = 0; i < 16; ++i) pause();
-      }
+      spin_while([&] { return job->done.load(std::memory_order_acquire) < ntasks; });
       std::unique_lock<std::mutex> lock(job->mu);
       job->cv.wait(lock, [&] { return job->done.load(std::memory_order_acquire) >= ntasks; });
     }
@@ -161,11 +157,7 @@ class Pool {
     for (;;) {
       // Spin a while before sleeping: decode makes ~280 calls per token, close together, and waking a
       // sleeping thread (futex, and in a VM an IPI to a halted vCPU) measured 50-100 us per call.
-      const auto t0 = std::chrono::steady_clock::now();
-      while (queued_.load(std::memory_order_acquire) == 0 &&
-             std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(spin_us_)) {
-        for (int i = 0; i < 64; ++i) pause();
-      }
+      spin_while([&] { return queued_.load(std::memory_order_acquire) == 0; });
       std::shared_ptr<Job> job;
       {
         std::unique_lock<std::mutex> lock(mu_);
@@ -178,10 +170,17 @@ class Pool {
     }
   }
 
-  static void pause() {
+  // Spins while waiting() holds, for at most spin_us_.
+  template <typename F>
+  void spin_while(const F& waiting) const {
+    const auto t0 = std::chrono::steady_clock::now();
+    while (waiting() && std::chrono::steady_clock::now() - t0 < std::chrono::microseconds(spin_us_)) {
+      for (int i = 0; i < 16; ++i) {
 #if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
+        __builtin_ia32_pause();
 #endif
+      }
+    }
   }
 
   // PIXTRAL_MLX_QMV_SPIN_US: how long an idle thread spins (default 2 ms; 0: sleep at once). Between
