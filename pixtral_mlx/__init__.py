@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING
 
 from . import backend as _backend
 from ._version import __version__
-from .errors import PixtralError
+from .errors import ModelError, PixtralError
 
 _backend.preload_blas()
+_backend.private_tmpdir()
 
 if TYPE_CHECKING:
     from .pipeline import Pixtral
@@ -27,15 +28,25 @@ if TYPE_CHECKING:
 __all__ = ["PixtralError", "__version__", "load"]
 
 
-def load(path: str, progress: Callable[[str], None] | None = None) -> Pixtral:
+def load(path: str, progress: Callable[[str], None] | None = None, *, context_length: int | None = None) -> Pixtral:
     """Load an MLX-format Pixtral checkpoint from a folder or a Hugging Face repo id.
 
     Official Mistral repos (consolidated.safetensors) are converted to 4-bit once, into
     ~/.cache/pixtral-mlx. Load and generate on the same thread: MLX streams are per thread.
+    `context_length` lowers the window the model was trained on (or raises it, with a
+    `ContextLengthWarning`). Settings from the environment (PIXTRAL_MLX_MEMORY_LIMIT) and the
+    arguments are checked before anything is read.
     """
+    from .config import check_context_length
     from .loading import load_model, resolve
+    from .memory import limit_setting
     from .pipeline import Pixtral
 
-    folder = resolve(path, progress=progress)
-    model, encoder = load_model(folder)
-    return Pixtral(model, encoder, folder)
+    check_context_length(context_length, 1 << 62)  # the value's type and floor, before the (slow) load
+    limit_setting()
+    try:
+        folder = resolve(path, progress=progress)
+        model, encoder = load_model(folder)
+    except OSError as e:  # a folder or file this user may not read, a disk error: one sentence, whichever file
+        raise ModelError(f"{e.filename or path} cannot be read ({e.strerror or e}).") from e
+    return Pixtral(model, encoder, folder, context_length=context_length)

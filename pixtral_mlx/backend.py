@@ -61,6 +61,32 @@ def preload_blas() -> str | None:
     return None
 
 
+def private_tmpdir() -> str | None:
+    """Give MLX a compile cache this user owns; return its path (None: left as it was).
+
+    MLX's CPU backend compiles fused kernels with the system compiler into `$TMPDIR/mlx/<version>`
+    (C++ `temp_directory_path()`); on a machine with several users, `/tmp/mlx` belongs to whoever ran
+    first, and everyone else's run dies with "Failed to compile function". Unless the user set TMPDIR
+    themselves, point it at a folder of this user's own (mode 0700, checked to be theirs) before MLX
+    is loaded. Python's own `tempfile` keeps the system folder (it is fixed first).
+    """
+    import tempfile
+
+    if os.name != "posix" or os.environ.get("TMPDIR") or "mlx.core" in sys.modules:
+        return None
+    system = tempfile.gettempdir()  # fixed now: Python's temporary files stay where they were
+    folder = Path(system) / f"pixtral-mlx-{os.getuid()}"
+    try:
+        folder.mkdir(mode=0o700, exist_ok=True)
+        st = folder.lstat()  # not a link someone else planted, and ours alone
+        if not Path(folder).is_dir() or folder.is_symlink() or st.st_uid != os.getuid() or st.st_mode & 0o077:
+            return None
+    except OSError:
+        return None
+    os.environ["TMPDIR"] = str(folder)
+    return str(folder)
+
+
 def on_cpu() -> bool:
     import mlx.core as mx
 

@@ -24,7 +24,8 @@ COMMANDS = {
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
          "max_edge": "--max-edge", "kv_bits": "--kv-bits", "kv_group_size": "--kv-group-size",
-         "json_schema": "--json-schema", "json_object": "--json-object"}  # fmt: skip
+         "json_schema": "--json-schema", "json_object": "--json-object",
+         "context_length": "--context-length"}  # fmt: skip
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -69,6 +70,18 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--kv-group-size", type=int, default=64, help="elements per scale in the quantized KV cache (default 64)"
+    )
+    add_context_arg(parser)
+
+
+def add_context_arg(parser: argparse.ArgumentParser) -> None:
+    """`--context-length N` (describe, chat, caption, serve)."""
+    parser.add_argument(
+        "--context-length",
+        type=int,
+        metavar="N",
+        help="most tokens a prompt and its reply may hold (default: the window the model was trained on, "
+        "131,072 for Pixtral-12B); lower it to refuse long prompts sooner, or raise it (with a warning)",
     )
 
 
@@ -120,12 +133,13 @@ def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
 def check_model_args(args: argparse.Namespace) -> Any:
     """The generation `Options` of the parsed flags, checked as the library checks them (one home for the
     ranges); raises `PromptError` whose message names the flag."""
-    from .config import check_max_edge
+    from .config import check_context_length, check_max_edge
     from .errors import PixtralError
     from .turn import Options
 
     try:
         check_max_edge(args.max_edge)
+        check_context_length(args.context_length, 1 << 62)
         return Options(
             max_tokens=args.max_tokens,
             temperature=args.temp,
@@ -149,6 +163,7 @@ def flag_message(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; the usual CLI conventions for what happens around it (exit codes 130 and 141)."""
+    _show_library_warnings()
     try:
         code = _dispatch(sys.argv[1:] if argv is None else argv)
         sys.stdout.flush()
@@ -164,6 +179,24 @@ def main(argv: list[str] | None = None) -> int:
         _silence_stdout()
         print(f"error: cannot write the output ({e.strerror}).", file=sys.stderr)
         return 1
+
+
+def _show_library_warnings() -> None:
+    """The library's warnings (a context length above the trained window) as one `warning:` line on stderr,
+    instead of Python's file:line form."""
+    import warnings
+
+    from .errors import ContextLengthWarning
+
+    default = warnings.showwarning
+
+    def show(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if issubclass(category, ContextLengthWarning):
+            print(f"warning: {flag_message(message)}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
 
 
 def _silence_stdout() -> None:

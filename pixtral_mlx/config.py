@@ -35,7 +35,11 @@ VISION_DEFAULTS: dict[str, Any] = {
     "num_channels": 3,
     "rope_theta": 10000.0,
 }
-CONTEXT_LENGTH = 131072  # the model card's 128K
+# The trained context window, from the model card (Pixtral-12B: 128K). This is the one source of the limit:
+# Hugging Face Pixtral configs (mistral-community, mlx-community) carry 1,024,000 in max_position_embeddings,
+# which is not what the model was trained on, so that field can only lower the limit (`PixtralArgs.context_length`).
+CONTEXT_LENGTH = 131072
+MIN_CONTEXT = 16  # the smallest --context-length that holds a prompt and a reply
 
 # Generation defaults, shared by the library, the CLI and the chat app.
 DEFAULT_TEMPERATURE = 0.35  # mistral-inference's example for Pixtral; temperature 0 is greedy
@@ -65,6 +69,28 @@ def check_max_edge(value: int | None, limit: int = MAX_EDGE) -> int | None:
             f"max edge must be between {MIN_EDGE} and {limit} pixels (a whole number), got {value!r}.", param="max_edge"
         )
     return value
+
+
+def check_context_length(value: Any, trained: int) -> tuple[int, str | None]:
+    """(the context limit to use, a warning or None) for a requested `value` (None: the trained window).
+
+    Lower than the trained window is always fine; higher is allowed with a warning, since the model was
+    never trained on positions past it."""
+    from .errors import ConfigError
+
+    if value is None:
+        return trained, None
+    if isinstance(value, bool) or not isinstance(value, int) or value < MIN_CONTEXT:
+        raise ConfigError(
+            f"context length must be a whole number of at least {MIN_CONTEXT} tokens, got {value!r}.",
+            param="context_length",
+        )
+    if value > trained:
+        return value, (
+            f"the context length {value:,} is above the {trained:,} tokens this model was trained on; "
+            "replies past that point may degrade."
+        )
+    return value, None
 
 
 def _from_dict(cls: type, d: dict[str, Any]) -> Any:
@@ -198,6 +224,11 @@ class PixtralArgs:
     image_end_token_id: int = 13
     quantization: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context_length(self) -> int:
+        """The trained window: the model card's, lowered (never raised) by the config's max_position_embeddings."""
+        return min(CONTEXT_LENGTH, self.text.max_position_embeddings)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> PixtralArgs:

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tic = time.perf_counter()
-        model = pixtral_mlx.load(args.model, progress=_info)
+        model = pixtral_mlx.load(args.model, progress=_info, context_length=args.context_length)
         if args.verbose:
             _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
         if args.dry_run:

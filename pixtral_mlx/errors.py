@@ -45,3 +45,7 @@ class ConfigError(PixtralError):
 
 class MemoryPlanError(PixtralError):
     """A turn whose estimated memory exceeds what the machine has (refused before any work)."""
+
+
+class ContextLengthWarning(UserWarning):
+    """A context length set above the window the model was trained on (allowed, but replies may degrade)."""

@@ -161,6 +161,8 @@ def _encoder(path: Path, args: PixtralArgs) -> PromptEncoder:
     tekken = path / "tekken.json"
     if not tekken.exists():
         return PromptEncoder(bundled_tekken(), image_size=args.vision.image_size)
+    if not os.access(tekken, os.R_OK):
+        raise ModelError(f"{tekken} cannot be read (Permission denied).")
     try:
         return PromptEncoder(tekken, image_size=args.vision.image_size)
     except PixtralError:

@@ -95,6 +95,8 @@ class MemoryPlan:
     limit_source: str
     device: str = ""
     notes: list[str] = field(default_factory=list)
+    context_length: int = 0  # the limit in use (prompt + reply)
+    trained_context_length: int = 0  # the window the model was trained on
 
     @property
     def total_tokens(self) -> int:
@@ -118,6 +120,12 @@ class MemoryPlan:
         out += [
             f"prompt: {self.prompt_tokens:,} tokens ({self.new_tokens:,} to prefill) + up to {self.max_tokens:,} "
             f"generated = {self.total_tokens:,} tokens",
+            f"context:          {self.context_length:,} tokens"
+            + (
+                " (the model's trained window)"
+                if self.context_length == self.trained_context_length
+                else f" (trained on {self.trained_context_length:,})"
+            ),
             f"weights:          {self.weights / GB:8.3f} GB",
             f"KV cache:         {self.kv / GB:8.3f} GB  ({kv}: {self.kv_per_token / 1024:.1f} KB per token)",
             f"vision features:  {self.features / GB:8.3f} GB",
@@ -165,20 +173,36 @@ def _mem_available() -> int | None:
         return None
 
 
+def limit_setting() -> int | None:
+    """PIXTRAL_MLX_MEMORY_LIMIT in bytes: None when unset, 0 for 'off'. A value that is not a positive, finite
+    number of GB is a `MemoryPlanError` naming the variable (`pixtral_mlx.load` checks it before loading)."""
+    import math
+
+    setting = os.environ.get(LIMIT_ENV, "").strip()
+    if not setting:
+        return None
+    if setting.lower() in ("off", "none", "0"):
+        return 0
+    try:
+        gb = float(setting)
+    except ValueError:
+        gb = math.nan
+    if not (math.isfinite(gb) and 0 < gb < 1e9):  # 1e9 GB: an exabyte, beyond any machine
+        raise MemoryPlanError(
+            f"{LIMIT_ENV} must be a number of GB or 'off' (a positive, finite number such as 24), got {setting!r}."
+        )
+    return int(gb * GB)
+
+
 def machine_limit() -> tuple[int | None, str]:
     """(bytes this process may use in all, where the figure comes from); (None, why) when unchecked."""
     import mlx.core as mx
 
     from .backend import on_cpu
 
-    setting = os.environ.get(LIMIT_ENV, "").strip()
-    if setting:
-        if setting.lower() in ("off", "none", "0"):
-            return None, f"{LIMIT_ENV}={setting}"
-        try:
-            return int(float(setting) * GB), f"the limit {LIMIT_ENV} sets"
-        except ValueError:
-            raise MemoryPlanError(f"{LIMIT_ENV} must be a number of GB or 'off', got {setting!r}.") from None
+    setting = limit_setting()
+    if setting is not None:
+        return (None, f"{LIMIT_ENV}=off") if setting == 0 else (setting, f"the limit {LIMIT_ENV} sets")
     if not on_cpu():
         size = mx.device_info().get("max_recommended_working_set_size")
         if size:
@@ -283,6 +307,8 @@ def estimate(
         limit=limit,
         limit_source=source,
         device=device_name(),
+        context_length=pixtral.context_length,
+        trained_context_length=pixtral.trained_context_length,
     )
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,8 @@ import mlx.core as mx
 import numpy as np
 
 from .chat import Chat
-from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
-from .errors import ContextError, PromptError
+from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_context_length
+from .errors import ContextError, ContextLengthWarning, PromptError
 from .generate import (
     PREFILL_STEP,
     Chunk,
@@ -57,12 +58,18 @@ def _vision_groups(images: list[EncodedImage]) -> list[list[EncodedImage]]:
 
 
 class Pixtral:
-    def __init__(self, model: Any, encoder: PromptEncoder, path: Path | None = None):
+    def __init__(self, model: Any, encoder: PromptEncoder, path: Path | None = None, context_length: int | None = None):
+        """`context_length`: the most tokens a prompt and its reply may hold; default the window the model
+        was trained on (`trained_context_length`). Lower is always allowed; higher warns
+        (`ContextLengthWarning`)."""
         self.model = model
         self.encoder = encoder
         self.path = path
         self.args = model.args
-        self.context_length = model.args.text.max_position_embeddings
+        self.trained_context_length = model.args.context_length
+        self.context_length, warning = check_context_length(context_length, self.trained_context_length)
+        if warning:
+            warnings.warn(warning, ContextLengthWarning, stacklevel=2)
         self.vision_runs = 0  # how many images the vision encoder has encoded (tests, stats)
         self._features: OrderedDict[str, mx.array] = OrderedDict()
 

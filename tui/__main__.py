@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         kv_bits=args.kv_bits,
         kv_group_size=args.kv_group_size,
+        context_length=args.context_length,
     )
     app = make_app(engine, data_dir=store.root, images=list(args.images), resume=resume)
     app.run()

@@ -72,8 +72,10 @@ class Engine:
         seed: int | None = None,
         kv_bits: int | None = None,
         kv_group_size: int = 64,
+        context_length: int | None = None,
     ):
         self.model = model
+        self.context_length = context_length
         self.name = model_name(model)
         self.system = system
         self.max_edge = max_edge
@@ -157,7 +159,7 @@ class Engine:
     def _load(self, progress: Any) -> ChatBackend:
         import pixtral_mlx
 
-        pixtral = pixtral_mlx.load(self.model, progress=progress)
+        pixtral = pixtral_mlx.load(self.model, progress=progress, context_length=self.context_length)
         return pixtral.chat(system=self.system, max_edge=self.max_edge, **self.options)
 
     def _do_load(self) -> None:
