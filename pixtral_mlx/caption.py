@@ -5,11 +5,19 @@ machine or several (under `mlx.launch`).
   sorted list without duplicates. An image's key is its path as given or found, normalized
   (`os.path.normpath`), never resolved: it is what the records hold and what a resumed run matches.
 - Output: JSONL (one object per image, appended with a single `write()` + fsync under an exclusive lock,
-  so a killed run leaves only whole lines; a torn last line is cut away on the next start) or sidecar
-  files (temp file + `os.replace`). A record is written as soon as its image is done. The next run skips
-  the images that have a record (error records are retried); `--overwrite` redoes them.
+  so a killed run leaves only whole lines) or sidecar files. A record is written as soon as its image is
+  done. The next run skips the images that have a record (error records are retried); `--overwrite`
+  redoes them.
+- Files we did not write are never changed: an existing JSONL file must hold only caption records (else
+  the run refuses before touching it, unless `--overwrite` replaces it); only then is a torn last record
+  (a run killed while writing it) cut away. Rewrites and sidecars go to a temp file of our own
+  (`mkstemp`, next to the target), renamed into place; without `--overwrite` a sidecar that appeared
+  meanwhile is left as it is.
+- Inputs that cannot be used (an unreadable folder, a sidecar path that is not a regular file) are
+  reported one line each and make the exit status 1; they are never silently passed over.
 - Batches: `Pixtral.stream_batch` decodes `--batch-size` images together (at temperature 0, exactly the
-  text one image at a time gives).
+  text one image at a time gives), fewer where the memory plan says the batch would not fit; an image
+  whose own plan does not fit fails with the plan's sentence, as a single turn would.
 - Several processes: under `mlx.launch` (MLX distributed, e.g. the ring backend), rank 0 lists the work,
   every rank takes every size-th image of it, and after each batch the records travel to rank 0 through
   `all_gather`, which writes them, in sorted order: one output, resumable as a single run is.
@@ -23,10 +31,12 @@ import fcntl
 import json
 import os
 import signal
+import stat
 import string
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +54,10 @@ class UsageError(Exception):
 
 class OutputError(Exception):
     """The output cannot be opened or written: one sentence, exit 1."""
+
+
+class RecordError(Exception):
+    """One record could not be written (its image counts as failed); the run goes on."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,29 +107,44 @@ def _is_url(s: str) -> bool:
     return "://" in s or s.startswith("data:")
 
 
-def find_images(paths: list[str]) -> list[str]:
+def find_images(paths: list[str]) -> tuple[list[str], list[str]]:
     """Every image under `paths` (folders recursively, image suffixes only, hidden entries skipped), sorted,
-    each once. Paths that are not folders are kept as given: a missing or unreadable one becomes an error
-    record, not a failed run."""
+    each once, and a sentence for each folder that could not be read. Paths that are not folders are kept
+    as given: a missing or unreadable one becomes an error record, not a failed run."""
     found: set[str] = set()
+    unreadable: list[str] = []
+
+    def skip(e: OSError) -> None:
+        folder = os.path.normpath(e.filename) if e.filename else "a folder"
+        unreadable.append(f"{folder}: the folder cannot be read ({_os_message(e)}).")
+
     for given in paths:
         if not _is_url(given) and os.path.isdir(given):
-            for root, dirs, files in os.walk(given):
+            for root, dirs, files in os.walk(given, onerror=skip):
                 dirs[:] = [d for d in dirs if not d.startswith(".")]
                 for f in files:
                     if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES:
                         found.add(os.path.normpath(os.path.join(root, f)))
         else:
             found.add(given if _is_url(given) else os.path.normpath(given))
-    return sorted(found)
+    return sorted(found), unreadable
 
 
 def read_list(source: str) -> list[str]:
+    """The paths of a list, one a line (blank lines and # comments skipped); a NUL byte refuses the list."""
     try:
         text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"--files-from {source} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
-    return [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    paths = []
+    for n, line in enumerate(text.split("\n"), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "\0" in line:
+            raise UsageError(f"line {n} of --files-from {source} holds a NUL byte; give one path a line.")
+        paths.append(line)
+    return paths
 
 
 def sidecar_path(image: str, ext: str) -> Path:
@@ -163,23 +192,54 @@ class Template:
 
 
 # Outputs ------------------------------------------------------------------------------------------
+RECORD_START = b'{"image": "'  # how every line caption writes begins (json.dumps of a record, "image" first)
+
+
 def _os_message(e: OSError) -> str:
     return e.strerror or str(e)
 
 
-class JsonlOutput:
-    """Append-only JSONL: one whole line per `write()` + fsync, under an exclusive lock held for the run."""
+def _is_record(line: bytes) -> bool:
+    """A line caption writes: a caption (image, text, token counts) or an error (image, error)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return False
+    if not isinstance(r, dict) or not isinstance(r.get("image"), str):
+        return False
+    counts = all(isinstance(r.get(k), int) for k in ("prompt_tokens", "generation_tokens"))
+    return isinstance(r.get("error"), str) or (isinstance(r.get("text"), str) and counts)
 
-    def __init__(self, path: str):
+
+def _temp_next_to(target: str | Path) -> tuple[int, str]:
+    """A new file of our own next to `target` (created exclusively: never an existing path), and its fd."""
+    folder, name = os.path.split(os.path.abspath(target))
+    return tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+
+
+def _remove(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class JsonlOutput:
+    """Append-only JSONL: one whole line per `write()` + fsync, under an exclusive lock held for the run.
+
+    A file that is there already must be ours (every line a caption record) before anything is changed in
+    it; else the run refuses, or with `overwrite` replaces it."""
+
+    def __init__(self, path: str, overwrite: bool = False):
         self.path = path
         self.records: dict[str, dict[str, Any]] = {}
+        if os.path.lexists(path) and not os.path.isfile(path):
+            raise OutputError(f"{path} is not a regular file; choose another --output.")
         try:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as e:
             raise OutputError(f"cannot open {path} ({_os_message(e)}).") from None
-        if not os.path.isfile(path):
-            os.close(self.fd)
-            raise OutputError(f"{path} is not a regular file.")
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -187,54 +247,76 @@ class JsonlOutput:
             raise OutputError(
                 f"another caption run is writing {path}; wait for it or choose another --output."
             ) from None
-        self._load()
+        try:
+            self._load(overwrite)
+        except BaseException:
+            os.close(self.fd)
+            raise
 
-    def _load(self) -> None:
-        with open(self.path, "rb") as f:
-            data = f.read()
-        if data and not data.endswith(b"\n"):
-            cut = data.rfind(b"\n") + 1
-            if not data[cut:].lstrip().startswith(b"{"):
-                raise UsageError(f"{self.path} is not a captions JSONL file; choose another --output.")
-            os.ftruncate(self.fd, cut)
-            os.fsync(self.fd)
-            data = data[:cut]
+    def _read(self) -> bytes:
+        with open(self.fd, "rb", closefd=False) as f:
+            f.seek(0)
+            return f.read()
+
+    def _load(self, overwrite: bool) -> None:
+        data = self._read()
+        lines = data.split(b"\n")
+        tail = lines.pop()  # b"" when the file ends with a newline
+        bad = next((n for n, line in enumerate(lines, 1) if not _is_record(line)), None)
+        if bad is None and tail and not (lines and tail.startswith(RECORD_START)):
+            bad = len(lines) + 1  # a last line that is not a record of ours cut short
+        if bad is not None:
+            if not overwrite:
+                raise UsageError(
+                    f"{self.path} is not a captions JSONL file (line {bad} is not a caption record); "
+                    "choose another --output or add --overwrite to replace it."
+                )
+            print(f"note: replacing {self.path}, which is not a captions JSONL file (--overwrite).", file=sys.stderr)
+            self._rewrite(b"")
+            return
+        if tail:
+            try:
+                os.ftruncate(self.fd, len(data) - len(tail))
+                os.fsync(self.fd)
+            except OSError as e:
+                raise OutputError(f"cannot repair {self.path} ({_os_message(e)}).") from None
             print(f"note: dropped the incomplete last line of {self.path} (a run was stopped while writing it).",
                   file=sys.stderr)  # fmt: skip
-        for n, line in enumerate(data.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError:
-                record = None
-            if not isinstance(record, dict) or not isinstance(record.get("image"), str):
-                raise UsageError(f"line {n} of {self.path} is not a caption record; choose another --output.")
+        for line in lines:
+            record = json.loads(line)
             if "error" not in record or record["image"] not in self.records:
                 self.records[record["image"]] = record
+
+    def _rewrite(self, data: bytes) -> None:
+        """Replace the file with `data`: a temp file of our own, locked, then renamed over it."""
+        fd, tmp = None, None
+        try:
+            fd, tmp = _temp_next_to(self.path)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_APPEND)
+            os.fchmod(fd, stat.S_IMODE(os.fstat(self.fd).st_mode))
+            with open(fd, "wb", closefd=False) as f:
+                f.write(data)
+            os.fsync(fd)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            _remove(tmp)
+            if fd is not None:
+                os.close(fd)
+            raise OutputError(f"cannot rewrite {self.path} ({_os_message(e)}).") from None
+        os.close(self.fd)
+        self.fd = fd
 
     def done(self, image: str) -> bool:
         record = self.records.get(image)
         return record is not None and "error" not in record
 
     def forget(self, images: set[str]) -> None:
-        """Drop these images' records (to redo them): the file is rewritten to a temp file, then replaced."""
+        """Drop these images' records (to redo them): the file is rewritten without them."""
         if not images & self.records.keys():
             return
-        with open(self.path, "rb") as f:
-            lines = f.read().splitlines(keepends=True)
-        kept = [line for line in lines if not line.strip() or json.loads(line)["image"] not in images]
-        tmp = f"{self.path}.partial"
-        try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, b"".join(kept))
-            os.fsync(fd)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            raise OutputError(f"cannot rewrite {self.path} ({_os_message(e)}).") from None
-        os.close(self.fd)
-        self.fd = fd
+        lines = self._read().splitlines(keepends=True)
+        self._rewrite(b"".join(line for line in lines if json.loads(line)["image"] not in images))
         for image in images:
             self.records.pop(image, None)
 
@@ -274,13 +356,17 @@ class StdoutOutput:
 
 
 class SidecarOutput:
-    """A text file next to each image, written to a temp file and renamed into place."""
+    """A text file next to each image: written to a temp file of our own, then moved into place. Without
+    `overwrite` it is linked there, which fails rather than replace a file that appeared meanwhile."""
 
-    def __init__(self, ext: str):
-        self.ext = ext
+    def __init__(self, ext: str, overwrite: bool = False):
+        self.ext, self.overwrite = ext, overwrite
+        umask = os.umask(0)
+        os.umask(umask)
+        self.mode = 0o666 & ~umask  # what open() would have given the file
 
     def done(self, image: str) -> bool:
-        return sidecar_path(image, self.ext).exists()
+        return sidecar_path(image, self.ext).is_file()
 
     def forget(self, images: set[str]) -> None:
         pass  # a sidecar is replaced when its new caption is written
@@ -289,19 +375,39 @@ class SidecarOutput:
         if "error" in record:
             return
         target = sidecar_path(record["image"], self.ext)
-        tmp = target.with_name(f".{target.name}.partial")
+        tmp = None
         try:
-            with open(tmp, "w", encoding="utf-8") as f:
+            fd, tmp = _temp_next_to(target)
+            with open(fd, "w", encoding="utf-8") as f:
+                os.fchmod(fd, self.mode)
                 f.write(record["text"] + "\n")
                 f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, target)
+                os.fsync(fd)
+            self._place(tmp, target)
+            tmp = None
+        except FileExistsError:
+            raise RecordError(
+                f"{target} appeared while {record['image']} was being captioned; it was left as it is."
+            ) from None
         except OSError as e:
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
             raise OutputError(f"cannot write {target} ({_os_message(e)}).") from None
+        finally:
+            _remove(tmp)
+
+    def _place(self, tmp: str, target: Path) -> None:
+        """Move our temp file to `target`; without --overwrite, never over a file that appeared meanwhile."""
+        if not self.overwrite:
+            try:
+                os.link(tmp, target)  # unlike a rename, fails when `target` exists
+            except OSError as e:
+                if e.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if os.path.lexists(target):  # a file system without hard links: a last check, then a rename
+                    raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST)) from None
+            else:
+                os.unlink(tmp)
+                return
+        os.replace(tmp, target)
 
     def close(self) -> None:
         pass
@@ -400,22 +506,31 @@ def _err(msg: str) -> None:
     print(f"error: {msg}", file=sys.stderr, flush=True)
 
 
-def _plan(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]], int, int]:
-    """Rank 0's work list: the output, the (image, prompt) pairs still to do, the total and the skipped."""
+def _skip(message: str) -> None:
+    print(f"skipped: {message}", file=sys.stderr, flush=True)
+
+
+def _plan(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str, str | None]], int, int, int]:
+    """Rank 0's work list: the output, the (image, prompt, error) triples still to do, the total, the images
+    already done and the inputs that cannot be used (each reported on stderr here)."""
     paths = list(args.paths)
     if args.files_from:
         paths += read_list(args.files_from)
     if not paths:
         raise UsageError("give image files or folders (or --files-from LIST).")
-    images = find_images(paths)
+    images, unreadable = find_images(paths)
+    for message in unreadable:
+        _skip(message)
     if not images:
         raise UsageError("no image files found in " + ", ".join(paths) + ".")
+    unusable = len(unreadable)
     template = args.template
     if args.sidecar:
         urls = [i for i in images if _is_url(i)]
         if urls:
             raise UsageError(f"--sidecar writes next to local files; {urls[0][:60]} is a URL (use --output).")
         owners: dict[Path, str] = {}
+        usable = []
         for image in images:
             target = sidecar_path(image, args.ext)
             if target in owners:
@@ -423,9 +538,15 @@ def _plan(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]], int, in
                     f"{owners[target]} and {image} would share the sidecar {target}; use --output or rename one."
                 )
             owners[target] = image
-        output: Any = SidecarOutput(args.ext)
+            if os.path.lexists(target) and not target.is_file():
+                _skip(f"{image}: its sidecar {target} is there but is not a regular file.")
+                unusable += 1
+            else:
+                usable.append(image)
+        images = usable
+        output: Any = SidecarOutput(args.ext, args.overwrite)
     elif args.output and args.output != "-":
-        output = JsonlOutput(args.output)
+        output = JsonlOutput(args.output, args.overwrite)
     else:
         output = StdoutOutput()
     # Error records are retried; --overwrite redoes everything listed.
@@ -437,7 +558,7 @@ def _plan(args: argparse.Namespace) -> tuple[Any, list[tuple[str, str]], int, in
             work.append((image, template.render(image), None))
         except OSError as e:
             work.append((image, "", f"{image}: its {template.existing_ext} sidecar cannot be read ({_os_message(e)})."))
-    return output, work, len(images), len(images) - len(todo)
+    return output, work, len(images), len(images) - len(todo), unusable
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -476,11 +597,11 @@ def main(argv: list[str] | None = None) -> int:
     import pixtral_mlx  # before MLX: it chooses the BLAS
 
     group = Group()
-    output, work, total, skipped = None, [], 0, 0
+    output, work, total, skipped, unusable = None, [], 0, 0, 0
     status: dict[str, Any] = {}
     if group.rank == 0:
         try:
-            output, work, total, skipped = _plan(args)
+            output, work, total, skipped, unusable = _plan(args)
         except UsageError as e:
             status = {"error": str(e), "code": 2}
         except OutputError as e:
@@ -492,24 +613,38 @@ def main(argv: list[str] | None = None) -> int:
         return plan["status"]["code"]
     work = [tuple(w) for w in plan["work"]]
     try:
-        return _run(args, group, output, work, total, skipped, pixtral_mlx)
+        return _run(args, group, output, work, (total, skipped, unusable), pixtral_mlx)
     finally:
         if output is not None:
             output.close()
 
 
-def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total: int, skipped: int, px: Any) -> int:
+def _summary(failed: int, attempted: int, unusable: int) -> bool:
+    """Rank 0's last lines: what failed and what was skipped; whether anything was."""
+    if failed:
+        print(f"{failed} of {attempted} images failed.", file=sys.stderr)
+    if unusable:
+        print(f"{unusable} {'input was' if unusable == 1 else 'inputs were'} skipped (see above).", file=sys.stderr)
+    return bool(failed or unusable)
+
+
+def _run(args: argparse.Namespace, group: Group, output: Any, work: list, counts: tuple[int, int, int], px: Any) -> int:
+    """`counts`: (images in all, already done, inputs that cannot be used), on rank 0."""
     from .errors import PixtralError
 
+    total, skipped, unusable = counts
     mine = list(range(group.rank, len(work), group.size))
     if not work:
         if group.rank == 0 and sys.stderr.isatty():
             print(f"all {total} images already have captions (--overwrite redoes them).", file=sys.stderr)
-        return 0
+        bad = group.rank == 0 and _summary(0, 0, unusable)
+        return 1 if bad and group.size == 1 else 0
     model, problem = None, None
     try:
         model = px.load(
-            args.model, progress=(lambda m: print(f"[INFO] {m}", file=sys.stderr)) if group.rank == 0 else None
+            args.model,
+            progress=(lambda m: print(f"[INFO] {m}", file=sys.stderr)) if group.rank == 0 else None,
+            context_length=args.context_length,
         )
     except PixtralError as e:
         problem = str(e)
@@ -524,13 +659,24 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total:
     stop = Stop()
     progress = Progress(total, skipped) if group.rank == 0 else None
     failed = 0
+    notes: set[str] = set()
 
     def emit(record: dict[str, Any]) -> None:
         nonlocal failed
-        if "error" in record:
-            failed += 1
-            progress.say(f"error: {record['error']}")
+        if "error" not in record:
+            try:
+                output.write(record)
+                return
+            except RecordError as e:  # e.g. a sidecar that appeared meanwhile: this image failed
+                record = {"image": record["image"], "error": str(e)}
+        failed += 1
+        progress.say(f"error: {record['error']}")
         output.write(record)
+
+    def note(message: str) -> None:
+        if progress and message not in notes:
+            notes.add(message)
+            progress.say(f"note: {message}")
 
     rounds = -(-len(range(0, len(work), group.size)) // args.batch_size)
     try:
@@ -539,7 +685,7 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total:
             single = group.size == 1
             finished: list[tuple[int, dict[str, Any]]] = []
             if not stop.signum:
-                for index, record in _caption(model, args, [(i, *work[i]) for i in batch], stop):
+                for index, record in _caption(model, args, [(i, *work[i]) for i in batch], stop, note):
                     if single:
                         emit(record)
                         progress.add(1)
@@ -576,22 +722,26 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, total:
     if stop.signum:
         print("interrupted: run the same command again to finish.", file=sys.stderr)
         return stop.code
-    if failed:
-        print(f"{failed} of {total - skipped} images failed.", file=sys.stderr)
-    return 1 if failed and group.size == 1 else 0
+    bad = _summary(failed, total - skipped, unusable)
+    return 1 if bad and group.size == 1 else 0
 
 
 def _caption(
-    model: Any, args: argparse.Namespace, batch: list[tuple[int, str, str, str | None]], stop: Stop
+    model: Any,
+    args: argparse.Namespace,
+    batch: list[tuple[int, str, str, str | None]],
+    stop: Stop,
+    note: Callable[[str], None],
 ) -> Iterator[Any]:
-    """(index, record) for each image of `batch` as it finishes: failures first, then the batch's captions."""
+    """(index, record) for each image of `batch` as it finishes: failures first (an image whose own memory
+    plan does not fit among them), then the batch's captions. `note(message)` tells the user."""
     from .errors import PixtralError
     from .generate import check_context
     from .images import load_image
     from .turn import Reply
 
     opts = args.options
-    ready, prompts = [], []
+    ready, prompts, plans = [], [], []
     for index, image, prompt, error in batch:
         try:
             if error:
@@ -603,21 +753,21 @@ def _caption(
             ]
             encoded = model.encode(messages, max_edge=args.max_edge)
             check_context(len(encoded), opts.max_tokens, model.context_length)
+            plan = _memory_plan(model, encoded, opts)
         except PixtralError as e:
             message = str(e) if image in str(e) else f"{image}: {e}"
             yield index, {"image": image, "error": message}
             continue
         ready.append((index, image))
         prompts.append(encoded)
+        plans.append(plan)
     if not prompts or stop.signum:
         return
     replies = [Reply() for _ in prompts]
     if opts.kv_bits is not None or opts.json_schema is not None or opts.json_object:
         steps = _one_by_one(model, prompts, opts)  # what the batched decode does not do yet: one image at a time
     else:
-        steps = model.stream_batch(
-            prompts, max_tokens=opts.max_tokens, temperature=opts.temperature, top_p=opts.top_p, seed=opts.seed
-        )
+        steps = _batched(model, prompts, plans, opts, note)
     try:
         for i, chunk in steps:
             replies[i].add(chunk)
@@ -638,6 +788,66 @@ def _caption(
                 return
     finally:
         steps.close()
+
+
+def _memory_plan(model: Any, prompt: Any, opts: Any) -> Any:
+    """The plan of captioning `prompt` alone, which `Pixtral.stream` checks too; over the machine's limit it
+    raises the same refusal (`MemoryPlanError`, one sentence with what would fit)."""
+    from .memory import suggestions
+
+    def plan(bits: int | None) -> Any:
+        return model.memory_plan(prompt, max_tokens=opts.max_tokens, kv_bits=bits, kv_group_size=opts.kv_group_size)
+
+    alone = plan(opts.kv_bits)
+    if not alone.fits:
+        raise alone.refusal(suggestions(alone, plan))
+    return alone
+
+
+def _together(plans: list[Any], held: int) -> int:
+    """Bytes `stream_batch` needs for these rows, from each row's own plan: the weights once; every row's
+    prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
+    in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
+    largest transient peak (rows are encoded and prefilled one at a time)."""
+    from .memory import kv_allocated
+
+    rows, longest = len(plans), max(p.prompt_tokens for p in plans)
+    prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
+    decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
+    kv = plans[0].kv_per_token * max(prefilled + rows * longest, decoded)
+    features = held + sum(p.features - held for p in plans)
+    peak = max(max(p.vision, p.prefill) for p in plans)
+    return int(plans[0].weights + kv + features + peak)
+
+
+def _batched(
+    model: Any, prompts: list[Any], plans: list[Any], opts: Any, note: Callable[[str], None]
+) -> Iterator[tuple[int, Any]]:
+    """`stream_batch`'s (index, chunk) pairs for `prompts`, decoded together in as few groups (in order) as the
+    memory plan allows; each prompt's own plan has been checked, so a group of one always runs."""
+    held = sum(f.nbytes for f in model._features.values())  # what each row's plan counts as already held
+    limit = plans[0].limit
+    groups = [[0]]
+    for i in range(1, len(prompts)):
+        if limit is None or _together([plans[j] for j in groups[-1]] + [plans[i]], held) <= limit:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    if len(groups) > 1:
+        note("a batch would not fit in memory as a whole; its images are decoded in smaller groups.")
+    for group in groups:
+        steps = model.stream_batch(
+            [prompts[i] for i in group],
+            max_tokens=opts.max_tokens,
+            temperature=opts.temperature,
+            top_p=opts.top_p,
+            seed=opts.seed,
+        )
+        try:
+            for row, chunk in steps:
+                yield group[row], chunk
+        finally:
+            steps.close()
 
 
 def _one_by_one(model: Any, prompts: list[Any], opts: Any) -> Iterator[tuple[int, Any]]:

@@ -6,11 +6,14 @@ prefills only what differs from the tokens already cached. Regenerate and undo a
 `messages`; the prefix match trims what changed.
 Note: tekken v3 puts the system prompt before the *last* user message, so with a system prompt each
 turn re-prefills the text from the last user message on (image features stay cached).
+Messages are checked on the way in (`check_messages`, `check_content`): a bad shape is a one-sentence
+`PromptError`, never a `TypeError` from deep inside.
 """
 
 from __future__ import annotations
 
 import os
+import reprlib
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -25,6 +28,43 @@ if TYPE_CHECKING:
     from .memory import MemoryPlan
     from .pipeline import Pixtral
     from .prompt import Prompt
+
+ROLES = ("system", "user", "assistant")
+
+
+def _kind(value: Any) -> str:
+    return "None" if value is None else type(value).__name__
+
+
+def check_content(content: Any, role: str = "user", where: str = "the message content") -> None:
+    """PromptError unless `content` is a string or a list of part dicts (a user's: text and image parts)."""
+    if isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise PromptError(f"{where} must be a string or a list of parts, not {_kind(content)}.")
+    for i, part in enumerate(content, 1):
+        if not isinstance(part, dict):
+            raise PromptError(f"part {i} of {where} must be a dict, not {_kind(part)}.")
+        kind = part.get("type")
+        if role == "user" and kind not in ("text", "image_url", "image"):
+            use = "use 'text', 'image_url' or 'image'"
+            raise PromptError(f"part {i} of {where} has the type {reprlib.repr(kind)}; {use}.")
+        if not isinstance(part.get("text", ""), str):
+            raise PromptError(f"the text of part {i} of {where} must be a string, not {_kind(part['text'])}.")
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """`messages` as a new list, or PromptError when one is not a {'role', 'content'} dict of the right types."""
+    if not isinstance(messages, (list, tuple)):
+        raise PromptError(f"messages must be a list of {{'role', 'content'}} dicts, not {_kind(messages)}.")
+    for i, m in enumerate(messages, 1):
+        if not isinstance(m, dict):
+            raise PromptError(f"message {i} must be a {{'role', 'content'}} dict, not {_kind(m)}.")
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise PromptError(f"message {i} has the role {reprlib.repr(role)}; use 'system', 'user' or 'assistant'.")
+        check_content(m.get("content", ""), role, f"the content of message {i}")
+    return list(messages)
 
 
 class Chat:
@@ -97,6 +137,7 @@ class Chat:
             json_schema=json_schema,
             json_object=json_object,
         )
+        check_content(content)
         self.messages.append({"role": "user", "content": content})
         try:
             return self._turn(options)
@@ -151,8 +192,9 @@ class Chat:
 
     def restore(self, messages: list[dict[str, Any]]) -> None:
         """Start from a saved history; the next turn prefills it once."""
+        messages = check_messages(messages)
         self.reset()
-        self.messages = list(messages)
+        self.messages = messages
         self.context_used = self.history_tokens()
 
     def history_tokens(self) -> int:
@@ -163,10 +205,12 @@ class Chat:
 
     def tokens_needed(self, content: Any) -> int:
         """How many tokens the history would use with `content` as the next user message."""
+        check_content(content)
         return len(self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge))
 
     def memory_plan(self, content: Any = "") -> MemoryPlan:
         """The memory plan of a next turn with `content` (by default the figures of the history alone)."""
+        check_content(content)
         prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge)
         max_tokens = check_context(len(prompt), self.options.max_tokens, self.pixtral.context_length)
         return self.pixtral._plan(prompt, self.cache, self.cache.reusable(prompt.tokens), max_tokens)
@@ -174,13 +218,15 @@ class Chat:
     # Saving and resuming the KV cache ----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
         """Write the history and its KV cache (mlx-lm's prompt-cache format) to `path`, so that
-        `Chat.load` resumes without prefilling it again."""
+        `Chat.load` resumes without prefilling it again; return the file written (`.safetensors` is appended
+        to a name without it, as mlx does, and `Chat.load` finds it under the same name).
+
+        Every image goes into the file as a data: URL, so loading it never reads another file or URL."""
         from . import kvcache
 
         tokens = self.cache.tokens
-        starts = kvcache.image_starts(tokens, self.pixtral.args.image_token_id, self.pixtral.args.image_break_token_id)
-        prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": ""}], max_edge=self.max_edge)
-        digests = [img.digest for img in prompt.images][: len(starts)]
+        # Each cached image's content digest, from the cache's own keys: the pixels its keys were computed from.
+        digests = [key[0] for key in self.cache.keys if isinstance(key, tuple) and key[1] == 0]
         meta = {
             "version": kvcache.VERSION,
             "messages": kvcache.jsonable(self.messages),
@@ -189,6 +235,7 @@ class Chat:
             "tokens": tokens,
             "context_used": self.context_used,
             "image_digests": digests,
+            "tokens_sha256": kvcache.tokens_hash(tokens, digests),
             "fingerprint": kvcache.fingerprint(self.pixtral),
             "kv_bits": self.options.kv_bits,
             "kv_group_size": self.options.kv_group_size if self.options.kv_bits else None,
@@ -199,12 +246,19 @@ class Chat:
     @classmethod
     def load(cls, pixtral: Pixtral, path: str | os.PathLike, **kwargs: Any) -> Chat:
         """A chat with the history saved in `path`, resuming its KV cache when it was computed by this model
-        with this KV setting (by default the file's); otherwise the next turn prefills the history again.
-        Keyword arguments as for `Pixtral.chat` (by default the saved chat's); `resumed_tokens` says how
-        many tokens were reused."""
-        from .kvcache import read_meta
+        with this KV setting (by default the file's) for these tokens; otherwise the next turn prefills the
+        history again. Keyword arguments as for `Pixtral.chat` (by default the saved chat's);
+        `resumed_tokens` says how many tokens were reused.
 
-        meta = read_meta(path)
+        The file is data: its images must be data: URLs (PromptError otherwise), so loading reads nothing else."""
+        from . import kvcache
+
+        meta = kvcache.read_meta(path)
+        try:
+            messages = check_messages(meta.get("messages", []))
+        except PromptError as e:
+            raise PromptError(f"{kvcache.resolve(path)} holds messages that cannot be used: {e}") from None
+        kvcache.check_images(messages, kvcache.resolve(path))
         saved = meta.get("options") if isinstance(meta.get("options"), dict) else {}
         for key in ("max_tokens", "temperature", "top_p", "seed"):
             if key in saved:
@@ -213,8 +267,8 @@ class Chat:
             kwargs.update(kv_bits=meta.get("kv_bits"), kv_group_size=meta.get("kv_group_size") or 64)
         kwargs.setdefault("max_edge", meta.get("max_edge"))
         chat = cls(pixtral, **kwargs)
-        chat.restore(meta.get("messages") or [])
-        if isinstance(meta.get("context_used"), int):
+        chat.restore(messages)
+        if type(meta.get("context_used")) is int and meta["context_used"] >= 0:
             chat.context_used = meta["context_used"]  # as counted live (a reply's tokens, not their re-encoding)
         chat.load_cache(path)
         return chat

@@ -3,6 +3,11 @@
 Everything a user can hand us goes through `load_image`, which turns every failure into an
 `ImageError` with one sentence that names the input. EXIF orientation is applied (a phone photo is
 seen upright); transparency is composited onto white exactly as mistral_common does.
+
+A `FetchPolicy` decides which http(s) URLs may be fetched: the CLI and the chat app fetch anything their own
+user asks for; the server (`FetchPolicy.server()`) only public addresses, every address a name resolves to and
+every redirect hop checked, the connection made to the address that was checked. A `PixelBudget` bounds the
+decoded pixels of a whole request, charged from each image's header before anything is decoded.
 """
 
 from __future__ import annotations
@@ -12,6 +17,9 @@ import binascii
 import contextlib
 import http.client
 import io
+import ipaddress
+import logging
+import math
 import os
 import socket
 import stat
@@ -21,6 +29,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +43,61 @@ MAX_DOWNLOAD_BYTES = 50 * 1024 * 1024
 MAX_FILE_BYTES = 1 << 30  # a local file: a 100 MP 16-bit RGBA TIFF is 800 MB
 DOWNLOAD_TIMEOUT = 60  # seconds for the whole download, redirects included (50 MB at ~7 Mbit/s)
 MAX_REDIRECTS = 5
+MAX_REQUEST_PIXELS = 100_000_000  # the server's default per request: eight 12 MP photos, or one image at MAX_PIXELS
 Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FetchPolicy:
+    """Which http(s) image URLs may be fetched, and how a failed fetch is reported.
+
+    The default fetches anything (the CLI and the chat app, for their own user). `FetchPolicy.server()` is what
+    a server must use: public addresses only and one sentence for every failed fetch, the reason going to the log.
+    """
+
+    remote: bool = True  # fetch http(s) URLs at all (data: URLs and files are not affected)
+    allow_private: bool = True  # also loopback, private, link-local, multicast, reserved, unspecified addresses
+    allowed_domains: tuple[str, ...] = ()  # when set, only these hosts and their subdomains
+    uniform_errors: bool = False  # every failed fetch gives the same sentence (no port scanning through us)
+
+    @classmethod
+    def server(
+        cls, *, remote: bool = True, allow_private: bool = False, allowed_domains: tuple[str, ...] = ()
+    ) -> FetchPolicy:
+        domains = tuple(d.strip().lower().strip(".").removeprefix("*.") for d in allowed_domains if d.strip())
+        return cls(remote=remote, allow_private=allow_private, allowed_domains=domains, uniform_errors=True)
+
+    @property
+    def guarded(self) -> bool:
+        """Whether connections must go through the checked, pinned connector (and never a proxy)."""
+        return not self.allow_private or bool(self.allowed_domains)
+
+    def allows_host(self, host: str) -> bool:
+        if not self.allowed_domains:
+            return True
+        host = host.lower().rstrip(".")
+        return any(host == d or host.endswith("." + d) for d in self.allowed_domains)
+
+
+class PixelBudget:
+    """The decoded pixels a request may use in all; each image is charged from its header, before it is decoded."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def charge(self, img: Image.Image, name: str) -> None:
+        w, h = img.size
+        total = self.used + w * h
+        if total > self.limit:
+            shown = math.ceil(total / 1e5) / 10  # rounded up: never shown as equal to the limit
+            raise ImageError(
+                f"the images of this request add up to {shown:g} megapixels with {name} ({w}x{h}), over the "
+                f"limit of {self.limit / 1e6:g} MP per request; send fewer or smaller images."
+            )
+        self.used = total
 
 
 def describe_source(source: Any) -> str:
@@ -43,16 +107,37 @@ def describe_source(source: Any) -> str:
     return s[:40] + "…" if s.startswith("data:") else s
 
 
-def _open_bytes(data: bytes, name: str) -> Image.Image:
+def _open_bytes(data: bytes, name: str, budget: PixelBudget | None = None) -> Image.Image:
+    return _decode(_charge(_open_header(data, name), name, budget), name)
+
+
+def _open_header(data: bytes, name: str) -> Image.Image:
+    """The image with only its header read (nothing large is decoded yet), checked against MAX_PIXELS."""
+    with _pil_errors(name):
+        img = Image.open(io.BytesIO(data))
+    _check_size(img, name)
+    return img
+
+
+def _charge(img: Image.Image, name: str, budget: PixelBudget | None) -> Image.Image:
+    if budget is not None:
+        budget.charge(img, name)
+    return img
+
+
+def _decode(img: Image.Image, name: str) -> Image.Image:
+    with _pil_errors(name):
+        img.load()
+    return img
+
+
+@contextlib.contextmanager
+def _pil_errors(name: str) -> Any:
     try:
         with warnings.catch_warnings():
             # PIL warns between 1x and 2x its limit and raises above; _check_size decides instead.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
-            _check_size(img, name)  # reads only the header: nothing large is decoded yet
-            img.load()
-    except ImageError:
-        raise
+            yield
     except Image.DecompressionBombError as e:
         raise ImageError(
             f"{name} is too large to decode safely: over the {MAX_PIXELS / 1e6:.0f} MP limit "
@@ -60,9 +145,10 @@ def _open_bytes(data: bytes, name: str) -> Image.Image:
         ) from e
     except UnidentifiedImageError as e:
         raise ImageError(f"{name} is not an image file PIL can read.") from e
+    except MemoryError as e:  # its message is empty: say what happened
+        raise ImageError(f"{name} is too large to decode in the memory this machine has free.") from e
     except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name} is truncated or corrupt ({e}).") from e
-    return img
+        raise ImageError(f"{name} is truncated or corrupt ({_first_line(e)}).") from e
 
 
 def _check_size(img: Image.Image, name: str) -> None:
@@ -78,6 +164,9 @@ def _check_size(img: Image.Image, name: str) -> None:
 
 def _read_path(path: Path, name: str) -> bytes:
     """The bytes of a regular file no larger than MAX_FILE_BYTES; pipes and devices are never opened."""
+    if "\0" in str(path):  # os.stat would raise ValueError ("embedded null byte")
+        shown = name.replace("\0", "\\0")
+        raise ImageError(f"{shown} is not a valid path: it contains a NUL byte.")
     path = path.expanduser()
     try:
         st = os.stat(path)
@@ -121,7 +210,8 @@ class _Deadline:
     is waiting returns at once.
     """
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, connect: Callable[..., socket.socket] = socket.create_connection):
+        self.connect = connect
         self.end = time.monotonic() + seconds
         self.fired = False  # the sockets were shut: whatever was read may be cut short
         self._socks: list[socket.socket] = []
@@ -133,7 +223,7 @@ class _Deadline:
     def create_connection(self, address: Any, timeout: Any = None, *args: Any, **kwargs: Any) -> socket.socket:
         left = max(0.001, self.end - time.monotonic())
         timeout = left if not isinstance(timeout, (int, float)) else min(timeout, left)
-        sock = socket.create_connection(address, timeout, *args, **kwargs)
+        sock = self.connect(address, timeout, *args, **kwargs)
         with self._lock:  # a duplicate descriptor: ssl's wrap_socket() detaches the original object
             self._socks.append(socket.socket(fileno=os.dup(sock.fileno())))
         if time.monotonic() >= self.end:
@@ -155,7 +245,59 @@ class _Deadline:
             self._socks.clear()
 
 
-def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+class _Refused(Exception):
+    """A host or address the fetch policy does not allow (not an OSError: urllib lets it through unwrapped)."""
+
+
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # the well-known prefix: the last 32 bits are the IPv4 address
+
+
+def _public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Whether `ip` is a public unicast address (IPv6 forms that carry an IPv4 address are judged by it)."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour
+        if ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            return _public(embedded)
+    return ip.is_global and not (
+        ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_reserved or ip.is_unspecified
+    )
+
+
+def _pinned_connector(policy: FetchPolicy) -> Callable[..., socket.socket]:
+    """A `socket.create_connection` that checks the host against `policy` and every address it resolves to,
+    then connects to those very addresses (one look-up: a second could answer differently)."""
+
+    def connect(address: tuple[str, int], timeout: float, source_address: Any = None) -> socket.socket:
+        host, port = address
+        if not policy.allows_host(host):
+            raise _Refused(f"{host} is not on the allowed list of image domains")
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        if not policy.allow_private:
+            for *_, sockaddr in infos:
+                ip = ipaddress.ip_address(sockaddr[0].partition("%")[0])
+                if not _public(ip):
+                    named = f"{host} is {ip}, which is" if host != str(ip) else f"{ip} is"
+                    raise _Refused(f"{named} not a public address")
+        error: OSError | None = None
+        for family, kind, proto, _, sockaddr in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(sockaddr)
+                return sock
+            except OSError as e:
+                sock.close()
+                error = e
+        raise error or OSError(f"{host} has no address")
+
+    return connect
+
+
+def _opener(deadline: _Deadline, policy: FetchPolicy) -> urllib.request.OpenerDirector:
     def connection(base: type[http.client.HTTPConnection]) -> Any:
         class Connection(base):  # type: ignore[misc, valid-type]
             def __init__(self, *args: Any, **kwargs: Any):
@@ -184,22 +326,28 @@ def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
 
         http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
-    return urllib.request.build_opener(HTTP, HTTPS, Redirects)
+    # A guarded fetch never goes through a proxy from the environment: the proxy's address would be the one checked.
+    proxies = [urllib.request.ProxyHandler({})] if policy.guarded else []
+    return urllib.request.build_opener(*proxies, HTTP, HTTPS, Redirects)
 
 
-def _download(url: str, timeout: float | None = None) -> bytes:
-    """At most MAX_DOWNLOAD_BYTES, all of it within `timeout` (default DOWNLOAD_TIMEOUT) seconds, over http(s)."""
+def _download(url: str, timeout: float | None = None, policy: FetchPolicy | None = None) -> bytes:
+    """At most MAX_DOWNLOAD_BYTES, all of it within `timeout` (default DOWNLOAD_TIMEOUT) seconds, over http(s),
+    from the hosts and addresses `policy` allows."""
+    policy = policy or FetchPolicy()
     timeout = DOWNLOAD_TIMEOUT if timeout is None else timeout
-    deadline = _Deadline(timeout)
+    deadline = _Deadline(timeout, _pinned_connector(policy) if policy.guarded else socket.create_connection)
     req = urllib.request.Request(url, headers={"User-Agent": "pixtral-mlx"})
     try:
-        with _opener(deadline).open(req, timeout=timeout) as resp:
+        with _opener(deadline, policy).open(req, timeout=timeout) as resp:
             size = resp.headers.get("Content-Length", "")
             if size.isdigit() and int(size) > MAX_DOWNLOAD_BYTES:
                 raise ImageError(f"{url} is {int(size):,} bytes, over the {MAX_DOWNLOAD_BYTES >> 20} MB limit.")
             data = resp.read(MAX_DOWNLOAD_BYTES + 1)
     except ImageError:
         raise
+    except _Refused as e:
+        raise ImageError(f"could not download {url}: {e}.") from e
     except _BadRedirect as e:
         raise ImageError(f"could not download {url}: it redirects to a {e} URL, and only http(s) is followed.") from e
     except urllib.error.HTTPError as e:
@@ -237,12 +385,56 @@ def _first_line(reason: object) -> str:
     return lines[0] if lines else type(reason).__name__
 
 
-def read_source(source: Any, *, download_timeout: float | None = None) -> tuple[Image.Image, str]:
-    """Decode any supported source into a PIL image, without any conversion yet (an http(s) download must
-    arrive whole within `download_timeout` seconds, default DOWNLOAD_TIMEOUT)."""
+def unreachable(url: str) -> str:
+    """The one sentence for any failed fetch under a policy with `uniform_errors`."""
+    return f"could not download an image from {url}: it is not reachable from this server, or not an image."
+
+
+@contextlib.contextmanager
+def _fetch_errors(url: str, policy: FetchPolicy) -> Any:
+    """Under `uniform_errors`, every ImageError becomes `unreachable(url)`; the real reason goes to the log."""
+    try:
+        yield
+    except ImageError as e:
+        if not policy.uniform_errors:
+            raise
+        log.warning("image fetch failed: %s", e)
+        raise ImageError(unreachable(url)) from e
+
+
+def _fetch(url: str, timeout: float | None, policy: FetchPolicy, budget: PixelBudget | None) -> Image.Image:
+    if not policy.remote:
+        raise ImageError(f"{url} is refused: image URLs are turned off here; send the image as a data: URL.")
+    try:
+        host = urllib.parse.urlsplit(url).hostname or ""
+    except ValueError:  # a malformed [IPv6] host
+        host = ""
+    if host and not policy.allows_host(host):
+        raise ImageError(f"{url} is refused: {host} is not one of the domains images may come from.")
+    with _fetch_errors(url, policy):
+        img = _open_header(_download(url, timeout, policy), url)
+    _charge(img, url, budget)  # its own sentence: the request's images, not the fetch, are the problem
+    with _fetch_errors(url, policy):
+        return _decode(img, url)
+
+
+def read_source(
+    source: Any,
+    *,
+    download_timeout: float | None = None,
+    policy: FetchPolicy | None = None,
+    pixel_budget: PixelBudget | None = None,
+) -> tuple[Image.Image, str]:
+    """Decode any supported source into a PIL image, without any conversion yet.
+
+    An http(s) download must arrive whole within `download_timeout` seconds (default DOWNLOAD_TIMEOUT), from
+    where `policy` allows (default: anywhere, for the user's own tools; a server passes `FetchPolicy.server()`).
+    Each image is charged to `pixel_budget` from its header, before it is decoded.
+    """
+    policy = policy or FetchPolicy()
     if isinstance(source, Image.Image):
         _check_size(source, "the image")
-        return source, "<PIL image>"
+        return _charge(source, "the image", pixel_budget), "<PIL image>"
     if isinstance(source, Path):
         source = str(source)
     if not isinstance(source, str) or not source.strip():
@@ -256,13 +448,13 @@ def read_source(source: Any, *, download_timeout: float | None = None) -> tuple[
             data = base64.b64decode(payload, validate=False)
         except (binascii.Error, ValueError) as e:
             raise ImageError(f"{name} does not hold valid base64.") from e
-        return _open_bytes(data, "the data: URL image"), name
+        return _open_bytes(data, "the data: URL image", pixel_budget), name
     if source.startswith(("http://", "https://")):
-        return _open_bytes(_download(source, download_timeout), source), name
+        return _fetch(source, download_timeout, policy, pixel_budget), name
     if source.startswith("file://"):
         path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path))
-        return _open_bytes(_read_path(path, str(path)), str(path)), str(path)
-    return _open_bytes(_read_path(Path(source), name), name), name
+        return _open_bytes(_read_path(path, str(path)), str(path), pixel_budget), str(path)
+    return _open_bytes(_read_path(Path(source), name), name, pixel_budget), name
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -4,9 +4,12 @@
   token when `kv_bits` is set (no conversion later, so no full-precision peak). Never a rotating cache:
   image prefixes are never evicted.
 - The chat KV file is mlx-lm's prompt-cache format (`save_prompt_cache`: safetensors, one entry per layer)
-  with our metadata: the messages (PIL images as PNG data: URLs), the cached tokens, the image digests,
-  a model fingerprint and the KV setting. `read_file` returns the layers only when all of it matches the
-  model and setting that will use them; otherwise a reason, and the caller prefills again.
+  with our metadata: the messages (every image as a PNG data: URL, so the file is the whole chat), the
+  cached tokens, the image digests, a hash that ties these to the caches, a model fingerprint and the KV
+  setting. `read_file` returns the layers only when all of it matches the model and setting that will use
+  them and the hash holds; otherwise a reason, and the caller prefills again.
+- A saved chat is data: loading one reads that file and nothing else (`check_images` refuses any image that
+  is not a data: URL, so no path is opened and no URL fetched).
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import io
 import json
 import os
 import tempfile
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from .errors import PromptError
 
 FORMAT = "pixtral-mlx.chat-kv"
-VERSION = 1
+VERSION = 2  # 2: the tokens hash (files without one are prefilled again)
+SUFFIX = ".safetensors"
 META_KEY = "pixtral_mlx"
 _FINGERPRINTS: dict[str, str] = {}
 
@@ -106,21 +111,86 @@ def _png_data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def image_source(part: Any) -> Any:
+    """An image part's image: a PIL image, a path or a URL (None for a part that is not an image)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind not in ("image", "image_url"):
+        return None
+    source = part.get("image") if kind == "image" else part.get("image_url")
+    return source.get("url") if isinstance(source, dict) else source
+
+
+def _is_data_url(source: Any) -> bool:
+    return isinstance(source, str) and source.startswith("data:")
+
+
+def _data_url(source: Any) -> tuple[str, str | None]:
+    """(`source`'s image as a data: URL, the name it was known by). A local file's bytes go in as they are
+    (cheap, and they decode to the same pixels); a PIL image or a download as a lossless PNG of its RGB."""
+    from PIL import Image
+
+    from .images import _read_path, describe_source, load_image
+
+    if isinstance(source, (str, Path)) and not str(source).startswith(("data:", "http://", "https://")):
+        source = str(source)
+        path = Path(urllib.parse.unquote(urllib.parse.urlparse(source).path)) if source.startswith("file://") else None
+        name = str(path) if path else describe_source(source)
+        data = _read_path(path or Path(source), name)
+        try:
+            mime = Image.open(io.BytesIO(data)).get_format_mimetype()  # reads the header only
+        except Exception:
+            load_image(source)  # says in one sentence what is wrong with it
+            raise
+        return f"data:{mime or 'image/png'};base64," + base64.b64encode(data).decode("ascii"), name
+    image, name = load_image(source)
+    return _png_data_url(image), (name if isinstance(source, str) else None)
+
+
 def jsonable(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The messages with PIL images as lossless PNG data: URLs (paths and URLs stay as they are)."""
+    """The messages with every image as a data: URL (read once more here from its path or URL, so that
+    loading the chat never has to read anything else)."""
     out = []
     for m in messages:
         content = m.get("content")
         if isinstance(content, list):
             parts = []
             for p in content:
-                if isinstance(p, dict) and p.get("type") == "image" and not isinstance(p.get("image"), str):
-                    url = {"url": _png_data_url(p["image"])}
-                    p = {"type": "image_url", "image_url": url, **({"name": p["name"]} if p.get("name") else {})}
+                source = image_source(p)
+                if source is not None and not _is_data_url(source):
+                    url, name = _data_url(source)
+                    name = p.get("name") or name
+                    p = {"type": "image_url", "image_url": {"url": url}, **({"name": name} if name else {})}
                 parts.append(p)
             m = {**m, "content": parts}
         out.append(m)
     return out
+
+
+def check_images(messages: list[dict[str, Any]], path: str | os.PathLike) -> None:
+    """PromptError unless every image of a saved chat's messages is a data: URL (nothing to open or fetch)."""
+    from .images import describe_source
+
+    for i, m in enumerate(messages, 1):
+        content = m.get("content") if isinstance(m, dict) else None
+        for p in content if isinstance(content, list) else []:
+            source = image_source(p)
+            if source is not None and not _is_data_url(source):
+                raise PromptError(
+                    f"{path} cannot be loaded: message {i} has an image at {describe_source(source)[:80]!r}, "
+                    "and a saved chat may hold its images only as data: URLs."
+                )
+
+
+def tokens_hash(tokens: list[int], digests: list[str]) -> str:
+    """What ties a file's caches to the tokens and images they were computed from."""
+    return hashlib.sha256(json.dumps([FORMAT, tokens, digests]).encode()).hexdigest()
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """The file a chat saved as `path` lives in: like mlx's `save_safetensors`, `.safetensors` is appended
+    when the name lacks it (`save` and `load` both go through here, so any name round-trips)."""
+    path = Path(path)
+    return path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
 
 
 # The file ------------------------------------------------------------------------------------------
@@ -152,10 +222,11 @@ def _exact(layer: Any) -> Any:
 
 
 def write_file(path: str | os.PathLike, layers: list[Any], meta: dict[str, Any]) -> Path:
-    """Write the caches and `meta` atomically (a temporary file renamed over `path`)."""
+    """Write the caches and `meta` atomically (a temporary file renamed over `path`); return the file written
+    (`path`, with `.safetensors` appended if it lacks it)."""
     from mlx_lm.models.cache import save_prompt_cache
 
-    path = Path(path)
+    path = resolve(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".safetensors", dir=path.parent)
     os.close(fd)
@@ -172,7 +243,8 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata of a chat KV file; PromptError if it is not one."""
     import mlx.core as mx
 
-    if not Path(path).is_file():
+    path = resolve(path)
+    if not path.is_file():
         raise PromptError(f"{path}: no such file.")
     try:
         _, raw = mx.load(str(path), return_metadata=True)
@@ -192,6 +264,7 @@ def read_file(path: str | os.PathLike, pixtral: Any, kv_bits: int | None, kv_gro
         meta = read_meta(path)
     except PromptError as e:
         return None, str(e)
+    path = resolve(path)
     wanted = {
         "version": VERSION,
         "fingerprint": fingerprint(pixtral),
@@ -203,14 +276,23 @@ def read_file(path: str | os.PathLike, pixtral: Any, kv_bits: int | None, kv_gro
         if meta.get(key) != value:
             what = "model" if key == "fingerprint" else key.replace("_", " ")
             return None, f"it was saved with another {what}"
+    tokens, digests = meta.get("tokens"), meta.get("image_digests")
+    if not isinstance(tokens, list) or not all(type(x) is int for x in tokens):
+        return None, "its tokens are not a list of token ids"
+    if not isinstance(digests, list) or not all(isinstance(d, str) for d in digests):
+        return None, "its image digests are not a list of strings"
+    if meta.get("tokens_sha256") != tokens_hash(tokens, digests):
+        return None, "its tokens or image digests were changed after its caches were saved"
+    args = pixtral.args
+    if len(digests) != len(image_starts(tokens, args.image_token_id, args.image_break_token_id)):
+        return None, "its image digests do not match its tokens"
     try:
         layers = load_prompt_cache(str(path))
     except Exception as e:
         return None, f"its caches cannot be read ({type(e).__name__})"
-    tokens = meta.get("tokens")
-    t = pixtral.args.text
+    t = args.text
     kind = KVCache if kv_bits is None else QuantizedKVCache
-    if not isinstance(tokens, list) or len(layers) != t.num_hidden_layers:
+    if not isinstance(layers, list) or len(layers) != t.num_hidden_layers:
         return None, "its caches do not match the model's layers"
     width = t.head_dim if kv_bits is None else t.head_dim * kv_bits // 32
     for c in layers:

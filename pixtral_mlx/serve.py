@@ -4,19 +4,27 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import math
 import os
+import signal
 import socket
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from .cli import DEFAULT_MODEL
+from .cli import DEFAULT_MODEL, add_context_arg
 from .config import DEFAULT_MAX_TOKENS, MAX_EDGE
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_QUEUE = 16
 DEFAULT_IMAGE_TIMEOUT = 10.0
+DEFAULT_MAX_CONNECTIONS = 64
+DEFAULT_HEADER_TIMEOUT = 10.0
+DEFAULT_BODY_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_GRACE = 5.0
+ENGINE_STOP_TIMEOUT = 2.0  # seconds for the engine thread to end after the server stopped
 API_KEY_ENV = "PIXTRAL_MLX_API_KEY"
 
 
@@ -57,7 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=[],
         metavar="ORIGIN",
-        help="web origins allowed to call the API from a browser (CORS), e.g. http://localhost:3000, or '*'",
+        help="web origins allowed to call the API from a browser (CORS), e.g. http://localhost:3000, or '*'; "
+        "other pages are refused",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="more names clients may reach this server by (the Host header; a reverse proxy's name), or '*' for "
+        "any; by default only its address (and localhost), so a web page cannot reach it by DNS rebinding",
     )
     p.add_argument(
         "--allow-local-files",
@@ -66,6 +83,31 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="let requests use local paths and file:// URLs inside these folders (refused otherwise)",
+    )
+    p.add_argument(
+        "--allowed-media-domains",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="DOMAIN",
+        help="fetch image URLs only from these hosts and their subdomains (example.com allows img.example.com)",
+    )
+    p.add_argument(
+        "--allow-private-urls",
+        action="store_true",
+        help="let image URLs reach loopback and private addresses too (refused by default)",
+    )
+    p.add_argument(
+        "--no-remote-images",
+        action="store_true",
+        help="refuse http(s) image URLs altogether (data: URLs and --allow-local-files still work)",
+    )
+    p.add_argument(
+        "--max-request-megapixels",
+        type=float,
+        default=100.0,
+        metavar="MP",
+        help="decoded pixels of all of a request's images, checked before decoding (default 100; 1024x1024 is 1 MP)",
     )
     p.add_argument(
         "--max-edge",
@@ -92,6 +134,36 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help=f"time for a whole image download from an http(s) URL (default {DEFAULT_IMAGE_TIMEOUT:g})",
     )
+    p.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help=f"open connections at most; more are answered 503 and closed (default {DEFAULT_MAX_CONNECTIONS})",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=DEFAULT_HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help=f"time for a request's headers; slower clients are dropped (default {DEFAULT_HEADER_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--body-timeout",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT,
+        metavar="SECONDS",
+        help=f"time for a request's whole body; slower ones get HTTP 408 (default {DEFAULT_BODY_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=DEFAULT_SHUTDOWN_GRACE,
+        metavar="SECONDS",
+        help="on SIGTERM or Ctrl-C, time running requests get to finish before they are stopped "
+        f"(default {DEFAULT_SHUTDOWN_GRACE:g})",
+    )
+    add_context_arg(p)
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the shared KV cache to 4 or 8 bits")
     p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV cache (default 64)")
     return p
@@ -108,12 +180,13 @@ def _info(msg: str) -> None:
 def _check(args: argparse.Namespace) -> None:
     """Every flag, before the (slow) model load; `PixtralError` names the flag."""
     from .cli import flag_message
-    from .config import check_max_edge
+    from .config import check_context_length, check_max_edge
     from .errors import ConfigError, PixtralError
     from .turn import Options
 
     try:
         check_max_edge(args.max_edge)
+        check_context_length(args.context_length, 1 << 62)
         args.defaults = Options(max_tokens=args.max_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     except PixtralError as e:
         raise ConfigError(flag_message(e)) from None
@@ -121,10 +194,20 @@ def _check(args: argparse.Namespace) -> None:
         raise ConfigError(f"--port must be from 0 to 65535, got {args.port}.")
     if args.queue < 1:
         raise ConfigError(f"--queue must be at least 1, got {args.queue}.")
-    if not args.image_timeout > 0:
-        raise ConfigError(f"--image-timeout must be a positive number of seconds, got {args.image_timeout:g}.")
+    for flag in ("image_timeout", "header_timeout", "body_timeout"):
+        if not getattr(args, flag) > 0:
+            name = "--" + flag.replace("_", "-")
+            raise ConfigError(f"{name} must be a positive number of seconds, got {getattr(args, flag):g}.")
+    if not 0 <= args.shutdown_grace <= 3600:
+        raise ConfigError(f"--shutdown-grace must be from 0 to 3600 seconds, got {args.shutdown_grace:g}.")
+    if args.max_connections < 1:
+        raise ConfigError(f"--max-connections must be at least 1, got {args.max_connections}.")
     if args.api_key is not None and not args.api_key.strip():
         raise ConfigError("--api-key is empty.")
+    if not (math.isfinite(args.max_request_megapixels) and args.max_request_megapixels > 0):
+        raise ConfigError(f"--max-request-megapixels must be a positive number, got {args.max_request_megapixels:g}.")
+    if any(not d.strip().strip(".").removeprefix("*.") for d in args.allowed_media_domains):
+        raise ConfigError("--allowed-media-domains has an empty domain.")
     folders = []
     for folder in args.allow_local_files:
         path = Path(folder).expanduser()
@@ -179,33 +262,73 @@ def main(argv: list[str] | None = None) -> int:
     if not _is_loopback(args.host) and not args.api_key:
         _info(f"WARNING: listening on {args.host} without --api-key: anyone who can reach this port can use it.")
 
-    import uvicorn
-
-    import pixtral_mlx
-
-    from .server.app import Settings, create_app
     from .server.engine import Engine
 
-    tic = time.perf_counter()
-    engine = Engine(
-        lambda: pixtral_mlx.load(args.model, progress=_info),
-        queue_size=args.queue,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-    )
-    engine.start()
+    stops: list[int] = []
+
+    def stop(sig: int, frame: object) -> None:  # until the server takes the signals over: SIGTERM as Ctrl-C
+        stops.append(sig)
+        raise KeyboardInterrupt
+
+    engine = Engine(lambda: _load(args), queue_size=args.queue, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+    code = 1
     try:
-        while not engine.ready.wait(0.2):  # a timed wait, so Ctrl-C is seen during the load
-            pass
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    if engine.load_error is not None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, stop)
+        engine.start()
+        code = _serve(args, engine, sock)
+    except KeyboardInterrupt:  # a signal while the model loads: SIGTERM is a normal stop, Ctrl-C an interruption
+        if stops[-1:] == [signal.SIGTERM]:
+            code = 0
+            _info("Stopped (SIGTERM) before the model was loaded.")
+        else:
+            code = 130
+            print("interrupted", file=sys.stderr, flush=True)
+    finally:
         sock.close()
+        # The engine thread must end before the interpreter does: one still inside MLX (or a model load,
+        # which cannot be interrupted) then aborts the process ("terminate called without an active exception").
+        if not engine.close(ENGINE_STOP_TIMEOUT if engine.ready.is_set() else 0):
+            if engine.ready.is_set():
+                _info("The engine did not stop in time; exiting without it.")
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return code
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """The model (on the engine thread); above the trained window `main` warns, not the library."""
+    import warnings
+
+    import pixtral_mlx
+    from pixtral_mlx.errors import ContextLengthWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ContextLengthWarning)
+        return pixtral_mlx.load(args.model, progress=_info, context_length=args.context_length)
+
+
+def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
+    """Wait for the model, then serve until SIGTERM or Ctrl-C; the exit status."""
+    from .errors import PixtralError
+    from .images import FetchPolicy
+    from .server.app import Server, Settings, create_app
+
+    tic = time.perf_counter()
+    while not engine.ready.wait(0.2):  # a timed wait, so a signal is seen during the load
+        pass
+    if engine.load_error is not None:
         if isinstance(engine.load_error, PixtralError):
             _err(str(engine.load_error))
             return 1
         raise engine.load_error
+    trained = engine.pixtral.trained_context_length
+    if args.context_length is not None and args.context_length > trained:
+        _info(
+            f"WARNING: --context-length {args.context_length:,} is above the {trained:,} tokens this model was "
+            "trained on; replies past that point may degrade."
+        )
     name = args.served_model_name or model_id(args.model)
     settings = Settings(
         model_id=name,
@@ -217,17 +340,29 @@ def main(argv: list[str] | None = None) -> int:
         defaults=args.defaults,
         image_timeout=args.image_timeout,
         context_length=engine.pixtral.context_length,
+        body_timeout=args.body_timeout,
+        allowed_hosts=args.allowed_hosts,
+        listen_host=args.host,
+        fetch_policy=FetchPolicy.server(
+            remote=not args.no_remote_images,
+            allow_private=args.allow_private_urls,
+            allowed_domains=tuple(args.allowed_media_domains),
+        ),
+        max_request_pixels=int(args.max_request_megapixels * 1_000_000),
     )
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     _info(f"Loaded {name} in {time.perf_counter() - tic:.1f} s")
     _info(f"OpenAI-compatible API at http://{shown}:{port}/v1 (Ctrl-C stops)")
-    config = uvicorn.Config(create_app(settings, engine), log_level="info", timeout_graceful_shutdown=3)
-    try:
-        uvicorn.Server(config).run(sockets=[sock])
-    except KeyboardInterrupt:  # uvicorn shut down cleanly, then re-raised the Ctrl-C: a normal stop
-        pass
-    finally:
-        engine.close()
-        sock.close()
+    server = Server(
+        create_app(settings, engine),
+        engine,
+        grace=args.shutdown_grace,
+        max_connections=args.max_connections,
+        header_timeout=args.header_timeout,
+        log_level="info",
+    )
+    server.run(sockets=[sock])
+    if server.signal is not None:
+        _info(f"Stopped ({signal.Signals(server.signal).name}).")
     return 0

@@ -316,8 +316,8 @@ def bad_args(tmp: Path) -> dict:
                        "error: --batch-size must be a whole number of at least 1, got 0."),
         "no paths": (["--files-from", "empty.list"], "error: give image files or folders (or --files-from LIST)."),
         "no images": (["empty"], "error: no image files found in empty."),
-        "not ours": (["imgs", "-o", "notes.txt"],
-                     "error: notes.txt is not a captions JSONL file; choose another --output."),
+        "not ours": (["imgs", "-o", "notes.txt"], "error: notes.txt is not a captions JSONL file (line 1 is not a "
+                     "caption record); choose another --output or add --overwrite to replace it."),
         "existing": (["imgs", "--sidecar", "-p", "{existing}"], "error: {existing} reads the .txt sidecars that "
                      "--sidecar would replace; write the captions with another --ext (e.g. --ext .caption)."),
         "temp": (["imgs", "--temp", "-1"], "error: --temp must be a number of at least 0 (0 is greedy), got -1.0."),

@@ -4,9 +4,10 @@ MLX streams are per thread, so loading, prefill and decode all happen here. The 
 `Job` (a bounded queue: `queue.Full` when it is full) and reads its events from an asyncio queue fed
 with `loop.call_soon_threadsafe`: ("start", prompt tokens) or ("error", exception), then ("chunk",
 Chunk)... and always ("end", None) last. A job whose client went away is cancelled: the engine stops it
-between two tokens. One `PromptCache` serves every request, so a request that repeats the previous
-one's prefix (a chat client resending its history) prefills only the rest; vision features are cached
-by image content inside `Pixtral`.
+between two tokens (a job cancelled with an error, as at shutdown, gets ("error", it) before its end).
+One `PromptCache` serves every request, so a request that repeats the previous one's prefix (a chat
+client resending its history) prefills only the rest; vision features are cached by image content
+inside `Pixtral`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     record: Record = field(default_factory=Record)
+    error: BaseException | None = None  # what its client is told when it is cancelled (None: nothing, it left)
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Called on the engine thread: hand an event to the request's coroutine."""
@@ -57,8 +59,16 @@ class Job:
         except RuntimeError:  # the event loop is closed: the server is shutting down
             self.cancelled.set()
 
-    def cancel(self) -> None:
+    def cancel(self, error: BaseException | None = None) -> None:
+        if error is not None and not self.cancelled.is_set():
+            self.error = error
         self.cancelled.set()
+
+    def end(self) -> None:
+        """The last event; a job stopped early ("cancelled" or "error") tells its error first, if it has one."""
+        if self.error is not None and self.record.finish_reason in ("cancelled", "error"):
+            self.emit("error", self.error)
+        self.emit("end")
 
 
 class Engine:
@@ -73,6 +83,7 @@ class Engine:
         self.ready = threading.Event()
         self.jobs: queue.Queue[Job | None] = queue.Queue(maxsize=queue_size)
         self.running: Job | None = None
+        self.stopping: BaseException | None = None  # set by `cancel_all`: every job from now on ends with it
         self.records: deque[Record] = deque(maxlen=256)
         self._seconds = 0.0  # moving average of a request's time, for Retry-After
         self._thread = threading.Thread(target=self._run, name="pixtral-server-engine", daemon=True)
@@ -92,20 +103,36 @@ class Engine:
         """Seconds until a place in the queue is likely free: about one request's time."""
         return max(1, min(600, math.ceil(self._seconds or 1.0)))
 
-    def close(self, timeout: float = 10.0) -> None:
-        while True:  # drop what waits, then tell the thread to stop
-            try:
-                job = self.jobs.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-                job.emit("end")
-        if self.running is not None:
-            self.running.cancel()
+    def cancel_all(self, error: BaseException) -> None:
+        """End every job with `error` (a server shutting down): those waiting at once, the running one at its
+        next token, and any submitted later as it starts."""
+        self.stopping = error  # set before looking at `running`: `_serve` checks it after `running` is set
+        self._drop_waiting(error)
+        if (job := self.running) is not None:
+            job.cancel(error)
+
+    def close(self, timeout: float = 10.0) -> bool:
+        """Drop what waits, stop what runs, end the thread; True once the thread has ended (within `timeout`).
+
+        Join it before the interpreter exits: a thread still inside MLX when it does aborts the process."""
+        self._drop_waiting()
+        if (job := self.running) is not None:
+            job.cancel()
         self.jobs.put(None)
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _drop_waiting(self, error: BaseException | None = None) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.cancel(error)
+                job.record.finish_reason = "cancelled"
+                job.end()
 
     # The engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -136,9 +163,11 @@ class Engine:
 
     def _serve(self, job: Job) -> None:
         record = job.record
+        if self.stopping is not None:
+            job.cancel(self.stopping)
         if job.cancelled.is_set():  # the client left while it waited
             record.finish_reason = "cancelled"
-            job.emit("end")
+            job.end()
             return
         o = job.options
         try:
@@ -166,7 +195,7 @@ class Engine:
             log.exception("a request failed during generation")
             record.finish_reason = "error"
             self.cache = self.pixtral.new_cache(*self.kv)  # what it holds is unknown now
-            job.emit("error", e)
+            job.error = e
         finally:
             chunks.close()  # keeps the prefix cache exact: it holds what was generated
-            job.emit("end")
+            job.end()
