@@ -751,7 +751,7 @@ def _caption(
             messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
                 {"role": "user", "content": content}
             ]
-            encoded = model.encode(messages, max_edge=args.max_edge)
+            encoded = model.encode(messages, max_edge=opts.max_edge)
             check_context(len(encoded), opts.max_tokens, model.context_length)
             plan = _memory_plan(model, encoded, opts)
         except PixtralError as e:
@@ -763,11 +763,12 @@ def _caption(
         plans.append(plan)
     if not prompts or stop.signum:
         return
+    from .memory import batch_groups
+
     replies = [Reply() for _ in prompts]
-    if opts.kv_bits is not None or opts.json_schema is not None or opts.json_object:
-        steps = _one_by_one(model, prompts, opts)  # what the batched decode does not do yet: one image at a time
-    else:
-        steps = _batched(model, prompts, plans, opts, note)
+    if len(batch_groups(plans, model.features.nbytes)) > 1:
+        note("a batch would not fit in memory as a whole; its images are decoded in smaller groups.")
+    steps = model.stream_batch(prompts, opts)  # batched, in groups that fit, or one by one where it must be
     try:
         for i, chunk in steps:
             replies[i].add(chunk)
@@ -796,67 +797,9 @@ def _memory_plan(model: Any, prompt: Any, opts: Any) -> Any:
     from .memory import suggestions
 
     def plan(bits: int | None) -> Any:
-        return model.memory_plan(prompt, max_tokens=opts.max_tokens, kv_bits=bits, kv_group_size=opts.kv_group_size)
+        return model.memory_plan(prompt, opts, kv_bits=bits)
 
     alone = plan(opts.kv_bits)
     if not alone.fits:
         raise alone.refusal(suggestions(alone, plan))
     return alone
-
-
-def _together(plans: list[Any], held: int) -> int:
-    """Bytes `stream_batch` needs for these rows, from each row's own plan: the weights once; every row's
-    prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
-    in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
-    largest transient peak (rows are encoded and prefilled one at a time)."""
-    from .memory import kv_allocated
-
-    rows, longest = len(plans), max(p.prompt_tokens for p in plans)
-    prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
-    decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
-    kv = plans[0].kv_per_token * max(prefilled + rows * longest, decoded)
-    features = held + sum(p.features - held for p in plans)
-    peak = max(max(p.vision, p.prefill) for p in plans)
-    return int(plans[0].weights + kv + features + peak)
-
-
-def _batched(
-    model: Any, prompts: list[Any], plans: list[Any], opts: Any, note: Callable[[str], None]
-) -> Iterator[tuple[int, Any]]:
-    """`stream_batch`'s (index, chunk) pairs for `prompts`, decoded together in as few groups (in order) as the
-    memory plan allows; each prompt's own plan has been checked, so a group of one always runs."""
-    held = sum(f.nbytes for f in model._features.values())  # what each row's plan counts as already held
-    limit = plans[0].limit
-    groups = [[0]]
-    for i in range(1, len(prompts)):
-        if limit is None or _together([plans[j] for j in groups[-1]] + [plans[i]], held) <= limit:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    if len(groups) > 1:
-        note("a batch would not fit in memory as a whole; its images are decoded in smaller groups.")
-    for group in groups:
-        steps = model.stream_batch(
-            [prompts[i] for i in group],
-            max_tokens=opts.max_tokens,
-            temperature=opts.temperature,
-            top_p=opts.top_p,
-            seed=opts.seed,
-        )
-        try:
-            for row, chunk in steps:
-                yield group[row], chunk
-        finally:
-            steps.close()
-
-
-def _one_by_one(model: Any, prompts: list[Any], opts: Any) -> Iterator[tuple[int, Any]]:
-    """`stream_batch`'s (index, chunk) pairs from the single-sequence turn path, prompt after prompt: for the
-    options the batched decode does not support (a quantized KV cache, a JSON constraint)."""
-    for i, prompt in enumerate(prompts):
-        chunks = model.stream(prompt, **opts.kwargs())
-        try:
-            for chunk in chunks:
-                yield i, chunk
-        finally:
-            chunks.close()

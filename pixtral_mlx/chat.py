@@ -20,13 +20,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_max_edge
 from .errors import PromptError
-from .generate import Chunk, Options, Reply, check_context, collect, prompt_keys
+from .generate import Chunk, Options, Reply, collect, prompt_keys
 
 if TYPE_CHECKING:
     from .memory import MemoryPlan
-    from .pipeline import Pixtral
     from .prompt import Prompt
 
 ROLES = ("system", "user", "assistant")
@@ -68,75 +66,38 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 class Chat:
-    def __init__(
-        self,
-        pixtral: Pixtral,
-        system: str | None = None,
-        *,
-        max_edge: int | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        seed: int | None = None,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        stop: str | list[str] | tuple[str, ...] = (),
-        json_schema: dict[str, Any] | None = None,
-        json_object: bool = False,
-    ):
+    """A conversation: `messages`, the KV cache of what the model has read (`cache`) and the default `options`
+    of its turns. `pixtral` is the `Pixtral` it runs on (its `plan_turn`/`run_turn`, encoder and features)."""
+
+    def __init__(self, pixtral: Any, system: str | None = None, options: Options | None = None, **overrides: Any):
         self.pixtral = pixtral
         self.messages: list[dict[str, Any]] = []
         if system:
             self.messages.append({"role": "system", "content": system})
-        self.max_edge = check_max_edge(max_edge)
-        self.options = Options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            stop=stop,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
-        self.cache = pixtral.new_cache(kv_bits, kv_group_size)
+        self.options = Options.of(options, **overrides)
+        self.cache = pixtral.new_cache(self.options.kv_bits, self.options.kv_group_size)
         self.context_used = 0  # tokens of the history after the last turn
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
         self.resumed_tokens = 0  # tokens `load_cache` adopted from a saved KV cache
         self.cache_note = ""  # why a saved KV cache was not used
 
-    # Public API --------------------------------------------------------------------------------
-    def send(self, content: Any, **options: Any) -> Reply:
-        """Add a user message and return the whole reply (options as in `stream`)."""
-        return collect(self.stream(content, **options))
+    @property
+    def max_edge(self) -> int | None:
+        return self.options.max_edge
 
-    def stream(
-        self,
-        content: Any,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | tuple[str, ...] | None = None,
-        json_schema: dict[str, Any] | None = None,
-        json_object: bool | None = None,
-    ) -> Iterator[Chunk]:
-        """Add a user message and stream the reply; options override the chat's for this turn.
+    # Public API --------------------------------------------------------------------------------
+    def send(self, content: Any, options: Options | None = None, **overrides: Any) -> Reply:
+        """Add a user message and return the whole reply (options as in `stream`)."""
+        return collect(self.stream(content, options, **overrides))
+
+    def stream(self, content: Any, options: Options | None = None, **overrides: Any) -> Iterator[Chunk]:
+        """Add a user message and stream the reply; `options` (an `Options`, replacing the chat's) and options
+        by name override the chat's for this turn (the KV setting and `max_edge` stay the chat's).
 
         A turn that cannot start (bad image, over the context, bad option) raises here and leaves the
         history unchanged.
         """
-        options = self._options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
+        options = self._options(options, overrides)
         check_content(content)
         self.messages.append({"role": "user", "content": content})
         try:
@@ -145,29 +106,11 @@ class Chat:
             self.messages.pop()
             raise
 
-    def regenerate(
-        self,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | tuple[str, ...] | None = None,
-        json_schema: dict[str, Any] | None = None,
-        json_object: bool | None = None,
-    ) -> Iterator[Chunk]:
-        """Replace the last reply with a new one."""
+    def regenerate(self, options: Options | None = None, **overrides: Any) -> Iterator[Chunk]:
+        """Replace the last reply with a new one (options as in `stream`)."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise PromptError("there is no reply to regenerate.")
-        options = self._options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=stop,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
+        options = self._options(options, overrides)
         last = self.messages.pop()
         try:
             return self._turn(options)
@@ -212,8 +155,7 @@ class Chat:
         """The memory plan of a next turn with `content` (by default the figures of the history alone)."""
         check_content(content)
         prompt = self.pixtral.encode(self.messages + [{"role": "user", "content": content}], max_edge=self.max_edge)
-        max_tokens = check_context(len(prompt), self.options.max_tokens, self.pixtral.context_length)
-        return self.pixtral._plan(prompt, self.cache, self.cache.reusable(prompt.tokens), max_tokens)
+        return self.pixtral.memory_plan(prompt, self.options, cache=self.cache)
 
     # Saving and resuming the KV cache ----------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -244,7 +186,7 @@ class Chat:
         return kvcache.write_file(path, self.cache.layers, meta)
 
     @classmethod
-    def load(cls, pixtral: Pixtral, path: str | os.PathLike, **kwargs: Any) -> Chat:
+    def load(cls, pixtral: Any, path: str | os.PathLike, **kwargs: Any) -> Chat:
         """A chat with the history saved in `path`, resuming its KV cache when it was computed by this model
         with this KV setting (by default the file's) for these tokens; otherwise the next turn prefills the
         history again. Keyword arguments as for `Pixtral.chat` (by default the saved chat's);
@@ -304,19 +246,21 @@ class Chat:
         return keep
 
     # Internals ---------------------------------------------------------------------------------
-    def _options(self, **overrides: Any) -> Options:
-        """The chat's options with this turn's overrides; a turn that asks for its own JSON constraint
-        (`json_schema`, or `json_object=True`) replaces the chat's rather than combining with it."""
-        options = self.options
+    def _options(self, options: Options | None, overrides: dict[str, Any]) -> Options:
+        """This turn's options: the chat's (or `options`) with the overrides; a turn that asks for its own JSON
+        constraint (`json_schema`, or `json_object=True`) replaces the chat's rather than combining with it.
+        The KV setting and `max_edge` belong to the conversation (its cache and its encoded history)."""
+        base = self.options if options is None else Options.of(options)
         if overrides.get("json_schema") is not None or overrides.get("json_object"):
-            options = replace(options, json_schema=None, json_object=False)
-        return options.merge(**overrides)
+            base = replace(base, json_schema=None, json_object=False)
+        fixed = {k: getattr(self.options, k) for k in ("kv_bits", "kv_group_size", "max_edge")}
+        return replace(base.merge(**overrides), **fixed)
 
     def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
         prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)
-        chunks = self.pixtral._stream_prompt(prompt, self.cache, options, tic, context_used=self.context_used)
-        return self._record(prompt, chunks)
+        turn = self.pixtral.plan_turn(prompt, self.cache, options, context_used=self.context_used, start=tic)
+        return self._record(prompt, self.pixtral.run_turn(turn))
 
     def _record(self, prompt: Prompt, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
         """Pass the chunks on; at the end (or on a stop) the reply, partial or not, joins the history."""

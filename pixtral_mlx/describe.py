@@ -87,14 +87,14 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
     """Generate one answer; on Ctrl-C return what was generated with finish_reason 'interrupted'."""
     from .turn import Reply
 
-    prompt = model.encode(messages, max_edge=args.max_edge)
+    prompt = model.encode(messages, max_edge=args.options.max_edge)
     if args.verbose:
         for img in prompt.images:
             _info(img.summary())
     opts = args.options
     reply = Reply()
     try:
-        for chunk in model.stream(prompt, **opts.kwargs()):
+        for chunk in model.stream(prompt, opts):
             reply.add(chunk)
             if echo:
                 print(chunk.text, end="", flush=True)
@@ -176,13 +176,7 @@ def main(argv: list[str] | None = None) -> int:
 def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace) -> bool:
     """Print the memory plan of generating for `messages` (JSON with --json); return whether it fits."""
     opts = args.options
-    plan = model.memory_plan(
-        messages,
-        max_tokens=opts.max_tokens,
-        kv_bits=opts.kv_bits,
-        kv_group_size=opts.kv_group_size,
-        max_edge=args.max_edge,
-    )
+    plan = model.memory_plan(messages, opts)
     if args.json:
         print(json.dumps(plan.as_dict(), ensure_ascii=False), flush=True)
     else:
@@ -190,9 +184,7 @@ def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespac
     if not plan.fits:
         from .memory import suggestions
 
-        error = plan.refusal(suggestions(plan, lambda bits: model.memory_plan(
-            messages, max_tokens=opts.max_tokens, kv_bits=bits, kv_group_size=opts.kv_group_size,
-            max_edge=args.max_edge)))  # fmt: skip
+        error = plan.refusal(suggestions(plan, lambda bits: model.memory_plan(messages, opts, kv_bits=bits)))
         _err(str(error))
     return plan.fits
 

@@ -259,9 +259,9 @@ def estimate(
     kv = max(int(per_token * kv_allocated(total)), cache_bytes)
 
     # Vision: only the images whose features are not cached, all in one call.
-    held = sum(f.nbytes for f in pixtral._features.values())
+    held = pixtral.features.nbytes
     img_tokens = int(sum(1 for tok in prompt.tokens[keep:] if tok == pixtral.args.image_token_id))
-    new_images = list({img.digest: img for img in prompt.images if img.digest not in pixtral._features}.values())
+    new_images = list({img.digest: img for img in prompt.images if img.digest not in pixtral.features}.values())
     patches = [img.grid[0] * img.grid[1] for img in new_images]
     n_patch = sum(patches)
     pixels = sum(img.pixels.nbytes for img in new_images)
@@ -310,6 +310,31 @@ def estimate(
         context_length=pixtral.context_length,
         trained_context_length=pixtral.trained_context_length,
     )
+
+
+def batch_bytes(plans: list[MemoryPlan], held: int) -> int:
+    """Bytes a batched decode of these rows needs, from each row's own plan: the weights once; every row's
+    prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
+    in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
+    largest transient peak (rows are encoded and prefilled one at a time)."""
+    rows, longest = len(plans), max(p.prompt_tokens for p in plans)
+    prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
+    decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
+    kv = plans[0].kv_per_token * max(prefilled + rows * longest, decoded)
+    features = held + sum(p.features - held for p in plans)
+    peak = max(max(p.vision, p.prefill) for p in plans)
+    return int(plans[0].weights + kv + features + peak)
+
+
+def batch_groups(plans: list[MemoryPlan], held: int) -> list[list[int]]:
+    """The rows (indices of `plans`, each of which fits alone) in as few consecutive groups as fit together."""
+    groups: list[list[int]] = []
+    for i, plan in enumerate(plans):
+        if groups and (plan.limit is None or batch_bytes([plans[j] for j in groups[-1]] + [plan], held) <= plan.limit):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 def suggestions(plan: MemoryPlan, replan: Any) -> list[str]:

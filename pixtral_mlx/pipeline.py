@@ -1,7 +1,10 @@
 """`Pixtral`: the object `pixtral_mlx.load()` returns: encode, logits, stream, generate, chat.
 
-`_stream_prompt` is the one turn path (context check, cache reuse, image features, prefill, decode):
-`stream`/`generate` run it on a fresh or caller-held `PromptCache`, `Chat` on its own.
+Every entry point takes one `Options` value (or a few options by name) and goes through the one turn path,
+in two public steps: `plan_turn` (context check, prefix reuse against a caller-held `PromptCache`, grammar,
+memory plan: refused before any work) and `run_turn` (image features from the `FeatureCache`, prefill,
+decode, streamed as `Chunk`s). `stream`/`generate` run it on a fresh or caller-held cache, `Chat` and the
+server on their own.
 """
 
 from __future__ import annotations
@@ -9,18 +12,17 @@ from __future__ import annotations
 import time
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import numpy as np
 
-from .chat import Chat
-from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_context_length
+from .config import check_context_length
 from .errors import ContextError, ContextLengthWarning, PromptError
 from .generate import (
-    PREFILL_STEP,
     Chunk,
     Options,
     PromptCache,
@@ -31,7 +33,7 @@ from .generate import (
     stream_batch,
     stream_tokens,
 )
-from .memory import MemoryPlan, estimate, suggestions
+from .memory import MemoryPlan, batch_groups, estimate, suggestions
 from .prompt import EncodedImage, Prompt, PromptEncoder
 from .structured import logits_processors
 
@@ -57,6 +59,53 @@ def _vision_groups(images: list[EncodedImage]) -> list[list[EncodedImage]]:
     return groups
 
 
+class FeatureCache:
+    """Projected vision features by image content digest, the least recently used evicted past `budget` bytes."""
+
+    def __init__(self, budget: int = FEATURE_CACHE_BYTES):
+        self.budget = budget
+        self._items: OrderedDict[str, mx.array] = OrderedDict()
+
+    def __contains__(self, digest: str) -> bool:
+        return digest in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.nbytes for f in self._items.values())
+
+    def get(self, digest: str) -> mx.array:
+        self._items.move_to_end(digest)
+        return self._items[digest]
+
+    def put(self, digest: str, features: mx.array) -> None:
+        self._items[digest] = features
+
+    def evict(self, keep: int = 1) -> None:
+        """Drop the oldest entries until the budget holds (the last `keep` stay whatever their size)."""
+        while self.nbytes > self.budget and len(self._items) > keep:
+            self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        self._items.clear()
+
+
+@dataclass
+class Turn:
+    """A planned turn: what `run_turn` will prefill and decode, decided (and checked) before any work."""
+
+    prompt: Prompt
+    cache: PromptCache
+    keep: int  # tokens of `prompt` the cache already holds
+    options: Options  # max_tokens already capped by the context
+    plan: MemoryPlan
+    keys: list[Hashable]  # `prompt_keys` of the prompt: what each position feeds the model
+    processors: list[Any]  # logits processors (a JSON grammar)
+    start: float  # perf_counter() when the turn began (for the statistics)
+
+
 class Pixtral:
     def __init__(self, model: Any, encoder: PromptEncoder, path: Path | None = None, context_length: int | None = None):
         """`context_length`: the most tokens a prompt and its reply may hold; default the window the model
@@ -71,7 +120,7 @@ class Pixtral:
         if warning:
             warnings.warn(warning, ContextLengthWarning, stacklevel=2)
         self.vision_runs = 0  # how many images the vision encoder has encoded (tests, stats)
-        self._features: OrderedDict[str, mx.array] = OrderedDict()
+        self.features = FeatureCache()
 
     # Prompts ---------------------------------------------------------------------------------
     def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
@@ -80,18 +129,15 @@ class Pixtral:
 
     def image_features(self, images: list[EncodedImage]) -> list[mx.array]:
         """Projected vision features of each image; the ones not cached are encoded together, once."""
-        new = list({img.digest: img for img in images if img.digest not in self._features}.values())
+        new = list({img.digest: img for img in images if img.digest not in self.features}.values())
         for group in _vision_groups(new):
             feats = self.model.encode_images([img.pixels for img in group])
             mx.eval(feats)
             self.vision_runs += len(group)
-            self._features.update(zip((img.digest for img in group), feats))
-        out = []
-        for img in images:
-            self._features.move_to_end(img.digest)
-            out.append(self._features[img.digest])
-        while sum(f.nbytes for f in self._features.values()) > FEATURE_CACHE_BYTES and len(self._features) > 1:
-            self._features.popitem(last=False)
+            for img, f in zip(group, feats):
+                self.features.put(img.digest, f)
+        out = [self.features.get(img.digest) for img in images]
+        self.features.evict()
         return out
 
     def embeddings(self, prompt: Prompt, start: int = 0) -> mx.array:
@@ -128,135 +174,109 @@ class Pixtral:
     def memory_plan(
         self,
         messages: list[dict[str, Any]] | Prompt,
+        options: Options | None = None,
         *,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        max_edge: int | None = None,
         cache: PromptCache | None = None,
+        **overrides: Any,
     ) -> MemoryPlan:
-        """What `stream` with these arguments would need (weights, KV cache, vision encoder, prefill) and
-        what the machine has, without doing the work."""
+        """What `stream` with these options would need (weights, KV cache, vision encoder, prefill) and what
+        the machine has, without doing the work (a plan that does not fit is returned, not raised)."""
         from .kvcache import check_group
 
-        options = Options(max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
-        check_group(self.args, kv_bits, kv_group_size)
-        prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
+        options = Options.of(options, **overrides)
+        if cache is None:  # a given cache's setting was checked when it was made
+            check_group(self.args, options.kv_bits, options.kv_group_size)
+        prompt = self._prompt(messages, options)
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length)
-        if cache is None:
-            return estimate(self, prompt, keep=0, max_tokens=max_tokens, kv_bits=kv_bits, kv_group_size=kv_group_size)
         cache = self._cache_for(cache, options)
         return self._plan(prompt, cache, cache.reusable(prompt.tokens), max_tokens)
 
     def stream(
         self,
         messages: list[dict[str, Any]] | Prompt,
+        options: Options | None = None,
         *,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        seed: int | None = None,
-        max_edge: int | None = None,
         cache: PromptCache | None = None,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
-        stop: str | list[str] | tuple[str, ...] = (),
-        json_schema: dict[str, Any] | None = None,
-        json_object: bool = False,
+        **overrides: Any,
     ) -> Iterator[Chunk]:
         """Stream a reply to `messages` (or an already encoded `Prompt`); the last chunk carries
         `finish_reason` and the statistics.
 
-        Options and the context are checked before any work. Pass a `cache` (from `new_cache()`) to
-        reuse it across calls: each call prefills only what differs from the tokens it holds.
-        `kv_bits` (4 or 8) and `kv_group_size` quantize the KV cache (a given `cache` keeps its own setting).
-        The memory plan is checked before any work too: over the machine's limit raises `MemoryPlanError`.
-        `stop`: up to 4 strings that end the reply (finish_reason "stop"); the text ends before them.
-        `json_schema` (a JSON Schema dict) or `json_object=True` constrain the reply to JSON that parses
-        (and validates); it ends when the JSON is complete. An unsupported schema raises before any work.
+        `options` (an `Options`) and/or options by name (`max_tokens`, `temperature`, `top_p`, `seed`,
+        `stop`, `json_schema`, `json_object`, `kv_bits`, `kv_group_size`, `max_edge`; see `Options`).
+        Options, the context and the memory plan are checked before any work (`MemoryPlanError` over the
+        machine's limit; an unsupported JSON schema raises too). Pass a `cache` (from `new_cache()`) to
+        reuse it across calls: each call prefills only what differs from the tokens it holds (a given cache
+        keeps its own KV setting).
         """
         tic = time.perf_counter()
-        options = Options(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            kv_bits=kv_bits,
-            kv_group_size=kv_group_size,
-            stop=stop,
-            json_schema=json_schema,
-            json_object=json_object,
-        )
-        prompt = messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=max_edge)
-        return self._stream_prompt(prompt, self._cache_for(cache, options), options, tic)
+        options = Options.of(options, **overrides)
+        prompt = self._prompt(messages, options)
+        return self.run_turn(self.plan_turn(prompt, self._cache_for(cache, options), options, start=tic))
 
-    def generate(self, messages: list[dict[str, Any]] | Prompt, **kwargs: Any) -> Reply:
+    def generate(self, messages: list[dict[str, Any]] | Prompt, options: Options | None = None, **kw: Any) -> Reply:
         """The whole reply as text, with mlx-lm's statistics (same arguments as `stream`)."""
-        return collect(self.stream(messages, **kwargs))
+        return collect(self.stream(messages, options, **kw))
 
     def stream_batch(
-        self,
-        prompts: list[list[dict[str, Any]] | Prompt],
-        *,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        seed: int | None = None,
-        max_edge: int | None = None,
+        self, prompts: list[list[dict[str, Any]] | Prompt], options: Options | None = None, **overrides: Any
     ) -> Iterator[tuple[int, Chunk]]:
-        """Replies to several independent prompts, decoded together as one batch: yields `(index, chunk)`
-        pairs; each reply's last chunk carries its `finish_reason` and statistics, and each stops on its own.
+        """Replies to several independent prompts, decoded together: yields `(index, chunk)` pairs; each
+        reply's last chunk carries its `finish_reason` and statistics, and each stops on its own.
 
         Each prompt is prefilled on its own (its images encoded then), and every decode step runs the
         remaining sequences together, which reads the weights once for all of them. At temperature 0 the
-        replies are token for token those of `generate` on each prompt alone. Options and every prompt's
-        context are checked before any work.
+        replies are token for token those of `generate` on each prompt alone. Options, every prompt's
+        context and memory plan are checked before any work; rows that would not fit together are decoded
+        in consecutive smaller groups. Options the batched decode does not take (a quantized KV cache, stop
+        strings, a JSON constraint) run the prompts one after another on the single-turn path instead.
         """
         tic = time.perf_counter()
-        options = Options(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
-        encoded = [p if isinstance(p, Prompt) else self.encode(p, max_edge=max_edge) for p in prompts]
-        if not encoded:
-            return iter(())
-        limits = []
+        options = Options.of(options, **overrides)
+        encoded = [self._prompt(p, options) for p in prompts]
+        limits, plans = [], []
         for i, prompt in enumerate(encoded):
             try:
                 limits.append(check_context(len(prompt), options.max_tokens, self.context_length))
             except ContextError as e:
                 raise ContextError(f"prompt {i + 1} of {len(encoded)}: {e}", param=e.param) from None
-        mx.reset_peak_memory()
-        return stream_batch(
-            self.model,
-            [self.encoder.detokenizer() for _ in encoded],
-            [(p.tokens, lambda p=p: self.embeddings(p)) for p in encoded],
-            eos_id=self.encoder.eos_id,
-            options=options,
-            max_tokens=limits,
-            start_time=tic,
-        )
+        if options.kv_bits is not None or options.stop or options.json_schema is not None or options.json_object:
+            return self._one_by_one(encoded, options)
+        for prompt, limit in zip(encoded, limits):
+            plan = estimate(self, prompt, keep=0, max_tokens=limit, kv_bits=None, kv_group_size=64)
+            if not plan.fits:
+                raise plan.refusal(suggestions(plan, lambda bits, p=prompt, n=limit: self._plan(p, None, 0, n, bits)))
+            plans.append(plan)
+        return self._batches(encoded, limits, batch_groups(plans, self.features.nbytes), options, tic)
 
-    def generate_batch(self, prompts: list[list[dict[str, Any]] | Prompt], **kwargs: Any) -> list[Reply]:
+    def generate_batch(self, prompts: list[list[dict[str, Any]] | Prompt], *args: Any, **kwargs: Any) -> list[Reply]:
         """Whole replies to several prompts, decoded together (same arguments as `stream_batch`)."""
         replies = [Reply() for _ in prompts]
-        for i, chunk in self.stream_batch(prompts, **kwargs):
+        for i, chunk in self.stream_batch(prompts, *args, **kwargs):
             replies[i].add(chunk)
         return replies
 
-    def chat(self, system: str | None = None, **kwargs: Any) -> Chat:
-        """A multi-turn conversation that keeps its KV cache and image features across turns.
+    def chat(self, system: str | None = None, options: Options | None = None, **overrides: Any) -> Any:
+        """A `Chat`: a multi-turn conversation that keeps its KV cache and image features across turns.
+        `options` and options by name as for `stream`: the chat's defaults, which each turn may override."""
+        from .chat import Chat
 
-        Keyword arguments: `max_edge`, the KV setting (`kv_bits`, `kv_group_size`) and the generation
-        defaults of `stream` (`max_tokens`, `temperature`, `top_p`, `seed`, `stop`, `json_schema`,
-        `json_object`), which each turn may override.
-        """
-        return Chat(self, system=system, **kwargs)
+        return Chat(self, system=system, options=Options.of(options, **overrides))
 
-    def _stream_prompt(
-        self, prompt: Prompt, cache: PromptCache, options: Options, tic: float, *, context_used: int | None = None
-    ) -> Iterator[Chunk]:
-        """The one turn path. Checks the context and trims `cache` to the prefix it shares with the
-        prompt (now, before any work); the returned generator encodes the images it needs, prefills
-        the rest and decodes. On close, `cache.tokens` holds exactly what the cache holds.
-        `context_used`: a conversation's tokens before this turn (for the context message)."""
+    # The turn path -----------------------------------------------------------------------------
+    def plan_turn(
+        self,
+        prompt: Prompt,
+        cache: PromptCache,
+        options: Options,
+        *,
+        context_used: int | None = None,
+        start: float | None = None,
+    ) -> Turn:
+        """Decide a turn before any work: check the context (`context_used`: a conversation's tokens before
+        this turn, for the message), build the grammar, find the prefix `cache` already holds and check the
+        memory plan; raise if any of them refuses. Then trims `cache` to that prefix."""
+        start = time.perf_counter() if start is None else start
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         constrained = options.json_schema is not None or options.json_object
         processors = logits_processors(options, self.encoder) if constrained else []  # grammar errors raise here
@@ -267,47 +287,13 @@ class Pixtral:
         if not plan.fits:
             raise plan.refusal(suggestions(plan, lambda bits: self._plan(prompt, cache, keep, max_tokens, bits)))
         cache.trim(keep)
-        options = Options.merge(options, max_tokens=max_tokens)
-        return self._turn(
-            prompt, cache, keep, options, tic, prefill_step=plan.prefill_step, processors=processors, keys=keys
-        )
+        options = options.merge(max_tokens=max_tokens)
+        return Turn(prompt, cache, keep, options, plan, keys, processors, start)
 
-    def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
-        """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""
-        if cache is None:
-            return self.new_cache(options.kv_bits, options.kv_group_size)
-        if options.kv_bits is not None and options.kv_bits != cache.kv_bits:
-            raise PromptError(
-                f"kv_bits must match the cache's ({cache.kv_bits}), got {options.kv_bits}.", param="kv_bits"
-            )
-        return cache
-
-    def _plan(self, prompt: Prompt, cache: PromptCache, keep: int, max_tokens: int, kv_bits: Any = False) -> MemoryPlan:
-        """The memory plan of prefilling `prompt` after `keep` cached tokens (`kv_bits`: another setting)."""
-        bits = cache.kv_bits if kv_bits is False else kv_bits
-        size = cache.nbytes if bits == cache.kv_bits else 0
-        return estimate(
-            self,
-            prompt,
-            keep=keep,
-            max_tokens=max_tokens,
-            kv_bits=bits,
-            kv_group_size=cache.kv_group_size,
-            cache_bytes=size,
-        )
-
-    def _turn(
-        self,
-        prompt: Prompt,
-        cache: PromptCache,
-        keep: int,
-        options: Options,
-        tic: float,
-        prefill_step: int = PREFILL_STEP,
-        processors: list[Any] | None = None,
-        *,
-        keys: list[Any],
-    ) -> Iterator[Chunk]:
+    def run_turn(self, turn: Turn) -> Iterator[Chunk]:
+        """Encode the images the turn needs, prefill what the cache lacks and decode; on close,
+        `turn.cache.tokens` holds exactly what the cache holds (a stopped reply's tokens too)."""
+        prompt, cache, keep = turn.prompt, turn.cache, turn.keep
         mx.reset_peak_memory()
         generated: list[int] = []
         try:
@@ -319,10 +305,10 @@ class Pixtral:
                 emb,
                 cache.layers,
                 eos_id=self.encoder.eos_id,
-                options=options,
-                prefill_step=prefill_step,
-                start_time=tic,
-                logits_processors=processors,
+                options=turn.options,
+                prefill_step=turn.plan.prefill_step,
+                start_time=turn.start,
+                logits_processors=turn.processors,
             ):
                 if chunk.token is not None:
                     generated.append(chunk.token)
@@ -332,4 +318,59 @@ class Pixtral:
         finally:
             # Every token consumed has been fed to the cache (a stopped reply's too).
             cache.tokens = (prompt.tokens + generated)[: cache.offset]
-            cache.keys = (keys + generated)[: cache.offset]
+            cache.keys = (turn.keys + generated)[: cache.offset]
+
+    # Internals ---------------------------------------------------------------------------------
+    def _prompt(self, messages: list[dict[str, Any]] | Prompt, options: Options) -> Prompt:
+        return messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=options.max_edge)
+
+    def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
+        """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""
+        if cache is None:
+            return self.new_cache(options.kv_bits, options.kv_group_size)
+        if options.kv_bits is not None and options.kv_bits != cache.kv_bits:
+            raise PromptError(
+                f"kv_bits must match the cache's ({cache.kv_bits}), got {options.kv_bits}.", param="kv_bits"
+            )
+        return cache
+
+    def _plan(
+        self, prompt: Prompt, cache: PromptCache | None, keep: int, max_tokens: int, kv_bits: Any = False
+    ) -> MemoryPlan:
+        """The memory plan of prefilling `prompt` after `keep` cached tokens (`kv_bits`: another setting)."""
+        held_bits, group = (cache.kv_bits, cache.kv_group_size) if cache is not None else (None, 64)
+        bits = held_bits if kv_bits is False else kv_bits
+        size = cache.nbytes if cache is not None and bits == held_bits else 0
+        return estimate(
+            self, prompt, keep=keep, max_tokens=max_tokens, kv_bits=bits, kv_group_size=group, cache_bytes=size
+        )
+
+    def _one_by_one(self, prompts: list[Prompt], options: Options) -> Iterator[tuple[int, Chunk]]:
+        """`stream_batch`'s pairs from the single-turn path, prompt after prompt (each planned when it starts)."""
+        for i, prompt in enumerate(prompts):
+            chunks = self.stream(prompt, options)
+            try:
+                for chunk in chunks:
+                    yield i, chunk
+            finally:
+                chunks.close()
+
+    def _batches(
+        self, prompts: list[Prompt], limits: list[int], groups: list[list[int]], options: Options, tic: float
+    ) -> Iterator[tuple[int, Chunk]]:
+        for group in groups:
+            mx.reset_peak_memory()
+            steps = stream_batch(
+                self.model,
+                [self.encoder.detokenizer() for _ in group],
+                [(prompts[i].tokens, lambda p=prompts[i]: self.embeddings(p)) for i in group],
+                eos_id=self.encoder.eos_id,
+                options=options,
+                max_tokens=[limits[i] for i in group],
+                start_time=tic,
+            )
+            try:
+                for row, chunk in steps:
+                    yield group[row], chunk
+            finally:
+                steps.close()

@@ -82,10 +82,15 @@ class Options:
     stop: tuple[str, ...] = ()  # strings that end the reply; never part of its text (a str is one of them)
     json_schema: dict[str, Any] | None = None  # the reply is JSON that matches this JSON Schema
     json_object: bool = False  # the reply is a JSON object
+    max_edge: int | None = None  # cap on the longest image edge in pixels (None: the model's image size)
 
     def __post_init__(self) -> None:
+        from .config import check_max_edge
+
         def bad(param: str, rule: str) -> PromptError:
             return PromptError(f"{param} must be {rule}, got {getattr(self, param)!r}.", param=param)
+
+        check_max_edge(self.max_edge)
 
         if not _whole(self.max_tokens) or self.max_tokens < 1:
             raise bad("max_tokens", "a whole number of at least 1")
@@ -119,12 +124,19 @@ class Options:
 
             object.__setattr__(self, "json_schema", check_schema(self.json_schema))
 
-    def kwargs(self) -> dict[str, Any]:
-        """These options as the keyword arguments of `Pixtral.stream`/`generate` (which take each by name)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+    @classmethod
+    def of(cls, options: Options | None = None, **overrides: Any) -> Options:
+        """`options` (default: the defaults) with `overrides` by name: how every library entry point takes
+        its options, so a caller builds one `Options` and passes it on, or names a few."""
+        if options is not None and not isinstance(options, Options):
+            raise PromptError(f"options must be an Options value, not {type(options).__name__}.", param="options")
+        return (options or cls()).merge(**overrides)
 
     def merge(self, **overrides: Any) -> Options:
         """These options with every override that is not None (so callers can pass their defaults through)."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(f"unexpected keyword argument {unknown[0]!r}: not a generation option")  # a caller's bug
         return replace(self, **{k: v for k, v in overrides.items() if v is not None})
 
     def sampler(self) -> Callable[[Any], Any]:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from pixtral_mlx import caption as cap
+from pixtral_mlx.memory import batch_bytes
 from pixtral_mlx.pipeline import Pixtral
 
 OURS = {"image": "elsewhere.png", "text": "kept", "prompt_tokens": 1, "generation_tokens": 1}
@@ -274,6 +275,20 @@ def spy(monkeypatch, cls, name: str) -> list:
     return calls
 
 
+def decoded_batches(monkeypatch) -> list:
+    """The rows of every batched decode the library runs (its groups of rows that fit together)."""
+    from pixtral_mlx import pipeline
+
+    calls, original = [], pipeline.stream_batch
+
+    def wrapper(model, detokenizers, prompts, *args, **kwargs):
+        calls.append(prompts)
+        return original(model, detokenizers, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "stream_batch", wrapper)
+    return calls
+
+
 SIZES = ("a.png", "b.png", "sub/c.png", "sub/d.png")
 
 
@@ -287,13 +302,13 @@ def test_a_batch_that_would_not_fit_is_decoded_in_smaller_groups(tmp_path, mlx_d
         return plans[-1]
 
     monkeypatch.setattr(cap, "_memory_plan", kept_plan)
-    batches = spy(monkeypatch, Pixtral, "stream_batch")
+    batches = decoded_batches(monkeypatch)
     common = ["imgs", *model_args(mlx_dir), "--batch-size", "4"]
     assert run(*common, "-o", "whole.jsonl", cwd=tmp_path)[::2] == (0, [])
     assert [len(b) for b in batches] == [4]
     # A limit each image fits under alone, but no two together.
     alone = max(p.total for p in plans)
-    pairs = min(cap._together([p, q], 0) for i, p in enumerate(plans) for q in plans[i + 1 :])
+    pairs = min(batch_bytes([p, q], 0) for i, p in enumerate(plans) for q in plans[i + 1 :])
     assert alone < pairs
     monkeypatch.setenv("PIXTRAL_MLX_MEMORY_LIMIT", repr((alone + pairs) / 2 / 1e9))
     batches.clear()
@@ -306,8 +321,8 @@ def test_a_batch_that_would_not_fit_is_decoded_in_smaller_groups(tmp_path, mlx_d
     whole, split = records(tmp_path / "whole.jsonl"), records(tmp_path / "split.jsonl")
     assert sorted(split, key=lambda r: r["image"]) == sorted(whole, key=lambda r: r["image"])
     # Room for two at a time (a, b then c, d), never three: groups of two.
-    two = max(cap._together(plans[:2], 0), cap._together(plans[2:4], 0))
-    three = min(cap._together(plans[i : i + 3], 0) for i in (0, 1))
+    two = max(batch_bytes(plans[:2], 0), batch_bytes(plans[2:4], 0))
+    three = min(batch_bytes(plans[i : i + 3], 0) for i in (0, 1))
     assert two < three
     monkeypatch.setenv("PIXTRAL_MLX_MEMORY_LIMIT", repr((two + three) / 2 / 1e9))
     batches.clear()

@@ -58,7 +58,7 @@ def test_estimate_within_25_percent_of_measured_peak(pixtral, case):
     import mlx.core as mx
 
     messages, bits = CASES[case]
-    pixtral._features.clear()  # the vision encoder runs for these images
+    pixtral.features.clear()  # the vision encoder runs for these images
     mx.clear_cache()
     prompt = pixtral.encode(messages)
     kv = {"kv_bits": bits, "kv_group_size": 32}

@@ -103,9 +103,9 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
                 code="model_not_found",
             )
         # to a thread: a JSON schema compiles into a grammar here, which may take a while
-        options, max_edge = await asyncio.to_thread(request_options, req, settings.defaults, settings.max_edge)
+        options = await asyncio.to_thread(request_options, req, settings.defaults, settings.max_edge)
         messages = await asyncio.to_thread(resolve_messages, req, settings)
-        job = Job(messages, options, max_edge, asyncio.get_running_loop())
+        job = Job(messages, options, asyncio.get_running_loop())
         try:
             engine.submit(job)
         except queue.Full:

@@ -44,8 +44,7 @@ class Record:
 @dataclass
 class Job:
     messages: list[dict[str, Any]]
-    options: Options
-    max_edge: int | None
+    options: Options  # max_edge included
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -171,8 +170,8 @@ class Engine:
             return
         o = job.options
         try:
-            prompt = self.pixtral.encode(job.messages, max_edge=job.max_edge)
-            chunks = self.pixtral.stream(prompt, cache=self.cache, **o.kwargs())
+            prompt = self.pixtral.encode(job.messages, max_edge=o.max_edge)
+            chunks = self.pixtral.stream(prompt, o, cache=self.cache)
         except Exception as e:  # nothing was done: a PixtralError is the client's, anything else a bug
             if not isinstance(e, PixtralError):
                 log.exception("a request failed before generation")

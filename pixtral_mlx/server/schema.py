@@ -133,9 +133,9 @@ def _validation_error(e: ValidationError) -> APIError:
     return APIError(400, f"invalid value for '{param}': {err['msg'].lower()}, got {shown}.", param=param)
 
 
-def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int | None) -> tuple[Options, int | None]:
-    """The generation `Options` and image edge cap of a request; the library's checks, reported with the
-    name of the field the client set."""
+def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int | None) -> Options:
+    """The one `Options` value of a request (the server's defaults with what the client set, the image edge
+    capped by `max_edge_limit`); the library's checks, reported with the name of the field the client set."""
     from pixtral_mlx.config import MAX_EDGE, check_max_edge
 
     tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
@@ -145,15 +145,16 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
 
         fmt = request.response_format
         structured = response_format_options(fmt.model_dump(exclude_none=True) if fmt else None)
-        options = defaults.merge(
+        max_edge = check_max_edge(request.max_edge, max_edge_limit or MAX_EDGE)
+        return defaults.merge(
             max_tokens=max_tokens,
             temperature=request.temperature,
             top_p=request.top_p,
             seed=request.seed,
             stop=request.stop,
+            max_edge=max_edge if max_edge is not None else max_edge_limit,
             **structured,
         )
-        max_edge = check_max_edge(request.max_edge, max_edge_limit or MAX_EDGE)
     except PixtralError as e:
         param, message = e.param, str(e)
         if param == "max_tokens":
@@ -163,4 +164,3 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
         if param in ("json_schema", "json_object"):
             param = "response_format"
         raise APIError(400, message, param=param) from None
-    return options, max_edge if max_edge is not None else max_edge_limit

@@ -89,18 +89,8 @@ class FakePixtral(Pixtral):
     def _id(self, word: str) -> int:
         return self.vocab.setdefault(word, 1000 + len(self.vocab))
 
-    def _turn(
-        self,
-        prompt: Prompt,
-        cache: PromptCache,
-        keep: int,
-        options: Any,
-        tic: float,
-        prefill_step: int = 2048,
-        processors: Any = None,
-        *,
-        keys: Any = None,
-    ) -> Iterator[Chunk]:
+    def run_turn(self, turn: Any) -> Iterator[Chunk]:
+        prompt, cache, keep = turn.prompt, turn.cache, turn.keep
         reply = self.replies[self.n_replies % len(self.replies)]
         self.n_replies += 1
         self.prefilled.append(len(prompt) - keep)
