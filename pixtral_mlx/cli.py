@@ -99,17 +99,35 @@ def add_structured_args(parser: argparse.ArgumentParser) -> None:
 
 def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
     """The `json_schema`/`json_object` options of the parsed flags, before any model work: reads and checks
-    the schema file; a missing file, invalid JSON or an unsupported schema is one `PromptError` sentence."""
+    the schema file; a missing file, invalid JSON or an unsupported schema is one `PromptError` sentence.
+
+    Only a regular file is read, and at most `MAX_SCHEMA_FILE_BYTES` of it: a pipe or device (`/dev/zero`)
+    would block or fill memory."""
     import json
+    import os
+    import stat
     from pathlib import Path
 
     from .errors import PromptError
+    from .structured import MAX_SCHEMA_FILE_BYTES, check_schema
 
     if args.json_schema is None:
         return {"json_object": bool(args.json_object)}
     path = Path(args.json_schema)
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # opening a FIFO does not wait for a writer
+        with open(fd, "rb") as file:
+            mode = os.fstat(file.fileno()).st_mode
+            if stat.S_ISDIR(mode):
+                raise IsADirectoryError
+            if not stat.S_ISREG(mode):
+                raise PromptError(f"--json-schema: {path} is not a regular file.", param="json_schema")
+            data = file.read(MAX_SCHEMA_FILE_BYTES + 1)
+        if len(data) > MAX_SCHEMA_FILE_BYTES:
+            raise PromptError(
+                f"--json-schema: {path} is larger than {MAX_SCHEMA_FILE_BYTES // 1024} KiB.", param="json_schema"
+            )
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise PromptError(f"--json-schema: {path} does not exist.", param="json_schema") from None
     except IsADirectoryError:
@@ -125,22 +143,22 @@ def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
             f"--json-schema: {path} is not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}).",
             param="json_schema",
         ) from None
-    from .structured import check_schema
-
+    except RecursionError:  # nesting past Python's limit, which check_schema would refuse as too deep
+        raise PromptError(f"--json-schema: {path} is nested too deeply to read.", param="json_schema") from None
     return {"json_schema": check_schema(schema, name=f"--json-schema {path}")}
 
 
 def check_model_args(args: argparse.Namespace) -> Any:
     """The generation `Options` of the parsed flags, checked as the library checks them (one home for the
     ranges); raises `PromptError` whose message names the flag."""
-    from .config import check_context_length, check_max_edge
+    from .config import check_context_length
     from .errors import PixtralError
     from .turn import Options
 
     try:
-        check_max_edge(args.max_edge)
         check_context_length(args.context_length, 1 << 62)
         return Options(
+            max_edge=args.max_edge,
             max_tokens=args.max_tokens,
             temperature=args.temp,
             top_p=args.top_p,
