@@ -49,7 +49,7 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-@pytest.mark.parametrize("module", ["pixtral_mlx.describe", "pixtral_mlx.pipeline"])
+@pytest.mark.parametrize("module", ["pixtral_mlx.cli.describe", "pixtral_mlx.pipeline"])
 def test_ctrl_c_during_startup_exits_130_quietly(module, image, mlx_dir):
     code = CTRL_C_DURING.format(module=module)
     argv = [sys.executable, "-c", code, *describe_argv(image, mlx_dir)[3:]]

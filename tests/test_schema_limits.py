@@ -250,7 +250,7 @@ def test_cli_file_limits(tmp_path):
 
 
 def test_describe_refuses_an_endless_schema_in_one_line(tmp_path, capsys):
-    from pixtral_mlx import describe
+    from pixtral_mlx.cli import describe
 
     Image.new("RGB", (40, 30), "red").save(tmp_path / "a.png")
     (tmp_path / "endless.json").write_text('{"type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]}')

@@ -9,13 +9,13 @@ import os
 import sys
 from typing import Any
 
-from ._version import __version__
-from .config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_EDGE
+from pixtral_mlx._version import __version__
+from pixtral_mlx.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_EDGE
 
 DEFAULT_MODEL = "mlx-community/pixtral-12b-4bit"
 
 COMMANDS = {
-    "describe": ("pixtral_mlx.describe", "describe images: stream an answer about one or more images"),
+    "describe": ("pixtral_mlx.cli.describe", "describe images: stream an answer about one or more images"),
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
     "serve": ("pixtral_mlx.serve", "serve an OpenAI-compatible API (/v1/chat/completions) with image input"),
@@ -26,6 +26,16 @@ FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-
          "max_edge": "--max-edge", "kv_bits": "--kv-bits", "kv_group_size": "--kv-group-size",
          "json_schema": "--json-schema", "json_object": "--json-object",
          "context_length": "--context-length"}  # fmt: skip
+
+
+def error(message: str) -> None:
+    """One `error:` line on stderr: how every command reports what stops it."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def info(message: str) -> None:
+    """One `[INFO]` progress line on stderr (stdout stays the command's output)."""
+    print(f"[INFO] {message}", file=sys.stderr, flush=True)
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -108,8 +118,8 @@ def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
     import stat
     from pathlib import Path
 
-    from .errors import PromptError
-    from .structured import MAX_SCHEMA_FILE_BYTES, check_schema
+    from pixtral_mlx.errors import PromptError
+    from pixtral_mlx.structured import MAX_SCHEMA_FILE_BYTES, check_schema
 
     if args.json_schema is None:
         return {"json_object": bool(args.json_object)}
@@ -151,9 +161,9 @@ def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
 def check_model_args(args: argparse.Namespace) -> Any:
     """The generation `Options` of the parsed flags, checked as the library checks them (one home for the
     ranges); raises `PromptError` whose message names the flag."""
-    from .config import check_context_length
-    from .errors import PixtralError
-    from .turn import Options
+    from pixtral_mlx.config import check_context_length
+    from pixtral_mlx.errors import PixtralError
+    from pixtral_mlx.turn import Options
 
     try:
         check_context_length(args.context_length, 1 << 62)
@@ -204,7 +214,7 @@ def _show_library_warnings() -> None:
     instead of Python's file:line form."""
     import warnings
 
-    from .errors import ContextLengthWarning
+    from pixtral_mlx.errors import ContextLengthWarning
 
     default = warnings.showwarning
 

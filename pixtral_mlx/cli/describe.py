@@ -8,7 +8,9 @@ import sys
 import time
 from typing import Any
 
-from .cli import add_model_args, add_structured_args, check_model_args, check_structured_args, flag_message
+from . import add_model_args, add_structured_args, check_model_args, check_structured_args, flag_message
+from . import error as _err
+from . import info as _info
 
 DEFAULT_PROMPT = "Describe this image."
 DEFAULT_PROMPT_MANY = "Describe these images."
@@ -49,17 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _err(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr)
-
-
-def _info(msg: str) -> None:
-    print(f"[INFO] {msg}", file=sys.stderr, flush=True)
-
-
 def _image_failed(src: str, e: Exception) -> None:
     """--each: a JSON line on stdout, and one `error:` line naming the image on stderr."""
-    from .images import describe_source
+    from pixtral_mlx.images import describe_source
 
     name = describe_source(src)
     print(json.dumps({"image": name, "error": str(e)}), flush=True)
@@ -85,7 +79,7 @@ def _print_stats(stats: dict[str, Any]) -> None:
 
 def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, echo: bool) -> dict[str, Any]:
     """Generate one answer; on Ctrl-C return what was generated with finish_reason 'interrupted'."""
-    from .turn import Reply
+    from pixtral_mlx.turn import Reply
 
     prompt = model.encode(messages, max_edge=args.options.max_edge)
     if args.verbose:
@@ -108,7 +102,7 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import PixtralError
+    from pixtral_mlx.errors import PixtralError
 
     try:
         args.options = check_model_args(args).merge(**check_structured_args(args))
@@ -122,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     prompt = args.prompt or (DEFAULT_PROMPT if len(args.images) == 1 or args.each else DEFAULT_PROMPT_MANY)
 
-    from .images import describe_source, load_image
+    from pixtral_mlx.images import describe_source, load_image
 
     loaded, failed = [], 0
     for src in args.images:  # read and check every image once, before the (slow) model load
@@ -138,8 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     import pixtral_mlx
-
-    from . import backend
+    from pixtral_mlx import backend
 
     try:
         tic = time.perf_counter()
@@ -182,7 +175,7 @@ def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespac
     else:
         print("\n".join(plan.lines()), flush=True)
     if not plan.fits:
-        from .memory import suggestions
+        from pixtral_mlx.memory import suggestions
 
         error = plan.refusal(suggestions(plan, lambda bits: model.memory_plan(messages, opts, kv_bits=bits)))
         _err(str(error))
@@ -190,8 +183,8 @@ def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespac
 
 
 def _each(model: Any, loaded: list[tuple[str, Any]], prompt: str, args: argparse.Namespace) -> int:
-    from .errors import PixtralError
-    from .images import describe_source
+    from pixtral_mlx.errors import PixtralError
+    from pixtral_mlx.images import describe_source
 
     failed = 0
     for src, image in loaded:
