@@ -222,8 +222,8 @@ def vision(args: argparse.Namespace) -> dict:
     """The vision encoder at Pixtral-12B's widths (random weights, 2 layers, CPU classes as the library
     installs them): several images in one `encode_images` call against one call per image."""
     from pixtral_mlx import backend  # first: it preloads the optimized BLAS before mlx is imported
-    from pixtral_mlx.config import VISION_DEFAULTS, PixtralArgs
-    from pixtral_mlx.model import Model
+    from pixtral_mlx.models.pixtral.args import VISION_DEFAULTS, PixtralArgs
+    from pixtral_mlx.models.pixtral.model import Model
 
     cfg = {"vision_config": {**VISION_DEFAULTS, "num_hidden_layers": 2}, "text_config": {"num_hidden_layers": 1,
            "hidden_size": 64, "intermediate_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,

@@ -65,7 +65,7 @@ def decode_speed(contexts, tokens):
     import mlx.nn as nn
     from mlx_lm.models import llama
 
-    from pixtral_mlx.config import TEXT_DEFAULTS
+    from pixtral_mlx.models.pixtral.args import TEXT_DEFAULTS
 
     args = llama.ModelArgs.from_dict({**TEXT_DEFAULTS, "model_type": "llama", "num_hidden_layers": 2,
                                       "vocab_size": 256, "tie_word_embeddings": False})  # fmt: skip
@@ -102,8 +102,8 @@ def longest_context(limit=WORKING_SET_16GB):
     import mlx.nn as nn
 
     from pixtral_mlx import backend, memory
-    from pixtral_mlx.config import TEXT_DEFAULTS, VISION_DEFAULTS, PixtralArgs
-    from pixtral_mlx.model import Model
+    from pixtral_mlx.models.pixtral.args import TEXT_DEFAULTS, VISION_DEFAULTS, PixtralArgs
+    from pixtral_mlx.models.pixtral.model import Model
     from pixtral_mlx.pipeline import Pixtral
     from pixtral_mlx.prompt import Prompt
 

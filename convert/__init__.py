@@ -14,14 +14,14 @@ from typing import TYPE_CHECKING, Any
 from pixtral_mlx.errors import ConversionError
 
 if TYPE_CHECKING:
-    from pixtral_mlx.convert.stream import convert
+    from pixtral_mlx.conversion.stream import convert
 
 __all__ = ["ConversionError", "convert"]
 
 
 def __getattr__(name: str) -> Any:
     if name == "convert":
-        from pixtral_mlx.convert.stream import convert
+        from pixtral_mlx.conversion.stream import convert
 
         return convert
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -64,8 +64,8 @@ def default_output(source: str, quantize: bool, bits: int) -> Path:
 
 def summary(folder: Path) -> tuple[float, float]:
     """Size in GB and bits per weight of a converted folder (from its index and config)."""
-    from pixtral_mlx.config import PixtralArgs
-    from pixtral_mlx.convert.weights import expected_shapes
+    from pixtral_mlx.models.pixtral.args import PixtralArgs
+    from pixtral_mlx.models.pixtral.weights import expected_shapes
 
     total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
     args = PixtralArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     output = Path(a.output) if a.output else default_output(source, a.quantize, a.bits)
 
+    from pixtral_mlx.conversion.save import Terminated
     from pixtral_mlx.convert import ConversionError, convert
-    from pixtral_mlx.convert.save import Terminated
 
     try:
         out = convert(

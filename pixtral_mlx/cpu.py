@@ -17,7 +17,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import cpu_kernel
-from .vision import Attention
+from .models.pixtral.vision import Attention
 
 # Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
 DEQUANT_MIN_TOKENS = 16

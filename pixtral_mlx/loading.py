@@ -9,12 +9,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
+from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from . import hub
-from .config import PixtralArgs, bundled_tekken
+from .config import bundled_tekken
 from .errors import ModelError, PixtralError
+from .models import family
 from .prompt import PromptEncoder
 
 MLX_ALLOW_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
@@ -59,7 +61,7 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
     if is_mlx_dir(local):
         return local
     if (local / "consolidated.safetensors").exists():
-        from .convert import convert
+        from .conversion.stream import convert
 
         if progress:
             progress(f"Converting {repo} to 4-bit MLX into {converted} (once)…")
@@ -75,7 +77,7 @@ def _read_weights(path: Path) -> dict[str, Any]:
     """Every tensor of the folder's safetensors files, under our names (`convert.weights.KEY_RULES`)."""
     import mlx.core as mx
 
-    from .convert.weights import canonical_key, torch_layout
+    from .models.pixtral.weights import canonical_key, torch_layout
 
     files = sorted(p for p in path.glob("*.safetensors") if p.name != "consolidated.safetensors")
     if not files:
@@ -96,14 +98,14 @@ def _read_weights(path: Path) -> dict[str, Any]:
     return weights
 
 
-def _read_config(path: Path) -> tuple[dict[str, Any], PixtralArgs]:
+def _read_config(path: Path) -> tuple[dict[str, Any], Any]:
     file = path / "config.json"
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ModelError(f"{file} cannot be read ({getattr(e, 'strerror', None) or e}).") from e
     try:
-        return config, PixtralArgs.from_hf_config(config)
+        return config, family(config).Args.from_hf_config(config)
     except PixtralError as e:
         raise ModelError(f"{file} does not describe a usable Pixtral model: {e}.") from e
 
@@ -114,10 +116,9 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     from mlx.utils import tree_flatten
 
     from . import backend
-    from .model import Model
 
     config, args = _read_config(path)
-    model = Model(args)
+    model = import_module(family(config).__name__ + ".model").Model(args)
     weights = _read_weights(path)
     if quant := config.get("quantization"):
 
@@ -156,7 +157,7 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     return model, _encoder(path, args)
 
 
-def _encoder(path: Path, args: PixtralArgs) -> PromptEncoder:
+def _encoder(path: Path, args: Any) -> PromptEncoder:
     """The folder's tekken.json, or (peers ship the HF tokenizer instead) the one in mistral_common."""
     tekken = path / "tekken.json"
     if not tekken.exists():

@@ -26,12 +26,12 @@ from checkpoints import (  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-import pixtral_mlx.convert.stream as stream  # noqa: E402
-from pixtral_mlx.config import PixtralArgs  # noqa: E402
+import pixtral_mlx.conversion.stream as stream  # noqa: E402
+from pixtral_mlx.conversion.save import ShardedWriter  # noqa: E402
 from pixtral_mlx.convert import ConversionError, convert  # noqa: E402
 from pixtral_mlx.convert.__main__ import default_output, main  # noqa: E402
-from pixtral_mlx.convert.save import ShardedWriter  # noqa: E402
-from pixtral_mlx.convert.weights import expected_shapes  # noqa: E402
+from pixtral_mlx.models.pixtral.args import PixtralArgs  # noqa: E402
+from pixtral_mlx.models.pixtral.weights import expected_shapes  # noqa: E402
 
 VT = "vision_tower.vision_model"
 LM = "language_model.model"

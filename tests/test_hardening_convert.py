@@ -22,7 +22,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
 
 PAUSED = """
 import os, sys, time
-from pixtral_mlx.convert.save import ShardedWriter
+from pixtral_mlx.conversion.save import ShardedWriter
 
 write, gate, seen = ShardedWriter.write, sys.argv[1], [0]
 

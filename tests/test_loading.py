@@ -79,7 +79,7 @@ def test_torch_conv_layout_is_accepted_once(mlx_dir, pixtral, tmp_path):
 )
 def test_each_peer_naming_rule(name, ours):
     """`canonical_key` is the one renaming for the loader and the converter: one case per rule in KEY_RULES."""
-    from pixtral_mlx.convert.weights import canonical_key
+    from pixtral_mlx.models.pixtral.weights import canonical_key
 
     assert canonical_key(name) == ours
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixtral_mlx.config import PixtralArgs, VisionArgs
 from pixtral_mlx.errors import ConfigError, PixtralError, PromptError
+from pixtral_mlx.models.pixtral.args import PixtralArgs, VisionArgs
 from pixtral_mlx.turn import MAX_SEED, Options
 
 
@@ -99,7 +99,7 @@ def test_streaming_detokenizer_waits_for_whole_characters(pixtral, text):
 
 def test_rope_2d_equals_the_direct_formula():
     """mistral-inference's `precompute_freqs_cis_2d`, written out entry by entry, for two images."""
-    from pixtral_mlx.vision import rope_2d
+    from pixtral_mlx.models.pixtral.vision import rope_2d
 
     args = VisionArgs(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8,
                       image_size=64, patch_size=16, rope_theta=10000.0)  # fmt: skip

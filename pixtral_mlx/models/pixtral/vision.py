@@ -10,7 +10,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .config import VisionArgs
+from .args import VisionArgs
 
 
 def rope_2d(grid: list[tuple[int, int]], args: VisionArgs) -> tuple[mx.array, mx.array]:

@@ -15,7 +15,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx_lm.models import llama
 
-from .config import PixtralArgs
+from .args import PixtralArgs
 from .vision import VisionModel
 
 

@@ -18,9 +18,9 @@ import mlx.core as mx
 import numpy as np
 
 from pixtral_mlx import hub
-from pixtral_mlx.config import PixtralArgs
 from pixtral_mlx.errors import ConversionError, PixtralError
 from pixtral_mlx.hub import is_repo_id
+from pixtral_mlx.models.pixtral.args import PixtralArgs
 
 __all__ = ["Source", "TensorInfo", "download", "is_repo_id", "open_source", "read_header", "read_json"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import mlx.core as mx
 
-from pixtral_mlx.config import PixtralArgs
+from .args import PixtralArgs
 
 LM = "language_model.model"
 VT = "vision_tower.vision_model"

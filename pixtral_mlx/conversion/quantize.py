@@ -12,7 +12,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from pixtral_mlx.convert.weights import is_language_linear
+from pixtral_mlx.models.pixtral.weights import is_language_linear
 
 
 @dataclass(frozen=True)

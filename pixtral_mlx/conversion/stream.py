@@ -16,9 +16,9 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from pixtral_mlx.config import bundled_tekken
-from pixtral_mlx.convert.quantize import QuantSpec
-from pixtral_mlx.convert.quantize import quantize as quantize_block
-from pixtral_mlx.convert.save import (
+from pixtral_mlx.conversion.quantize import QuantSpec
+from pixtral_mlx.conversion.quantize import quantize as quantize_block
+from pixtral_mlx.conversion.save import (
     MAX_SHARD_BYTES,
     ST_DTYPE,
     Planned,
@@ -29,9 +29,9 @@ from pixtral_mlx.convert.save import (
     write_config,
     write_index,
 )
-from pixtral_mlx.convert.source import Source, download, is_repo_id, open_source
-from pixtral_mlx.convert.weights import Target, expected_shapes, target, transform
+from pixtral_mlx.conversion.source import Source, download, is_repo_id, open_source
 from pixtral_mlx.errors import ConversionError
+from pixtral_mlx.models.pixtral.weights import Target, expected_shapes, target, transform
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 CHUNK_BYTES = 64 << 20  # source bytes per block of rows: bounds memory whatever the tensor size

@@ -1,0 +1,21 @@
+"""The architectures, one package per model family (as mlx-lm's `models/` and mlx-vlm's `models/<arch>/`).
+
+Each family holds its args (dataclasses read from `config.json` or `params.json`: shapes and the window it was
+trained on), its weight map (checkpoint tensor names of each format -> the names of its modules) and its model
+(`model.py`, plus its vision encoder), written device-free like mlx-lm's `llama.py`. Nothing here imports the
+runtime: the loader picks a family from the checkpoint's config, the runtime drives what it builds.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from types import ModuleType
+from typing import Any
+
+FAMILIES = {"pixtral": "pixtral_mlx.models.pixtral"}  # model_type in config.json -> package
+
+
+def family(config: dict[str, Any]) -> ModuleType:
+    """The package of the family a checkpoint's config describes (Pixtral-12B's LLaVA layout by default)."""
+    name = config.get("model_type") if isinstance(config, dict) else None
+    return import_module(FAMILIES.get(name, FAMILIES["pixtral"]))
