@@ -54,7 +54,7 @@ def check_context(
         )
     raise ContextError(
         f"the prompt is {n_prompt:,} tokens, over the model's {context:,}-token context; "
-        "remove images or text (or use a smaller --max-edge)."
+        "remove images or text (or set a smaller max_edge)."
     )
 
 

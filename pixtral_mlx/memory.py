@@ -347,11 +347,11 @@ def suggestions(plan: MemoryPlan, replan: Any) -> list[str]:
             continue
         try:
             if replan(bits).fits:
-                out.append(f"{'an' if bits == 8 else 'a'} {bits}-bit KV cache would fit (--kv-bits {bits})")
+                out.append(f"{'an' if bits == 8 else 'a'} {bits}-bit KV cache would fit (kv_bits={bits})")
                 break
         except PixtralError:  # a group size this model's heads cannot use
             break
     if plan.image_tokens:
-        out.append("use smaller or fewer images (--max-edge 512)")
+        out.append("use smaller or fewer images (max_edge=512)")
     out.append("start a new conversation" if plan.new_tokens < plan.prompt_tokens else "shorten the prompt")
     return out

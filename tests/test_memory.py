@@ -83,7 +83,10 @@ def test_over_limit_is_refused_before_any_work(pixtral, monkeypatch):
         chat.send(big)
     message = str(e.value)
     assert message.startswith("this turn would need about 0.") and message.endswith("start a new conversation.")
-    assert "--max-edge 512" in message and message.count(".") >= 2
+    assert "(max_edge=512)" in message and message.count(".") >= 2  # the library names its parameters
+    from pixtral_mlx.cli import flag_message
+
+    assert "(--max-edge 512)" in flag_message(e.value) and "max_edge" not in flag_message(e.value)  # the CLI, flags
     assert chat.messages == messages and chat.cache.tokens == tokens and pixtral.vision_runs == runs
     # A smaller image fits, and the refused turn left nothing behind.
     reply = chat.send([{"type": "image", "image": noise(128, 96, 6)}, {"type": "text", "text": "And this?"}])
@@ -98,7 +101,7 @@ def test_refusal_suggests_a_kv_bits_that_fits(pixtral, monkeypatch):
     assert plan8.kv < plan.kv
     monkeypatch.setenv(LIMIT_ENV, str((plan8.total + plan.total) / 2 / 1e9))
     chat = pixtral.chat(max_tokens=100_000, kv_group_size=32)
-    with pytest.raises(MemoryPlanError, match=r"an 8-bit KV cache would fit \(--kv-bits 8\)"):
+    with pytest.raises(MemoryPlanError, match=r"an 8-bit KV cache would fit \(kv_bits=8\)"):
         chat.send(messages[0]["content"])
     assert chat.messages == []
     monkeypatch.setenv(LIMIT_ENV, "off")

@@ -21,8 +21,10 @@ import httpx
 import pytest
 
 from pixtral_mlx.server import app as app_module
-from pixtral_mlx.server.app import Server, Settings, _Guard, create_app
+from pixtral_mlx.server.app import Settings, create_app
 from pixtral_mlx.server.engine import Engine
+from pixtral_mlx.server.guard import Guard as _Guard
+from pixtral_mlx.server.http import Server
 from pixtral_mlx.server.schema import APIError
 
 CHAT = "/v1/chat/completions"

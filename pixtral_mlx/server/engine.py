@@ -27,6 +27,8 @@ from typing import Any
 from pixtral_mlx.errors import PixtralError
 from pixtral_mlx.turn import Options
 
+from .limits import QUEUE
+
 log = logging.getLogger("pixtral_mlx.server")
 
 
@@ -72,7 +74,7 @@ class Job:
 
 class Engine:
     def __init__(
-        self, load: Callable[[], Any], queue_size: int = 16, kv_bits: int | None = None, kv_group_size: int = 64
+        self, load: Callable[[], Any], queue_size: int = QUEUE, kv_bits: int | None = None, kv_group_size: int = 64
     ):
         self._load = load
         self.kv = (kv_bits, kv_group_size)  # the shared KV cache's quantization (mlx-lm's QuantizedKVCache)
