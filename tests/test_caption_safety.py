@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pixtral_mlx import caption as cap
+from pixtral_mlx.caption import run as cap
+from pixtral_mlx.cli import flag_message
 from pixtral_mlx.memory import batch_bytes
 from pixtral_mlx.pipeline import Pixtral
 
@@ -353,6 +354,6 @@ def test_an_image_that_does_not_fit_alone_fails_with_the_plans_sentence(path, tm
         options = {"kv_bits": 8, "kv_group_size": 32} if kv else {}
         with pytest.raises(MemoryPlanError) as e:
             pixtral.generate(msgs, max_tokens=4, temperature=0, **options)
-        assert r == {"image": r["image"], "error": f"{r['image']}: {e.value}"}
+        assert r == {"image": r["image"], "error": f"{r['image']}: {flag_message(e.value)}"}
         assert "PIXTRAL_MLX_MEMORY_LIMIT" in r["error"]
     assert err == [f"error: {r['error']}" for r in got] + ["2 of 2 images failed."]

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from pixtral_mlx.cli import check_model_args
 
     try:
-        check_model_args(args)
+        options = check_model_args(args)  # the one Options value the chat runs with
     except PixtralError as e:
         parser.error(str(e))
 
@@ -82,18 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from .app import make_app
     from .engine import Engine
 
-    engine = Engine(
-        args.model,
-        system=args.system,
-        max_edge=args.max_edge,
-        max_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_p=args.top_p,
-        seed=args.seed,
-        kv_bits=args.kv_bits,
-        kv_group_size=args.kv_group_size,
-        context_length=args.context_length,
-    )
+    engine = Engine(args.model, system=args.system, options=options, context_length=args.context_length)
     app = make_app(engine, data_dir=store.root, images=list(args.images), resume=resume)
     app.run()
     return int(app.return_code or 0)

@@ -20,9 +20,8 @@ from typing import Any, Protocol
 from textual.message import Message
 from textual.message_pump import MessagePump
 
-from pixtral_mlx.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from pixtral_mlx.errors import PixtralError
-from pixtral_mlx.turn import Reply
+from pixtral_mlx.turn import Options, Reply
 
 from .messages import (
     ContextUpdated,
@@ -65,34 +64,26 @@ class Engine:
         model: str,
         *,
         system: str | None = None,
-        max_edge: int | None = None,
-        max_tokens: int = DEFAULT_MAX_TOKENS,
-        temperature: float = DEFAULT_TEMPERATURE,
-        top_p: float = DEFAULT_TOP_P,
-        seed: int | None = None,
-        kv_bits: int | None = None,
-        kv_group_size: int = 64,
+        options: Options | None = None,
         context_length: int | None = None,
+        **overrides: Any,
     ):
+        """`options` (the one `Options` value the command line built) and/or options by name: the chat's."""
         self.model = model
         self.context_length = context_length
         self.name = model_name(model)
         self.system = system
-        self.max_edge = max_edge
-        self.options = {
-            "max_tokens": max_tokens,
-            "temperature": temperature,
-            "top_p": top_p,
-            "seed": seed,
-            "kv_bits": kv_bits,
-            "kv_group_size": kv_group_size,
-        }
+        self.options = Options.of(options, **overrides)
         self.chat: ChatBackend | None = None
         self.load_error: str | None = None
         self._requests: queue.Queue[tuple[str, tuple[Any, ...]] | None] = queue.Queue()
         self._stop = threading.Event()
         self._target: MessagePump | None = None
         self._thread: threading.Thread | None = None
+
+    @property
+    def max_edge(self) -> int | None:
+        return self.options.max_edge
 
     # Requests from the UI thread: they only enqueue ---------------------------------------------
     def start(self, target: MessagePump) -> None:
@@ -160,7 +151,7 @@ class Engine:
         import pixtral_mlx
 
         pixtral = pixtral_mlx.load(self.model, progress=progress, context_length=self.context_length)
-        return pixtral.chat(system=self.system, max_edge=self.max_edge, **self.options)
+        return pixtral.chat(system=self.system, options=self.options)
 
     def _do_load(self) -> None:
         tic = time.perf_counter()

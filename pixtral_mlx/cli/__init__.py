@@ -18,8 +18,11 @@ COMMANDS = {
     "describe": ("pixtral_mlx.cli.describe", "describe images: stream an answer about one or more images"),
     "chat": ("pixtral_mlx.tui.__main__", "open the terminal chat; drop images into a conversation"),
     "convert": ("pixtral_mlx.convert.__main__", "convert an official or Hugging Face checkpoint to MLX"),
-    "serve": ("pixtral_mlx.serve", "serve an OpenAI-compatible API (/v1/chat/completions) with image input"),
-    "caption": ("pixtral_mlx.caption", "caption every image of folders, resumably and in batches (JSONL or sidecars)"),
+    "serve": ("pixtral_mlx.server.cli", "serve an OpenAI-compatible API (/v1/chat/completions) with image input"),
+    "caption": (
+        "pixtral_mlx.caption.run",
+        "caption every image of folders, resumably and in batches (JSONL or sidecars)",
+    ),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
@@ -181,12 +184,16 @@ def check_model_args(args: argparse.Namespace) -> Any:
 
 
 def flag_message(error: Exception) -> str:
-    """A library error's sentence with its parameter name replaced by the flag that sets it."""
+    """A library error's sentence in the words of the command line: the library names its parameters (a
+    leading `max_tokens`, a suggested `kv_bits=8`); here each becomes the flag that sets it (`--kv-bits 8`)."""
+    import re
+
     message, param = str(error), getattr(error, "param", None)
     for name in (param, (param or "").replace("_", " ")):
         if param in FLAGS and message.startswith(name):
-            return FLAGS[param] + message[len(name) :]
-    return message
+            message = FLAGS[param] + message[len(name) :]
+            break
+    return re.sub(r"\b(\w+)=([\w.]+)", lambda m: f"{FLAGS[m[1]]} {m[2]}" if m[1] in FLAGS else m[0], message)
 
 
 def main(argv: list[str] | None = None) -> int:
