@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,22 +26,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from patches import PATCHES, apply  # noqa: E402
+from timing import best  # noqa: E402
 
 import pixtral_mlx  # noqa: E402,F401  (before any mlx import below: on Linux it preloads the BLAS)
 
-
-def now() -> float:
-    return time.perf_counter()
-
-
-def best(f: Callable[[], Any], repeats: int = 3) -> float:
-    f()
-    ts = []
-    for _ in range(repeats):
-        t = now()
-        f()
-        ts.append(now() - t)
-    return min(ts)
+KERNEL_REPEATS = 3  # timed runs per piece in `kernels` (best of)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -65,18 +52,19 @@ def kernels(args: argparse.Namespace) -> dict:
     out["fast_equals_mx_dequantize"] = bool(mx.array_equal(ref, dequantize_affine(wq, s, b, 64, 4)).item())
     out["max_abs_diff"] = float(mx.abs(ref - dequantize_affine(wq, s, b, 64, 4)).max().item())
     del ref
-    out["mx_dequantize_s"] = best(lambda: mx.eval(mx.dequantize(wq, s, b, group_size=64, bits=4)))
-    out["fast_dequantize_s"] = best(lambda: mx.eval(dequantize_affine(wq, s, b, 64, 4)))
+    out["mx_dequantize_s"] = best(lambda: mx.eval(mx.dequantize(wq, s, b, group_size=64, bits=4)), KERNEL_REPEATS)
+    out["fast_dequantize_s"] = best(lambda: mx.eval(dequantize_affine(wq, s, b, 64, 4)), KERNEL_REPEATS)
     for m in (1, 4, 16, 128):
         xm = mx.random.normal((m, cols))
         mx.eval(xm)
         out[f"quantized_matmul_{m}_s"] = best(
-            lambda xm=xm: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=4))
+            lambda xm=xm: mx.eval(mx.quantized_matmul(xm, wq, s, b, transpose=True, group_size=64, bits=4)),
+            KERNEL_REPEATS,
         )
     x = mx.random.normal((128, cols))
     wd = mx.dequantize(wq, s, b, group_size=64, bits=4)
     mx.eval(x, wd)
-    out["gemm_128_s"] = best(lambda: mx.eval(x @ wd.T))
+    out["gemm_128_s"] = best(lambda: mx.eval(x @ wd.T), KERNEL_REPEATS)
     # Decode: the same GEMV split over two CPU streams (each stream has its own thread).
     x = mx.random.normal((1, cols))
     h = rows // 2
@@ -91,7 +79,7 @@ def kernels(args: argparse.Namespace) -> dict:
                 ys.append(mx.quantized_matmul(x, a, c, d, transpose=True, group_size=64, bits=4))
         mx.eval(ys)
 
-    out["quantized_matmul_1_two_streams_s"] = best(two)
+    out["quantized_matmul_1_two_streams_s"] = best(two, KERNEL_REPEATS)
     out["weight_bytes_4bit"] = wq.nbytes + s.nbytes + b.nbytes
     out["gemv_gbps"] = out["weight_bytes_4bit"] / out["quantized_matmul_1_s"] / 1e9
     return out

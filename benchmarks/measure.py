@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from timing import best, mlx_sum_gbps, numpy_sums  # this folder
 
 import pixtral_mlx  # noqa: F401  (before any mlx import in the jobs below: on Linux it preloads the BLAS)
 
@@ -105,7 +106,24 @@ def run_stream(steps: Iterator[Any], t0: float, max_tokens: int, budget_s: float
 # Runtimes: the same measurements through pixtral_mlx and through mlx-vlm.
 
 
-class Ours:
+class Depths:
+    """Sets a loaded model's depths by truncating its layer lists (same code path, same weights)."""
+
+    model: Any
+
+    def keep_layers(self) -> None:
+        """Remembers the full layer lists (once loaded)."""
+        self.text_layers = list(self.model.language_model.model.layers)
+        self.vision_layers = list(self.model.vision_tower.vision_model.transformer.layers)
+
+    def set_depth(self, text: int | None = None, vision: int | None = None) -> None:
+        if text is not None:
+            self.model.language_model.model.layers = self.text_layers[:text]
+        if vision is not None:
+            self.model.vision_tower.vision_model.transformer.layers = self.vision_layers[:vision]
+
+
+class Ours(Depths):
     name = "pixtral_mlx"
 
     def __init__(self, path: str):
@@ -114,15 +132,8 @@ class Ours:
         self.px = pixtral_mlx.load(path)
         self.load_s = now() - t
         self.model = self.px.model
-        self.text_layers = list(self.model.language_model.model.layers)
-        self.vision_layers = list(self.model.vision_tower.vision_model.transformer.layers)
+        self.keep_layers()
         self.detok = self.px.encoder.detokenizer
-
-    def set_depth(self, text: int | None = None, vision: int | None = None) -> None:
-        if text is not None:
-            self.model.language_model.model.layers = self.text_layers[:text]
-        if vision is not None:
-            self.model.vision_tower.vision_model.transformer.layers = self.vision_layers[:vision]
 
     def encode(self, messages: list[dict]) -> Any:
         return self.px.encode(messages)
@@ -206,7 +217,7 @@ class Ours:
         }
 
 
-class Vlm:
+class Vlm(Depths):
     name = "mlx_vlm"
 
     def __init__(self, path: str, dtype: str, encoder: Any):
@@ -220,14 +231,7 @@ class Vlm:
         mx.eval(self.model.parameters())
         self.load_s = now() - t
         self.encoder = encoder  # our PromptEncoder: the same token ids and pixels for both runtimes
-        self.text_layers = list(self.model.language_model.model.layers)
-        self.vision_layers = list(self.model.vision_tower.vision_model.transformer.layers)
-
-    def set_depth(self, text: int | None = None, vision: int | None = None) -> None:
-        if text is not None:
-            self.model.language_model.model.layers = self.text_layers[:text]
-        if vision is not None:
-            self.model.vision_tower.vision_model.transformer.layers = self.vision_layers[:vision]
+        self.keep_layers()
 
     def encode(self, messages: list[dict]) -> Any:
         return self.encoder.encode(messages)
@@ -490,13 +494,37 @@ def first_tokens(rt: Any, n: int = 8) -> list[int]:
     return out
 
 
+def measure_job(rt: Any, spec: dict, log: Callable[[str], None]) -> dict:
+    """A runtime job's measurements (`measure_runtime`), then its first tokens (if asked) at the depth it was
+    loaded with."""
+    res = measure_runtime(rt, spec, log)
+    rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
+    if spec.get("check_tokens"):
+        res["first_tokens"] = first_tokens(rt)
+    return res
+
+
+def loaded_facts(rt: Any) -> dict:
+    """Where a runtime ran and in which dtypes: its model's compute dtype and its scales' (the norm weight's
+    when the layers are not quantized)."""
+    import mlx.core as mx
+
+    from pixtral_mlx import backend
+
+    norm = rt.model.language_model.model.norm.weight
+    return {
+        "device": backend.device_name(),
+        "mlx_device": str(mx.default_device()),
+        "compute_dtype": str(norm.dtype),
+        "scales_dtype": str(getattr(rt.text_layers[0].self_attn.q_proj, "scales", norm).dtype),
+    }
+
+
 # --------------------------------------------------------------------------------------------
 # Jobs.
 
 
 def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
-    import mlx.core as mx
-
     from pixtral_mlx import backend, cpu_kernel
 
     if spec.get("patches"):  # experiments.py: library changes under test, installed before loading
@@ -505,27 +533,18 @@ def job_ours(spec: dict, log: Callable[[str], None]) -> dict:
 
         patches.apply(spec["patches"])
     rt = Ours(spec["model"])
-    res = measure_runtime(rt, spec, log)
-    rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
-    if spec.get("check_tokens"):
-        res["first_tokens"] = first_tokens(rt)
+    res = measure_job(rt, spec, log)
     res.update(
         runtime="pixtral_mlx",
         patches=spec.get("patches") or [],
         blas=backend.BLAS_NOTE,
         decode_kernel=cpu_kernel.describe() if backend.on_cpu() else None,
-        device=backend.device_name(),
-        mlx_device=str(mx.default_device()),
-        compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
-        scales_dtype=str(
-            getattr(rt.text_layers[0].self_attn.q_proj, "scales", rt.model.language_model.model.norm.weight).dtype
-        ),
+        **loaded_facts(rt),
     )
     return res
 
 
 def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
-    import mlx.core as mx
     import mlx_vlm
 
     from pixtral_mlx import backend
@@ -533,20 +552,8 @@ def job_vlm(spec: dict, log: Callable[[str], None]) -> dict:
 
     tekken = Path(spec["model"]) / "tekken.json"
     rt = Vlm(spec["model"], spec["dtype"], PromptEncoder(tekken))
-    res = measure_runtime(rt, spec, log)
-    rt.set_depth(text=spec["text_layers"], vision=spec["vision_layers"])
-    if spec.get("check_tokens"):
-        res["first_tokens"] = first_tokens(rt)
-    res.update(
-        runtime=f"mlx_vlm {mlx_vlm.__version__}",
-        blas=backend.BLAS_NOTE,
-        device=backend.device_name(),
-        mlx_device=str(mx.default_device()),
-        compute_dtype=str(rt.model.language_model.model.norm.weight.dtype),
-        scales_dtype=str(
-            getattr(rt.text_layers[0].self_attn.q_proj, "scales", rt.model.language_model.model.norm.weight).dtype
-        ),
-    )
+    res = measure_job(rt, spec, log)
+    res.update(runtime=f"mlx_vlm {mlx_vlm.__version__}", blas=backend.BLAS_NOTE, **loaded_facts(rt))
     return res
 
 
@@ -570,62 +577,40 @@ def job_convert(spec: dict, log: Callable[[str], None]) -> dict:
 
 
 def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
-    """Memory read bandwidth: MLX reductions on the default device, and numpy on the host."""
-    import threading
-
+    """Memory read bandwidth: MLX reductions on the default device, and numpy on the host (timing.py)."""
     import mlx.core as mx
 
     n = spec["bytes"] // 4
-
-    def best(f: Callable[[], Any], repeats: int = 5) -> float:
-        f()
-        times = []
-        for _ in range(repeats):
-            t = now()
-            f()
-            times.append(now() - t)
-        return min(times)
-
+    repeats = 5
     a = mx.random.uniform(shape=(n,))
     mx.eval(a)
     out = {"bytes": a.nbytes, "device": str(mx.default_device())}
-    out["mlx_sum_gbps"] = a.nbytes / best(lambda: mx.eval(a.sum())) / 1e9
-    out["mlx_copy_gbps"] = 2 * a.nbytes / best(lambda: mx.eval(a * 2.0)) / 1e9
+    out["mlx_sum_gbps"] = mlx_sum_gbps(a, repeats)
+    out["mlx_copy_gbps"] = 2 * a.nbytes / best(lambda: mx.eval(a * 2.0), repeats) / 1e9
     a = None  # free it before numpy allocates its own
     mx.clear_cache()
-    b = np.ones(n, dtype=np.float32)
-    out["numpy_sum_gbps"] = b.nbytes / best(lambda: b.sum()) / 1e9
-    threads = spec.get("threads") or 2
-    parts = np.array_split(b, threads)
-
-    def par() -> None:
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    out["numpy_threads"] = threads
-    out["numpy_threads_sum_gbps"] = b.nbytes / best(par) / 1e9
+    out.update(numpy_sums(np.ones(n, dtype=np.float32), spec.get("threads") or 2, repeats))
     return out
 
 
 def job_group(spec: dict, log: Callable[[str], None]) -> dict:
     """Several jobs in one process (the smoke test: saves the imports; RSS is then shared)."""
-    results = []
-    for sub in spec["jobs"]:
-        t = now()
-        try:
-            r = JOBS[sub["kind"]](sub, log)
-        except Exception as e:
-            traceback.print_exc()
-            r = {"error": f"{type(e).__name__}: {e}"}
-        r["job_wall_s"] = now() - t
-        results.append(r)
-    return {"results": results}
+    return {"results": [timed_job(sub, log) for sub in spec["jobs"]]}
 
 
 JOBS = {"ours": job_ours, "vlm": job_vlm, "convert": job_convert, "bandwidth": job_bandwidth, "group": job_group}
+
+
+def timed_job(spec: dict, log: Callable[[str], None]) -> dict:
+    """The result of job `spec` (or the error it raised, its traceback printed) with its wall time."""
+    t = now()
+    try:
+        result = JOBS[spec["kind"]](spec, log)
+    except Exception as e:
+        traceback.print_exc()
+        result = {"error": f"{type(e).__name__}: {e}"}
+    result["job_wall_s"] = now() - t
+    return result
 
 
 def main() -> int:
@@ -635,13 +620,7 @@ def main() -> int:
     def log(line: str) -> None:
         print(f"  [{label}] {line}", file=sys.stderr, flush=True)
 
-    t = now()
-    try:
-        result = JOBS[spec["kind"]](spec, log)
-    except Exception as e:
-        traceback.print_exc()
-        result = {"error": f"{type(e).__name__}: {e}"}
-    result["job_wall_s"] = now() - t
+    result = timed_job(spec, log)
     result.setdefault("peak_rss_bytes_at_exit", peak_rss_bytes())
     Path(sys.argv[2]).write_text(json.dumps(result, indent=1))
     return 0 if "error" not in result else 1

@@ -26,8 +26,6 @@ import json
 import os
 import platform
 import sys
-import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from pixtral_mlx import backend, cpu, cpu_kernel
 
 # isort: split
 import mlx.core as mx  # after pixtral_mlx on purpose
+from timing import best, mlx_sum_gbps, numpy_sums  # this folder
 
 LAYERS = 40
 HIDDEN, Q_OUT, KV_OUT, FFN, VOCAB = 5120, 4096, 1024, 14336, 131072
@@ -56,33 +55,13 @@ SHAPES = [
 BITS, GROUP = 4, 64
 
 
-def best(f: Callable[[], Any], repeats: int) -> float:
-    f()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
 def bandwidth(n_bytes: int, threads: int, repeats: int) -> dict:
+    """Memory read GB/s (numpy over 1 and `threads` threads, an MLX sum) and the best of them: the bound."""
     b = np.ones(n_bytes // 4, dtype=np.float32)
-    out = {"bytes": b.nbytes, "numpy_sum_gbps": b.nbytes / best(b.sum, repeats) / 1e9}
-    parts = np.array_split(b, threads)
-
-    def par() -> None:
-        ts = [threading.Thread(target=p.sum) for p in parts]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join()
-
-    out["numpy_threads"] = threads
-    out["numpy_threads_sum_gbps"] = b.nbytes / best(par, repeats) / 1e9
+    out = {"bytes": b.nbytes, **numpy_sums(b, threads, repeats)}
     a = mx.random.uniform(shape=(n_bytes // 4,))
     mx.eval(a)
-    out["mlx_sum_gbps"] = a.nbytes / best(lambda: mx.eval(a.sum()), repeats) / 1e9
+    out["mlx_sum_gbps"] = mlx_sum_gbps(a, repeats)
     out["bound_gbps"] = max(out["numpy_threads_sum_gbps"], out["numpy_sum_gbps"], out["mlx_sum_gbps"])
     return out
 

@@ -38,26 +38,8 @@ void rows_scalar(const Problem& p, int n0, int n1) {
   }
 }
 
-template <int BITS>
-void rows_bits(const Problem& p, int n0, int n1) {
-  switch (p.M) {
-    case 1: return rows_scalar<1, BITS>(p, n0, n1);
-    case 2: return rows_scalar<2, BITS>(p, n0, n1);
-    case 3: return rows_scalar<3, BITS>(p, n0, n1);
-    case 4: return rows_scalar<4, BITS>(p, n0, n1);
-    case 5: return rows_scalar<5, BITS>(p, n0, n1);
-    case 6: return rows_scalar<6, BITS>(p, n0, n1);
-    case 7: return rows_scalar<7, BITS>(p, n0, n1);
-    default: return rows_scalar<8, BITS>(p, n0, n1);
-  }
-}
-
 void rows(const Problem& p, int n0, int n1) {
-  if (p.bits == 4) {
-    rows_bits<4>(p, n0, n1);
-  } else {
-    rows_bits<8>(p, n0, n1);
-  }
+  dispatch(p, [&](auto m, auto bits) { rows_scalar<decltype(m)::value, decltype(bits)::value>(p, n0, n1); });
 }
 
 }  // namespace

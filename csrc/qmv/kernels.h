@@ -10,6 +10,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 namespace qmv {
 
@@ -46,6 +47,36 @@ struct Kernel {
   int x_chunk;
   RowsFn rows;
 };
+
+// dispatch's switch over the rows of x, for one BITS.
+template <int BITS, class F>
+inline void dispatch_rows(const Problem& p, F& f) {
+  using B = std::integral_constant<int, BITS>;
+  switch (p.M) {
+    case 1: return f(std::integral_constant<int, 1>{}, B{});
+    case 2: return f(std::integral_constant<int, 2>{}, B{});
+    case 3: return f(std::integral_constant<int, 3>{}, B{});
+    case 4: return f(std::integral_constant<int, 4>{}, B{});
+    case 5: return f(std::integral_constant<int, 5>{}, B{});
+    case 6: return f(std::integral_constant<int, 6>{}, B{});
+    case 7: return f(std::integral_constant<int, 7>{}, B{});
+    default: return f(std::integral_constant<int, 8>{}, B{});
+  }
+}
+
+// Calls f(std::integral_constant<int, M>{}, std::integral_constant<int, BITS>{}) with the problem's
+// rows of x (M, 1..kMaxRows) and bits (4 or 8) as constants: how every kernel's `rows` instantiates its
+// loop for each case. f is a lambda local to one kernel's translation unit, so each instantiation is
+// local to that unit too (compiled for its ISA; none is shared between kernels at link time).
+template <class F>
+inline void dispatch(const Problem& p, F f) {
+  static_assert(kMaxRows == 8, "dispatch_rows has one case per row count");
+  if (p.bits == 4) {
+    dispatch_rows<4>(p, f);
+  } else {
+    dispatch_rows<8>(p, f);
+  }
+}
 
 Kernel kernel_scalar();
 Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
