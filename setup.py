@@ -2,7 +2,7 @@
 
 Everything else is declared in pyproject.toml. The extension is an MLX custom primitive compiled
 with CMake against the `mlx` and `nanobind` that pyproject.toml's build requirements pin to the
-versions `mlx.core` itself was built with (a C++ ABI: see README, "CPU decode kernel"). It is built
+versions `mlx.core` itself was built with (a C++ ABI: see docs/CPU.md). It is built
 on Linux only, never on macOS (Metal does the work there). If it cannot be built the package still
 installs, with a warning; `pixtral_mlx.cpu_kernel` then reports it missing and decode uses
 `mx.quantized_matmul`. Set PIXTRAL_MLX_BUILD_QMV=0 to skip it.

@@ -1,7 +1,7 @@
 """A synthetic Pixtral checkpoint in Mistral's official layout, written tensor by tensor.
 
 `consolidated.safetensors` + `params.json` + `tekken.json`, with Pixtral-12B's real widths
-(REFERENCE.md §2.1–2.2) and random bfloat16 weights; only the numbers of decoder and vision
+(docs/MODEL.md §2.1–2.2) and random bfloat16 weights; only the numbers of decoder and vision
 layers are chosen. The safetensors file is written with our own header writer and filled in
 blocks from a pool of random values, so a multi-GB checkpoint never sits in memory.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-# Pixtral-12B-2409 (REFERENCE.md §2.1). The benchmark only changes the depths.
+# Pixtral-12B-2409 (docs/MODEL.md §2.1). The benchmark only changes the depths.
 FULL_TEXT = {
     "dim": 5120,
     "hidden_dim": 14336,

@@ -7,7 +7,8 @@
         {"type": "text", "text": "Describe this image."}]}])
 
 Importing this package does not import MLX (so `--help` is instant); it does preload an optimized
-BLAS on Linux, which must happen before MLX is loaded.
+BLAS on Linux, which must happen before MLX is loaded. The layers and the path of a request through them:
+docs/ARCHITECTURE.md; the model facts the code cites as §N: docs/MODEL.md.
 """
 
 from __future__ import annotations

@@ -7,6 +7,8 @@
   activations are ~10x slower); on Metal/CUDA keep the checkpoint's half precision.
 - Quantized layers on CPU: prefill (many tokens) dequantizes the layer and uses the BLAS GEMM;
   decode (one token) keeps the quantized kernel, which reads 4x fewer bytes.
+
+The measurements behind these choices, the CPU decode kernel and its settings: docs/CPU.md.
 """
 
 from __future__ import annotations

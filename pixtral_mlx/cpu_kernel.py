@@ -12,6 +12,7 @@ The result equals `mx.quantized_matmul(x, w, scales, biases, transpose=True, ...
 rounding (the sums run in another order). Nothing here raises on import: when the extension is
 missing, was built for another mlx, or `PIXTRAL_MLX_QMV=off` is set, `available()` is False and
 `quantized_matvec` is `mx.quantized_matmul`. `describe()` is the phrase `--verbose` prints.
+Build, settings (PIXTRAL_MLX_QMV*, huge pages) and the mlx pin: docs/CPU.md.
 """
 
 from __future__ import annotations

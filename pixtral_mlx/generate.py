@@ -3,8 +3,9 @@
 What every turn shares lives here: the `PromptCache` (a KV cache and the tokens it holds, reused by
 longest common prefix), the context check, and `stream_tokens`, which prefills a token/embedding
 sequence into a cache in chunks (logits only for the last position) and decodes. The options and the
-`Chunk`/`Reply` carriers are in `turn.py`; `Pixtral._stream_prompt` is the one turn path on top of
-both. Callers load, prefill and decode on one thread (MLX streams are per thread).
+`Chunk`/`Reply` carriers are in `turn.py`; `Pixtral.plan_turn` and `Pixtral.run_turn` (`pipeline.py`) are
+the one turn path on top of both, and `stream_batch` here decodes several sequences together. Callers load,
+prefill and decode on one thread (MLX streams are per thread). See docs/ARCHITECTURE.md.
 """
 
 from __future__ import annotations

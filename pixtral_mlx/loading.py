@@ -74,7 +74,7 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
 
 
 def _read_weights(path: Path) -> dict[str, Any]:
-    """Every tensor of the folder's safetensors files, under our names (`convert.weights.KEY_RULES`)."""
+    """Every tensor of the folder's safetensors files, under our names (`models.pixtral.weights.KEY_RULES`)."""
     import mlx.core as mx
 
     from .models.pixtral.weights import canonical_key, torch_layout

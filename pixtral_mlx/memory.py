@@ -12,7 +12,7 @@ The terms, from the model's config and dtypes and the encoded prompt (token coun
 
 The machine's limit is Metal's recommended working set (`mx.device_info()`), or on the CPU backend the
 available RAM (`MemAvailable`) plus what MLX already holds. `PIXTRAL_MLX_MEMORY_LIMIT` overrides it
-(a number of GB, or `off`). Over the limit, `Pixtral._stream_prompt` refuses the turn before any work.
+(a number of GB, or `off`). Over the limit, `Pixtral.plan_turn` refuses the turn before any work.
 """
 
 from __future__ import annotations

@@ -46,7 +46,7 @@ def test_peer_layout_loads_the_same(mlx_dir, pixtral, tmp_path):
 
 def test_torch_conv_layout_is_accepted_once(mlx_dir, pixtral, tmp_path):
     """Files PyTorch wrote (transformers records `format: pt`) hold the conv as [O, I, kH, kW]: the named rule
-    `convert.weights.torch_layout`, not a guess from the shape. Files without that mark are MLX layout."""
+    `models.pixtral.weights.torch_layout`, not a guess from the shape. Files without that mark are MLX layout."""
 
     def torch_conv(w):
         key = "vision_tower.vision_model.patch_conv.weight"

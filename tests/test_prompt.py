@@ -115,7 +115,7 @@ def test_encode_equals_mistral_common(name, enc, mc):
 
 
 def test_known_token_layout(enc):
-    """REFERENCE §11 example A, byte for byte."""
+    """docs/MODEL.md §11 example A, byte for byte."""
     p = enc.encode(CONVERSATIONS["multi_turn"])
     assert p.tokens == [
         1,

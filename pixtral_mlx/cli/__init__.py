@@ -1,4 +1,4 @@
-"""`pixtral-mlx {describe,chat,convert,serve}`: a lazy dispatcher, so `--help` never imports MLX."""
+"""`pixtral-mlx {describe,chat,convert,serve,caption}`: a lazy dispatcher, so `--help` never imports MLX."""
 
 from __future__ import annotations
 

@@ -2,8 +2,9 @@
 
 `parse_request` turns a request body into a `ChatRequest` or raises `APIError` (OpenAI's error shape, with
 the status and the `param` that names the offending field). Fields that would change the meaning of a
-reply if ignored (`n` > 1, tools, logprobs, audio, penalties, JSON output) are refused, not dropped;
-fields that do not (`user`, `metadata`, `store`, ...) are accepted and ignored.
+reply if ignored (`n` > 1, tools, logprobs, audio, penalties, `logit_bias`) are refused, not dropped;
+fields that do not (`user`, `metadata`, `store`, ...) are accepted and ignored. `response_format` (`text`,
+`json_object`, `json_schema`) becomes the library's structured output (`request_options`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# Published Pixtral-12B-2409 values (REFERENCE.md §2.1 and §3.1).
+# Published Pixtral-12B-2409 values (docs/MODEL.md §2.1 and §3.1).
 TEXT_DEFAULTS: dict[str, Any] = {
     "hidden_size": 5120,
     "num_hidden_layers": 40,

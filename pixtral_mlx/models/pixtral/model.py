@@ -53,7 +53,7 @@ class Model(nn.Module):
     def embed(self, tokens: list[int] | np.ndarray, features: mx.array | None) -> mx.array:
         """Token embeddings with image features written into the [IMG] positions only, in order.
 
-        [IMG_BREAK] and [IMG_END] keep their learned text embeddings (REFERENCE §8).
+        [IMG_BREAK] and [IMG_END] keep their learned text embeddings (docs/MODEL.md §8).
         """
         ids = np.asarray(tokens, dtype=np.int32)
         is_img = ids == self.args.image_token_id
