@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0)
     output = Path(a.output) if a.output else default_output(source, a.quantize, a.bits)
 
-    from pixtral_mlx.conversion.save import Terminated
+    from pixtral_mlx.conversion.output import Terminated
     from pixtral_mlx.convert import ConversionError, convert
 
     try:

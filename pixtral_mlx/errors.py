@@ -49,3 +49,9 @@ class MemoryPlanError(PixtralError):
 
 class ContextLengthWarning(UserWarning):
     """A context length set above the window the model was trained on (allowed, but replies may degrade)."""
+
+
+def first_line(reason: object) -> str:
+    """The first line of an exception's (or any object's) text, to quote inside one sentence; else its type's name."""
+    lines = str(reason).strip().splitlines()
+    return lines[0] if lines else type(reason).__name__

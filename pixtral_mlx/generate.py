@@ -6,6 +6,9 @@ sequence into a cache in chunks (logits only for the last position) and decodes.
 `Chunk`/`Reply` carriers are in `turn.py`; `Pixtral.plan_turn` and `Pixtral.run_turn` (`pipeline.py`) are
 the one turn path on top of both, and `stream_batch` here decodes several sequences together. Callers load,
 prefill and decode on one thread (MLX streams are per thread). See docs/ARCHITECTURE.md.
+
+One module on purpose, though about 300 lines: one decode loop (`prefill`, `_decode`, stop strings) shared by
+`stream_tokens` and `stream_batch`, and the `PromptCache` both fill.
 """
 
 from __future__ import annotations

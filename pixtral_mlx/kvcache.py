@@ -10,6 +10,9 @@
   them and the hash holds; otherwise a reason, and the caller prefills again.
 - A saved chat is data: loading one reads that file and nothing else (`check_images` refuses any image that
   is not a data: URL, so no path is opened and no URL fetched).
+
+One module on purpose, though about 300 lines: the chat KV file is most of it, and the cache types are the few
+lines whose setting (KV bits, group size, dtype) that file records and checks again on load.
 """
 
 from __future__ import annotations

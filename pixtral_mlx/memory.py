@@ -13,6 +13,10 @@ The terms, from the model's config and dtypes and the encoded prompt (token coun
 The machine's limit is Metal's recommended working set (`mx.device_info()`), or on the CPU backend the
 available RAM (`MemAvailable`) plus what MLX already holds. `PIXTRAL_MLX_MEMORY_LIMIT` overrides it
 (a number of GB, or `off`). Over the limit, `Pixtral.plan_turn` refuses the turn before any work.
+
+One module on purpose, though over 300 lines: it is one estimate (`estimate` -> `MemoryPlan`) and its terms;
+every other function computes one term, reads the limit it is held against, or reads plans (`batch_groups`,
+`suggestions`), and apart they would spread one formula over several files.
 """
 
 from __future__ import annotations

@@ -5,6 +5,10 @@ in two public steps: `plan_turn` (context check, prefix reuse against a caller-h
 memory plan: refused before any work) and `run_turn` (image features from the `FeatureCache`, prefill,
 decode, streamed as `Chunk`s). `stream`/`generate` run it on a fresh or caller-held cache, `Chat` and the
 server on their own.
+
+One module on purpose, though over 300 lines: it is the `Pixtral` facade and the turn path the facade owns
+(each entry point is a few lines over `plan_turn`/`run_turn`; `Turn` and `FeatureCache` are that path's state),
+while the work itself lives in `prompt`, `generate`, `memory` and `structured`.
 """
 
 from __future__ import annotations

@@ -120,7 +120,7 @@ class Options:
                     "json_object and json_schema cannot be combined; a schema already asks for JSON.",
                     param="json_object",
                 )
-            from .structured import check_schema  # llguidance, imported only when a schema is given
+            from .schemas import check_schema  # llguidance, imported only when a schema is given
 
             object.__setattr__(self, "json_schema", check_schema(self.json_schema))
 

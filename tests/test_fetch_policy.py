@@ -20,9 +20,10 @@ import pytest
 from PIL import Image, ImageFile
 from starlette.testclient import TestClient
 
-from pixtral_mlx import images
+from pixtral_mlx import fetch, images
 from pixtral_mlx.errors import ImageError
-from pixtral_mlx.images import FetchPolicy, PixelBudget, read_source, unreachable
+from pixtral_mlx.fetch import FetchPolicy, unreachable
+from pixtral_mlx.images import PixelBudget, read_source
 from pixtral_mlx.server.app import Settings, create_app
 
 SERVER = FetchPolicy.server()
@@ -185,7 +186,7 @@ LOOPBACK = [
 @pytest.mark.parametrize("spelling", LOOPBACK)
 def test_every_spelling_of_loopback_is_refused_without_connecting(spelling, host, connects, caplog):
     url = f"http://{spelling}:{host.port}/img.png"
-    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
         assert refused(url) == unreachable(url)
     assert connects == [] and host.hits == []
     assert "not a public address" in caplog.text  # refused by the check, not by a failed connection
@@ -209,7 +210,7 @@ NOT_PUBLIC = [
 @pytest.mark.parametrize("address", NOT_PUBLIC)
 def test_private_link_local_and_metadata_addresses_are_never_dialled(address, no_connect, caplog):
     url = f"http://{address}/latest/meta-data/"
-    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
         assert refused(url) == unreachable(url)
     assert no_connect == []
     assert "not a public address" in caplog.text
@@ -221,8 +222,8 @@ def test_the_address_check_itself():
         "127.0.0.1", "10.1.2.3", "169.254.169.254", "0.0.0.0", "100.64.0.1", "224.0.0.1", "::1", "::",
         "::ffff:10.0.0.1", "64:ff9b::7f00:1", "2002:7f00:1::", "fe80::1", "fd00::1", "ff0e::1", "::7f00:1",
     ]  # fmt: skip
-    assert [images._public(ipaddress.ip_address(a)) for a in public] == [True] * len(public)
-    assert [images._public(ipaddress.ip_address(a)) for a in private] == [False] * len(private)
+    assert [fetch._public(ipaddress.ip_address(a)) for a in public] == [True] * len(public)
+    assert [fetch._public(ipaddress.ip_address(a)) for a in private] == [False] * len(private)
 
 
 def test_a_name_with_any_non_public_address_is_refused(names, host, connects, caplog):
@@ -230,16 +231,16 @@ def test_a_name_with_any_non_public_address_is_refused(names, host, connects, ca
     names["mixed.test"] = ["8.8.8.8", "127.0.0.1"]  # every address is checked, not just the first
     for name in ("public.test", "mixed.test"):
         url = f"http://{name}:{host.port}/img.png"
-        with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+        with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
             assert refused(url) == unreachable(url)
         assert f"{name} is 127.0.0.1, which is not a public address" in caplog.text
     assert connects == [] and host.hits == []
 
 
 def test_a_redirect_to_loopback_is_refused_at_that_hop(host, other, connects, monkeypatch, caplog):
-    monkeypatch.setattr(images, "_public", public_only("127.0.0.1"))  # the first server stands for a public one
+    monkeypatch.setattr(fetch, "_public", public_only("127.0.0.1"))  # the first server stands for a public one
     url = f"http://127.0.0.1:{host.port}/redirect?to=http://127.0.0.2:{other.port}/img.png"
-    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
         assert refused(url) == unreachable(url)
     assert [path for path, _ in host.hits] == [f"/redirect?to=http://127.0.0.2:{other.port}/img.png"]
     assert other.hits == [] and connects == [("127.0.0.1", host.port)]
@@ -247,7 +248,7 @@ def test_a_redirect_to_loopback_is_refused_at_that_hop(host, other, connects, mo
 
 
 def test_one_look_up_per_hop_and_the_connection_goes_to_the_address_checked(host, names, connects, monkeypatch):
-    monkeypatch.setattr(images, "_public", public_only("127.0.0.1"))
+    monkeypatch.setattr(fetch, "_public", public_only("127.0.0.1"))
     names["first.test"] = names["hop.test"] = ["127.0.0.1"]
     url = f"http://first.test:{host.port}/redirect?to=http://hop.test:{host.port}/img.png"
     img, _ = read_source(url, policy=SERVER, download_timeout=5)
@@ -261,7 +262,7 @@ def test_no_proxy_from_the_environment_is_used(host, connects, monkeypatch):
     for name in ("no_proxy", "NO_PROXY", "HTTP_PROXY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{host.port}")
-    monkeypatch.setattr(images, "_public", public_only("127.0.0.1"))  # a public proxy: checking it would pass
+    monkeypatch.setattr(fetch, "_public", public_only("127.0.0.1"))  # a public proxy: checking it would pass
     url = "http://10.0.0.1/img.png"
     assert refused(url) == unreachable(url)  # the target itself was checked (and never dialled)
     assert connects == [] and host.hits == []
@@ -309,7 +310,7 @@ def test_https_to_the_pinned_address_still_checks_the_certificate_name(tls_host,
     img, _ = read_source(f"https://img.pics.test:{tls_host.port}/img.png", policy=PRIVATE_OK, download_timeout=5)
     assert np.array_equal(pixels(img), EXPECTED) and connects == [("127.0.0.1", tls_host.port)]
     url = f"https://other.pics.test:{tls_host.port}/img.png"  # the same address, a name the certificate lacks
-    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
         assert refused(url, PRIVATE_OK) == unreachable(url)
     assert "certificate is not valid for 'other.pics.test'" in caplog.text
     assert len(tls_host.hits) == 1
@@ -334,10 +335,10 @@ def test_every_failed_fetch_reads_the_same(host, names, caplog):
         f"{base}/redirect?to=/redirect?to=/redirect?to=/redirect?to=/redirect?to=/redirect?to=/img.png",  # 6 hops
         f"http://nowhere.test:{host.port}/img.png",  # no such name
     ]
-    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.images"):
+    with caplog.at_level(logging.WARNING, logger="pixtral_mlx.fetch"):
         messages = [refused(url, PRIVATE_OK, timeout=0.5).replace(url, "URL") for url in urls]
     assert messages == [unreachable("URL")] * len(urls)
-    reasons = [r.getMessage() for r in caplog.records if r.name == "pixtral_mlx.images"]
+    reasons = [r.getMessage() for r in caplog.records if r.name == "pixtral_mlx.fetch"]
     assert len(reasons) == len(urls) and len(set(reasons)) == len(urls)  # the log keeps each real reason
     assert "Connection refused" in reasons[0] and "not an image" in reasons[1] and "HTTP 404" in reasons[2]
     assert "over the 50 MB limit" in reasons[3] and "file: URL" in reasons[5] and "Name or service" in reasons[7]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import pixtral_mlx.fetch as fetch
 import pixtral_mlx.images as images
 from pixtral_mlx.images import ImageError, load_image
 
@@ -90,7 +91,7 @@ class Handler(BaseHTTPRequestHandler):
             self._send(301, Location="ftp://127.0.0.1/x.png")
         elif path == "/declared-huge":
             self.send_response(200)
-            self.send_header("Content-Length", str(images.MAX_DOWNLOAD_BYTES + 1))
+            self.send_header("Content-Length", str(fetch.MAX_DOWNLOAD_BYTES + 1))
             self.end_headers()
             self._trickle(b"x" * 10, every=0.01)
         elif path == "/undeclared-huge":  # no length, more than the limit, quickly
@@ -99,7 +100,7 @@ class Handler(BaseHTTPRequestHandler):
             self.end_headers()
             block = b"\0" * (1 << 20)
             try:
-                for _ in range((images.MAX_DOWNLOAD_BYTES >> 20) + 2):
+                for _ in range((fetch.MAX_DOWNLOAD_BYTES >> 20) + 2):
                     self.wfile.write(block)
             except OSError:
                 pass
@@ -119,12 +120,12 @@ def server():
 
 @pytest.fixture
 def short_timeout(monkeypatch):
-    monkeypatch.setattr(images, "DOWNLOAD_TIMEOUT", TIMEOUT)
+    monkeypatch.setattr(fetch, "DOWNLOAD_TIMEOUT", TIMEOUT)
 
 
 def describe(*args: str, timeout_s: float | None = None) -> subprocess.CompletedProcess:
     """`pixtral-mlx describe ...` in a subprocess, optionally with a shorter whole-download bound."""
-    setup = f"import pixtral_mlx.images as m; m.DOWNLOAD_TIMEOUT = {timeout_s}; " if timeout_s else ""
+    setup = f"import pixtral_mlx.fetch as m; m.DOWNLOAD_TIMEOUT = {timeout_s}; " if timeout_s else ""
     code = f"import sys; {setup}from pixtral_mlx.cli import main; sys.exit(main(sys.argv[1:]))"
     return subprocess.run(
         [sys.executable, "-c", code, "describe", *args], capture_output=True, text=True, env=ENV, timeout=120
@@ -198,7 +199,7 @@ def test_regular_files_and_symlinks_to_them_still_load(tmp_path):
 def test_download_works(server, short_timeout):
     img, name = load_image(f"{server}/ok.png")
     assert img.size == (24, 16) and name == f"{server}/ok.png"
-    img, _ = load_image(f"{server}/chain/{images.MAX_REDIRECTS}")  # as many redirects as allowed
+    img, _ = load_image(f"{server}/chain/{fetch.MAX_REDIRECTS}")  # as many redirects as allowed
     assert img.size == (24, 16)
 
 
@@ -226,8 +227,8 @@ def test_trickling_server_through_the_cli(server, mlx_dir):
 @pytest.mark.parametrize(
     "route, reason",
     [
-        ("/loop", f"it redirects in a loop or more than {images.MAX_REDIRECTS} times."),
-        (f"/chain/{images.MAX_REDIRECTS + 1}", f"it redirects in a loop or more than {images.MAX_REDIRECTS} times."),
+        ("/loop", f"it redirects in a loop or more than {fetch.MAX_REDIRECTS} times."),
+        (f"/chain/{fetch.MAX_REDIRECTS + 1}", f"it redirects in a loop or more than {fetch.MAX_REDIRECTS} times."),
         ("/to-file", "it redirects to a file: URL, and only http(s) is followed."),
         ("/to-ftp", "it redirects to a ftp: URL, and only http(s) is followed."),
     ],
@@ -245,7 +246,7 @@ def test_oversize_downloads(server, short_timeout):
     url = f"{server}/declared-huge"
     with pytest.raises(ImageError) as e:
         load_image(url)
-    assert str(e.value) == f"{url} is {images.MAX_DOWNLOAD_BYTES + 1:,} bytes, over the 50 MB limit."
+    assert str(e.value) == f"{url} is {fetch.MAX_DOWNLOAD_BYTES + 1:,} bytes, over the 50 MB limit."
     url = f"{server}/undeclared-huge"
     with pytest.raises(ImageError) as e:
         load_image(url)

@@ -17,16 +17,11 @@ import jsonschema
 import pytest
 from PIL import Image
 
-from pixtral_mlx import structured
+from pixtral_mlx import schemas
 from pixtral_mlx.cli import check_structured_args
 from pixtral_mlx.errors import PromptError
-from pixtral_mlx.structured import (
-    MAX_SCHEMA_BYTES,
-    MAX_SCHEMA_DEPTH,
-    MAX_SCHEMA_FILE_BYTES,
-    check_schema,
-    response_format_options,
-)
+from pixtral_mlx.schemas import MAX_SCHEMA_BYTES, MAX_SCHEMA_DEPTH, MAX_SCHEMA_FILE_BYTES, check_schema
+from pixtral_mlx.structured import response_format_options
 from pixtral_mlx.turn import Options
 
 TOO_LARGE = "json_schema is larger than 64 KiB as compact JSON."
@@ -124,10 +119,10 @@ def test_recursive_schemas_that_can_end_are_accepted(schema):
 
 
 def test_a_schema_is_compiled_once():
-    structured._grammar_problem.cache_clear()
+    schemas._grammar_problem.cache_clear()
     Options(json_schema=TREE).merge(seed=1)  # merging checks the options again
     Options(json_schema=json.loads(json.dumps(TREE)))
-    info = structured._grammar_problem.cache_info()
+    info = schemas._grammar_problem.cache_info()
     assert (info.misses, info.hits) == (1, 2)
 
 
@@ -135,8 +130,8 @@ def test_compiles_have_a_time_limit(monkeypatch):
     def slow(text):
         time.sleep(2)
 
-    monkeypatch.setattr(structured, "_grammar_problem", slow)
-    monkeypatch.setattr(structured, "COMPILE_SECONDS", 0.1)
+    monkeypatch.setattr(schemas, "_grammar_problem", slow)
+    monkeypatch.setattr(schemas, "COMPILE_SECONDS", 0.1)
     tic = time.perf_counter()
     assert refused({"type": "object"}) == "json_schema takes longer than 0.1 s to compile into a grammar."
     assert time.perf_counter() - tic < 1.0
@@ -168,7 +163,8 @@ import json, mlx.core as mx
 from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 from pixtral_mlx.config import bundled_tekken
 from pixtral_mlx.errors import PromptError
-from pixtral_mlx.structured import JsonConstraint, check_schema, grammar_factory, json_grammar
+from pixtral_mlx.schemas import check_schema
+from pixtral_mlx.structured import JsonConstraint, grammar_factory, json_grammar
 
 def chain(n, link):
     defs = {"0": {"type": "integer"}, **{str(i): link({"$ref": f"#/$defs/{i - 1}"}) for i in range(1, n + 1)}}

@@ -25,8 +25,8 @@ import openai
 import pytest
 from PIL import Image
 
+from pixtral_mlx.fetch import FetchPolicy
 from pixtral_mlx.generate import common_prefix, prompt_keys
-from pixtral_mlx.images import FetchPolicy
 from pixtral_mlx.server.app import Settings, create_app
 from pixtral_mlx.server.engine import Engine
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from pixtral_mlx.errors import PromptError
-from pixtral_mlx.structured import JSON_OBJECT_SCHEMA, check_schema, response_format_options
+from pixtral_mlx.schemas import check_schema
+from pixtral_mlx.structured import JSON_OBJECT_SCHEMA, response_format_options
 from pixtral_mlx.turn import Options
 
 # Nested objects, an array of objects with an array of enums, enums, numbers and integers with bounds, a

@@ -122,7 +122,7 @@ def check_structured_args(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
 
     from pixtral_mlx.errors import PromptError
-    from pixtral_mlx.structured import MAX_SCHEMA_FILE_BYTES, check_schema
+    from pixtral_mlx.schemas import MAX_SCHEMA_FILE_BYTES, check_schema
 
     if args.json_schema is None:
         return {"json_object": bool(args.json_object)}

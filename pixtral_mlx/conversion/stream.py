@@ -16,6 +16,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from pixtral_mlx.config import bundled_tekken
+from pixtral_mlx.conversion.output import atomic_folder, check_output
 from pixtral_mlx.conversion.quantize import QuantSpec
 from pixtral_mlx.conversion.quantize import quantize as quantize_block
 from pixtral_mlx.conversion.save import (
@@ -23,8 +24,6 @@ from pixtral_mlx.conversion.save import (
     ST_DTYPE,
     Planned,
     ShardedWriter,
-    atomic_folder,
-    check_output,
     plan_shards,
     write_config,
     write_index,

@@ -118,7 +118,7 @@ def _load(args: argparse.Namespace) -> Any:
 def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
     """Wait for the model, then serve until SIGTERM or Ctrl-C; the exit status."""
     from pixtral_mlx.errors import PixtralError
-    from pixtral_mlx.images import FetchPolicy
+    from pixtral_mlx.fetch import FetchPolicy
 
     from .app import create_app
     from .http import Server

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pixtral_mlx.images import MAX_REQUEST_PIXELS, FetchPolicy
+from pixtral_mlx.fetch import FetchPolicy
+from pixtral_mlx.images import MAX_REQUEST_PIXELS
 from pixtral_mlx.turn import Options
 
 from .limits import BODY_TIMEOUT, IMAGE_TIMEOUT, MAX_BODY_BYTES
