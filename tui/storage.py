@@ -3,6 +3,9 @@
 $PIXTRAL_MLX_DATA (or ~/Library/Application Support/pixtral-mlx, or $XDG_DATA_HOME/pixtral-mlx)
   conversations/<id>.json   messages in OpenAI format; image URLs relative to this folder
   images/<sha256>.<ext>     every image sent, stored once, so a chat survives the original moving
+
+One module on purpose, though over 300 lines: one file format, whose types, strict parser (`_parse`), writer
+(`Store`) and Markdown export change together.
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""The chat screen: transcript, attachments, message box, status; it handles engine messages."""
+"""The chat screen: transcript, attachments, message box, status; it handles engine messages.
+
+One module on purpose, though over 300 lines: one Textual screen whose handlers share its widgets and busy
+state (the saved-chat actions are apart already, in `saved.py`), and whose layout the snapshot tests pin.
+"""
 
 from __future__ import annotations
 
