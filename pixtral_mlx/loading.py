@@ -9,14 +9,13 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 from . import hub
 from .config import bundled_tekken
 from .errors import ModelError, PixtralError
-from .models import family
+from .models import family, part
 from .prompt import PromptEncoder
 
 MLX_ALLOW_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
@@ -73,11 +72,9 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
     raise ModelError(f"{repo} has neither MLX weights nor an official consolidated.safetensors.")
 
 
-def _read_weights(path: Path) -> dict[str, Any]:
-    """Every tensor of the folder's safetensors files, under our names (`models.pixtral.weights.KEY_RULES`)."""
+def _read_weights(path: Path, weight_map: Any) -> dict[str, Any]:
+    """Every tensor of the folder's safetensors files, under our names (the family's `weights.canonical_key`)."""
     import mlx.core as mx
-
-    from .models.pixtral.weights import canonical_key, torch_layout
 
     files = sorted(p for p in path.glob("*.safetensors") if p.name != "consolidated.safetensors")
     if not files:
@@ -89,10 +86,10 @@ def _read_weights(path: Path) -> dict[str, Any]:
         except Exception as e:
             raise ModelError(f"{f} is not a readable safetensors file ({e}).") from e
         for k, v in tensors.items():
-            key = canonical_key(k)
+            key = weight_map.canonical_key(k)
             if key is None:
                 continue
-            if torch_layout(metadata) and key.endswith("patch_conv.weight") and v.ndim == 4:
+            if weight_map.torch_layout(metadata) and key.endswith("patch_conv.weight") and v.ndim == 4:
                 v = v.transpose(0, 2, 3, 1)  # PyTorch [O, I, kH, kW] -> MLX [O, kH, kW, I]
             weights[key] = v
     return weights
@@ -118,8 +115,11 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     from . import backend
 
     config, args = _read_config(path)
-    model = import_module(family(config).__name__ + ".model").Model(args)
-    weights = _read_weights(path)
+    model = part(config, "model").Model(args)
+    weight_map = part(config, "weights")
+    weights = _read_weights(path, weight_map)
+    if sanitize := getattr(weight_map, "sanitize", None):
+        weights = sanitize(weights, args)
     if quant := config.get("quantization"):
 
         def predicate(p: str, m: nn.Module) -> bool | dict:
@@ -160,12 +160,17 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
 def _encoder(path: Path, args: Any) -> PromptEncoder:
     """The folder's tekken.json, or (peers ship the HF tokenizer instead) the one in mistral_common."""
     tekken = path / "tekken.json"
+    image = {
+        "image_size": args.vision.image_size,
+        "patch_size": args.vision.patch_size,
+        "spatial_merge_size": getattr(args, "spatial_merge_size", 1),
+    }
     if not tekken.exists():
-        return PromptEncoder(bundled_tekken(), image_size=args.vision.image_size)
+        return PromptEncoder(bundled_tekken(), **image)
     if not os.access(tekken, os.R_OK):
         raise ModelError(f"{tekken} cannot be read (Permission denied).")
     try:
-        return PromptEncoder(tekken, image_size=args.vision.image_size)
+        return PromptEncoder(tekken, **image)
     except PixtralError:
         raise
     except Exception as e:  # not JSON, missing keys, unreadable: mistral_common's own exceptions

@@ -266,7 +266,7 @@ def estimate(
     held = pixtral.features.nbytes
     img_tokens = int(sum(1 for tok in prompt.tokens[keep:] if tok == pixtral.args.image_token_id))
     new_images = list({img.digest: img for img in prompt.images if img.digest not in pixtral.features}.values())
-    patches = [img.grid[0] * img.grid[1] for img in new_images]
+    patches = [img.patches for img in new_images]  # what the vision encoder sees (before any merging)
     n_patch = sum(patches)
     pixels = sum(img.pixels.nbytes for img in new_images)
     vision_scores = max((p * p for p in patches), default=0) * v.num_attention_heads * a * SCORE_COPIES
@@ -274,7 +274,7 @@ def estimate(
         vision_scores = 0  # Metal's fused attention kernel
     vision = pixels + n_patch * (6 * v.hidden_size + 3 * v.intermediate_size + 3 * t.hidden_size) * a
     vision += vision_scores if n_patch else 0
-    features = held + n_patch * t.hidden_size * a
+    features = held + sum(img.grid[0] * img.grid[1] for img in new_images) * t.hidden_size * a  # one per [IMG]
 
     # Prefill: the embeddings of every new token (built at once: token rows, gathered features, merged),
     # then chunks through one layer at a time; where the scores are arrays, the chunk shrinks to leave

@@ -29,14 +29,20 @@ class EncodedImage:
     pixels: np.ndarray  # float32 (3, H, W), normalized, as mistral_common returns it
     name: str
     original_size: tuple[int, int]  # (width, height) after EXIF orientation
-    grid: tuple[int, int]  # (rows, cols) of 16-px patches
-    n_tokens: int  # rows * (cols + 1): [IMG] per patch plus one break/end per row
+    grid: tuple[int, int]  # (rows, cols) of [IMG] tokens: of 16-px patches (Pixtral), of 2x2 14-px patches (Mistral3)
+    n_tokens: int  # rows * (cols + 1): one [IMG] per grid cell plus one break/end per row
+    merge: int = 1  # the model's spatial_merge_size: each [IMG] stands for merge x merge encoder patches
     digest: str = field(init=False)  # the vision-feature cache key: the pixels' content, never the path
 
     def __post_init__(self) -> None:
         h = hashlib.blake2b(self.pixels.tobytes(), digest_size=16)
         h.update(str(self.pixels.shape).encode())
         self.digest = h.hexdigest()
+
+    @property
+    def patches(self) -> int:
+        """How many patches the vision encoder sees for this image (before any merging)."""
+        return self.grid[0] * self.grid[1] * self.merge * self.merge
 
     @property
     def size(self) -> tuple[int, int]:
@@ -124,15 +130,33 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
 
 
 class PromptEncoder:
-    """Holds the tekken tokenizer; turns messages into a `Prompt`."""
+    """Holds the tekken tokenizer; turns messages into a `Prompt`.
 
-    def __init__(self, tekken_path: str | Path | None = None, image_size: int = MAX_EDGE):
+    The image settings are the model's where it gives them (`patch_size`, `spatial_merge_size`: what its
+    vision encoder and projector expect) and the tokenizer file's otherwise; a tokenizer that disagrees
+    (the bundled Pixtral-12B tekken standing in for a peer folder without one) gets the model's. `image_size`
+    is the model's largest image edge, the default cap.
+    """
+
+    def __init__(
+        self,
+        tekken_path: str | Path | None = None,
+        image_size: int = MAX_EDGE,
+        patch_size: int | None = None,
+        spatial_merge_size: int | None = None,
+    ):
+        from mistral_common.tokens.tokenizers.image import ImageConfig
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
 
         self.tokenizer = MistralTokenizer.from_file(str(tekken_path or bundled_tekken()))
         self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
         if self.image_encoder is None:
             raise PromptError(f"{tekken_path} is a text-only tokenizer; Pixtral needs the multimodal tekken.json.")
+        old = self.image_encoder.image_config
+        patch = patch_size or old.image_patch_size
+        merge = spatial_merge_size or old.spatial_merge_size
+        if (patch, merge) != (old.image_patch_size, old.spatial_merge_size):
+            self.image_encoder.image_config = ImageConfig(patch, image_size, merge)
         self.image_size = image_size
         self.text = self.tokenizer.instruct_tokenizer.tokenizer
         self.eos_id = self.text.eos_id
@@ -163,11 +187,13 @@ class PromptEncoder:
                 raise
             except Exception as e:  # mistral_common validation errors
                 raise PromptError(f"these messages cannot be encoded: {e}") from e
-        patch = self.image_encoder.image_config.image_patch_size
+        config = self.image_encoder.image_config
+        merge = config.spatial_merge_size
+        cell = config.image_patch_size * merge  # pixels per [IMG] token along each side
         images = []
         # mistral_common's image-first quirk moves only a lone image, so images keep their order.
         for pixels, (img, name) in zip(tok.images, loaded):
-            rows, cols = pixels.shape[1] // patch, pixels.shape[2] // patch
+            rows, cols = pixels.shape[1] // cell, pixels.shape[2] // cell
             images.append(
                 EncodedImage(
                     pixels=np.ascontiguousarray(pixels, dtype=np.float32),
@@ -175,6 +201,7 @@ class PromptEncoder:
                     original_size=img.size,
                     grid=(rows, cols),
                     n_tokens=rows * (cols + 1),
+                    merge=merge,
                 )
             )
         return Prompt(tokens=list(tok.tokens), images=images)

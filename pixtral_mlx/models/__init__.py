@@ -12,10 +12,17 @@ from importlib import import_module
 from types import ModuleType
 from typing import Any
 
-FAMILIES = {"pixtral": "pixtral_mlx.models.pixtral"}  # model_type in config.json -> package
+# model_type in config.json -> package. Pixtral-12B's Hugging Face config says "llava" (the default below);
+# Mistral Small 3.x, Magistral Small 1.2 and Ministral 3 say "mistral3" (Mistral3ForConditionalGeneration).
+FAMILIES = {"pixtral": "pixtral_mlx.models.pixtral", "mistral3": "pixtral_mlx.models.mistral3"}
 
 
 def family(config: dict[str, Any]) -> ModuleType:
     """The package of the family a checkpoint's config describes (Pixtral-12B's LLaVA layout by default)."""
     name = config.get("model_type") if isinstance(config, dict) else None
     return import_module(FAMILIES.get(name, FAMILIES["pixtral"]))
+
+
+def part(config: dict[str, Any], name: str) -> ModuleType:
+    """One module of the family's package: `weights` (its weight map) or `model` (both import MLX)."""
+    return import_module(f"{family(config).__name__}.{name}")
