@@ -22,7 +22,8 @@ from mlx_lm.generate import generate_step, wired_limit
 from mlx_lm.models.cache import trim_prompt_cache
 
 from .config import CONTEXT_LENGTH
-from .errors import ContextError
+from .errors import ContextError, PromptError
+from .memory import PREFILL_STEP
 from .turn import Chunk, Options, Reply, Stats, collect
 
 __all__ = [
@@ -33,12 +34,12 @@ __all__ = [
     "Stats",
     "check_context",
     "collect",
+    "Penalties",
     "prefill",
+    "sampling_processors",
     "stream_batch",
     "stream_tokens",
 ]
-
-PREFILL_STEP = 2048
 
 
 def check_context(
@@ -115,6 +116,61 @@ class PromptCache:
         self.keys = self.keys[:keep]
 
 
+class Penalties:
+    """OpenAI's presence and frequency penalties as an mlx-lm logits processor: each token generated so far
+    has its logit lowered by `frequency` x its count and by `presence` once. Only this reply's tokens count
+    (not the prompt's): mlx-lm calls a processor once per sampled token, the first time before any, so the
+    last `calls` tokens it is given are the ones generated."""
+
+    def __init__(self, presence: float, frequency: float):
+        self.presence, self.frequency = float(presence), float(frequency)
+        self.calls = 0
+
+    def __call__(self, tokens: Any, logits: mx.array) -> mx.array:
+        import numpy as np
+
+        n, self.calls = self.calls, self.calls + 1
+        if n == 0:
+            return logits
+        ids, counts = np.unique(np.array(tokens[-n:]), return_counts=True)
+        penalty = self.frequency * counts.astype(np.float32) + self.presence
+        return logits.at[:, mx.array(ids)].add(-mx.array(penalty, dtype=logits.dtype))
+
+
+def sampling_processors(options: Options, vocab_size: int) -> list[Any]:
+    """The logits processors of these options' `logit_bias` and penalties (mlx-lm's logit bias; OpenAI's
+    penalties, `Penalties`), in that order; raises if a biased token id is not in the vocabulary."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    processors: list[Any] = []
+    if options.logit_bias:
+        outside = [t for t in options.logit_bias if t >= vocab_size]
+        if outside:
+            raise PromptError(
+                f"logit_bias names token {outside[0]}, outside the model's vocabulary of {vocab_size:,} tokens.",
+                param="logit_bias",
+            )
+        processors += make_logits_processors(logit_bias=options.logit_bias)
+    if options.presence_penalty or options.frequency_penalty:
+        processors.append(Penalties(options.presence_penalty, options.frequency_penalty))
+    return processors
+
+
+def token_logprobs(logprobs: mx.array, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """`token`'s log-probability in `logprobs` (a log-softmax over the vocabulary) and the `top` most likely
+    (token id, log-probability) pairs, most likely first (ties by token id); tokens masked to -inf are left out."""
+    import math
+
+    chosen = logprobs[token].item()
+    if top <= 0:
+        return chosen, []
+    flat = logprobs.reshape(-1)
+    k = min(top, flat.shape[0])
+    ids = mx.argpartition(-flat, kth=k - 1)[:k] if k < flat.shape[0] else mx.arange(flat.shape[0])
+    pairs = sorted(zip(ids.tolist(), flat[ids].tolist()), key=lambda p: (-p[1], p[0]))
+    return chosen, [(int(i), float(v)) for i, v in pairs if math.isfinite(v)]
+
+
 def stream_tokens(
     model: Any,
     detokenizer: Any,
@@ -150,7 +206,16 @@ def stream_tokens(
     )
     try:
         with wired_limit(model, [generation_stream]):  # Metal: keep the weights resident
-            yield from _decode(steps, detokenizer, len(tokens), options.max_tokens, eos_id, tic, stop=options.stop)
+            yield from _decode(
+                steps,
+                detokenizer,
+                len(tokens),
+                options.max_tokens,
+                eos_id,
+                tic,
+                stop=options.stop,
+                top_logprobs=options.top_logprobs if options.logprobs else None,
+            )
     finally:
         steps.close()
 
@@ -176,13 +241,17 @@ def _decode(
     eos_id: int,
     tic: float,
     stop: tuple[str, ...] = (),
+    top_logprobs: int | None = None,
 ) -> Iterator[Chunk]:
     """One chunk per token (its text may be empty while held back for `stop`); the last one carries
-    `finish_reason`: "stop" for the end-of-sequence token or a stop string (cut off, never shown)."""
+    `finish_reason`: "stop" for the end-of-sequence token or a stop string (cut off, never shown).
+    `top_logprobs` (not None): each chunk with a token carries its log-probability and that many alternatives,
+    from the log-softmax `steps` yields with each token (`token_logprobs`)."""
     stats = Stats(prompt_tokens=n_prompt, finish_reason="length")
     n = 0
     tail, held, last, stopped = "", "", None, False
-    for token, _ in steps:
+    scores: dict[str, Any] = {}
+    for token, logprobs in steps:
         if n == 0:
             stats.prompt_tps = n_prompt / max(time.perf_counter() - tic, 1e-9)
             tic = time.perf_counter()
@@ -193,18 +262,21 @@ def _decode(
         if token == eos_id:
             stats.finish_reason = "stop"
             break
+        if top_logprobs is not None and logprobs is not None:
+            chosen, top = token_logprobs(logprobs, token, top_logprobs)
+            scores = {"logprob": chosen, "top_logprobs": top}
         text, held, stopped = split_stop(held + detokenizer.add(token), stop)
         if stopped or n >= max_tokens:
             tail, last = text, token
             break
-        yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token)
+        yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token, **scores)
     if stopped:
         stats.finish_reason = "stop"
     else:
         text, held, stopped = split_stop(held + detokenizer.flush(), stop)
         tail += text if stopped else text + held
         stats.finish_reason = "stop" if stopped else stats.finish_reason
-    yield Chunk(**stats.stats(), text=tail, token=last)
+    yield Chunk(**stats.stats(), text=tail, token=last, **(scores if last is not None else {}))
 
 
 def prefill(

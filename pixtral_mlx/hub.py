@@ -16,6 +16,9 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LOGIN = "`hf auth login` (or set HF_TOKEN)"
 
 
+OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]  # Mistral's own layout of a repo
+
+
 def is_repo_id(source: str) -> bool:
     """`owner/name`, and not a local path that exists."""
     return bool(_REPO_ID.match(source)) and not source.startswith((".", "~")) and not Path(source).exists()

@@ -19,7 +19,6 @@ from .models import family, part
 from .prompt import PromptEncoder
 
 MLX_ALLOW_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
-SOURCE_ALLOW_PATTERNS = ["consolidated.safetensors", "params.json", "tekken.json"]
 
 
 def cache_root() -> Path:
@@ -56,7 +55,7 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
     converted = cache_root() / "models" / (repo.replace("/", "--") + "-4bit")
     if is_mlx_dir(converted):
         return converted
-    local = hub.download(repo, MLX_ALLOW_PATTERNS + SOURCE_ALLOW_PATTERNS, local_first=True, progress=progress)
+    local = hub.download(repo, MLX_ALLOW_PATTERNS + hub.OFFICIAL_FILES, local_first=True, progress=progress)
     if is_mlx_dir(local):
         return local
     if (local / "consolidated.safetensors").exists():

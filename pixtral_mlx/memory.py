@@ -29,7 +29,7 @@ from .errors import MemoryPlanError
 
 GB = 1e9
 KV_STEP = 256  # mlx-lm's KVCache/QuantizedKVCache grow in steps of this many positions
-PREFILL_STEP = 2048  # mlx-lm's prefill chunk (generate.PREFILL_STEP)
+PREFILL_STEP = 2048  # mlx-lm's prefill chunk (its generate.PREFILL_STEP); the one value the turn path uses
 SCORES_BUDGET = 1 << 30  # most bytes of materialized attention scores per prefill chunk (the chunk shrinks)
 MIN_PREFILL_STEP = 64
 SCORE_COPIES = 1  # unfused attention: the scores array (masking and softmax reuse its buffer; measured)

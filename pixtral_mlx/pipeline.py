@@ -34,6 +34,7 @@ from .generate import (
     check_context,
     collect,
     prompt_keys,
+    sampling_processors,
     stream_batch,
     stream_tokens,
 )
@@ -54,7 +55,7 @@ def _vision_groups(images: list[EncodedImage]) -> list[list[EncodedImage]]:
     groups: list[list[EncodedImage]] = []
     size = 0
     for img in images:
-        n = img.grid[0] * img.grid[1]
+        n = img.patches
         if not groups or size + n > VISION_BATCH_PATCHES:
             groups.append([])
             size = 0
@@ -108,6 +109,13 @@ class Turn:
     keys: list[Hashable]  # `prompt_keys` of the prompt: what each position feeds the model
     processors: list[Any]  # logits processors (a JSON grammar)
     start: float  # perf_counter() when the turn began (for the statistics)
+
+
+def _needs_one_by_one(o: Options) -> bool:
+    """Options the batched decode does not take: they run on the single-turn path, prompt after prompt."""
+    constrained = o.json_schema is not None or o.json_object
+    sampling = o.logit_bias or o.presence_penalty or o.frequency_penalty or o.logprobs
+    return bool(o.kv_bits is not None or o.stop or constrained or sampling)
 
 
 class Pixtral:
@@ -233,7 +241,8 @@ class Pixtral:
         replies are token for token those of `generate` on each prompt alone. Options, every prompt's
         context and memory plan are checked before any work; rows that would not fit together are decoded
         in consecutive smaller groups. Options the batched decode does not take (a quantized KV cache, stop
-        strings, a JSON constraint) run the prompts one after another on the single-turn path instead.
+        strings, a JSON constraint, logit bias, penalties, logprobs) run the prompts one after another on the
+        single-turn path instead.
         """
         tic = time.perf_counter()
         options = Options.of(options, **overrides)
@@ -244,7 +253,7 @@ class Pixtral:
                 limits.append(check_context(len(prompt), options.max_tokens, self.context_length))
             except ContextError as e:
                 raise ContextError(f"prompt {i + 1} of {len(encoded)}: {e}", param=e.param) from None
-        if options.kv_bits is not None or options.stop or options.json_schema is not None or options.json_object:
+        if _needs_one_by_one(options):
             return self._one_by_one(encoded, options)
         for prompt, limit in zip(encoded, limits):
             plan = estimate(self, prompt, keep=0, max_tokens=limit, kv_bits=None, kv_group_size=64)
@@ -283,7 +292,9 @@ class Pixtral:
         start = time.perf_counter() if start is None else start
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         constrained = options.json_schema is not None or options.json_object
-        processors = logits_processors(options, self.encoder) if constrained else []  # grammar errors raise here
+        # logit_bias and penalties first, the grammar's mask last; grammar and bias errors raise here
+        processors = sampling_processors(options, self.encoder.text.n_words)
+        processors += logits_processors(options, self.encoder) if constrained else []
         # Without images every position's key is its token id: prompt_keys would return the tokens themselves.
         keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else prompt.tokens
         keep = cache.reusable(prompt.tokens, keys if prompt.images else None)

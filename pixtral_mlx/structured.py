@@ -78,9 +78,22 @@ def grammar_factory(tokenizer: Any) -> Any:
     return factory
 
 
+LEADING_WHITESPACE = "start: SAFE_WS? "  # mistral_common's JSON-only grammar lets an answer open with 1-8 of them
+
+
 def json_grammar(factory: Any, schema: dict[str, Any]) -> str:
-    """The Lark grammar of an answer that is JSON matching `schema` (mistral_common's JSON-only grammar)."""
-    return factory.get_lark_for_json_schema(factory.select_jinja_template(), schemas.grammar_schema(schema))
+    """The Lark grammar of an answer that is JSON matching `schema` (mistral_common's JSON-only grammar), with
+    no whitespace before the value: the first token starts the JSON (`{`, `[`, a quote, a digit ...), so a
+    reply is exactly its JSON, as `json.dumps` would lay it out."""
+    grammar = factory.get_lark_for_json_schema(factory.select_jinja_template(), schemas.grammar_schema(schema))
+    lines = grammar.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith(LEADING_WHITESPACE):
+            lines[i] = "start: " + line[len(LEADING_WHITESPACE) :]
+            return "\n".join(lines)
+    raise RuntimeError(
+        f"mistral_common's JSON grammar has no {LEADING_WHITESPACE.strip()!r} rule"
+    )  # an upgrade changed it
 
 
 class JsonConstraint:

@@ -18,6 +18,10 @@ MAX_SEED = 2**64 - 1  # mx.random.seed takes an unsigned 64-bit integer
 KV_BITS = (4, 8)  # mlx-lm's QuantizedKVCache; below 4 bits quality drops sharply
 KV_GROUP_SIZES = (32, 64, 128)  # what mx.quantize accepts
 MAX_STOP = 4  # stop strings per request, as OpenAI allows
+MAX_PENALTY = 2.0  # presence_penalty and frequency_penalty: -2..2, as OpenAI allows
+MAX_BIAS = 100.0  # logit_bias values: -100..100, as OpenAI allows
+MAX_BIASED = 300  # logit_bias entries per request
+MAX_TOP_LOGPROBS = 20  # alternatives per generated token, as OpenAI allows
 
 
 @dataclass
@@ -37,10 +41,16 @@ class Stats:
 
 @dataclass
 class Chunk(Stats):
-    """One streamed piece of a reply; the last one carries `finish_reason`."""
+    """One streamed piece of a reply; the last one carries `finish_reason`.
+
+    With `Options.logprobs`, a chunk with a `token` carries its `logprob` and the `top_logprobs` (token id,
+    log-probability) pairs, most likely first: log-softmax of the logits the sampler saw (after the logits
+    processors: penalties, `logit_bias`, a JSON grammar's mask), before temperature and top-p."""
 
     text: str = ""
     token: int | None = None
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -49,11 +59,16 @@ class Reply(Stats):
 
     text: str = ""
     tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # one per token, with `Options.logprobs`
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per token, likewise
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
         if chunk.token is not None:
             self.tokens.append(chunk.token)
+            if chunk.logprob is not None:
+                self.logprobs.append(chunk.logprob)
+                self.top_logprobs.append(list(chunk.top_logprobs))
         for f in fields(Stats):
             setattr(self, f.name, getattr(chunk, f.name))
 
@@ -67,6 +82,27 @@ def collect(chunks: Iterator[Chunk]) -> Reply:
 
 def _whole(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_bias(bias: Any) -> dict[int, float]:
+    """`logit_bias` as {token id: bias}, every id a whole number of at least 0 (the vocabulary's size is checked
+    when a turn is planned) and every bias a number from -100 to 100."""
+    if not isinstance(bias, dict):
+        raise PromptError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}.", param="logit_bias")
+    if len(bias) > MAX_BIASED:
+        raise PromptError(f"logit_bias must have at most {MAX_BIASED} entries, got {len(bias)}.", param="logit_bias")
+    out: dict[int, float] = {}
+    for key, value in bias.items():
+        if not _whole(key) or key < 0:
+            raise PromptError(f"logit_bias keys must be token ids (whole numbers), got {key!r}.", param="logit_bias")
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and -MAX_BIAS <= value <= MAX_BIAS
+        if not ok:
+            raise PromptError(
+                f"logit_bias values must be numbers from -{MAX_BIAS:g} to {MAX_BIAS:g}, got {value!r} for token {key}.",
+                param="logit_bias",
+            )
+        out[key] = float(value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -83,6 +119,13 @@ class Options:
     json_schema: dict[str, Any] | None = None  # the reply is JSON that matches this JSON Schema
     json_object: bool = False  # the reply is a JSON object
     max_edge: int | None = None  # cap on the longest image edge in pixels (None: the model's image size)
+    # OpenAI's penalties: each generated token's logit minus frequency_penalty x (times it was generated so far)
+    # and presence_penalty x (1 if it was generated so far); the prompt's tokens do not count.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100..100) at every step
+    logprobs: bool = False  # each chunk carries its token's log-probability (see `Chunk`)
+    top_logprobs: int = 0  # and this many most likely alternatives (0..20; needs logprobs)
 
     def __post_init__(self) -> None:
         from .config import check_max_edge
@@ -123,6 +166,22 @@ class Options:
             from .schemas import check_schema  # llguidance, imported only when a schema is given
 
             object.__setattr__(self, "json_schema", check_schema(self.json_schema))
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not -MAX_PENALTY <= value <= MAX_PENALTY
+            ):
+                raise bad(name, f"a number from -{MAX_PENALTY:g} to {MAX_PENALTY:g}")
+        if self.logit_bias is not None:
+            object.__setattr__(self, "logit_bias", _check_bias(self.logit_bias))
+        if not isinstance(self.logprobs, bool):
+            raise bad("logprobs", "True or False")
+        if not _whole(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise bad("top_logprobs", f"a whole number from 0 to {MAX_TOP_LOGPROBS}")
+        if self.top_logprobs and not self.logprobs:
+            raise PromptError("top_logprobs needs logprobs to be set to true.", param="top_logprobs")
 
     @classmethod
     def of(cls, options: Options | None = None, **overrides: Any) -> Options:

@@ -427,11 +427,11 @@ def bad_requests(image_host: str, allowed: Path, outside: Path) -> list:
         ({"messages": msg, "stop": [1]}, 400, "stop", None, "valid string"),
         ({"messages": msg, "max_edge": 8}, 400, "max_edge", None, "between"),
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.[0].role", None, "role"),
-        ({"messages": msg, "n": 2}, 400, "n", "unsupported_parameter", "n=1"),
+        ({"messages": msg, "n": 9}, 400, "n", "unsupported_parameter", "1 to 8"),
         ({"messages": msg, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter", "tools"),
-        ({"messages": msg, "logprobs": True}, 400, "logprobs", "unsupported_parameter", "logprobs"),
+        ({"messages": msg, "top_logprobs": 3}, 400, "top_logprobs", None, "logprobs"),
         ({"messages": msg, "modalities": ["text", "audio"]}, 400, "modalities", "unsupported_parameter", "text only"),
-        ({"messages": msg, "frequency_penalty": 0.5}, 400, "frequency_penalty", "unsupported_parameter", "penalty"),
+        ({"messages": msg, "frequency_penalty": 2.5}, 400, "frequency_penalty", None, "from -2 to 2"),
         (
             {"messages": msg, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
             400,
@@ -499,7 +499,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live, pixtr
     messages = [user(data_url(IMG_B), "Still there?")]
     assert ask(live.client(), messages)[:2] == expected(pixtral, messages)[:2]  # served as if nothing happened
     with pytest.raises(openai.BadRequestError) as e:
-        live.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=3)
+        live.client().chat.completions.create(model="tiny", messages=[{"role": "user", "content": "x"}], n=9)
     assert e.value.status_code == 400 and e.value.param == "n"
 
 

@@ -19,13 +19,12 @@ import numpy as np
 
 from pixtral_mlx import hub
 from pixtral_mlx.errors import ConversionError, PixtralError
-from pixtral_mlx.hub import is_repo_id
+from pixtral_mlx.hub import OFFICIAL_FILES, is_repo_id
 from pixtral_mlx.models.pixtral.args import PixtralArgs
 
 __all__ = ["Source", "TensorInfo", "download", "is_repo_id", "open_source", "read_header", "read_json"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]
 HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
 # safetensors dtype -> (numpy dtype to read the bytes as, mlx dtype to view them as)
 DTYPES: dict[str, tuple[Any, mx.Dtype]] = {

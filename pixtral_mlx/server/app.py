@@ -1,4 +1,4 @@
-"""The ASGI app (Starlette): OpenAI's `/v1/chat/completions` and `/v1/models`, and `/health`.
+"""The ASGI app (Starlette): OpenAI's `/v1/chat/completions`, `/v1/models` and `/v1/models/{id}`, and `/health`.
 
 The request handlers only check, read images, queue and stream back; the `Engine` thread does the
 model work. Images are read here, off the engine thread (a slow download never holds up other
@@ -27,6 +27,7 @@ from starlette.routing import Route
 
 from .engine import Engine, Job
 from .guard import Guard, authorize
+from .ollama import ollama_routes
 from .replies import EventStream, Reply, json_error, library_error, model_card, watch_disconnect
 from .requests import read_body, resolve_messages
 from .schema import APIError, parse_request, request_options
@@ -48,6 +49,18 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
         authorize(request, settings)
         return JSONResponse({"object": "list", "data": [model_card(settings, created)]})
 
+    async def model(request: Request) -> Response:
+        authorize(request, settings)
+        name = request.path_params["model"]
+        if name not in (settings.model_id, *settings.aliases):
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {settings.model_id!r}.",
+                param="model",
+                code="model_not_found",
+            )
+        return JSONResponse(model_card(settings, created))
+
     async def chat_completions(request: Request) -> Response:
         authorize(request, settings)
         body = await read_body(request, settings.max_body, settings.body_timeout)
@@ -62,7 +75,7 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
         # to a thread: a JSON schema compiles into a grammar here, which may take a while
         options = await asyncio.to_thread(request_options, req, settings.defaults, settings.max_edge)
         messages = await asyncio.to_thread(resolve_messages, req, settings)
-        job = Job(messages, options, asyncio.get_running_loop())
+        job = Job(messages, options, asyncio.get_running_loop(), n=req.n or 1)
         try:
             engine.submit(job)
         except queue.Full:
@@ -104,7 +117,9 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
         routes=[
             Route("/health", health, methods=["GET"]),
             Route("/v1/models", models, methods=["GET"]),
+            Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            *(Route(path, run, methods=methods) for path, (run, methods) in ollama_routes(settings, engine).items()),
         ],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},

@@ -3,7 +3,9 @@
 MLX streams are per thread, so loading, prefill and decode all happen here. The ASGI side submits a
 `Job` (a bounded queue: `queue.Full` when it is full) and reads its events from an asyncio queue fed
 with `loop.call_soon_threadsafe`: ("start", prompt tokens) or ("error", exception), then ("chunk",
-Chunk)... and always ("end", None) last. A job whose client went away is cancelled: the engine stops it
+Chunk)... and always ("end", None) last. A job of `n` replies runs its turn n times in a row (the prompt
+comes from the prefix cache after the first; with a seed, reply i samples with seed + i): ("choice", i)
+comes before the chunks of reply i >= 1. A job whose client went away is cancelled: the engine stops it
 between two tokens (a job cancelled with an error, as at shutdown, gets ("error", it) before its end).
 One `PromptCache` serves every request, so a request that repeats the previous one's prefix (a chat
 client resending its history) prefills only the rest; vision features are cached by image content
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pixtral_mlx.errors import PixtralError
-from pixtral_mlx.turn import Options
+from pixtral_mlx.turn import MAX_SEED, Options
 
 from .limits import QUEUE
 
@@ -52,6 +54,7 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     record: Record = field(default_factory=Record)
     error: BaseException | None = None  # what its client is told when it is cancelled (None: nothing, it left)
+    n: int = 1  # independent replies to the same prompt
 
     def emit(self, kind: str, value: Any = None) -> None:
         """Called on the engine thread: hand an event to the request's coroutine."""
@@ -182,21 +185,37 @@ class Engine:
             job.emit("end")
             return
         record.prompt_tokens = len(prompt)
-        job.emit("start", {"prompt_tokens": len(prompt), "prompt_token_ids": prompt.tokens})
+        tokenizer = self.pixtral.encoder.text  # for the token texts and bytes of logprobs
+        job.emit("start", {"prompt_tokens": len(prompt), "prompt_token_ids": prompt.tokens, "tokenizer": tokenizer})
+        generated = 0  # tokens of the replies before this one
         try:
-            for chunk in chunks:
-                record.prefilled = chunk.prompt_tokens
-                record.generation_tokens = chunk.generation_tokens
-                record.finish_reason = chunk.finish_reason
-                if job.cancelled.is_set():
-                    record.finish_reason = "cancelled"
+            for i in range(job.n):
+                if i:
+                    if job.cancelled.is_set():
+                        record.finish_reason = "cancelled"
+                        break
+                    seeded = o if o.seed is None else o.merge(seed=(o.seed + i) % (MAX_SEED + 1))
+                    chunks = self.pixtral.stream(prompt, seeded, cache=self.cache)
+                    job.emit("choice", i)
+                try:
+                    for chunk in chunks:
+                        if not i:
+                            record.prefilled = chunk.prompt_tokens
+                        record.generation_tokens = generated + chunk.generation_tokens
+                        record.finish_reason = chunk.finish_reason
+                        if job.cancelled.is_set():
+                            record.finish_reason = "cancelled"
+                            break
+                        job.emit("chunk", chunk)
+                finally:
+                    chunks.close()  # keeps the prefix cache exact: it holds what was generated
+                generated = record.generation_tokens
+                if record.finish_reason == "cancelled":
                     break
-                job.emit("chunk", chunk)
         except Exception as e:
             log.exception("a request failed during generation")
             record.finish_reason = "error"
             self.cache = self.pixtral.new_cache(*self.kv)  # what it holds is unknown now
             job.error = e
         finally:
-            chunks.close()  # keeps the prefix cache exact: it holds what was generated
             job.end()

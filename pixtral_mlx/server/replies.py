@@ -22,7 +22,7 @@ from .settings import Settings
 
 
 class Reply:
-    """Builds the OpenAI objects of one reply from the engine's chunks."""
+    """Builds the OpenAI objects of one reply (its `n` choices) from the engine's chunks."""
 
     def __init__(self, request: ChatRequest, model_id: str, start: dict[str, Any]):
         self.request = request
@@ -31,13 +31,24 @@ class Reply:
         self.created = int(time.time())
         self.prompt_tokens = start["prompt_tokens"]
         self.prompt_token_ids = start["prompt_token_ids"]
-        self.token_ids: list[int] = []
+        self.tokenizer = start.get("tokenizer")  # tekken: the texts and bytes of logprobs' tokens
+        self.n = request.n or 1
+        self.choice_ids: list[list[int]] = [[] for _ in range(self.n)]  # each choice's token ids
+        self.lasts: list[Any] = [None] * self.n  # each choice's last chunk
         options = request.stream_options
         self.include_usage = options is not None and options.include_usage
 
-    def usage(self, last: Any) -> dict[str, Any]:
-        cached = self.prompt_tokens - last.prompt_tokens if last is not None else 0
-        completion = last.generation_tokens if last is not None else 0
+    @property
+    def token_ids(self) -> list[int]:
+        return self.choice_ids[0]
+
+    def usage(self, last: Any = None) -> dict[str, Any]:
+        """The usage of every choice: the prompt once, the completion tokens of all of them (`last`: the first
+        choice's last chunk when the choices' own are not known)."""
+        lasts = [c for c in self.lasts if c is not None] or ([last] if last is not None else [])
+        first = self.lasts[0] if self.lasts[0] is not None else last
+        cached = self.prompt_tokens - first.prompt_tokens if first is not None else 0
+        completion = sum(c.generation_tokens for c in lasts)
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
@@ -45,48 +56,89 @@ class Reply:
             "prompt_tokens_details": {"cached_tokens": cached},
         }
 
-    async def chunks(self, job: Job) -> AsyncIterator[Any]:
-        """The job's chunks until its end, their token ids kept; an engine error mid-reply is raised."""
+    async def indexed(self, job: Job) -> AsyncIterator[tuple[int, Any]]:
+        """(choice index, chunk) until the job's end, the token ids and each choice's last chunk kept; an engine
+        error mid-reply is raised."""
+        index = 0
         while True:
             kind, value = await job.events.get()
             if kind == "end":
                 return
             if kind == "error":
                 raise library_error(value)
+            if kind == "choice":
+                index = value
+                continue
             if value.token is not None:
-                self.token_ids.append(value.token)
-            yield value
+                self.choice_ids[index].append(value.token)
+            self.lasts[index] = value
+            yield index, value
+
+    async def chunks(self, job: Job) -> AsyncIterator[Any]:
+        """The job's chunks (of every choice, in order) until its end; an engine error mid-reply is raised."""
+        async for _, chunk in self.indexed(job):
+            yield chunk
+
+    def _token(self, token: int, logprob: float) -> dict[str, Any]:
+        text, data = token_text(self.tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": list(data)}
+
+    def logprobs(self, chunk: Any) -> list[dict[str, Any]]:
+        """OpenAI's `logprobs.content` entries of a chunk: one for its token, if it has one and logprobs."""
+        if not self.request.logprobs or chunk.token is None or chunk.logprob is None:
+            return []
+        entry = self._token(chunk.token, chunk.logprob)
+        entry["top_logprobs"] = [self._token(t, lp) for t, lp in chunk.top_logprobs]
+        return [entry]
 
     async def collect(self, job: Job) -> dict[str, Any]:
         """The whole reply, as one `chat.completion` object."""
-        text, last = [], None
-        async for chunk in self.chunks(job):
-            text.append(chunk.text)
-            last = chunk
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": "".join(text)},
-            "logprobs": None,
-            "finish_reason": last.finish_reason if last is not None else None,
-        }
-        if self.request.return_token_ids:
-            choice["token_ids"] = list(self.token_ids)
+        texts: list[list[str]] = [[] for _ in range(self.n)]
+        entries: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
+        async for i, chunk in self.indexed(job):
+            texts[i].append(chunk.text)
+            entries[i] += self.logprobs(chunk)
+        choices = []
+        for i in range(self.n):
+            last = self.lasts[i]
+            choice = {
+                "index": i,
+                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "logprobs": {"content": entries[i], "refusal": None} if self.request.logprobs else None,
+                "finish_reason": last.finish_reason if last is not None else None,
+            }
+            if self.request.return_token_ids:
+                choice["token_ids"] = list(self.choice_ids[i])
+            choices.append(choice)
         body = {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model_id,
-            "choices": [choice],
-            "usage": self.usage(last),
+            "choices": choices,
+            "usage": self.usage(),
             "system_fingerprint": None,
         }
         if self.request.return_token_ids:
             body["prompt_token_ids"] = self.prompt_token_ids
         return body
 
-    def event(self, delta: dict[str, Any] | None, finish: str | None = None, usage: Any = None) -> str:
-        """One server-sent event: a `chat.completion.chunk` (`delta` None: the usage-only last one)."""
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def event(
+        self,
+        delta: dict[str, Any] | None,
+        finish: str | None = None,
+        usage: Any = None,
+        index: int = 0,
+        logprobs: list[dict[str, Any]] | None = None,
+    ) -> str:
+        """One server-sent event: a `chat.completion.chunk` of choice `index` (`delta` None: the usage-only
+        last one)."""
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": {"content": logprobs, "refusal": None} if logprobs else None,
+            "finish_reason": finish,
+        }
         data: dict[str, Any] = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -98,23 +150,41 @@ class Reply:
         if self.include_usage:
             data["usage"] = usage
         if finish is not None and self.request.return_token_ids:
-            data["choices"][0]["token_ids"] = list(self.token_ids)
+            data["choices"][0]["token_ids"] = list(self.choice_ids[index])
             data["prompt_token_ids"] = self.prompt_token_ids
         return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
 
     async def events(self, job: Job) -> AsyncIterator[str]:
-        """The reply as server-sent events, up to `data: [DONE]`."""
+        """The reply as server-sent events, up to `data: [DONE]`: each choice opens with its role, streams its
+        content (with its tokens' logprobs when asked) and ends with its finish reason; the usage comes last."""
+        started = {0}
         yield self.event({"role": "assistant", "content": ""})
-        last = None
-        async for chunk in self.chunks(job):
-            if chunk.text:
-                yield self.event({"content": chunk.text})
-            last = chunk
-        if last is not None and last.finish_reason is not None:
-            yield self.event({}, finish=last.finish_reason)
-            if self.include_usage:
-                yield self.event(None, usage=self.usage(last))
+        ended = True
+        async for i, chunk in self.indexed(job):
+            if i not in started:
+                started.add(i)
+                yield self.event({"role": "assistant", "content": ""}, index=i)
+            entries = self.logprobs(chunk)
+            if chunk.text or entries:
+                yield self.event({"content": chunk.text}, index=i, logprobs=entries)
+            ended = chunk.finish_reason is not None
+            if ended:
+                yield self.event({}, finish=chunk.finish_reason, index=i)
+        if ended and self.lasts[0] is not None and self.include_usage:
+            yield self.event(None, usage=self.usage())
         yield "data: [DONE]\n\n"
+
+
+def token_text(tokenizer: Any, token: int) -> tuple[str, bytes]:
+    """A token's text and UTF-8 bytes as OpenAI's logprobs show them (a special token: its name, e.g. `</s>`;
+    a token that is part of a character: its bytes, the text with U+FFFD in their place)."""
+    if tokenizer is None:
+        return "", b""
+    if token < tokenizer.num_special_tokens:
+        text = tokenizer.id_to_piece(token)
+        return text, text.encode()
+    data = tokenizer.id_to_byte_piece(token)
+    return data.decode("utf-8", errors="replace"), data
 
 
 def watch_disconnect(receive: Receive, job: Job) -> Callable[[], None]:

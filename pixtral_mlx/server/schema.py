@@ -2,9 +2,10 @@
 
 `parse_request` turns a request body into a `ChatRequest` or raises `APIError` (OpenAI's error shape, with
 the status and the `param` that names the offending field). Fields that would change the meaning of a
-reply if ignored (`n` > 1, tools, logprobs, audio, penalties, `logit_bias`) are refused, not dropped;
-fields that do not (`user`, `metadata`, `store`, ...) are accepted and ignored. `response_format` (`text`,
-`json_object`, `json_schema`) becomes the library's structured output (`request_options`).
+reply if ignored (tools and functions, audio, `n` over 8) are refused, not dropped; fields that do not (`user`,
+`metadata`, `store`, ...) are accepted and ignored. `response_format` (`text`, `json_object`, `json_schema`)
+becomes the library's structured output, and the penalties, `logit_bias`, `logprobs` and `top_logprobs` its
+options of the same names (`request_options`); `n` is the number of replies the engine runs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pixtral_mlx.errors import PixtralError
+from pixtral_mlx.errors import PixtralError, PromptError
 from pixtral_mlx.turn import Options
 
 
@@ -67,35 +68,32 @@ class ChatRequest(_Strict):
     response_format: ResponseFormat | None = None
     max_edge: int | None = None  # extension: cap the longest image edge for this request
     return_token_ids: bool = False  # extension (as vLLM's): the prompt's and the reply's token ids
+    n: int | None = None  # replies to generate (1 to MAX_N)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> bias
     # Accepted only where they change nothing (see REFUSED).
-    n: int | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
     modalities: list[str] | None = None
     audio: Any = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, Any] | None = None
 
+
+MAX_N = 8  # replies per request
 
 # Field -> (is this value harmless?, what to say). Anything else is a 400 naming the field.
 REFUSED: dict[str, tuple[Any, str]] = {
-    "n": (lambda v: v in (None, 1), "only n=1 is supported (one reply per request)"),
+    "n": (lambda v: v is None or 1 <= v <= MAX_N, f"n must be a whole number from 1 to {MAX_N} (replies per request)"),
     "tools": (lambda v: not v, "tools (function calling) are not supported by this server"),
     "functions": (lambda v: not v, "functions (function calling) are not supported by this server"),
     "tool_choice": (lambda v: v in (None, "none", "auto"), "tool_choice is not supported: this server has no tools"),
     "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported by this server"),
-    "logprobs": (lambda v: not v, "logprobs are not supported by this server"),
-    "top_logprobs": (lambda v: not v, "top_logprobs is not supported by this server"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "this server replies with text only"),
     "audio": (lambda v: v is None, "audio output is not supported by this server"),
-    "presence_penalty": (lambda v: not v, "presence_penalty is not supported by this server (leave it at 0)"),
-    "frequency_penalty": (lambda v: not v, "frequency_penalty is not supported by this server (leave it at 0)"),
-    "logit_bias": (lambda v: not v, "logit_bias is not supported by this server"),
 }
 _FIELDS = set(ChatRequest.model_fields) | set(Message.model_fields) | set(StreamOptions.model_fields) | {"type"}
 
@@ -154,6 +152,11 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
             seed=request.seed,
             stop=request.stop,
             max_edge=max_edge if max_edge is not None else max_edge_limit,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=_token_ids(request.logit_bias),
+            logprobs=request.logprobs,
+            top_logprobs=request.top_logprobs,
             **structured,
         )
     except PixtralError as e:
@@ -165,3 +168,15 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
         if param in ("json_schema", "json_object"):
             param = "response_format"
         raise APIError(400, message, param=param) from None
+
+
+def _token_ids(bias: dict[str, Any] | None) -> dict[int, Any] | None:
+    """`logit_bias` with its keys (JSON strings) as token ids; `Options` checks the ids and the values."""
+    if bias is None:
+        return None
+    out: dict[int, Any] = {}
+    for key, value in bias.items():
+        if not (key.isascii() and key.isdigit()) or len(key) > 9:
+            raise PromptError(f"logit_bias keys must be token ids (whole numbers), got {key!r}.", param="logit_bias")
+        out[int(key)] = value
+    return out
