@@ -10,6 +10,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from pixtral_mlx.catalog import repo_for
+
 from .errors import ModelError, PixtralError
 
 _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
@@ -22,6 +24,12 @@ OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]  # M
 def is_repo_id(source: str) -> bool:
     """`owner/name`, and not a local path that exists."""
     return bool(_REPO_ID.match(source)) and not source.startswith((".", "~")) and not Path(source).exists()
+
+
+def short_name(source: str) -> str | None:
+    """The official repo id of a family short name (`ministral-3-8b`, `Mistral-Small-3.2`, case-insensitive;
+    `pixtral-mlx models` lists them), or None when `source` is not one."""
+    return repo_for(source) if "/" not in source else None
 
 
 def download(

@@ -35,9 +35,14 @@ def is_mlx_dir(path: Path) -> bool:
 
 
 def resolve(model: str | os.PathLike, progress: Callable[[str], None] | None = None) -> Path:
-    """A local MLX folder for `model`: a folder, an MLX repo id, or an official repo id (converted to
-    4-bit once, into the cache folder)."""
+    """A local MLX folder for `model`: a folder, an MLX repo id, an official repo id (converted to 4-bit
+    once, into the cache folder), or a family short name (`ministral-3-8b`: its official repo id; a folder of
+    that name wins)."""
     path = Path(model).expanduser()
+    if not path.exists() and (repo := hub.short_name(str(model))):
+        if progress:
+            progress(f"{model} is {repo}.")
+        return _resolve_repo(repo, progress)
     if path.exists():
         if not path.is_dir():
             raise ModelError(f"{model} is a file; --model takes a folder with config.json and *.safetensors.")
@@ -47,12 +52,20 @@ def resolve(model: str | os.PathLike, progress: Callable[[str], None] | None = N
             raise ModelError(f"{model} is not in MLX format; convert it first: pixtral-mlx convert {model} -q")
         raise ModelError(f"{model} holds no model (no config.json and *.safetensors).")
     if not hub.is_repo_id(str(model)):
-        raise ModelError(f"{model}: no such folder, and it is not a Hugging Face repo id (owner/name).")
+        raise ModelError(
+            f"{model}: no such folder, and it is not a Hugging Face repo id (owner/name) or a short name "
+            "(`pixtral-mlx models` lists them)."
+        )
     return _resolve_repo(str(model), progress)
 
 
+def converted_path(repo: str) -> Path:
+    """Where `resolve` converts an official repo to 4-bit MLX, once."""
+    return cache_root() / "models" / (repo.replace("/", "--") + "-4bit")
+
+
 def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
-    converted = cache_root() / "models" / (repo.replace("/", "--") + "-4bit")
+    converted = converted_path(repo)
     if is_mlx_dir(converted):
         return converted
     local = hub.download(repo, MLX_ALLOW_PATTERNS + hub.OFFICIAL_FILES, local_first=True, progress=progress)

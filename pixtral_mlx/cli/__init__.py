@@ -23,6 +23,7 @@ COMMANDS = {
         "pixtral_mlx.caption.run",
         "caption every image of folders, resumably and in batches (JSONL or sidecars)",
     ),
+    "models": ("pixtral_mlx.cli.models", "list the supported models: size, memory on this machine, what is cached"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",

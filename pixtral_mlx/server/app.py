@@ -30,6 +30,7 @@ from .guard import Guard, authorize
 from .ollama import ollama_routes
 from .replies import EventStream, Reply, json_error, library_error, model_card, watch_disconnect
 from .requests import read_body, resolve_messages
+from .responses import responses_routes
 from .schema import APIError, parse_request, request_options
 from .settings import Settings
 
@@ -120,6 +121,7 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
             Route("/v1/models/{model:path}", model, methods=["GET"]),
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
             *(Route(path, run, methods=methods) for path, (run, methods) in ollama_routes(settings, engine).items()),
+            *(Route(path, run, methods=methods) for path, run, methods in responses_routes(settings, engine)),
         ],
         middleware=middleware,
         exception_handlers={APIError: _api_error, HTTPException: _http_error, Exception: _internal_error},
