@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .memory import MemoryPlan
     from .prompt import Prompt
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 
 
 def _kind(value: Any) -> str:
@@ -60,8 +60,14 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
             raise PromptError(f"message {i} must be a {{'role', 'content'}} dict, not {_kind(m)}.")
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise PromptError(f"message {i} has the role {reprlib.repr(role)}; use 'system', 'user' or 'assistant'.")
-        check_content(m.get("content", ""), role, f"the content of message {i}")
+            use = "use 'system', 'user', 'assistant' or 'tool'"
+            raise PromptError(f"message {i} has the role {reprlib.repr(role)}; {use}.")
+        content = m.get("content", "")
+        if content is None and (m.get("tool_calls") or role == "tool"):
+            content = ""  # an assistant message that is only tool calls
+        check_content(content, role, f"the content of message {i}")
+        if m.get("tool_calls") is not None and not isinstance(m["tool_calls"], list):
+            raise PromptError(f"the tool_calls of message {i} must be a list, not {_kind(m['tool_calls'])}.")
     return list(messages)
 
 
@@ -80,6 +86,7 @@ class Chat:
         self.last_finish: str | None = None  # "stop", "length" or "interrupted"
         self.resumed_tokens = 0  # tokens `load_cache` adopted from a saved KV cache
         self.cache_note = ""  # why a saved KV cache was not used
+        self.last_tool_calls: list[dict[str, Any]] = []  # the last reply's tool calls (with `tools`)
 
     @property
     def max_edge(self) -> int | None:
@@ -87,8 +94,35 @@ class Chat:
 
     # Public API --------------------------------------------------------------------------------
     def send(self, content: Any, options: Options | None = None, **overrides: Any) -> Reply:
-        """Add a user message and return the whole reply (options as in `stream`)."""
-        return collect(self.stream(content, options, **overrides))
+        """Add a user message and return the whole reply (options as in `stream`); with `tools` a reply that
+        calls them carries `tool_calls` (and `finish_reason` "tool_calls")."""
+        return self._collect(self.stream(content, options, **overrides))
+
+    def send_tool_results(self, results: dict[str, Any], options: Options | None = None, **overrides: Any) -> Reply:
+        """Answer the last reply's tool calls: `results` maps each call's id to its result (a string, or any
+        JSON value), added as `tool` messages; then return the model's next reply (options as in `stream`)."""
+        import json
+
+        if not isinstance(results, dict) or not results:
+            raise PromptError("results must map tool call ids to their results.")
+        added = 0
+        for call_id, result in results.items():
+            text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False)
+            self.messages.append({"role": "tool", "tool_call_id": call_id, "content": text})
+            added += 1
+        try:
+            chunks = self._turn(self._options(options, overrides))
+        except Exception:
+            del self.messages[-added:]
+            raise
+        return self._collect(chunks)
+
+    def _collect(self, chunks: Iterator[Chunk]) -> Reply:
+        reply = collect(chunks)
+        if self.last_tool_calls:
+            reply.tool_calls = [dict(c) for c in self.last_tool_calls]
+            reply.finish_reason = "tool_calls"
+        return reply
 
     def stream(self, content: Any, options: Options | None = None, **overrides: Any) -> Iterator[Chunk]:
         """Add a user message and stream the reply; `options` (an `Options`, replacing the chat's) and options
@@ -121,7 +155,7 @@ class Chat:
     def undo(self) -> dict[str, Any] | None:
         """Remove the last user turn (and its reply); return the removed user message."""
         removed = None
-        while self.messages and self.messages[-1]["role"] == "assistant":
+        while self.messages and self.messages[-1]["role"] in ("assistant", "tool"):
             self.messages.pop()
         if self.messages and self.messages[-1]["role"] == "user":
             removed = self.messages.pop()
@@ -258,11 +292,12 @@ class Chat:
 
     def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
-        prompt = self.pixtral.encode(self.messages, max_edge=self.max_edge)
+        tools = (options.tools, options.tool_choice, options.parallel_tool_calls) if options.tools else ()
+        prompt = self.pixtral.encoder.encode(self.messages, self.max_edge, *tools)
         turn = self.pixtral.plan_turn(prompt, self.cache, options, context_used=self.context_used, start=tic)
-        return self._record(prompt, self.pixtral.run_turn(turn))
+        return self._record(prompt, self.pixtral.run_turn(turn), options)
 
-    def _record(self, prompt: Prompt, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    def _record(self, prompt: Prompt, chunks: Iterator[Chunk], options: Options | None = None) -> Iterator[Chunk]:
         """Pass the chunks on; at the end (or on a stop) the reply, partial or not, joins the history."""
         reply = Reply()
         try:
@@ -271,7 +306,16 @@ class Chat:
                 yield chunk
         finally:
             chunks.close()  # type: ignore[attr-defined]
-            self.messages.append({"role": "assistant", "content": reply.text})
-            self.last_finish = reply.finish_reason or "interrupted"
+            from .tools import calls_active, parse_tool_calls
+
+            parsed = None
+            if options is not None and calls_active(options) and reply.finish_reason == "stop":
+                parsed = parse_tool_calls(self.pixtral.encoder.text, reply.tokens)
+            self.last_tool_calls = parsed[1] if parsed else []
+            if parsed:
+                self.messages.append({"role": "assistant", "content": parsed[0] or None, "tool_calls": parsed[1]})
+            else:
+                self.messages.append({"role": "assistant", "content": reply.text})
+            self.last_finish = ("tool_calls" if parsed else reply.finish_reason) or "interrupted"
             stop = 1 if reply.finish_reason == "stop" else 0  # the </s> is in the context too
             self.context_used = len(prompt) + len(reply.tokens) + stop

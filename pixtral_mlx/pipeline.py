@@ -289,12 +289,16 @@ class Pixtral:
         """Decide a turn before any work: check the context (`context_used`: a conversation's tokens before
         this turn, for the message), build the grammar, find the prefix `cache` already holds and check the
         memory plan; raise if any of them refuses. Then trims `cache` to that prefix."""
+        from .tools import logits_processors as tool_processors
+
         start = time.perf_counter() if start is None else start
+        self.encoder.retool(prompt, options)  # the options' tools into a prompt encoded without them (in place)
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         constrained = options.json_schema is not None or options.json_object
         # logit_bias and penalties first, the grammar's mask last; grammar and bias errors raise here
         processors = sampling_processors(options, self.encoder.text.n_words)
         processors += logits_processors(options, self.encoder) if constrained else []
+        processors += tool_processors(options, self.encoder)
         # Without images every position's key is its token id: prompt_keys would return the tokens themselves.
         keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else prompt.tokens
         keep = cache.reusable(prompt.tokens, keys if prompt.images else None)

@@ -57,6 +57,10 @@ class EncodedImage:
 class Prompt:
     tokens: list[int]
     images: list[EncodedImage] = field(default_factory=list)
+    # what it was encoded from, so a turn whose options carry tools can encode them in (`PromptEncoder.retool`)
+    messages: list[dict[str, Any]] | None = field(default=None, repr=False)
+    max_edge: int | None = None
+    tools: Any = None  # (tools, tool_choice, parallel_tool_calls) it was encoded with; None: none
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -106,8 +110,11 @@ def _text_of(content: Any, role: str, sep: str = "") -> str:
 
 
 def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list[tuple[Image.Image, str]]]:
-    """OpenAI chat messages -> mistral_common messages, loading every image once."""
-    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, UserMessage
+    """OpenAI chat messages -> mistral_common messages, loading every image once. Assistant `tool_calls` and
+    `tool` messages become its `ToolCall`s and `ToolMessage`s (ids mapped by `tools.mistral_id`)."""
+    from mistral_common.protocol.instruct.messages import AssistantMessage, SystemMessage, ToolMessage, UserMessage
+
+    from .tools import mistral_id, mistral_tool_calls
 
     out: list[Any] = []
     images: list[tuple[Image.Image, str]] = []
@@ -119,13 +126,23 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
         if role == "user":
             out.append(UserMessage(content=_content_chunks(content, images)))
         elif role == "assistant":
-            out.append(AssistantMessage(content=_text_of(content, role)))
+            calls = m.get("tool_calls")
+            text = _text_of(content, role) if content is not None else None
+            if calls:
+                out.append(AssistantMessage(content=text or None, tool_calls=mistral_tool_calls(calls)))
+            else:
+                out.append(AssistantMessage(content=text or ""))
         elif role == "system":
             out.append(SystemMessage(content=_text_of(content, role, "\n\n")))
+        elif role == "tool":
+            if m.get("tool_call_id") is None:
+                raise PromptError("a tool message needs the tool_call_id of the call it answers.")
+            text = _text_of(content if content is not None else "", role)
+            out.append(ToolMessage(content=text, tool_call_id=mistral_id(m["tool_call_id"])))
         else:
             raise PromptError(f"unsupported message role {role!r}.")
-    if not out or not isinstance(out[-1], UserMessage):
-        raise PromptError("the last message must come from the user.")
+    if not out or not isinstance(out[-1], (UserMessage, ToolMessage)):
+        raise PromptError("the last message must come from the user (or be a tool's result).")
     return out, images
 
 
@@ -174,15 +191,31 @@ class PromptEncoder:
         finally:
             self.image_encoder.image_config = old
 
-    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
+    def encode(
+        self,
+        messages: list[dict[str, Any]],
+        max_edge: int | None = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+    ) -> Prompt:
+        """The prompt of `messages` (with `tools`, OpenAI function tools already checked by `Options`)."""
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
+
+        from .tools import mistral_tool_choice, mistral_tools
 
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts.")
         msgs, loaded = to_mistral_messages(messages)
         with self._max_edge(max_edge):
             try:
-                tok = self.tokenizer.encode_chat_completion(ChatCompletionRequest(messages=msgs))
+                request = ChatCompletionRequest(
+                    messages=msgs,
+                    tools=mistral_tools(tools),
+                    tool_choice=mistral_tool_choice(tool_choice),
+                    parallel_tool_calls=parallel_tool_calls,
+                )
+                tok = self._encode_request(request)
             except ImageError:
                 raise
             except Exception as e:  # mistral_common validation errors
@@ -204,7 +237,41 @@ class PromptEncoder:
                     merge=merge,
                 )
             )
-        return Prompt(tokens=list(tok.tokens), images=images)
+        key = (tools, tool_choice, parallel_tool_calls) if tools else None
+        return Prompt(tokens=list(tok.tokens), images=images, messages=messages, max_edge=max_edge, tools=key)
+
+    def _encode_request(self, request: Any) -> Any:
+        """mistral_common's encoding of `request`, a system message after an assistant turn placed as the
+        tokenizer version does: before v7 every system message joins the one system prompt (on the last user
+        message) wherever it stands, so moving them first changes no token; from v7 each is a `[SYSTEM_PROMPT]`
+        block in place, so the request is validated with them first and encoded in its own order."""
+        from mistral_common.protocol.instruct.messages import SystemMessage
+        from mistral_common.tokens.tokenizers.base import TokenizerVersion
+
+        msgs = request.messages
+        systems = [m for m in msgs if isinstance(m, SystemMessage)]
+        first = systems + [m for m in msgs if not isinstance(m, SystemMessage)]
+        if first == msgs:
+            return self.tokenizer.encode_chat_completion(request)
+        reordered = request.model_copy(update={"messages": first})
+        if self.text.version < TokenizerVersion.v7:
+            return self.tokenizer.encode_chat_completion(reordered)
+        validated = self.tokenizer._chat_completion_request_validator.validate_request(reordered)
+        in_place = validated.model_copy(update={"messages": msgs})
+        instruct = self.tokenizer._instruct_request_normalizer.from_chat_completion_request(in_place)
+        return self.tokenizer.instruct_tokenizer.encode_instruct(instruct)
+
+    def retool(self, prompt: Prompt, options: Any) -> Prompt:
+        """`prompt` encoded again, in place, with the tools of `options` when it was encoded without them (the
+        server and `stream` encode messages before the turn's options are applied); unchanged otherwise."""
+        key = (options.tools, options.tool_choice, options.parallel_tool_calls) if options.tools else None
+        if key == prompt.tools:
+            return prompt
+        if prompt.messages is None:
+            raise PromptError("a Prompt built by hand cannot take tools: pass the messages instead.", param="tools")
+        new = self.encode(prompt.messages, prompt.max_edge, *(key or (None, None, True)))
+        prompt.tokens, prompt.images, prompt.tools = new.tokens, new.images, new.tools
+        return prompt
 
     def decode(self, tokens: list[int]) -> str:
         return self.text.decode(tokens)

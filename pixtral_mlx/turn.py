@@ -61,6 +61,9 @@ class Reply(Stats):
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # one per token, with `Options.logprobs`
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per token, likewise
+    # OpenAI's `tool_calls` when the reply is tool calls (with `Options.tools`; filled in by `Chat`):
+    # [{"id", "type": "function", "function": {"name", "arguments": a JSON string}}]; `finish_reason` "tool_calls"
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
@@ -126,6 +129,12 @@ class Options:
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit (-100..100) at every step
     logprobs: bool = False  # each chunk carries its token's log-probability (see `Chunk`)
     top_logprobs: int = 0  # and this many most likely alternatives (0..20; needs logprobs)
+    # OpenAI function tools ({"type": "function", "function": {"name", "description", "parameters"}}), encoded
+    # through mistral_common; tool_choice: "auto" (None), "none", "required" or {"type": "function",
+    # "function": {"name": ...}}; the last two are enforced by a grammar (see tools.py)
+    tools: tuple[dict[str, Any], ...] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         from .config import check_max_edge
@@ -182,6 +191,19 @@ class Options:
             raise bad("top_logprobs", f"a whole number from 0 to {MAX_TOP_LOGPROBS}")
         if self.top_logprobs and not self.logprobs:
             raise PromptError("top_logprobs needs logprobs to be set to true.", param="top_logprobs")
+        if self.tools is not None or self.tool_choice is not None:
+            from .tools import check_tool_choice, check_tools
+
+            tools = check_tools(self.tools) if self.tools else None
+            object.__setattr__(self, "tools", tools)
+            object.__setattr__(self, "tool_choice", check_tool_choice(self.tool_choice, tools))
+            forced = self.tool_choice == "required" or isinstance(self.tool_choice, dict)
+            if forced and (self.json_schema is not None or self.json_object):
+                raise PromptError(
+                    "a forced tool call cannot be combined with a JSON response format.", param="tool_choice"
+                )
+        if not isinstance(self.parallel_tool_calls, bool):
+            raise bad("parallel_tool_calls", "True or False")
 
     @classmethod
     def of(cls, options: Options | None = None, **overrides: Any) -> Options:

@@ -1,6 +1,12 @@
 """The reply to a chat request: OpenAI's objects built from the engine's chunks, sent whole (`Reply.collect`)
 or as server-sent events (`EventStream`), the job cancelled once its client is gone; errors in OpenAI's shape
-(`library_error`, `json_error`); the model card of /v1/models."""
+(`library_error`, `json_error`); the model card of /v1/models.
+
+With `tools`, a choice whose tokens reach the `[TOOL_CALLS]` token is a tool call: its text from there on is held
+back and, at its end, parsed (`tools.parse_tool_calls`) into `message.tool_calls` (`content` null unless text came
+before) with `finish_reason` "tool_calls". Streamed, each call is sent as one `delta.tool_calls` entry with its
+index, id, type and name, then one with its whole `arguments` (not token by token: they are only known to parse
+once the call is complete). A call that does not parse (cut by max_tokens) is sent as the text it was."""
 
 from __future__ import annotations
 
@@ -37,6 +43,20 @@ class Reply:
         self.lasts: list[Any] = [None] * self.n  # each choice's last chunk
         options = request.stream_options
         self.include_usage = options is not None and options.include_usage
+        self.tool_calls_id: int | None = None  # [TOOL_CALLS]: where a choice's tool calls start
+        if request.tools and request.tool_choice != "none" and self.tokenizer is not None:
+            from pixtral_mlx.tools import special_id
+
+            self.tool_calls_id = special_id(self.tokenizer, "[TOOL_CALLS]")
+
+    def calls(self, index: int) -> tuple[str, list[dict[str, Any]]] | None:
+        """(content, tool calls) of choice `index` once it ended, if it is a tool call."""
+        last = self.lasts[index]
+        if self.tool_calls_id is None or last is None or last.finish_reason != "stop":
+            return None
+        from pixtral_mlx.tools import parse_tool_calls
+
+        return parse_tool_calls(self.tokenizer, self.choice_ids[index])
 
     @property
     def token_ids(self) -> list[int]:
@@ -101,11 +121,19 @@ class Reply:
         choices = []
         for i in range(self.n):
             last = self.lasts[i]
+            message: dict[str, Any] = {"role": "assistant", "content": "".join(texts[i])}
+            finish = last.finish_reason if last is not None else None
+            parsed = self.calls(i)
+            if parsed is not None:
+                message, finish = (
+                    {"role": "assistant", "content": parsed[0] or None, "tool_calls": parsed[1]},
+                    "tool_calls",
+                )
             choice = {
                 "index": i,
-                "message": {"role": "assistant", "content": "".join(texts[i])},
+                "message": message,
                 "logprobs": {"content": entries[i], "refusal": None} if self.request.logprobs else None,
-                "finish_reason": last.finish_reason if last is not None else None,
+                "finish_reason": finish,
             }
             if self.request.return_token_ids:
                 choice["token_ids"] = list(self.choice_ids[i])
@@ -158,6 +186,7 @@ class Reply:
         """The reply as server-sent events, up to `data: [DONE]`: each choice opens with its role, streams its
         content (with its tokens' logprobs when asked) and ends with its finish reason; the usage comes last."""
         started = {0}
+        held: dict[int, list[str]] = {}  # a choice's text from its [TOOL_CALLS] on, until it parses or not
         yield self.event({"role": "assistant", "content": ""})
         ended = True
         async for i, chunk in self.indexed(job):
@@ -165,10 +194,29 @@ class Reply:
                 started.add(i)
                 yield self.event({"role": "assistant", "content": ""}, index=i)
             entries = self.logprobs(chunk)
-            if chunk.text or entries:
+            if self.tool_calls_id is not None and chunk.token == self.tool_calls_id:
+                held.setdefault(i, [])
+            if i in held:
+                held[i].append(chunk.text)
+            elif chunk.text or entries:
                 yield self.event({"content": chunk.text}, index=i, logprobs=entries)
             ended = chunk.finish_reason is not None
             if ended:
+                parsed = self.calls(i) if i in held else None
+                if parsed is not None:
+                    for k, call in enumerate(parsed[1]):
+                        fn = call["function"]
+                        head = {"index": k, "id": call["id"], "type": "function"}
+                        yield self.event(
+                            {"tool_calls": [{**head, "function": {"name": fn["name"], "arguments": ""}}]}, index=i
+                        )
+                        yield self.event(
+                            {"tool_calls": [{"index": k, "function": {"arguments": fn["arguments"]}}]}, index=i
+                        )
+                    yield self.event({}, finish="tool_calls", index=i)
+                    continue
+                if held.get(i):
+                    yield self.event({"content": "".join(held.pop(i))}, index=i)
                 yield self.event({}, finish=chunk.finish_reason, index=i)
         if ended and self.lasts[0] is not None and self.include_usage:
             yield self.event(None, usage=self.usage())

@@ -56,17 +56,54 @@ def resolve_messages(request: ChatRequest, settings: Settings) -> list[dict[str,
     budget = None if settings.max_request_pixels is None else PixelBudget(settings.max_request_pixels)
     for i, m in enumerate(request.messages):
         where = f"messages.[{i}]"
-        if m.model_extra and (m.model_extra.get("tool_calls") or m.model_extra.get("function_call")):
-            raise APIError(400, "tool calls are not supported by this server.", param=f"{where}.tool_calls")
+        if m.model_extra and m.model_extra.get("function_call"):
+            raise APIError(
+                400, "function_call messages are not supported: use tool_calls.", param=f"{where}.function_call"
+            )
         role = "system" if m.role == "developer" else m.role
+        extra: dict[str, Any] = {}
+        if m.tool_calls:
+            if role != "assistant":
+                raise APIError(400, "only assistant messages can carry tool_calls.", param=f"{where}.tool_calls")
+            extra["tool_calls"] = [_tool_call(call, f"{where}.tool_calls.[{j}]") for j, call in enumerate(m.tool_calls)]
+        if role == "tool":
+            if not m.tool_call_id:
+                raise APIError(
+                    400, f"'{where}.tool_call_id' is required for a tool message.", param=f"{where}.tool_call_id"
+                )
+            extra["tool_call_id"] = m.tool_call_id
         if m.content is None or isinstance(m.content, str):
             if m.content is None and role == "user":
                 raise APIError(400, f"'{where}.content' is required for a user message.", param=f"{where}.content")
-            out.append({"role": role, "content": m.content or ""})
+            content = None if m.content is None and "tool_calls" in extra else m.content or ""
+            out.append({"role": role, "content": content, **extra})
             continue
         parts = [_part(part, f"{where}.content.[{j}]", role, settings, budget) for j, part in enumerate(m.content)]
-        out.append({"role": role, "content": parts})
+        out.append({"role": role, "content": parts, **extra})
     return out
+
+
+def _tool_call(call: Any, where: str) -> dict[str, Any]:
+    """An assistant's tool call in OpenAI's shape, checked: its `arguments` a string holding JSON."""
+    import json
+
+    fn = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str):
+        raise APIError(
+            400, f"'{where}' must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", \"arguments\"}}}}.",
+            param=where,
+        )  # fmt: skip
+    try:
+        json.loads(fn["arguments"])
+    except ValueError:
+        raise APIError(
+            400, f"'{where}.function.arguments' must be a JSON string.", param=f"{where}.function.arguments"
+        ) from None
+    return {
+        "id": str(call.get("id") or ""),
+        "type": "function",
+        "function": {"name": fn["name"], "arguments": fn["arguments"]},
+    }
 
 
 def _part(

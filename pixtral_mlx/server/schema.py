@@ -2,10 +2,11 @@
 
 `parse_request` turns a request body into a `ChatRequest` or raises `APIError` (OpenAI's error shape, with
 the status and the `param` that names the offending field). Fields that would change the meaning of a
-reply if ignored (tools and functions, audio, `n` over 8) are refused, not dropped; fields that do not (`user`,
+reply if ignored (the legacy `functions`, audio, `n` over 8) are refused, not dropped; fields that do not (`user`,
 `metadata`, `store`, ...) are accepted and ignored. `response_format` (`text`, `json_object`, `json_schema`)
 becomes the library's structured output, and the penalties, `logit_bias`, `logprobs` and `top_logprobs` its
-options of the same names (`request_options`); `n` is the number of replies the engine runs.
+options of the same names (`request_options`), and so do `tools`, `tool_choice` and `parallel_tool_calls`; `n` is
+the number of replies the engine runs.
 """
 
 from __future__ import annotations
@@ -40,9 +41,11 @@ class _Strict(BaseModel):
 
 
 class Message(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # an assistant's calls, in OpenAI's shape
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
 
 class StreamOptions(_Strict):
@@ -74,9 +77,10 @@ class ChatRequest(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, Any] | None = None  # token id (a string, as JSON keys are) -> bias
+    tools: list[Any] | None = None  # OpenAI function tools
+    tool_choice: Any = None  # "auto", "none", "required" or {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
     # Accepted only where they change nothing (see REFUSED).
-    tools: list[Any] | None = None
-    tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
     modalities: list[str] | None = None
@@ -88,10 +92,8 @@ MAX_N = 8  # replies per request
 # Field -> (is this value harmless?, what to say). Anything else is a 400 naming the field.
 REFUSED: dict[str, tuple[Any, str]] = {
     "n": (lambda v: v is None or 1 <= v <= MAX_N, f"n must be a whole number from 1 to {MAX_N} (replies per request)"),
-    "tools": (lambda v: not v, "tools (function calling) are not supported by this server"),
-    "functions": (lambda v: not v, "functions (function calling) are not supported by this server"),
-    "tool_choice": (lambda v: v in (None, "none", "auto"), "tool_choice is not supported: this server has no tools"),
-    "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported by this server"),
+    "functions": (lambda v: not v, "functions (the legacy function calling) are not supported: use tools"),
+    "function_call": (lambda v: v in (None, "none", "auto"), "function_call is not supported: use tool_choice"),
     "modalities": (lambda v: v is None or set(v) <= {"text"}, "this server replies with text only"),
     "audio": (lambda v: v is None, "audio output is not supported by this server"),
 }
@@ -157,6 +159,9 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
             logit_bias=_token_ids(request.logit_bias),
             logprobs=request.logprobs,
             top_logprobs=request.top_logprobs,
+            tools=request.tools or None,
+            tool_choice=request.tool_choice if request.tools or request.tool_choice != "none" else None,
+            parallel_tool_calls=request.parallel_tool_calls,
             **structured,
         )
     except PixtralError as e:
