@@ -292,8 +292,7 @@ class Chat:
 
     def _turn(self, options: Options) -> Iterator[Chunk]:
         tic = time.perf_counter()
-        tools = (options.tools, options.tool_choice, options.parallel_tool_calls) if options.tools else ()
-        prompt = self.pixtral.encoder.encode(self.messages, self.max_edge, *tools)
+        prompt = self.pixtral.encode(self.messages, options=options)  # its max_edge and tools
         turn = self.pixtral.plan_turn(prompt, self.cache, options, context_used=self.context_used, start=tic)
         return self._record(prompt, self.pixtral.run_turn(turn), options)
 

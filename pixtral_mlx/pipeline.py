@@ -135,9 +135,15 @@ class Pixtral:
         self.features = FeatureCache()
 
     # Prompts ---------------------------------------------------------------------------------
-    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
-        """OpenAI-format messages -> token ids, pixel arrays, per-image grid and token counts."""
-        return self.encoder.encode(messages, max_edge=max_edge)
+    def encode(
+        self, messages: list[dict[str, Any]], max_edge: int | None = None, options: Options | None = None
+    ) -> Prompt:
+        """OpenAI-format messages -> token ids, pixel arrays, per-image grid and token counts; with `options`,
+        its `max_edge` and tools (the prompt a turn with these options reads)."""
+        if options is None:
+            return self.encoder.encode(messages, max_edge=max_edge)
+        tools = (options.tools, options.tool_choice, options.parallel_tool_calls) if options.tools else ()
+        return self.encoder.encode(messages, options.max_edge if max_edge is None else max_edge, *tools)
 
     def image_features(self, images: list[EncodedImage]) -> list[mx.array]:
         """Projected vision features of each image; the ones not cached are encoded together, once."""
@@ -292,13 +298,15 @@ class Pixtral:
         from .tools import logits_processors as tool_processors
 
         start = time.perf_counter() if start is None else start
-        self.encoder.retool(prompt, options)  # the options' tools into a prompt encoded without them (in place)
+        if options.tools or prompt.tools:  # the options' tools into a prompt encoded without them (in place)
+            self.encoder.retool(prompt, options)
         max_tokens = check_context(len(prompt), options.max_tokens, self.context_length, context_used=context_used)
         constrained = options.json_schema is not None or options.json_object
         # logit_bias and penalties first, the grammar's mask last; grammar and bias errors raise here
-        processors = sampling_processors(options, self.encoder.text.n_words)
+        biased = options.logit_bias or options.presence_penalty or options.frequency_penalty
+        processors = sampling_processors(options, self.encoder.text.n_words) if biased else []
         processors += logits_processors(options, self.encoder) if constrained else []
-        processors += tool_processors(options, self.encoder)
+        processors += tool_processors(options, self.encoder) if options.tools else []
         # Without images every position's key is its token id: prompt_keys would return the tokens themselves.
         keys = prompt_keys(prompt.tokens, prompt.images, self.args.image_token_id) if prompt.images else prompt.tokens
         keep = cache.reusable(prompt.tokens, keys if prompt.images else None)
@@ -341,7 +349,7 @@ class Pixtral:
 
     # Internals ---------------------------------------------------------------------------------
     def _prompt(self, messages: list[dict[str, Any]] | Prompt, options: Options) -> Prompt:
-        return messages if isinstance(messages, Prompt) else self.encode(messages, max_edge=options.max_edge)
+        return messages if isinstance(messages, Prompt) else self.encode(messages, options=options)
 
     def _cache_for(self, cache: PromptCache | None, options: Options) -> PromptCache:
         """The caller's cache (whose KV setting must agree with an explicit `kv_bits`), or a new one."""

@@ -42,7 +42,7 @@ class FakePixtral(Pixtral):
         self.n_replies = 0
         self.prefilled: list[int] = []  # prompt tokens of each turn, as the real Chat reports them
 
-    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None) -> Prompt:
+    def encode(self, messages: list[dict[str, Any]], max_edge: int | None = None, options: Any = None) -> Prompt:
         """Like tekken: `<s>`, each user part as `[INST] words [/INST]`, each image IMAGE_TOKENS tokens,
         each reply as its words then `</s>` (what the cache holds after a turn)."""
         tokens = [1]
