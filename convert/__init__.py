@@ -1,4 +1,5 @@
-"""Convert Pixtral-12B checkpoints (official Mistral or Hugging Face layout) to the MLX format.
+"""Convert Pixtral-12B and Mistral3 checkpoints (Mistral Small 3.x, Ministral 3, FP8 with per-tensor scales
+included; official Mistral or Hugging Face layout) to the MLX format.
 
     from pixtral_mlx.convert import convert
     convert("mistralai/Pixtral-12B-2409", "pixtral-4bit", quantize=True)

@@ -12,7 +12,8 @@ from pathlib import Path
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pixtral-mlx convert",
-        description="Convert a Pixtral-12B checkpoint (official Mistral or Hugging Face layout, "
+        description="Convert a Pixtral-12B or Mistral3 (Mistral Small 3.x, Ministral 3; FP8 included) checkpoint "
+        "(official Mistral or Hugging Face layout, "
         "local folder or Hub repo id) to the MLX format, optionally quantized.",
     )
     p.add_argument("source", nargs="?", metavar="SOURCE", help="checkpoint folder or Hugging Face repo id")
@@ -64,12 +65,12 @@ def default_output(source: str, quantize: bool, bits: int) -> Path:
 
 def summary(folder: Path) -> tuple[float, float]:
     """Size in GB and bits per weight of a converted folder (from its index and config)."""
-    from pixtral_mlx.models.pixtral.args import PixtralArgs
-    from pixtral_mlx.models.pixtral.weights import expected_shapes
+    from pixtral_mlx.models import family, part
 
     total = json.loads((folder / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
-    args = PixtralArgs.from_hf_config(json.loads((folder / "config.json").read_text()))
-    params = sum(math.prod(s) for s in expected_shapes(args).values())
+    config = json.loads((folder / "config.json").read_text())
+    args = family(config).Args.from_hf_config(config)
+    params = sum(math.prod(s) for s in part(config, "weights").expected_shapes(args).values())
     return total / 1e9, total * 8 / params
 
 

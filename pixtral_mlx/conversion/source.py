@@ -1,7 +1,9 @@
 """Find, check and read a source checkpoint, one tensor (or a slice of rows) at a time.
 
 Two layouts are read: Mistral's official one (`consolidated.safetensors` + `params.json`) and the
-Hugging Face Llava one (`config.json` + `model*.safetensors`). The safetensors headers are parsed
+Hugging Face one (`config.json` + `model*.safetensors`), for each model family: Pixtral-12B (LLaVA) and Mistral3
+(Mistral Small 3.x, Ministral 3), told apart by the config (`family_args`). FP8 tensors (`F8_E4M3`) are decoded to
+float32 as they are read; their scales are applied by `stream`. The safetensors headers are parsed
 here rather than by `safetensors.safe_open`, because its numpy backend has no bfloat16 and the real
 source is one 25 GB file that must never be loaded whole.
 """
@@ -18,8 +20,10 @@ import mlx.core as mx
 import numpy as np
 
 from pixtral_mlx import hub
+from pixtral_mlx.conversion import fp8
 from pixtral_mlx.errors import ConversionError, PixtralError
 from pixtral_mlx.hub import OFFICIAL_FILES, is_repo_id
+from pixtral_mlx.models.mistral3.args import Mistral3Args
 from pixtral_mlx.models.pixtral.args import PixtralArgs
 
 __all__ = ["Source", "TensorInfo", "download", "is_repo_id", "open_source", "read_header", "read_json"]
@@ -31,13 +35,14 @@ DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
     "BF16": (np.uint16, mx.bfloat16),
     "F16": (np.float16, mx.float16),
     "F32": (np.float32, mx.float32),
+    fp8.DTYPE: (np.uint8, mx.float32),  # decoded through fp8.TABLE, exactly
 }
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     file: Path
-    dtype: str  # safetensors name: "BF16", "F16" or "F32"
+    dtype: str  # safetensors name: "BF16", "F16", "F32" or "F8_E4M3"
     shape: tuple[int, ...]
     start: int  # absolute byte offsets in `file`
     end: int
@@ -51,7 +56,7 @@ class TensorInfo:
 class Source:
     path: Path
     format: str  # "official" or "hf"
-    args: PixtralArgs
+    args: Any  # the family's args: PixtralArgs or Mistral3Args
     tensors: dict[str, TensorInfo]  # in file and offset order
     tokenizer: Path | None  # tekken.json, when the source has one
     _handles: dict[Path, BinaryIO] = field(default_factory=dict, repr=False)
@@ -73,7 +78,17 @@ class Source:
         f.seek(start)
         if f.readinto(memoryview(buf).cast("B")) != buf.nbytes:
             raise ConversionError(f"{info.file} ended while reading {name!r}: the file is truncated")
+        if info.dtype == fp8.DTYPE:
+            return fp8.decode(buf)
         return mx.array(buf).view(mx_dtype)
+
+    @property
+    def weights(self) -> Any:
+        """The family's weight map module (`target`, `transform`, `expected_shapes`)."""
+        from importlib import import_module
+
+        family = "mistral3" if isinstance(self.args, Mistral3Args) else "pixtral"
+        return import_module(f"pixtral_mlx.models.{family}.weights")
 
     def close(self) -> None:
         for f in self._handles.values():
@@ -124,9 +139,10 @@ def open_source(path: Path) -> Source:
         raise ConversionError(f"{path} has {files[0].name} but no {config_file.name}, which describes the model")
     config = read_json(config_file)
     try:
-        args = PixtralArgs.from_params(config) if fmt == "official" else PixtralArgs.from_hf_config(config)
+        args = family_args(fmt, config)
     except PixtralError as e:
-        raise ConversionError(f"{config_file} does not describe a Pixtral model: {e}") from e
+        what = "Mistral3 (Mistral Small 3.x, Ministral 3)" if is_mistral3(fmt, config) else "Pixtral"
+        raise ConversionError(f"{config_file} does not describe a {what} model: {e}") from e
     tensors: dict[str, TensorInfo] = {}
     for file in files:
         for name, info in read_header(file).items():
@@ -135,6 +151,27 @@ def open_source(path: Path) -> Source:
             tensors[name] = info
     tokenizer = path / "tekken.json"
     return Source(path, fmt, args, tensors, tokenizer if tokenizer.exists() else None)
+
+
+def is_mistral3(fmt: str, config: dict[str, Any]) -> bool:
+    """Whether a params.json (a patch merger or the norm before the adapter, FAMILY.md §6.1) or a config.json
+    (`model_type: mistral3`) describes a Mistral3-architecture model rather than Pixtral-12B."""
+    if fmt != "official":
+        return config.get("model_type") == "mistral3"
+    venc = config.get("vision_encoder")
+    if not isinstance(venc, dict):
+        return False
+    return (
+        venc.get("mm_projector_id") == "patch_merge"
+        or bool(venc.get("add_pre_mm_projector_layer_norm"))
+        or venc.get("spatial_merge_size", 1) not in (1, None)
+    )
+
+
+def family_args(fmt: str, config: dict[str, Any]) -> PixtralArgs | Mistral3Args:
+    """The family's args read from its config file (params.json when `fmt` is official, else config.json)."""
+    cls: Any = Mistral3Args if is_mistral3(fmt, config) else PixtralArgs
+    return cls.from_params(config) if fmt == "official" else cls.from_hf_config(config)
 
 
 def _hf_files(path: Path) -> list[Path]:
@@ -195,7 +232,9 @@ def read_header(file: Path) -> dict[str, TensorInfo]:
         except (KeyError, TypeError, ValueError) as e:
             raise ConversionError(f"{file} has a corrupt safetensors header entry for {name!r}") from e
         if dtype not in DTYPES:
-            raise ConversionError(f"tensor {name!r} in {file} has dtype {dtype}; only BF16, F16 and F32 are supported")
+            raise ConversionError(
+                f"tensor {name!r} in {file} has dtype {dtype}; only BF16, F16, F32 and F8_E4M3 are supported"
+            )
         if end - begin != math.prod(shape) * np.dtype(DTYPES[dtype][0]).itemsize or begin < 0:
             raise ConversionError(f"{file} has a corrupt safetensors header: {name!r} has wrong data offsets")
         if data_start + end > size:

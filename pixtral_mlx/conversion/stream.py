@@ -1,7 +1,9 @@
 """The conversion itself: plan and check every tensor, then stream them into the output shards.
 
-Each tensor (or a block of its rows) is read, renamed, permuted, cast, quantized and appended to
-its shard before the next one is read, so memory stays near one block, not the checkpoint.
+Each tensor (or a block of its rows) is read, renamed, dequantized (FP8 with a per-tensor scale), permuted, cast,
+quantized and appended to its shard before the next one is read, so memory stays near one block, not the
+checkpoint. Names, shapes and transforms come from the source's model family (`Source.weights`: Pixtral's or
+Mistral3's weight map).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import mlx.core as mx
 from tqdm import tqdm
 
 from pixtral_mlx.config import bundled_tekken
+from pixtral_mlx.conversion import fp8
 from pixtral_mlx.conversion.output import atomic_folder, check_output
 from pixtral_mlx.conversion.quantize import QuantSpec
 from pixtral_mlx.conversion.quantize import quantize as quantize_block
@@ -30,7 +33,9 @@ from pixtral_mlx.conversion.save import (
 )
 from pixtral_mlx.conversion.source import Source, download, is_repo_id, open_source
 from pixtral_mlx.errors import ConversionError
-from pixtral_mlx.models.pixtral.weights import Target, expected_shapes, target, transform
+from pixtral_mlx.models.pixtral.weights import Target
+
+LM_HEAD = "language_model.lm_head.weight"
 
 DTYPES = {"bfloat16": mx.bfloat16, "float16": mx.float16, "float32": mx.float32}
 CHUNK_BYTES = 64 << 20  # source bytes per block of rows: bounds memory whatever the tensor size
@@ -43,6 +48,7 @@ class Job:
     name: str
     target: Target
     outputs: list[Planned]  # [weight] or [weight (packed), scales, biases]
+    scale: str | None = None  # the FP8 weight's per-tensor scale (source name)
 
 
 def convert(
@@ -116,14 +122,24 @@ def convert(
 
 def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job], list[str]]:
     """Map, check and size every tensor before anything is read or written."""
-    expected = expected_shapes(src.args)
+    weights = src.weights
+    expected = weights.expected_shapes(src.args)
     config = "params.json" if src.format == "official" else "config.json"
     jobs: dict[str, Job] = {}
     skipped: list[str] = []
+    scales = _fp8_scales(src)
     for name, info in src.tensors.items():
-        t = target(name, src.format, src.args)
+        if fp8.is_unused(name) or name in scales.values():
+            continue
+        t = weights.target(name, src.format, src.args)
         if t is None:
             raise ConversionError(f"unknown tensor {name!r} in {info.file}: it is not a Pixtral weight")
+        if t.key == LM_HEAD and LM_HEAD not in expected and getattr(src.args.text, "tie_word_embeddings", False):
+            continue  # an output layer saved beside tied embeddings: the model uses the embeddings
+        if info.dtype == fp8.DTYPE and name not in scales:
+            raise ConversionError(
+                f"FP8 tensor {name!r} in {info.file} has no scale (.qscale_weight or .weight_scale_inv)"
+            )
         if t.key not in expected:
             raise ConversionError(f"tensor {name!r} in {info.file} is not part of the model {config} describes")
         if t.key in jobs:
@@ -143,9 +159,9 @@ def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job
                 Planned(f"{stem}.scales", ST_DTYPE[dtype], groups),
                 Planned(f"{stem}.biases", ST_DTYPE[dtype], groups),
             ]
-        elif spec and spec.wants(t.key):
+        elif spec and spec.wants(t.key) and len(shape) == 2:
             skipped.append(stem)  # input dim not a multiple of the group size: stays dense
-        jobs[t.key] = Job(name, t, outputs)
+        jobs[t.key] = Job(name, t, outputs, scales.get(name))
     missing = [k for k in expected if k not in jobs]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -153,6 +169,23 @@ def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job
             f"the checkpoint in {src.path} has no tensor for {missing[0]!r}{more}, which {config} implies"
         )
     return list(jobs.values()), skipped
+
+
+def _fp8_scales(src: Source) -> dict[str, str]:
+    """Each scaled weight's source name -> its per-tensor scale's source name (FP8 checkpoints)."""
+    scales: dict[str, str] = {}
+    for name, info in src.tensors.items():
+        weight = fp8.scaled_weight(name)
+        if weight is None:
+            continue
+        if weight not in src.tensors:
+            raise ConversionError(f"scale {name!r} in {info.file} has no weight {weight!r} to scale")
+        if len(info.shape) > 0 and info.shape != (1,) and info.shape != (1, 1):
+            raise ConversionError(
+                f"scale {name!r} in {info.file} has shape {list(info.shape)}: only per-tensor FP8 scales are supported"
+            )
+        scales[weight] = name
+    return scales
 
 
 def _mlx_shape(shape: tuple[int, ...], t: Target) -> tuple[int, ...]:
@@ -235,14 +268,20 @@ def _write_quantized(
 def _blocks(src: Source, job: Job, bar: tqdm) -> Iterator[mx.array]:
     """The tensor in MLX layout, whole if it needs a transform, else in blocks of rows."""
     info = src.tensors[job.name]
+    scale = src.read(job.scale) if job.scale else None
+
+    def read(rows: slice | None = None) -> mx.array:
+        w = src.read(job.name, rows)
+        return w if scale is None else fp8.dequantize(w, scale)
+
     if job.target.permute_heads or job.target.conv or len(info.shape) < 2 or info.shape[0] == 0:
-        yield transform(src.read(job.name), job.target)
+        yield src.weights.transform(read(), job.target)
         bar.update(info.nbytes)
         return
     step = max(1, CHUNK_BYTES // (info.nbytes // info.shape[0] or 1))
     for start in range(0, info.shape[0], step):
         stop = min(start + step, info.shape[0])
-        yield src.read(job.name, slice(start, stop))
+        yield read(slice(start, stop))
         bar.update(info.nbytes * (stop - start) // info.shape[0])
 
 

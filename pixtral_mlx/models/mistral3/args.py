@@ -11,6 +11,9 @@ The vision side is Pixtral's encoder with patch 14 and 1540-pixel images, then a
 and a bias-free GELU adapter (FAMILY.md §1, §2). Gaps in sparse config files are filled with the published
 Mistral-Small-3.1 values (its Hub config.json, FAMILY.md §1.1 and §3.1) or, for `ministral3`, transformers'
 `Ministral3Config` defaults (FAMILY.md §3.2).
+
+`Mistral3Args.from_params` reads Mistral's official `params.json` instead (FAMILY.md §6.1, §3.2 "Official
+`params.json` form"), and `to_config` writes the HF-style config.json the converter leaves beside its weights.
 """
 
 from __future__ import annotations
@@ -190,3 +193,127 @@ class Mistral3Args:
             projector_bias=config.get("multimodal_projector_bias", False),
             quantization=check_quantization(config.get("quantization")),
         )
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> Mistral3Args:
+        """Read Mistral's official `params.json` (mistral-inference names; FAMILY.md §6.1 and §3.2).
+
+        A `yarn` or `llama_4_scaling` block makes the decoder `ministral3` (the transformers converter's mapping:
+        yarn.beta -> beta_fast, yarn.alpha -> beta_slow, llama_4_scaling.beta -> llama_4_scaling_beta; mscale is
+        1, and mscale_all_dim 0 when `apply_scale` is true, else 1); without them it is a plain `mistral` one."""
+        from pixtral_mlx.errors import ConfigError
+
+        _require(isinstance(params, dict), f"the file must hold a JSON object, not {type(params).__name__}")
+        try:
+            venc = params["vision_encoder"]
+            _require(isinstance(venc, dict), "params.json vision_encoder must be an object")
+            yarn, l4 = params.get("yarn"), params.get("llama_4_scaling")
+            kind = "ministral3" if (yarn or l4) else "mistral"
+            defaults = MINISTRAL3_DEFAULTS if kind == "ministral3" else TEXT_DEFAULTS
+            text: dict[str, Any] = {
+                "model_type": kind,
+                "hidden_size": params["dim"],
+                "num_hidden_layers": params["n_layers"],
+                "intermediate_size": params["hidden_dim"],
+                "num_attention_heads": params["n_heads"],
+                "num_key_value_heads": params.get("n_kv_heads", params["n_heads"]),
+                "head_dim": params.get("head_dim") or params["dim"] // params["n_heads"],
+                "rms_norm_eps": params.get("norm_eps", 1e-5),
+                "vocab_size": params["vocab_size"],
+                "rope_theta": params.get("rope_theta", defaults["rope_theta"]),
+                "max_position_embeddings": params.get("max_position_embeddings")
+                or params.get("max_seq_len")
+                or defaults["max_position_embeddings"],
+                "tie_word_embeddings": bool(params.get("tied_embeddings", False)),
+                "rope_scaling": None,
+            }
+            if kind == "ministral3":
+                yarn = yarn or {}
+                l4 = l4 or {}
+                _require(isinstance(yarn, dict) and isinstance(l4, dict), "params.json yarn must be an object")
+                original = yarn.get("original_max_position_embeddings", l4.get("original_max_position_embeddings"))
+                rope = {
+                    "rope_type": "yarn",
+                    "factor": yarn.get("factor", MINISTRAL3_ROPE["factor"]),
+                    "original_max_position_embeddings": original or MINISTRAL3_ROPE["original_max_position_embeddings"],
+                    "beta_fast": yarn.get("beta", MINISTRAL3_ROPE["beta_fast"]),
+                    "beta_slow": yarn.get("alpha", MINISTRAL3_ROPE["beta_slow"]),
+                    "mscale": 1.0,
+                    "mscale_all_dim": 0.0 if yarn.get("apply_scale") else 1.0,
+                    "llama_4_scaling_beta": l4.get("beta", 0.0),
+                }
+                text["rope_scaling"] = _rope_scaling({"rope_parameters": rope})
+            merge = venc.get("spatial_merge_size", 1)
+            _require(
+                venc.get("mm_projector_id") == "patch_merge" and merge > 1,
+                "params.json vision_encoder has no patch merger (mm_projector_id 'patch_merge'): not a Mistral3 model",
+            )
+            _require(
+                bool(venc.get("add_pre_mm_projector_layer_norm", False)),
+                "params.json vision_encoder has no add_pre_mm_projector_layer_norm: not a Mistral3 model",
+            )
+            vision = {
+                "hidden_size": venc["hidden_size"],
+                "num_hidden_layers": venc["num_hidden_layers"],
+                "num_attention_heads": venc["num_attention_heads"],
+                "intermediate_size": venc["intermediate_size"],
+                "image_size": venc.get("max_image_size", venc.get("image_size")),
+                "patch_size": venc["patch_size"],
+                "rope_theta": venc.get("rope_theta", 1e4),
+                "num_channels": venc.get("num_channels", 3),
+            }
+            return cls(
+                text=_from_dict(TextArgs, text),
+                vision=_from_dict(VisionArgs, vision),
+                image_token_id=_number(venc.get("image_token_id", 10), "image_token_id", int),
+                image_break_token_id=_number(venc.get("image_break_token_id", 12), "image_break_token_id", int),
+                image_end_token_id=_number(venc.get("image_end_token_id", 13), "image_end_token_id", int),
+                spatial_merge_size=merge,
+                projector_bias=bool(venc.get("adapter_bias", True)),  # mistral-inference's default
+            )
+        except KeyError as e:
+            raise ConfigError(f"params.json has no {e.args[0]!r} field") from e
+        except (TypeError, AttributeError) as e:
+            raise ConfigError(f"params.json has a field of the wrong type ({e})") from e
+
+    def to_config(self) -> dict[str, Any]:
+        """The MLX-format config.json: transformers' `Mistral3ForConditionalGeneration` layout, which
+        `from_hf_config` reads back to these same args."""
+        base = {f.name: getattr(self.text, f.name) for f in fields(pixtral_args.TextArgs)}
+        theta = base.pop("rope_theta")
+        text: dict[str, Any] = {
+            **base,
+            "model_type": self.text.model_type,
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "hidden_act": "silu",
+            "sliding_window": None,
+        }
+        if self.text.rope_scaling:
+            text["rope_parameters"] = {**self.text.rope_scaling, "type": "yarn", "rope_theta": theta}
+        else:
+            text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        vision = {
+            **asdict(self.vision),
+            "model_type": "pixtral",
+            "head_dim": self.vision.head_dim,
+            "hidden_act": "silu",
+        }
+        config: dict[str, Any] = {
+            "architectures": ["Mistral3ForConditionalGeneration"],
+            "model_type": "mistral3",
+            "image_token_index": self.image_token_id,
+            "image_break_token_id": self.image_break_token_id,
+            "image_end_token_id": self.image_end_token_id,
+            "spatial_merge_size": self.spatial_merge_size,
+            "projector_hidden_act": "gelu",
+            "multimodal_projector_bias": self.projector_bias,
+            "vision_feature_layer": -1,
+            "tie_word_embeddings": self.text.tie_word_embeddings,
+            "text_config": text,
+            "vision_config": vision,
+            "eos_token_id": 2,
+        }
+        if self.quantization:
+            config["quantization"] = self.quantization
+            config["quantization_config"] = self.quantization
+        return config
