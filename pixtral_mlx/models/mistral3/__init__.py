@@ -3,8 +3,8 @@
 Pixtral's vision encoder at patch 14, an RMSNorm and a 2x2 patch merger before a bias-free adapter, and a
 Mistral decoder (`mistral`) or Ministral 3's YaRN decoder with llama-4 query scaling (`ministral3`).
 
-- `args.py`: `Mistral3Args` from a Hugging Face `config.json`; the trained window (`context_length`);
-- `weights.py`: the Hugging Face weight map (Pixtral's names plus the projector's norm and merger);
+- `args.py`: `Mistral3Args` from a Hugging Face `config.json` or Mistral's `params.json`; the trained window;
+- `weights.py`: the weight map of both layouts (Pixtral's names plus the projector's norm and merger);
 - `model.py`: the modules (importing it loads MLX; `args` and this file do not).
 """
 
