@@ -230,3 +230,19 @@ def test_help_imports_nothing_heavy():
 def test_bad_context(capsys):
     assert main(["models", "--context", "0"]) == 2
     assert "--context" in capsys.readouterr().err
+
+
+def test_convert_takes_short_names_too(monkeypatch, tmp_path):
+    from pixtral_mlx.conversion import stream
+    from pixtral_mlx.errors import ConversionError
+
+    asked = []
+
+    def download(repo):
+        asked.append(repo)
+        raise ConversionError("stop here: nothing is downloaded in tests")
+
+    monkeypatch.setattr(stream, "download", download)
+    with pytest.raises(ConversionError, match="stop here"):
+        stream.convert("Ministral-3-8B", tmp_path / "out", quantize=True)
+    assert asked == ["mistralai/Ministral-3-8B-Instruct-2512"]

@@ -33,6 +33,7 @@ from pixtral_mlx.conversion.save import (
 )
 from pixtral_mlx.conversion.source import Source, download, is_repo_id, open_source
 from pixtral_mlx.errors import ConversionError
+from pixtral_mlx.hub import short_name
 from pixtral_mlx.models.pixtral.weights import Target
 
 LM_HEAD = "language_model.lm_head.weight"
@@ -93,6 +94,8 @@ def convert(
             "bits must be 2, 3, 4, 5, 6 or 8 and the group size 32, 64 or 128"
         )
     output = Path(output).absolute()
+    if not Path(source).expanduser().exists() and (repo := short_name(str(source))):
+        source = repo  # a family short name (`ministral-3-8b`): its official repo, as --model takes it
     if not is_repo_id(str(source)):
         _check_overlap(output, Path(source))
     check_output(output, force)  # before a possibly long download; checked again with the output locked
