@@ -54,10 +54,21 @@ def _now() -> str:
 
 @dataclass
 class Turn:
-    role: str  # "user" or "assistant"
+    role: str  # "user", "assistant" or "tool" (a tool's result)
     text: str
     images: list[Attachment] = field(default_factory=list)
     finish: str | None = None  # "interrupted" for a reply stopped with Esc
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # an assistant's calls, in OpenAI form
+    tool_call_id: str | None = None  # for a "tool" turn: the call it answers
+
+    def message(self) -> dict[str, Any]:
+        """The OpenAI message (without pixtral-mlx's own keys such as "finish")."""
+        out: dict[str, Any] = {"role": self.role, "content": self.content()}
+        if self.tool_calls:
+            out["tool_calls"] = self.tool_calls
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        return out
 
     def content(self) -> str | list[dict[str, Any]]:
         """OpenAI message content: images first, then the text."""
@@ -102,7 +113,7 @@ class Conversation:
     def messages(self) -> list[dict[str, Any]]:
         """OpenAI-format history for the engine (system prompt first)."""
         out: list[dict[str, Any]] = [{"role": "system", "content": self.system}] if self.system else []
-        out += [{"role": t.role, "content": t.content()} for t in self.turns]
+        out += [t.message() for t in self.turns]
         return out
 
 
@@ -161,14 +172,40 @@ def _parse(doc: Any, path: Path, root: Path) -> Conversation:
     )
 
 
+def _parse_tool_calls(calls: Any, where: str, check: Callable[[bool, str], None]) -> list[dict[str, Any]]:
+    """An assistant message's `tool_calls`: a list of {"id", "type": "function", "function": {"name", "arguments"}}."""
+    check(isinstance(calls, list), f"the tool_calls of {where} are {_kind(calls)}, not a list")
+    for j, c in enumerate(calls, 1):
+        call = f"tool call {j} of {where}"
+        check(isinstance(c, dict), f"{call} is {_kind(c)}, not an object")
+        check(isinstance(c.get("id", ""), str), f"the id of {call} is {_kind(c.get('id'))}")
+        check(c.get("type", "function") == "function", f"{call} has the type {c.get('type')!r}")
+        f = c.get("function")
+        check(isinstance(f, dict), f"the function of {call} is {_kind(f)}, not an object")
+        check(isinstance(f.get("name"), str) and bool(f["name"]), f"{call} has no function name")
+        check(isinstance(f.get("arguments", ""), str), f"the arguments of {call} are {_kind(f.get('arguments'))}")
+    return calls
+
+
 def _parse_turn(m: Any, where: str, check: Callable[[bool, str], None], root: Path) -> Turn:
     check(isinstance(m, dict), f"{where} is {_kind(m)}, not an object")
-    check(m.get("role") in ("user", "assistant"), f"{where} has the role {m.get('role')!r}")
+    role = m.get("role")
+    check(role in ("user", "assistant", "tool"), f"{where} has the role {role!r}")
     finish = m.get("finish")
     check(finish is None or isinstance(finish, str), f"the 'finish' of {where} is {_kind(finish)}")
+    calls = _parse_tool_calls(m["tool_calls"], where, check) if "tool_calls" in m else []
+    check(not calls or role == "assistant", f"{where} has tool_calls but the role {role!r}")
+    call_id = m.get("tool_call_id")
+    if role == "tool":
+        check(isinstance(call_id, str), f"the tool_call_id of {where} is {_kind(call_id)}, not a string")
+        check(isinstance(m.get("content"), str), f"the content of {where} is {_kind(m.get('content'))}, not a string")
+    else:
+        check(call_id is None, f"{where} has a tool_call_id but the role {role!r}")
     content = m.get("content")
+    if content is None and calls:
+        content = ""  # an assistant message that is only tool calls
     if isinstance(content, str):
-        return Turn(m["role"], content, finish=finish)
+        return Turn(role, content, finish=finish, tool_calls=calls, tool_call_id=call_id)
     check(isinstance(content, list), f"the content of {where} is {_kind(content)}, not a string or a list")
     text, images = "", []
     for j, p in enumerate(content, 1):
@@ -188,7 +225,7 @@ def _parse_turn(m: Any, where: str, check: Callable[[bool, str], None], root: Pa
             check(ok, f"the {key} of {part} is not a [width, height] pair")
         check(type(p.get("tokens", 0)) is int, f"the token count of {part} is {_kind(p.get('tokens'))}")
         images.append(Attachment.from_json(p, root))
-    return Turn(m["role"], text, images, finish=finish)
+    return Turn(role, text, images, finish=finish, tool_calls=calls)
 
 
 class Store:
@@ -224,7 +261,7 @@ class Store:
             stored = [self.store_image(a) for a in t.images]
             parts = [a.to_json(f"images/{a.path.name}") for a in stored]
             content: Any = parts + [{"type": "text", "text": t.text}] if parts else t.text
-            turns.append({"role": t.role, "content": content, **({"finish": t.finish} if t.finish else {})})
+            turns.append({**t.message(), "content": content, **({"finish": t.finish} if t.finish else {})})
         doc = {
             "format": FORMAT,
             "version": VERSION,
@@ -294,6 +331,12 @@ class Store:
         self.kv_path(conv_id).unlink(missing_ok=True)
 
 
+def tool_call_text(call: dict[str, Any]) -> str:
+    """A tool call as one line: `get_weather({"city": "Paris"})`."""
+    f = call.get("function") or {}
+    return f"{f.get('name', '?')}({f.get('arguments', '')})"
+
+
 def to_markdown(conv: Conversation) -> str:
     lines = [f"# {conv.title}", ""]
     saved = conv.updated.replace("T", " ")[:16]
@@ -302,11 +345,15 @@ def to_markdown(conv: Conversation) -> str:
     if conv.system:
         lines += ["## System", "", conv.system, ""]
     for t in conv.turns:
+        if t.role == "tool":
+            lines += ["## Tool result", "", "```", t.text, "```", ""]
+            continue
         lines += ["## You" if t.role == "user" else "## Pixtral", ""]
         for a in t.images:
             lines += [f"![{a.name}]({a.path.as_uri()})", "", f"*{a.label()}*", ""]
         if t.text:
             lines += [t.text, ""]
+        lines += [f"→ `{tool_call_text(c)}`" for c in t.tool_calls] + ([""] if t.tool_calls else [])
         if t.finish == "interrupted":
             lines += ["*(stopped)*", ""]
     return "\n".join(lines)

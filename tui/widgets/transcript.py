@@ -12,10 +12,19 @@ from textual.widgets import Markdown, Static
 
 from pixtral_mlx.turn import Reply
 
-from ..storage import Turn
+from ..storage import Turn, tool_call_text
 from .attachment import Chip
 
 FINISH_NOTES = {"interrupted": "stopped", "length": "hit the token limit"}
+RESULT_CHARS = 100  # a tool result is shown as its first line, cut to this many characters
+
+
+def short_result(text: str) -> str:
+    """A tool's result in one line: its first line, cut short, with a count of what was left out."""
+    lines = text.strip().splitlines() or [""]
+    first = lines[0][:RESULT_CHARS] + ("…" if len(lines[0]) > RESULT_CHARS else "")
+    more = f" (+{len(lines) - 1} line{'s' * (len(lines) > 2)})" if len(lines) > 1 else ""
+    return f"← {first}{more}"
 
 
 def stats_line(m: Reply) -> str:
@@ -43,16 +52,28 @@ class UserMessage(Vertical):
 
 
 class ReplyMessage(Vertical):
+    DEFAULT_CSS = """
+    ReplyMessage .tool-call {
+        color: $accent;
+        text-style: bold;
+    }
+    """
+
     def __init__(self, turn: Turn | None = None) -> None:
         super().__init__(classes="message reply")
         self.turn = turn or Turn("assistant", "")
         self._stream = None
 
     def compose(self) -> ComposeResult:
-        yield Markdown(self.turn.text)
+        markdown = Markdown(self.turn.text)
+        markdown.display = bool(self.turn.text or not self.turn.tool_calls)
+        yield markdown
+        for call in self.turn.tool_calls:
+            yield Static(f"→ {tool_call_text(call)}", markup=False, classes="tool-call")
+        shown = self.turn.text or self.turn.tool_calls
         note = FINISH_NOTES.get(self.turn.finish or "", "")
-        stats = Static(note if self.turn.text or note else "thinking…", classes="stats")
-        stats.display = bool(note or not self.turn.text)
+        stats = Static(note if shown or note else "thinking…", classes="stats")
+        stats.display = bool(note or not shown)
         yield stats
 
     async def write(self, fragment: str) -> None:
@@ -70,6 +91,31 @@ class ReplyMessage(Vertical):
         await self.query_one(Markdown).update(text)  # one full render: streamed code fences come out right
         self.query_one(".stats", Static).update(stats)
         self.query_one(".stats", Static).display = bool(stats)
+
+
+class ToolResult(Vertical):
+    """A tool's result (a `tool` message), collapsed to one line; the whole text is its tooltip."""
+
+    DEFAULT_CSS = """
+    ToolResult {
+        border-left: outer $accent;
+        color: $text-muted;
+    }
+    """
+
+    def __init__(self, turn: Turn) -> None:
+        super().__init__(classes="message tool")
+        self.turn = turn
+        self.tooltip = turn.text
+
+    def compose(self) -> ComposeResult:
+        yield Static(short_result(self.turn.text), markup=False, classes="text")
+
+
+def message_widget(turn: Turn) -> UserMessage | ReplyMessage | ToolResult:
+    if turn.role == "tool":
+        return ToolResult(turn)
+    return UserMessage(turn) if turn.role == "user" else ReplyMessage(turn)
 
 
 class Transcript(VerticalScroll, can_focus=True):
@@ -90,7 +136,7 @@ class Transcript(VerticalScroll, can_focus=True):
 
     async def show(self, turns: list[Turn]) -> None:
         await self.remove_children(".message")
-        await self.mount_all([UserMessage(t) if t.role == "user" else ReplyMessage(t) for t in turns])
+        await self.mount_all([message_widget(t) for t in turns])
         self.anchor()
 
     async def remove_last(self, kind: type[UserMessage | ReplyMessage]) -> None:
