@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import queue
 import time
 
 from starlette.applications import Starlette
@@ -28,7 +27,7 @@ from starlette.routing import Route
 from .engine import Engine, Job
 from .guard import Guard, authorize
 from .ollama import ollama_routes
-from .replies import EventStream, Reply, json_error, library_error, model_card, watch_disconnect
+from .replies import EventStream, Reply, json_error, library_error, model_card, start_job
 from .requests import read_body, resolve_messages
 from .responses import responses_routes
 from .schema import APIError, parse_request, request_options
@@ -77,25 +76,11 @@ def create_app(settings: Settings, engine: Engine) -> Starlette:
         options = await asyncio.to_thread(request_options, req, settings.defaults, settings.max_edge)
         messages = await asyncio.to_thread(resolve_messages, req, settings)
         job = Job(messages, options, asyncio.get_running_loop(), n=req.n or 1)
+        start, stop = await start_job(engine, job, request.receive)
         try:
-            engine.submit(job)
-        except queue.Full:
-            seconds = engine.retry_after()
-            raise APIError(
-                429,
-                f"the server is busy: {engine.waiting()} requests are waiting; retry in {seconds} s.",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(seconds)},
-            ) from None
-        stop = watch_disconnect(request.receive, job)
-        try:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise library_error(value)
-            if kind == "end":  # cancelled before it started: the client is gone
+            if start is None:  # cancelled before it started: the client is gone
                 return Response(status_code=499)
-            reply = Reply(req, settings.model_id, value)
+            reply = Reply(req, settings.model_id, start)
             if req.stream:
                 stream, stop = EventStream(reply, job, stop), None  # the stream stops them when it ends
                 return stream

@@ -320,7 +320,7 @@ class Engine:
 
         o = job.options
         try:
-            prompt = self.pixtral.encode(job.messages, max_edge=o.max_edge)
+            prompt = self.pixtral.encode(job.messages, options=o)  # its max_edge and tools: encoded once
         except Exception as e:
             self._refused(job, e)
             return None

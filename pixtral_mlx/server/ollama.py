@@ -15,7 +15,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import queue
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -29,7 +28,7 @@ from starlette.types import Receive, Scope, Send
 from pixtral_mlx.errors import PixtralError
 from pixtral_mlx.server.engine import Engine, Job
 from pixtral_mlx.server.guard import authorize
-from pixtral_mlx.server.replies import Reply, library_error, watch_disconnect
+from pixtral_mlx.server.replies import Reply, library_error, start_job
 from pixtral_mlx.server.requests import read_body, resolve_messages
 from pixtral_mlx.server.schema import APIError, ChatRequest, request_options
 from pixtral_mlx.server.settings import Settings
@@ -521,23 +520,11 @@ def ollama_routes(settings: Settings, engine: Engine) -> dict[str, tuple[Handler
         options = await asyncio.to_thread(ollama_options, req, settings)
         resolved = await asyncio.to_thread(resolve_messages, req, settings)
         job = Job(resolved, options, asyncio.get_running_loop())
+        start, stop = await start_job(engine, job, request.receive)
         try:
-            engine.submit(job)
-        except queue.Full:
-            seconds = engine.retry_after()
-            raise APIError(
-                429,
-                f"the server is busy: {engine.waiting()} requests are waiting; retry in {seconds} s.",
-                headers={"Retry-After": str(seconds)},
-            ) from None
-        stop = watch_disconnect(request.receive, job)
-        try:
-            event, value = await job.events.get()
-            if event == "error":
-                raise library_error(value)
-            if event == "end":  # cancelled before it started: the client is gone
+            if start is None:  # cancelled before it started: the client is gone
                 return Response(status_code=499)
-            reply = OllamaReply(kind, model, Reply(req, settings.model_id, value), job, received, time.perf_counter())
+            reply = OllamaReply(kind, model, Reply(req, settings.model_id, start), job, received, time.perf_counter())
             if body.stream:
                 stream, stop = LineStream(reply, stop), None  # the stream stops them when it ends
                 return stream  # type: ignore[return-value]

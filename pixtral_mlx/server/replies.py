@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -252,6 +253,34 @@ def watch_disconnect(receive: Receive, job: Job) -> Callable[[], None]:
         job.cancel()
 
     return stop
+
+
+async def start_job(engine: Any, job: Job, receive: Receive) -> tuple[dict[str, Any] | None, Callable[[], None]]:
+    """Queue `job` (429 with Retry-After when the queue is full), watch its client, and wait for its first event.
+
+    Returns the job's start (its prompt tokens) with the `stop` that ends its work (see `watch_disconnect`), or
+    None for the start when the job was cancelled before it started (the client left). An engine error before
+    the start is raised as the request's error, its work stopped. Every API's route starts its job here."""
+    try:
+        engine.submit(job)
+    except queue.Full:
+        seconds = engine.retry_after()
+        raise APIError(
+            429,
+            f"the server is busy: {engine.waiting()} requests are waiting; retry in {seconds} s.",
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(seconds)},
+        ) from None
+    stop = watch_disconnect(receive, job)
+    try:
+        kind, value = await job.events.get()
+        if kind == "error":
+            raise library_error(value)
+    except BaseException:
+        stop()
+        raise
+    return (None if kind == "end" else value), stop
 
 
 class EventStream:

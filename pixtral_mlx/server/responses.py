@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import time
 import uuid
 from collections import OrderedDict
@@ -30,7 +29,7 @@ from starlette.responses import JSONResponse, Response
 
 from pixtral_mlx.server.engine import Engine, Job
 from pixtral_mlx.server.guard import authorize
-from pixtral_mlx.server.replies import EventStream, Reply, library_error, watch_disconnect
+from pixtral_mlx.server.replies import EventStream, Reply, start_job
 from pixtral_mlx.server.requests import read_body, resolve_messages
 from pixtral_mlx.server.schema import APIError, ChatRequest, parse_request, request_options
 from pixtral_mlx.server.settings import Settings
@@ -586,24 +585,13 @@ def responses_routes(settings: Settings, engine: Engine) -> list[tuple[str, Hand
             raise _renamed(e) from None
         job = Job(messages, options, asyncio.get_running_loop())
         try:
-            engine.submit(job)
-        except queue.Full:
-            seconds = engine.retry_after()
-            raise APIError(
-                429,
-                f"the server is busy: {engine.waiting()} requests are waiting; retry in {seconds} s.",
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(seconds)},
-            ) from None
-        stop = watch_disconnect(request.receive, job)
+            start, stop = await start_job(engine, job, request.receive)
+        except APIError as e:
+            raise _renamed(e) from None
         try:
-            kind, value = await job.events.get()
-            if kind == "error":
-                raise _renamed(library_error(value))
-            if kind == "end":  # cancelled before it started: the client is gone
+            if start is None:  # cancelled before it started: the client is gone
                 return Response(status_code=499)
-            reply = Reply(req, settings.model_id, value)
+            reply = Reply(req, settings.model_id, start)
             if req.stream:
                 events = ResponseEvents(reply, builder, done)
                 stream, stop = EventStream(events, job, stop), None  # type: ignore[arg-type]  # it stops them
