@@ -22,7 +22,15 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from pixtral_mlx.models.pixtral import args as pixtral_args
-from pixtral_mlx.models.pixtral.args import VisionArgs, _from_dict, _number, _require, _without_none, check_quantization
+from pixtral_mlx.models.pixtral.args import (
+    VisionArgs,
+    _from_dict,
+    _number,
+    _require,
+    _without_none,
+    check_quantization,
+    quantization_keys,
+)
 
 # Mistral-Small-3.1-24B-Instruct-2503 config.json (FAMILY.md §1.1, §3.1, [primary]).
 TEXT_DEFAULTS: dict[str, Any] = {**pixtral_args.TEXT_DEFAULTS, "intermediate_size": 32768}
@@ -292,12 +300,6 @@ class Mistral3Args:
             text["rope_parameters"] = {**self.text.rope_scaling, "type": "yarn", "rope_theta": theta}
         else:
             text["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
-        vision = {
-            **asdict(self.vision),
-            "model_type": "pixtral",
-            "head_dim": self.vision.head_dim,
-            "hidden_act": "silu",
-        }
         config: dict[str, Any] = {
             "architectures": ["Mistral3ForConditionalGeneration"],
             "model_type": "mistral3",
@@ -310,10 +312,7 @@ class Mistral3Args:
             "vision_feature_layer": -1,
             "tie_word_embeddings": self.text.tie_word_embeddings,
             "text_config": text,
-            "vision_config": vision,
+            "vision_config": self.vision.to_config(),
             "eos_token_id": 2,
         }
-        if self.quantization:
-            config["quantization"] = self.quantization
-            config["quantization_config"] = self.quantization
-        return config
+        return {**config, **quantization_keys(self.quantization)}

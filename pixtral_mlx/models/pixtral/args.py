@@ -130,6 +130,10 @@ class VisionArgs:
     def max_patches_per_side(self) -> int:
         return self.image_size // self.patch_size
 
+    def to_config(self) -> dict[str, Any]:
+        """The `vision_config` of an MLX-format config.json (every family with Pixtral's encoder writes this)."""
+        return {**asdict(self), "model_type": "pixtral", "head_dim": self.head_dim, "hidden_act": "silu"}
+
 
 @dataclass
 class TextArgs:
@@ -252,12 +256,6 @@ class PixtralArgs:
             "hidden_act": "silu",
             "sliding_window": None,
         }
-        vision = {
-            **asdict(self.vision),
-            "model_type": "pixtral",
-            "head_dim": self.vision.head_dim,
-            "hidden_act": "silu",
-        }
         config: dict[str, Any] = {
             "architectures": ["LlavaForConditionalGeneration"],
             "model_type": "pixtral",
@@ -269,13 +267,15 @@ class PixtralArgs:
             "vision_feature_layer": -1,
             "vision_feature_select_strategy": "full",
             "text_config": text,
-            "vision_config": vision,
+            "vision_config": self.vision.to_config(),
             "eos_token_id": 2,
         }
-        if self.quantization:
-            config["quantization"] = self.quantization
-            config["quantization_config"] = self.quantization
-        return config
+        return {**config, **quantization_keys(self.quantization)}
+
+
+def quantization_keys(quantization: dict[str, Any] | None) -> dict[str, Any]:
+    """The quantization block of an MLX-format config.json, under both names MLX peers read."""
+    return {"quantization": quantization, "quantization_config": quantization} if quantization else {}
 
 
 def _without_none(d: dict[str, Any]) -> dict[str, Any]:
