@@ -250,3 +250,21 @@ def write_official_checkpoint(model, path: Path) -> Path:
     (path / "params.json").write_text(json.dumps(params, indent=2))
     shutil.copy(tekken_path(), path / "tekken.json")
     return path
+
+
+def transformers_image_inputs(prompt) -> dict:
+    """`pixel_values` (padded to the largest image) and `image_sizes` of a prompt's images, as transformers'
+    Pixtral-family models take them; {} without images."""
+    import torch
+
+    if not prompt.images:
+        return {}
+    H = max(i.pixels.shape[1] for i in prompt.images)
+    W = max(i.pixels.shape[2] for i in prompt.images)
+    pv = np.zeros((len(prompt.images), 3, H, W), np.float32)
+    for k, img in enumerate(prompt.images):
+        pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
+    return {
+        "pixel_values": torch.from_numpy(pv),
+        "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
+    }

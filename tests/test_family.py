@@ -3,6 +3,7 @@ and equal to transformers' `Mistral3ForConditionalGeneration` (float32, eager) a
 
 from __future__ import annotations
 
+import checkpoints
 import family_checkpoints
 import numpy as np
 import pytest
@@ -42,17 +43,7 @@ CASES = {
 def transformers_logits(model, prompt) -> np.ndarray:
     import torch
 
-    kwargs = {}
-    if prompt.images:
-        H = max(i.pixels.shape[1] for i in prompt.images)
-        W = max(i.pixels.shape[2] for i in prompt.images)
-        pv = np.zeros((len(prompt.images), 3, H, W), np.float32)
-        for k, img in enumerate(prompt.images):
-            pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
-        kwargs = {
-            "pixel_values": torch.from_numpy(pv),
-            "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
-        }
+    kwargs = checkpoints.transformers_image_inputs(prompt)
     with torch.no_grad():
         return model(input_ids=torch.tensor([prompt.tokens]), **kwargs).logits[0].numpy(), kwargs
 

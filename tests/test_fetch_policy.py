@@ -6,7 +6,6 @@ and fails if one was made; addresses that must never be touched (169.254.169.254
 
 from __future__ import annotations
 
-import base64
 import io
 import ipaddress
 import logging
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 from starlette.testclient import TestClient
+from test_serve import data_url, png
 
 from pixtral_mlx import fetch, images
 from pixtral_mlx.errors import ImageError
@@ -30,18 +30,7 @@ SERVER = FetchPolicy.server()
 PRIVATE_OK = FetchPolicy.server(allow_private=True)  # still one sentence for every failure
 
 
-def png(width: int, height: int, seed: int = 0) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    out = io.BytesIO()
-    Image.fromarray(pixels).save(out, format="PNG")
-    return out.getvalue()
-
-
-def data_url(data: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(data).decode()
-
-
-IMG = png(40, 30)
+IMG = png(40, 30, 0)
 EXPECTED = np.asarray(Image.open(io.BytesIO(IMG)).convert("RGB"))
 
 

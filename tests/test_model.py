@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import checkpoints
 import numpy as np
 import pytest
 from PIL import Image
@@ -41,17 +42,7 @@ def transformers_logits(hf_model, px, messages) -> np.ndarray:
     import torch
 
     prompt = px.encode(messages)
-    kwargs = {}
-    if prompt.images:
-        H = max(i.pixels.shape[1] for i in prompt.images)
-        W = max(i.pixels.shape[2] for i in prompt.images)
-        pv = np.zeros((len(prompt.images), 3, H, W), np.float32)
-        for k, img in enumerate(prompt.images):
-            pv[k, :, : img.pixels.shape[1], : img.pixels.shape[2]] = img.pixels
-        kwargs = {
-            "pixel_values": torch.from_numpy(pv),
-            "image_sizes": torch.tensor([i.pixels.shape[1:] for i in prompt.images]),
-        }
+    kwargs = checkpoints.transformers_image_inputs(prompt)
     with torch.no_grad():
         return hf_model(input_ids=torch.tensor([prompt.tokens]), **kwargs).logits[0].numpy()
 
