@@ -43,7 +43,7 @@ def load(path: str, progress: Callable[[str], None] | None = None, *, context_le
     from .memory import limit_setting
     from .pipeline import Pixtral
 
-    check_context_length(context_length, 1 << 62)  # the value's type and floor, before the (slow) load
+    check_context_length(context_length)  # the value's type and floor, before the (slow) load
     limit_setting()
     try:
         folder = resolve(path, progress=progress)

@@ -44,11 +44,11 @@ def check_max_edge(value: int | None, limit: int = MAX_EDGE) -> int | None:
     return value
 
 
-def check_context_length(value: Any, trained: int) -> tuple[int, str | None]:
+def check_context_length(value: Any, trained: int | None = None) -> tuple[int | None, str | None]:
     """(the context limit to use, a warning or None) for a requested `value` (None: the trained window).
 
     Lower than the trained window is always fine; higher is allowed with a warning, since the model was
-    never trained on positions past it."""
+    never trained on positions past it. Without `trained` (no model loaded yet) only the value is checked."""
     from .errors import ConfigError
 
     if value is None:
@@ -58,7 +58,7 @@ def check_context_length(value: Any, trained: int) -> tuple[int, str | None]:
             f"context length must be a whole number of at least {MIN_CONTEXT} tokens, got {value!r}.",
             param="context_length",
         )
-    if value > trained:
+    if trained is not None and value > trained:
         return value, (
             f"the context length {value:,} is above the {trained:,} tokens this model was trained on; "
             "replies past that point may degrade."

@@ -170,7 +170,7 @@ def check_model_args(args: argparse.Namespace) -> Any:
     from pixtral_mlx.turn import Options
 
     try:
-        check_context_length(args.context_length, 1 << 62)
+        check_context_length(args.context_length)
         return Options(
             max_edge=args.max_edge,
             max_tokens=args.max_tokens,

@@ -170,7 +170,7 @@ def check(args: argparse.Namespace) -> None:
 
     try:
         check_max_edge(args.max_edge)
-        check_context_length(args.context_length, 1 << 62)
+        check_context_length(args.context_length)
         args.defaults = Options(max_tokens=args.max_tokens, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     except PixtralError as e:
         raise ConfigError(flag_message(e)) from None
