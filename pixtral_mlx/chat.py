@@ -305,11 +305,13 @@ class Chat:
                 yield chunk
         finally:
             chunks.close()  # type: ignore[attr-defined]
+            from .reasoning import answer_tokens
             from .tools import calls_active, parse_tool_calls
 
             parsed = None
             if options is not None and calls_active(options) and reply.finish_reason == "stop":
-                parsed = parse_tool_calls(self.pixtral.encoder.text, reply.tokens)
+                tekken = self.pixtral.encoder.text
+                parsed = parse_tool_calls(tekken, answer_tokens(tekken, reply.tokens))  # the thinking is no content
             self.last_tool_calls = parsed[1] if parsed else []
             if parsed:
                 self.messages.append({"role": "assistant", "content": parsed[0] or None, "tool_calls": parsed[1]})

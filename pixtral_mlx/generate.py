@@ -24,6 +24,7 @@ from mlx_lm.models.cache import trim_prompt_cache
 from .config import CONTEXT_LENGTH
 from .errors import ContextError, PromptError
 from .memory import PREFILL_STEP
+from .reasoning import Splitter
 from .turn import Chunk, Options, Reply, Stats, collect
 
 __all__ = [
@@ -245,11 +246,14 @@ def _decode(
 ) -> Iterator[Chunk]:
     """One chunk per token (its text may be empty while held back for `stop`); the last one carries
     `finish_reason`: "stop" for the end-of-sequence token or a stop string (cut off, never shown).
+    A reasoning model's `[THINK]…[/THINK]` text goes to the chunks' `reasoning`, the rest to `text`
+    (`reasoning.Splitter`); stop strings apply to the answer only, `max_tokens` counts every token.
     `top_logprobs` (not None): each chunk with a token carries its log-probability and that many alternatives,
     from the log-softmax `steps` yields with each token (`token_logprobs`)."""
     stats = Stats(prompt_tokens=n_prompt, finish_reason="length")
     n = 0
-    tail, held, last, stopped = "", "", None, False
+    split = Splitter.of(detokenizer)
+    tail, thought, held, last, stopped = "", "", "", None, False
     scores: dict[str, Any] = {}
     for token, logprobs in steps:
         if n == 0:
@@ -265,18 +269,21 @@ def _decode(
         if top_logprobs is not None and logprobs is not None:
             chosen, top = token_logprobs(logprobs, token, top_logprobs)
             scores = {"logprob": chosen, "top_logprobs": top}
-        text, held, stopped = split_stop(held + detokenizer.add(token), stop)
+        reasoning, answer = split.add(token)
+        text, held, stopped = split_stop(held + answer, stop)
         if stopped or n >= max_tokens:
-            tail, last = text, token
+            tail, thought, last = text, reasoning, token
             break
-        yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, token=token, **scores)
+        yield Chunk(**{**stats.stats(), "finish_reason": None}, text=text, reasoning=reasoning, token=token, **scores)
     if stopped:
         stats.finish_reason = "stop"
     else:
-        text, held, stopped = split_stop(held + detokenizer.flush(), stop)
+        reasoning, answer = split.flush()
+        text, held, stopped = split_stop(held + answer, stop)
         tail += text if stopped else text + held
+        thought += reasoning
         stats.finish_reason = "stop" if stopped else stats.finish_reason
-    yield Chunk(**stats.stats(), text=tail, token=last, **(scores if last is not None else {}))
+    yield Chunk(**stats.stats(), text=tail, reasoning=thought, token=last, **(scores if last is not None else {}))
 
 
 def prefill(

@@ -69,6 +69,13 @@ def grammar_factory(tokenizer: Any) -> Any:
         from mistral_common.guidance.grammar_factory import GrammarFactory
         from mistral_common.tokens.tokenizers.tekken import is_tekkenizer
 
+        if not is_tekkenizer(tokenizer.instruct_tokenizer.tokenizer):  # guidance has no SentencePiece vocabulary
+            raise PromptError(
+                "structured output needs a tekken tokenizer: mistral_common's grammars do not support this "
+                "model's SentencePiece tokenizer (Pixtral-Large).",
+                param="json_schema",
+            )
+
         class TekkenGrammarFactory(GrammarFactory):
             @staticmethod
             def is_supported(tokenizer: Any) -> bool:
@@ -78,22 +85,22 @@ def grammar_factory(tokenizer: Any) -> Any:
     return factory
 
 
-LEADING_WHITESPACE = "start: SAFE_WS? "  # mistral_common's JSON-only grammar lets an answer open with 1-8 of them
+LEADING_WHITESPACE = "SAFE_WS? %json"  # mistral_common's JSON-only grammar lets an answer open with 1-8 of them
 
 
 def json_grammar(factory: Any, schema: dict[str, Any]) -> str:
     """The Lark grammar of an answer that is JSON matching `schema` (mistral_common's JSON-only grammar), with
     no whitespace before the value: the first token starts the JSON (`{`, `[`, a quote, a digit ...), so a
-    reply is exactly its JSON, as `json.dumps` would lay it out."""
+    reply is exactly its JSON, as `json.dumps` would lay it out. (Tokenizers with `[THINK]` get mistral_common's
+    think template, whose JSON rule is `json_grammar:` rather than `start:`; the thinking is `logits_processors`'
+    concern, see `reasoning.optional_think`.)"""
     grammar = factory.get_lark_for_json_schema(factory.select_jinja_template(), schemas.grammar_schema(schema))
     lines = grammar.splitlines()
     for i, line in enumerate(lines):
-        if line.startswith(LEADING_WHITESPACE):
-            lines[i] = "start: " + line[len(LEADING_WHITESPACE) :]
+        if line.startswith(("start: ", "json_grammar: ")) and LEADING_WHITESPACE in line:
+            lines[i] = line.replace(LEADING_WHITESPACE, "%json", 1)
             return "\n".join(lines)
-    raise RuntimeError(
-        f"mistral_common's JSON grammar has no {LEADING_WHITESPACE.strip()!r} rule"
-    )  # an upgrade changed it
+    raise RuntimeError(f"mistral_common's JSON grammar has no {LEADING_WHITESPACE!r} rule")  # an upgrade changed it
 
 
 class JsonConstraint:
@@ -163,9 +170,13 @@ class JsonConstraint:
 def logits_processors(options: Any, encoder: Any) -> list[Any]:
     """The processors a turn with these `Options` needs (none without a JSON constraint), for the
     `PromptEncoder`'s tokenizer. Builds the grammar and its matcher now, so a grammar error is raised
-    before any model work."""
+    before any model work. With a tokenizer that has `[THINK]` the reply may open with a free thinking section."""
     if options.json_schema is None and not options.json_object:
         return []
+    from .reasoning import optional_think, think_ids
+
     schema = JSON_OBJECT_SCHEMA if options.json_schema is None else options.json_schema
     factory = grammar_factory(encoder.tokenizer)
-    return [JsonConstraint(factory, json_grammar(factory, schema))]
+    # a reasoning model thinks freely first: the grammar constrains the answer after [/THINK]
+    grammar = optional_think(json_grammar(factory, schema), think_ids(encoder.text))
+    return [JsonConstraint(factory, grammar)]

@@ -45,9 +45,12 @@ class Chunk(Stats):
 
     With `Options.logprobs`, a chunk with a `token` carries its `logprob` and the `top_logprobs` (token id,
     log-probability) pairs, most likely first: log-softmax of the logits the sampler saw (after the logits
-    processors: penalties, `logit_bias`, a JSON grammar's mask), before temperature and top-p."""
+    processors: penalties, `logit_bias`, a JSON grammar's mask), before temperature and top-p.
+
+    `text` is the answer; a reasoning model's thinking (`[THINK]…[/THINK]`, see reasoning.py) is `reasoning`."""
 
     text: str = ""
+    reasoning: str = ""
     token: int | None = None
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
@@ -55,9 +58,11 @@ class Chunk(Stats):
 
 @dataclass
 class Reply(Stats):
-    """A whole reply: its text and tokens, and the statistics of its last chunk."""
+    """A whole reply: its text (the answer), its `reasoning` (a reasoning model's thinking, else ""), its tokens
+    (both's, with `[THINK]`/`[/THINK]`), and the statistics of its last chunk."""
 
     text: str = ""
+    reasoning: str = ""
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)  # one per token, with `Options.logprobs`
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)  # one list per token, likewise
@@ -67,6 +72,7 @@ class Reply(Stats):
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
+        self.reasoning += chunk.reasoning
         if chunk.token is not None:
             self.tokens.append(chunk.token)
             if chunk.logprob is not None:

@@ -82,7 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     from .app import make_app
     from .engine import Engine
 
-    engine = Engine(args.model, system=args.system, options=options, context_length=args.context_length)
+    engine = Engine(
+        args.model,
+        system=args.system,
+        options=options,
+        context_length=args.context_length,
+        default_system_prompt=not args.no_default_system_prompt,
+    )
     app = make_app(engine, data_dir=store.root, images=list(args.images), resume=resume)
     app.run()
     return int(app.return_code or 0)

@@ -66,11 +66,13 @@ class Engine:
         system: str | None = None,
         options: Options | None = None,
         context_length: int | None = None,
+        default_system_prompt: bool = True,
         **overrides: Any,
     ):
         """`options` (the one `Options` value the command line built) and/or options by name: the chat's."""
         self.model = model
         self.context_length = context_length
+        self.default_system_prompt = default_system_prompt
         self.name = model_name(model)
         self.system = system
         self.options = Options.of(options, **overrides)
@@ -150,7 +152,12 @@ class Engine:
     def _load(self, progress: Any) -> ChatBackend:
         import pixtral_mlx
 
-        pixtral = pixtral_mlx.load(self.model, progress=progress, context_length=self.context_length)
+        pixtral = pixtral_mlx.load(
+            self.model,
+            progress=progress,
+            context_length=self.context_length,
+            default_system_prompt=self.default_system_prompt,
+        )
         return pixtral.chat(system=self.system, options=self.options)
 
     def _do_load(self) -> None:
@@ -214,22 +221,23 @@ class Engine:
     def _stream(self, chunks: Iterator[Any]) -> None:
         """Post the chunks; between them honour Stop: close the generator (keeps the partial)."""
         self._post(ReplyStarted())
-        reply, pending = Reply(), ""
+        reply, pending, thought = Reply(), "", ""
         posted = time.perf_counter()
         try:
             for chunk in chunks:
                 reply.add(chunk)
                 pending += chunk.text
+                thought += chunk.reasoning
                 # Batch tokens: one UI update per TOKEN_INTERVAL keeps the UI thread off the GIL.
-                if pending and time.perf_counter() - posted >= TOKEN_INTERVAL:
-                    self._post(Token(pending))
-                    pending, posted = "", time.perf_counter()
+                if (pending or thought) and time.perf_counter() - posted >= TOKEN_INTERVAL:
+                    self._post(Token(pending, thought))
+                    pending, thought, posted = "", "", time.perf_counter()
                 if chunk.finish_reason or self._stop.is_set():
                     break
         finally:
             chunks.close()  # type: ignore[attr-defined]
-            if pending:
-                self._post(Token(pending))
+            if pending or thought:
+                self._post(Token(pending, thought))
         reply.finish_reason = reply.finish_reason or "interrupted"
         self._post(ReplyFinished(reply, context_used=self._ready().context_used))
         self._post_memory()

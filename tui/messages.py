@@ -39,6 +39,7 @@ class ReplyStarted(Message):
 @dataclass
 class Token(Message):
     text: str
+    reasoning: str = ""  # a reasoning model's thinking streamed since the last Token (shown collapsed)
 
 
 @dataclass

@@ -60,9 +60,11 @@ class Turn:
     finish: str | None = None  # "interrupted" for a reply stopped with Esc
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # an assistant's calls, in OpenAI form
     tool_call_id: str | None = None  # for a "tool" turn: the call it answers
+    reasoning: str = ""  # a reasoning model's thinking (saved as "reasoning_content", never sent back)
 
     def message(self) -> dict[str, Any]:
-        """The OpenAI message (without pixtral-mlx's own keys such as "finish")."""
+        """The OpenAI message (without pixtral-mlx's own keys such as "finish", and without the thinking: a
+        conversation goes on from the answers alone)."""
         out: dict[str, Any] = {"role": self.role, "content": self.content()}
         if self.tool_calls:
             out["tool_calls"] = self.tool_calls
@@ -201,11 +203,14 @@ def _parse_turn(m: Any, where: str, check: Callable[[bool, str], None], root: Pa
         check(isinstance(m.get("content"), str), f"the content of {where} is {_kind(m.get('content'))}, not a string")
     else:
         check(call_id is None, f"{where} has a tool_call_id but the role {role!r}")
+    reasoning = m.get("reasoning_content", "")
+    check(isinstance(reasoning, str), f"the reasoning_content of {where} is {_kind(reasoning)}, not a string")
+    check(not reasoning or role == "assistant", f"{where} has reasoning_content but the role {role!r}")
     content = m.get("content")
     if content is None and calls:
         content = ""  # an assistant message that is only tool calls
     if isinstance(content, str):
-        return Turn(role, content, finish=finish, tool_calls=calls, tool_call_id=call_id)
+        return Turn(role, content, finish=finish, tool_calls=calls, tool_call_id=call_id, reasoning=reasoning)
     check(isinstance(content, list), f"the content of {where} is {_kind(content)}, not a string or a list")
     text, images = "", []
     for j, p in enumerate(content, 1):
@@ -225,7 +230,7 @@ def _parse_turn(m: Any, where: str, check: Callable[[bool, str], None], root: Pa
             check(ok, f"the {key} of {part} is not a [width, height] pair")
         check(type(p.get("tokens", 0)) is int, f"the token count of {part} is {_kind(p.get('tokens'))}")
         images.append(Attachment.from_json(p, root))
-    return Turn(role, text, images, finish=finish, tool_calls=calls)
+    return Turn(role, text, images, finish=finish, tool_calls=calls, reasoning=reasoning)
 
 
 class Store:
@@ -261,7 +266,10 @@ class Store:
             stored = [self.store_image(a) for a in t.images]
             parts = [a.to_json(f"images/{a.path.name}") for a in stored]
             content: Any = parts + [{"type": "text", "text": t.text}] if parts else t.text
-            turns.append({**t.message(), "content": content, **({"finish": t.finish} if t.finish else {})})
+            own = {"finish": t.finish} if t.finish else {}
+            if t.reasoning:
+                own["reasoning_content"] = t.reasoning
+            turns.append({**t.message(), "content": content, **own})
         doc = {
             "format": FORMAT,
             "version": VERSION,
@@ -351,6 +359,8 @@ def to_markdown(conv: Conversation) -> str:
         lines += ["## You" if t.role == "user" else "## Pixtral", ""]
         for a in t.images:
             lines += [f"![{a.name}]({a.path.as_uri()})", "", f"*{a.label()}*", ""]
+        if t.reasoning:
+            lines += ["<details><summary>Thinking</summary>", "", t.reasoning, "", "</details>", ""]
         if t.text:
             lines += [t.text, ""]
         lines += [f"→ `{tool_call_text(c)}`" for c in t.tool_calls] + ([""] if t.tool_calls else [])

@@ -30,6 +30,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", "-p", help="the question ('-' reads it from stdin); default: describe the image")
     add_model_args(p)
     add_structured_args(p)
+    p.add_argument(
+        "--show-thinking",
+        action="store_true",
+        help="reasoning models (Magistral, Ministral 3 Reasoning): stream their thinking to stderr (dimmed on a "
+        "terminal; stdout keeps the answer only) and add it to --json/--each output as `reasoning`; "
+        "hidden by default",
+    )
     p.add_argument("--json", action="store_true", help="print the answer and statistics as one JSON object")
     p.add_argument(
         "--each",
@@ -77,6 +84,38 @@ def _print_stats(stats: dict[str, Any]) -> None:
     print(f"Peak memory: {stats['peak_memory']:.3f} GB", file=sys.stderr)
 
 
+class _Thinking:
+    """A reasoning model's thinking while it streams, on stderr (stdout keeps the answer, for pipes): with
+    --show-thinking its text, dimmed on a terminal, then a blank line; without, on a terminal only, a dim
+    "Thinking…" that the answer erases (so a long silence is explained)."""
+
+    DIM, RESET, ERASE = "\x1b[2m", "\x1b[0m", "\r\x1b[K"
+
+    def __init__(self, show: bool):
+        self.show, self.tty, self.open = show, sys.stderr.isatty(), False
+
+    def write(self, text: str) -> None:
+        if not text or not (self.show or self.tty):
+            return
+        if not self.open:
+            self.open = True
+            sys.stderr.write(self.DIM if self.tty else "")
+            if not self.show:
+                sys.stderr.write(f"Thinking…{self.RESET}")
+        if self.show:
+            sys.stderr.write(text)
+        sys.stderr.flush()
+
+    def end(self) -> None:
+        if self.open:
+            self.open = False
+            if self.show:
+                sys.stderr.write((self.RESET if self.tty else "") + "\n\n")
+            else:
+                sys.stderr.write(self.ERASE)
+            sys.stderr.flush()
+
+
 def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, echo: bool) -> dict[str, Any]:
     """Generate one answer; on Ctrl-C return what was generated with finish_reason 'interrupted'."""
     from pixtral_mlx.turn import Reply
@@ -87,17 +126,23 @@ def _run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespace, e
             _info(img.summary())
     opts = args.options
     reply = Reply()
+    thinking = _Thinking(args.show_thinking)
     try:
         for chunk in model.stream(prompt, opts):
             reply.add(chunk)
             if echo:
-                print(chunk.text, end="", flush=True)
+                thinking.write(chunk.reasoning)
+                if chunk.text:
+                    thinking.end()
+                    print(chunk.text, end="", flush=True)
     except KeyboardInterrupt:
         reply.finish_reason = "interrupted"
     finally:
         if echo:
+            thinking.end()
             print(flush=True)
-    return {"text": reply.text, **reply.stats()}
+    shown = {"reasoning": reply.reasoning} if args.show_thinking else {}
+    return {"text": reply.text, **shown, **reply.stats()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,7 +181,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tic = time.perf_counter()
-        model = pixtral_mlx.load(args.model, progress=_info, context_length=args.context_length)
+        model = pixtral_mlx.load(
+            args.model,
+            progress=_info,
+            context_length=args.context_length,
+            default_system_prompt=not args.no_default_system_prompt,
+        )
         if args.verbose:
             _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
         if args.dry_run:
@@ -170,10 +220,11 @@ def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespac
     """Print the memory plan of generating for `messages` (JSON with --json); return whether it fits."""
     opts = args.options
     plan = model.memory_plan(messages, opts)
+    system = model.encoder.system_prompt_summary(messages)
     if args.json:
-        print(json.dumps(plan.as_dict(), ensure_ascii=False), flush=True)
+        print(json.dumps({**plan.as_dict(), "system_prompt": system}, ensure_ascii=False), flush=True)
     else:
-        print("\n".join(plan.lines()), flush=True)
+        print("\n".join([*plan.lines(), f"system prompt: {system}"]), flush=True)
     if not plan.fits:
         from pixtral_mlx.memory import suggestions
 

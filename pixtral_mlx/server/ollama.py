@@ -115,11 +115,21 @@ _FIELDS = {
 }  # fmt: skip
 
 
-def _check_common(body: _Common, settings: Settings) -> None:
+def _check_common(body: _Common, settings: Settings, thinks: bool = False) -> None:
+    """The model's name, and `think`: refused (unless false) for a model that does not think; for one that
+    does (a tokenizer with [THINK]), true or a level shows the thinking as `thinking` and false hides it (it
+    cannot be turned off: the model thinks or not as its prompt asks)."""
     if body.model:
         check_model(body.model, settings)
-    if body.think not in (None, False):
+    if body.think not in (None, False) and not thinks:
         raise APIError(400, f"{settings.model_id!r} does not support thinking.")
+
+
+def _thinks(engine: Engine) -> bool:
+    from pixtral_mlx.reasoning import thinks
+
+    encoder = getattr(engine.pixtral, "encoder", None)  # None until the model is loaded
+    return encoder is not None and thinks(getattr(encoder, "text", None))
 
 
 def check_model(name: str, settings: Settings) -> None:
@@ -239,24 +249,31 @@ def now() -> str:
 class OllamaReply:
     """Ollama's objects for one reply (`kind` "chat": `message`; "generate": `response`) from the engine's chunks."""
 
-    def __init__(self, kind: str, model: str, reply: Reply, job: Job, received: float, started: float):
+    def __init__(
+        self, kind: str, model: str, reply: Reply, job: Job, received: float, started: float, think: bool = True
+    ):
         self.kind, self.model, self.reply, self.job = kind, model, reply, job
         self.received, self.started = received, started  # perf_counter() at the request and at the engine's start
         self.first: float | None = None  # perf_counter() at the first chunk
+        self.think = think  # show a reasoning model's thinking (`message.thinking`, or `thinking` for generate)
 
-    def line(self, text: str, done: bool = False) -> dict[str, Any]:
+    def line(self, text: str, done: bool = False, thinking: str = "") -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.model, "created_at": now()}
         if self.kind == "chat":
             body["message"] = {"role": "assistant", "content": text}
+            if thinking:
+                body["message"]["thinking"] = thinking
         else:
             body["response"] = text
+            if thinking:
+                body["thinking"] = thinking
         body["done"] = done
         return body
 
-    def final(self, last: Any, text: str = "") -> dict[str, Any]:
+    def final(self, last: Any, text: str = "", thinking: str = "") -> dict[str, Any]:
         """The `done` object: why it ended and the counts; durations in nanoseconds, timed here (the prompt's:
         the engine's start to the first token; the reply's: the first token to the last)."""
-        body = self.line(text, done=True)
+        body = self.line(text, done=True, thinking=thinking)
         end = time.perf_counter()
         first = self.first if self.first is not None else end
         body.update(
@@ -277,15 +294,18 @@ class OllamaReply:
             yield chunk
 
     async def collect(self) -> dict[str, Any]:
-        text, last = [], None
+        text, thought, last = [], [], None
         async for chunk in self.chunks():
             text.append(chunk.text)
+            thought.append(chunk.reasoning if self.think else "")
             last = chunk
-        return self.final(last, "".join(text))
+        return self.final(last, "".join(text), "".join(thought))
 
     async def lines(self) -> Any:
         last = None
         async for chunk in self.chunks():
+            if chunk.reasoning and self.think:
+                yield self.line("", thinking=chunk.reasoning)
             if chunk.text:
                 yield self.line(chunk.text)
             last = chunk
@@ -413,7 +433,7 @@ class ModelInfo:
             "template": "{{ .Prompt }}",  # informative only: the model's own (tekken v3) layout is always used
             "details": facts["details"],
             "model_info": info,
-            "capabilities": ["completion", "vision"],
+            "capabilities": ["completion", "vision"] + (["thinking"] if _thinks(self.engine) else []),
             "modified_at": facts["modified_at"],
         }
 
@@ -508,7 +528,7 @@ def ollama_routes(settings: Settings, engine: Engine) -> dict[str, tuple[Handler
         authorize(request, settings)
         raw = await read_body(request, settings.max_body, settings.body_timeout)
         body = _parse(ChatBody if kind == "chat" else GenerateBody, raw)
-        _check_common(body, settings)
+        _check_common(body, settings, _thinks(engine))
         model = body.model or info.name()
         messages = chat_messages(body) if kind == "chat" else generate_messages(body)
         if kind == "chat" and not messages or kind == "generate" and not body.prompt and not body.images:
@@ -524,7 +544,9 @@ def ollama_routes(settings: Settings, engine: Engine) -> dict[str, tuple[Handler
         try:
             if start is None:  # cancelled before it started: the client is gone
                 return Response(status_code=499)
-            reply = OllamaReply(kind, model, Reply(req, settings.model_id, start), job, received, time.perf_counter())
+            chat_reply = Reply(req, settings.model_id, start)
+            think = body.think is not False  # false hides the thinking
+            reply = OllamaReply(kind, model, chat_reply, job, received, time.perf_counter(), think)
             if body.stream:
                 stream, stop = LineStream(reply, stop), None  # the stream stops them when it ends
                 return stream  # type: ignore[return-value]

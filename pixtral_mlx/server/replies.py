@@ -6,7 +6,11 @@ With `tools`, a choice whose tokens reach the `[TOOL_CALLS]` token is a tool cal
 back and, at its end, parsed (`tools.parse_tool_calls`) into `message.tool_calls` (`content` null unless text came
 before) with `finish_reason` "tool_calls". Streamed, each call is sent as one `delta.tool_calls` entry with its
 index, id, type and name, then one with its whole `arguments` (not token by token: they are only known to parse
-once the call is complete). A call that does not parse (cut by max_tokens) is sent as the text it was."""
+once the call is complete). A call that does not parse (cut by max_tokens) is sent as the text it was.
+
+A reasoning model's thinking (`[THINK]…[/THINK]`, the chunks' `reasoning`) is `message.reasoning_content` next to
+`content`, and streamed as `delta.reasoning_content` (vLLM's convention); a reply without thinking has no such
+field. Tool calls are parsed from the answer's tokens only."""
 
 from __future__ import annotations
 
@@ -55,9 +59,10 @@ class Reply:
         last = self.lasts[index]
         if self.tool_calls_id is None or last is None or last.finish_reason != "stop":
             return None
+        from pixtral_mlx.reasoning import answer_tokens
         from pixtral_mlx.tools import parse_tool_calls
 
-        return parse_tool_calls(self.tokenizer, self.choice_ids[index])
+        return parse_tool_calls(self.tokenizer, answer_tokens(self.tokenizer, self.choice_ids[index]))
 
     @property
     def token_ids(self) -> list[int]:
@@ -70,12 +75,19 @@ class Reply:
         first = self.lasts[0] if self.lasts[0] is not None else last
         cached = self.prompt_tokens - first.prompt_tokens if first is not None else 0
         completion = sum(c.generation_tokens for c in lasts)
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": completion,
             "total_tokens": self.prompt_tokens + completion,
             "prompt_tokens_details": {"cached_tokens": cached},
         }
+        from pixtral_mlx.reasoning import split_tokens, think_ids
+
+        ids = think_ids(self.tokenizer)
+        if ids is not None:  # a reasoning model: the thinking's tokens, [THINK] and [/THINK] included
+            answers = sum(len(split_tokens(tokens, ids)[1]) for tokens in self.choice_ids)
+            usage["completion_tokens_details"] = {"reasoning_tokens": sum(map(len, self.choice_ids)) - answers}
+        return usage
 
     async def indexed(self, job: Job) -> AsyncIterator[tuple[int, Any]]:
         """(choice index, chunk) until the job's end, the token ids and each choice's last chunk kept; an engine
@@ -115,9 +127,11 @@ class Reply:
     async def collect(self, job: Job) -> dict[str, Any]:
         """The whole reply, as one `chat.completion` object."""
         texts: list[list[str]] = [[] for _ in range(self.n)]
+        thoughts: list[list[str]] = [[] for _ in range(self.n)]
         entries: list[list[dict[str, Any]]] = [[] for _ in range(self.n)]
         async for i, chunk in self.indexed(job):
             texts[i].append(chunk.text)
+            thoughts[i].append(chunk.reasoning)
             entries[i] += self.logprobs(chunk)
         choices = []
         for i in range(self.n):
@@ -130,6 +144,8 @@ class Reply:
                     {"role": "assistant", "content": parsed[0] or None, "tool_calls": parsed[1]},
                     "tool_calls",
                 )
+            if "".join(thoughts[i]):
+                message["reasoning_content"] = "".join(thoughts[i])
             choice = {
                 "index": i,
                 "message": message,
@@ -197,6 +213,8 @@ class Reply:
             entries = self.logprobs(chunk)
             if self.tool_calls_id is not None and chunk.token == self.tool_calls_id:
                 held.setdefault(i, [])
+            if chunk.reasoning:
+                yield self.event({"reasoning_content": chunk.reasoning}, index=i)
             if i in held:
                 held[i].append(chunk.text)
             elif chunk.text or entries:

@@ -289,11 +289,12 @@ def usage(chat_usage: dict[str, Any] | None) -> dict[str, Any] | None:
     if chat_usage is None:
         return None
     details = chat_usage.get("prompt_tokens_details") or {}
+    thought = chat_usage.get("completion_tokens_details") or {}
     return {
         "input_tokens": chat_usage["prompt_tokens"],
         "input_tokens_details": {"cached_tokens": details.get("cached_tokens", 0)},
         "output_tokens": chat_usage["completion_tokens"],
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": thought.get("reasoning_tokens", 0)},
         "total_tokens": chat_usage["total_tokens"],
     }
 
@@ -317,6 +318,18 @@ def _message(item_id: str, text: str, status: str) -> dict[str, Any]:
         "status": status,
         "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}],
+    }
+
+
+def _reasoning(item_id: str, text: str, status: str) -> dict[str, Any]:
+    """A reasoning model's thinking as a `reasoning` item: its whole text (not a summary)."""
+    return {
+        "type": "reasoning",
+        "id": item_id,
+        "summary": [],
+        "content": [{"type": "reasoning_text", "text": text}],
+        "encrypted_content": None,
+        "status": status,
     }
 
 
@@ -367,15 +380,19 @@ class ResponseBuilder:
 
 
 def output_of(message: dict[str, Any], status: str) -> list[dict[str, Any]]:
-    """A chat reply's message as Response output items: its text (if any, or if nothing else), then its calls."""
+    """A chat reply's message as Response output items: its thinking (a reasoning model's), its text (if any, or if
+    nothing else), then its calls."""
     calls = [_function_call(c) for c in message.get("tool_calls") or []]
     text = message.get("content") or ""
-    items = [_message(_id("msg"), text, status)] if text or not calls else []
+    thought = message.get("reasoning_content")
+    items = [_reasoning(_id("rs"), thought, status)] if thought else []
+    items += [_message(_id("msg"), text, status)] if text or not calls else []
     return items + calls
 
 
 def assistant_turn(output: list[dict[str, Any]]) -> dict[str, Any]:
-    """The output items as the chat message that continues a conversation."""
+    """The output items as the chat message that continues a conversation (the answer: a `reasoning` item is left
+    out, as reasoning items given back as input are)."""
     text = "".join(
         part["text"] for item in output if item["type"] == "message" for part in item["content"] if "text" in part
     )
@@ -394,7 +411,8 @@ class ResponseEvents:
     """The Responses stream of one reply, from the chat reply's streamed chunks: `response.created`,
     `response.in_progress`, then per output item `response.output_item.added`, (a message:)
     `response.content_part.added`, `response.output_text.delta`..., `response.output_text.done`,
-    `response.content_part.done`, (a function call: `response.function_call_arguments.delta`...,
+    `response.content_part.done`, (a reasoning model's thinking, first: a `reasoning` item with a `reasoning_text`
+    part, `response.reasoning_text.delta`..., `.done`), (a function call: `response.function_call_arguments.delta`...,
     `.done`), `response.output_item.done`; last `response.completed` (or `response.incomplete`, or `error`
     and `response.failed`). `events(job)` is what `EventStream` sends."""
 
@@ -415,7 +433,35 @@ class ResponseEvents:
         text: list[str] | None = None  # the open message's text
         message_id = ""
         calls: dict[int, dict[str, Any]] = {}  # chat tool-call index -> its open function_call item
+        thought: list[str] | None = None  # the open reasoning item's text
+        reasoning_id = ""
         finish, chat_usage = None, None
+
+        def open_reasoning() -> list[str]:
+            nonlocal thought, reasoning_id
+            thought, reasoning_id = [], _id("rs")
+            index = len(output)
+            item = {**_reasoning(reasoning_id, "", "in_progress"), "content": []}
+            ids = {"item_id": reasoning_id, "output_index": index, "content_index": 0}
+            return [
+                self.event("response.output_item.added", output_index=index, item=item),
+                self.event("response.content_part.added", **ids, part={"type": "reasoning_text", "text": ""}),
+            ]
+
+        def close_reasoning(status: str) -> list[str]:
+            nonlocal thought
+            if thought is None:
+                return []
+            whole, index = "".join(thought), len(output)
+            item = _reasoning(reasoning_id, whole, status)
+            thought = None
+            output.append(item)
+            ids = {"item_id": reasoning_id, "output_index": index, "content_index": 0}
+            return [
+                self.event("response.reasoning_text.done", **ids, text=whole),
+                self.event("response.content_part.done", **ids, part=item["content"][0]),
+                self.event("response.output_item.done", output_index=index, item=item),
+            ]
 
         def open_message() -> list[str]:
             nonlocal text, message_id
@@ -472,6 +518,22 @@ class ResponseEvents:
                     chat_usage = chunk["usage"]
                 for choice in chunk.get("choices") or []:
                     delta = choice.get("delta") or {}
+                    if delta.get("reasoning_content"):
+                        if text is not None:  # thinking after some answer (rare): the message so far is done
+                            for line in close_message("completed"):
+                                yield line
+                        if thought is None:
+                            for line in open_reasoning():
+                                yield line
+                        assert thought is not None
+                        thought.append(delta["reasoning_content"])
+                        yield self.event(
+                            "response.reasoning_text.delta", item_id=reasoning_id, output_index=len(output),
+                            content_index=0, delta=delta["reasoning_content"],
+                        )  # fmt: skip
+                    if delta.get("content") or delta.get("tool_calls"):
+                        for line in close_reasoning("completed"):
+                            yield line
                     if delta.get("content"):
                         if text is None:
                             for line in open_message():
@@ -514,7 +576,9 @@ class ResponseEvents:
         if finish is None:  # the client left (the job was cancelled): nothing more to say
             return
         status = "incomplete" if finish == "length" else "completed"
-        if text is None and not calls and not output:
+        for line in close_reasoning(status):
+            yield line
+        if text is None and not calls and not any(item["type"] != "reasoning" for item in output):
             for line in open_message():
                 yield line
         if text is not None:

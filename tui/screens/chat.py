@@ -125,11 +125,12 @@ class ChatScreen(SavedChats):
 
     async def on_token(self, message: Token) -> None:
         if self.reply is not None:
-            await self.reply.write(message.text)
+            await self.reply.write(message.text, message.reasoning)
 
     async def on_reply_finished(self, message: ReplyFinished) -> None:
         reply = self.reply or await self.query_one(Transcript).start_reply()
         self.reply, self._regenerated = None, None
+        reply.turn.reasoning = message.reply.reasoning or reply.turn.reasoning
         await reply.finish(message.reply.text, message.reply.finish_reason, stats_line(message.reply))
         self.conversation.turns.append(reply.turn)
         status = self.query_one(StatusBar)

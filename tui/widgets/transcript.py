@@ -1,14 +1,15 @@
 """The conversation: an anchored VerticalScroll with one widget per message.
 
 Replies stream through `Markdown.get_stream` (it batches fragments when rendering falls behind) and
-are rendered once more from the full text at the end, so streamed code fences come out right.
+are rendered once more from the full text at the end, so streamed code fences come out right. A reasoning
+model's thinking streams into a collapsed "Thinking" section above its answer (expand it with a click or Enter).
 """
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
-from textual.widgets import Markdown, Static
+from textual.widgets import Collapsible, Markdown, Static
 
 from pixtral_mlx.turn import Reply
 
@@ -57,7 +58,16 @@ class ReplyMessage(Vertical):
         color: $accent;
         text-style: bold;
     }
+    ReplyMessage .thinking {
+        border-top: none;
+        padding-bottom: 0;
+        background: transparent;
+    }
+    ReplyMessage .thinking .thought {
+        color: $text-muted;
+    }
     """
+    THINKING, THINKING_NOW = "Thinking", "Thinking…"
 
     def __init__(self, turn: Turn | None = None) -> None:
         super().__init__(classes="message reply")
@@ -65,6 +75,10 @@ class ReplyMessage(Vertical):
         self._stream = None
 
     def compose(self) -> ComposeResult:
+        thought = Static(self.turn.reasoning, markup=False, classes="thought")
+        thinking = Collapsible(thought, title=self.THINKING, collapsed=True, classes="thinking")
+        thinking.display = bool(self.turn.reasoning)
+        yield thinking
         markdown = Markdown(self.turn.text)
         markdown.display = bool(self.turn.text or not self.turn.tool_calls)
         yield markdown
@@ -76,7 +90,14 @@ class ReplyMessage(Vertical):
         stats.display = bool(note or not shown)
         yield stats
 
-    async def write(self, fragment: str) -> None:
+    async def write(self, fragment: str, reasoning: str = "") -> None:
+        if reasoning:
+            self.turn.reasoning += reasoning
+            thinking = self.query_one(".thinking", Collapsible)
+            thinking.display, thinking.title = True, self.THINKING_NOW
+            thinking.query_one(".thought", Static).update(self.turn.reasoning)
+        if not fragment:
+            return
         if self._stream is None:
             self.query_one(".stats", Static).update("")
             self._stream = Markdown.get_stream(self.query_one(Markdown))
@@ -88,6 +109,9 @@ class ReplyMessage(Vertical):
             await self._stream.stop()
             self._stream = None
         self.turn.text, self.turn.finish = text, finish if finish == "interrupted" else None
+        thinking = self.query_one(".thinking", Collapsible)
+        thinking.display, thinking.title = bool(self.turn.reasoning), self.THINKING
+        thinking.query_one(".thought", Static).update(self.turn.reasoning)
         await self.query_one(Markdown).update(text)  # one full render: streamed code fences come out right
         self.query_one(".stats", Static).update(stats)
         self.query_one(".stats", Static).display = bool(stats)
