@@ -29,17 +29,25 @@ if TYPE_CHECKING:
 __all__ = ["PixtralError", "__version__", "load"]
 
 
-def load(path: str, progress: Callable[[str], None] | None = None, *, context_length: int | None = None) -> Pixtral:
+def load(
+    path: str,
+    progress: Callable[[str], None] | None = None,
+    *,
+    context_length: int | None = None,
+    default_system_prompt: bool = True,
+) -> Pixtral:
     """Load an MLX-format Pixtral checkpoint from a folder or a Hugging Face repo id.
 
     Official Mistral repos (consolidated.safetensors) are converted to 4-bit once, into
     ~/.cache/pixtral-mlx. Load and generate on the same thread: MLX streams are per thread.
     `context_length` lowers the window the model was trained on (or raises it, with a
-    `ContextLengthWarning`). Settings from the environment (PIXTRAL_MLX_MEMORY_LIMIT) and the
-    arguments are checked before anything is read.
+    `ContextLengthWarning`). `default_system_prompt`: a model folder's SYSTEM_PROMPT.txt (Mistral Small
+    3.1/3.2, Magistral, Ministral 3) is the system prompt of every conversation that has none, its `{today}`
+    and `{yesterday}` filled in when a prompt is encoded; False turns it off. Settings from the environment
+    (PIXTRAL_MLX_MEMORY_LIMIT) and the arguments are checked before anything is read.
     """
     from .config import check_context_length
-    from .loading import load_model, resolve
+    from .loading import load_model, model_name, resolve
     from .memory import limit_setting
     from .pipeline import Pixtral
 
@@ -47,7 +55,7 @@ def load(path: str, progress: Callable[[str], None] | None = None, *, context_le
     limit_setting()
     try:
         folder = resolve(path, progress=progress)
-        model, encoder = load_model(folder)
+        model, encoder = load_model(folder, system_prompt=default_system_prompt, name=model_name(path, folder))
     except OSError as e:  # a folder or file this user may not read, a disk error: one sentence, whichever file
         raise ModelError(f"{e.filename or path} cannot be read ({e.strerror or e}).") from e
     return Pixtral(model, encoder, folder, context_length=context_length)

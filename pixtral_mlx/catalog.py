@@ -168,7 +168,7 @@ _M3_3B = TextShape(layers=26, hidden=3072, heads=32, kv_heads=8, head_dim=128, f
 _M3_8B = TextShape(layers=34, hidden=4096, heads=32, kv_heads=8, head_dim=128, ffn=14336, vocab=131072)
 _M3_14B = TextShape(layers=40, hidden=5120, heads=32, kv_heads=8, head_dim=128, ffn=16384, vocab=131072)
 _M3_14B_NOTE = "FFN size not established (FAMILY.md §10); 16384 assumed, which gives the published ~14B"
-_FP8_NOTE = "the official checkpoint is FP8: convert it first (pixtral-mlx convert NAME -q), then load the result"
+_FP8_NOTE = "the official checkpoint is FP8: it loads as bf16; for 4-bit, pixtral-mlx convert NAME -q"
 
 FAMILY: tuple[Model, ...] = (
     Model(

@@ -1,6 +1,7 @@
 """Settings every front end shares: generation defaults, image-edge and context-length checks, the bundled
 tokenizer. The model's own description (shapes, trained window) is in its `pixtral_mlx.models` module; the
-values here that come from it (`MAX_EDGE`, `CONTEXT_LENGTH`) are the default model's (Pixtral-12B).
+values here that come from it (`MAX_EDGE`, `CONTEXT_LENGTH`) are the default model's (Pixtral-12B), and
+`FAMILY_MAX_EDGE` the largest image size of the family (the Mistral3 models' 1540).
 """
 
 from __future__ import annotations
@@ -8,9 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .models.mistral3.args import VISION_DEFAULTS as MISTRAL3_VISION
 from .models.pixtral.args import CONTEXT_LENGTH, VISION_DEFAULTS
 
-__all__ = ["CONTEXT_LENGTH", "MAX_EDGE", "MIN_EDGE", "bundled_tekken", "check_context_length", "check_max_edge"]
+__all__ = [
+    "CONTEXT_LENGTH",
+    "FAMILY_MAX_EDGE",
+    "MAX_EDGE",
+    "MIN_EDGE",
+    "bundled_tekken",
+    "check_context_length",
+    "check_max_edge",
+    "check_model_edge",
+]
 
 MIN_CONTEXT = 16  # the smallest context length that holds a prompt and a reply
 
@@ -19,9 +30,12 @@ DEFAULT_TEMPERATURE = 0.35  # mistral-inference's example for Pixtral; temperatu
 DEFAULT_TOP_P = 0.8  # mistral-inference applies top-p 0.8 whenever it samples
 DEFAULT_MAX_TOKENS = 512
 
-# `max_edge`: the longest image edge the encoder resizes to. Pixtral-12B's limit is its vision image_size.
+# `max_edge`: the longest image edge the encoder resizes to, at most the model's vision image_size: 1024 for
+# Pixtral-12B (MAX_EDGE, the default model's), 1540 for the Mistral3 models (FAMILY_MAX_EDGE, the family's largest).
+# Before a model is loaded a value is checked against the family's largest; the encoder checks the model's own.
 MIN_EDGE = 16  # one patch
 MAX_EDGE = VISION_DEFAULTS["image_size"]
+FAMILY_MAX_EDGE = max(MAX_EDGE, MISTRAL3_VISION["image_size"])
 
 
 def bundled_tekken() -> Path:
@@ -31,8 +45,9 @@ def bundled_tekken() -> Path:
     return Path(mistral_common.__file__).parent / "data" / "tekken_240911.json"
 
 
-def check_max_edge(value: int | None, limit: int = MAX_EDGE) -> int | None:
-    """`value` if it is a usable longest-edge cap (or None); else PromptError with the allowed range."""
+def check_max_edge(value: int | None, limit: int = FAMILY_MAX_EDGE) -> int | None:
+    """`value` if it is a usable longest-edge cap up to `limit` (or None); else PromptError with the allowed range.
+    The default limit is the family's largest image size: what any model may take, before one is loaded."""
     from .errors import PromptError
 
     if value is None:
@@ -42,6 +57,18 @@ def check_max_edge(value: int | None, limit: int = MAX_EDGE) -> int | None:
             f"max edge must be between {MIN_EDGE} and {limit} pixels (a whole number), got {value!r}.", param="max_edge"
         )
     return value
+
+
+def check_model_edge(value: int | None, image_size: int) -> int | None:
+    """`check_max_edge` for a loaded model: a value above its vision image size is refused in words that name it."""
+    from .errors import PromptError
+
+    if isinstance(value, int) and not isinstance(value, bool) and value > image_size:
+        raise PromptError(
+            f"max edge {value} is above this model's image size of {image_size} pixels: use {image_size} or less.",
+            param="max_edge",
+        )
+    return check_max_edge(value, image_size)
 
 
 def check_context_length(value: Any, trained: int | None = None) -> tuple[int | None, str | None]:

@@ -18,7 +18,9 @@ _REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 LOGIN = "`hf auth login` (or set HF_TOKEN)"
 
 
-OFFICIAL_FILES = ["consolidated.safetensors", "params.json", "tekken.json"]  # Mistral's own layout of a repo
+TOKENIZER_FILES = ["tekken.json", "*.model.v*", "SYSTEM_PROMPT.txt"]  # tekken or SentencePiece; the system prompt
+OFFICIAL_FILES = ["consolidated.safetensors", "params.json", *TOKENIZER_FILES]  # Mistral's own layout of a repo
+HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", *TOKENIZER_FILES]  # HF and MLX layout
 
 
 def is_repo_id(source: str) -> bool:
@@ -104,3 +106,39 @@ def repo_files(repo_id: str, error: type[PixtralError] = ModelError) -> set[str]
         raise not_found(repo_id, error) from e
     except Exception:
         return None
+
+
+def layout_files(names: set[str] | None, hf_files: list[str] = HF_FILES) -> list[str]:
+    """The files of ONE layout of a repo whose file names are `names` (`repo_files`): the Hugging Face (or MLX)
+    layout when the repo has it, else Mistral's official one. Repos such as Mistral Small 3.x ship both, the same
+    weights twice; the HF layout is the one `load` reads as it is (FP8 included) and `convert` reads as well.
+    Both when `names` is None (the Hub cannot be asked; only the local cache can answer)."""
+    if names is None:
+        return hf_files + [f for f in OFFICIAL_FILES if f not in hf_files]
+    if any(n.startswith("model") and n.endswith(".safetensors") and "/" not in n for n in names):
+        return hf_files
+    if "consolidated.safetensors" in names:
+        return OFFICIAL_FILES
+    return hf_files + [f for f in OFFICIAL_FILES if f not in hf_files]
+
+
+def download_layout(
+    repo_id: str,
+    hf_files: list[str] = HF_FILES,
+    *,
+    error: type[PixtralError] = ModelError,
+    local_first: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """`download` of one layout of `repo_id` (`layout_files`). With `local_first`, a cached copy of either layout
+    is returned without asking the Hub (each is checked on its own: a cache holding one layout is complete)."""
+    import huggingface_hub
+
+    if local_first:
+        for patterns in (OFFICIAL_FILES, hf_files):
+            try:
+                return Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+            except Exception:  # not (completely) cached in this layout
+                continue
+    names = repo_files(repo_id, error)
+    return download(repo_id, layout_files(names, hf_files), error=error, progress=progress)

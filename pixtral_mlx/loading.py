@@ -2,6 +2,10 @@
 
 Also accepts the layout MLX peers publish (mlx-vlm's `mlx-community/pixtral-12b-*`): same names,
 sometimes without the `vision_model` level, with the HF tokenizer instead of `tekken.json`.
+
+The tokenizer is the folder's Mistral tokenizer file (`tekken.json`, or Pixtral-Large's SentencePiece
+`*.model.v7m1`; `prompt.tokenizer_file`), its `[IMG]`/`[IMG_BREAK]`/`[IMG_END]` ids the ones the runtime uses;
+the folder's `SYSTEM_PROMPT.txt` (Mistral Small 3.1/3.2, Magistral, Ministral 3) is the default system prompt.
 """
 
 from __future__ import annotations
@@ -16,9 +20,17 @@ from . import hub
 from .config import bundled_tekken
 from .errors import ModelError, PixtralError
 from .models import family, part
-from .prompt import PromptEncoder
+from .prompt import SYSTEM_PROMPT_FILE, PromptEncoder, tokenizer_file
 
-MLX_ALLOW_PATTERNS = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
+MLX_ALLOW_PATTERNS = [
+    "config.json",
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    "tekken.json",
+    "*.model.v*",
+    SYSTEM_PROMPT_FILE,
+]
+MAX_SYSTEM_PROMPT_BYTES = 1 << 20
 
 
 def cache_root() -> Path:
@@ -59,6 +71,14 @@ def resolve(model: str | os.PathLike, progress: Callable[[str], None] | None = N
     return _resolve_repo(str(model), progress)
 
 
+def model_name(model: str | os.PathLike, folder: Path) -> str:
+    """The model's name, as a SYSTEM_PROMPT.txt's `{name}` takes it (the model cards: the repo id's name
+    part): the folder's name for a folder, else the repo's (a short name's official repo)."""
+    if Path(model).expanduser().exists():
+        return folder.resolve().name
+    return (hub.short_name(str(model)) or str(model)).rstrip("/").split("/")[-1]
+
+
 def converted_path(repo: str) -> Path:
     """Where `resolve` converts an official repo to 4-bit MLX, once."""
     return cache_root() / "models" / (repo.replace("/", "--") + "-4bit")
@@ -68,7 +88,7 @@ def _resolve_repo(repo: str, progress: Callable[[str], None] | None) -> Path:
     converted = converted_path(repo)
     if is_mlx_dir(converted):
         return converted
-    local = hub.download(repo, MLX_ALLOW_PATTERNS + hub.OFFICIAL_FILES, local_first=True, progress=progress)
+    local = hub.download_layout(repo, MLX_ALLOW_PATTERNS, local_first=True, progress=progress)  # one layout
     if is_mlx_dir(local):
         return local
     if (local / "consolidated.safetensors").exists():
@@ -119,17 +139,21 @@ def _read_config(path: Path) -> tuple[dict[str, Any], Any]:
         raise ModelError(f"{file} does not describe a usable Pixtral model: {e}.") from e
 
 
-def load_model(path: Path) -> tuple[Any, PromptEncoder]:
+def load_model(path: Path, system_prompt: bool = True, name: str = "") -> tuple[Any, PromptEncoder]:
+    """The model and its prompt encoder; `system_prompt`: whether the folder's SYSTEM_PROMPT.txt is the default
+    system prompt (`name` fills its `{name}`)."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
 
     from . import backend
+    from .conversion import fp8  # FP8 checkpoints (Ministral 3 Instruct) are dequantized to bf16 as they load
 
     config, args = _read_config(path)
     model = part(config, "model").Model(args)
     weight_map = part(config, "weights")
     weights = _read_weights(path, weight_map)
+    weights = fp8.dequantize_weights(weights, fp8.block_size(config))
     if sanitize := getattr(weight_map, "sanitize", None):
         weights = sanitize(weights, args)
     if quant := config.get("quantization"):
@@ -166,25 +190,58 @@ def load_model(path: Path) -> tuple[Any, PromptEncoder]:
     backend.prepare(model)
     mx.eval(model.parameters())
     backend.place_weights(model)
-    return model, _encoder(path, args)
+    encoder = _encoder(path, args, name)
+    if system_prompt:
+        encoder.system_prompt = read_system_prompt(path)
+    return model, encoder
 
 
-def _encoder(path: Path, args: Any) -> PromptEncoder:
-    """The folder's tekken.json, or (peers ship the HF tokenizer instead) the one in mistral_common."""
-    tekken = path / "tekken.json"
+def _encoder(path: Path, args: Any, name: str = "") -> PromptEncoder:
+    """The folder's tokenizer file (tekken.json or SentencePiece), or (peers ship the HF tokenizer instead) the
+    tekken in mistral_common; the model's image token ids set from it."""
+    tokenizer = tokenizer_file(path)
     image = {
         "image_size": args.vision.image_size,
         "patch_size": args.vision.patch_size,
         "spatial_merge_size": getattr(args, "spatial_merge_size", 1),
+        "name": name,
     }
-    if not tekken.exists():
-        return PromptEncoder(bundled_tekken(), **image)
-    if not os.access(tekken, os.R_OK):
-        raise ModelError(f"{tekken} cannot be read (Permission denied).")
+    if tokenizer is None:
+        encoder = PromptEncoder(bundled_tekken(), **image)
+    elif not os.access(tokenizer, os.R_OK):
+        raise ModelError(f"{tokenizer} cannot be read (Permission denied).")
+    else:
+        try:
+            encoder = PromptEncoder(tokenizer, **image)
+        except PixtralError:
+            raise
+        except Exception as e:  # not JSON, missing keys, unreadable: mistral_common's own exceptions
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            kind = "tekken" if tokenizer.name == "tekken.json" else "SentencePiece"
+            raise ModelError(f"{tokenizer} is not a usable {kind} tokenizer ({first[:200]}).") from e
+    words, vocab = encoder.text.n_words, args.text.vocab_size
+    if words > vocab:
+        raise ModelError(
+            f"{tokenizer or 'the bundled tekken.json'} has {words:,} tokens but the model's vocabulary only "
+            f"{vocab:,}: the tokenizer does not belong to this model."
+        )
+    args.image_token_id, args.image_break_token_id, args.image_end_token_id = encoder.image_token_ids()
+    return encoder
+
+
+def read_system_prompt(path: Path) -> str | None:
+    """The folder's SYSTEM_PROMPT.txt (placeholders unfilled), or None when it has none."""
+    file = path / SYSTEM_PROMPT_FILE
+    if not file.is_file():
+        return None
     try:
-        return PromptEncoder(tekken, **image)
-    except PixtralError:
-        raise
-    except Exception as e:  # not JSON, missing keys, unreadable: mistral_common's own exceptions
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ModelError(f"{tekken} is not a usable tekken tokenizer ({first[:200]}).") from e
+        with open(file, "rb") as f:
+            data = f.read(MAX_SYSTEM_PROMPT_BYTES + 1)
+        if len(data) > MAX_SYSTEM_PROMPT_BYTES:
+            raise ModelError(f"{file} is larger than {MAX_SYSTEM_PROMPT_BYTES >> 20} MiB.")
+        text = data.decode("utf-8")  # as the model cards read it: the whole file, unstripped
+        return text if text.strip() else None
+    except UnicodeDecodeError:
+        raise ModelError(f"{file} is not UTF-8 text.") from None
+    except OSError as e:
+        raise ModelError(f"{file} cannot be read ({e.strerror or e}).") from e

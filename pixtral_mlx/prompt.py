@@ -1,16 +1,22 @@
-"""Prompts: OpenAI-format messages -> tekken v3 tokens and pixel arrays, through mistral_common.
+"""Prompts: OpenAI-format messages -> tokens and pixel arrays, through mistral_common.
 
 mistral_common is Mistral's own implementation of the chat layout (`[INST]`, the `[IMG]` grid with
-`[IMG_BREAK]`/`[IMG_END]`, system prompt on the last user turn, image-first reordering) and of the
-image resize; we call it rather than re-implement it. What we add: our image loader (EXIF, limits,
-one-sentence errors), an optional smaller longest-edge cap, and per-image size/token reports.
+`[IMG_BREAK]`/`[IMG_END]`, the system prompt, image-first reordering, tool calls) of each tokenizer version,
+and of the image resize; we call it rather than re-implement it. The tokenizer is the model folder's file:
+`tekken.json` (Pixtral-12B's v3, the Mistral3 family's v7/v11/v13) or a SentencePiece `*.model.v7m1`
+(Pixtral-Large), its version and image settings read from the file (`tokenizer_file` finds it). What we add:
+our image loader (EXIF, limits, one-sentence errors), an optional smaller longest-edge cap, per-image
+size/token reports, the model's default system prompt (a repo's `SYSTEM_PROMPT.txt`, dates filled in at
+encode time) and streaming detokenizers for both tokenizer kinds.
 """
 
 from __future__ import annotations
 
 import codecs
 import contextlib
+import datetime
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .config import MAX_EDGE, bundled_tekken, check_max_edge
+from .config import MAX_EDGE, bundled_tekken, check_model_edge
 from .errors import ImageError, PromptError
 from .images import load_image
 
@@ -146,13 +152,87 @@ def to_mistral_messages(messages: list[dict[str, Any]]) -> tuple[list[Any], list
     return out, images
 
 
+# A SentencePiece file of Mistral's names a version (`tokenizer.model.v7m1`); a bare `tokenizer.model` (Hugging
+# Face's) does not, and mistral_common would read it as v1, so it is not taken.
+_SPM_NAME = re.compile(r".+\.model\.v\d+(m\d+)?$")
+SYSTEM_PROMPT_FILE = "SYSTEM_PROMPT.txt"
+PLACEHOLDERS = ("{today}", "{yesterday}", "{name}")
+
+
+def tokenizer_file(folder: str | Path) -> Path | None:
+    """The folder's Mistral tokenizer, as mistral_common picks one from a repo (`get_one_valid_tokenizer_file`):
+    `tekken.json`, else a versioned SentencePiece file (`*.model.v7m1`, `*.model.v3` ...); None if it has none."""
+    from mistral_common.tokens.tokenizers.utils import get_one_valid_tokenizer_file
+
+    folder = Path(folder)
+    names = [p.name for p in folder.iterdir() if p.name == "tekken.json" or _SPM_NAME.match(p.name)]
+    if not names:
+        return None
+    return folder / get_one_valid_tokenizer_file(sorted(names))
+
+
+def today() -> datetime.date:
+    """The date `{today}` stands for (tests patch it)."""
+    return datetime.date.today()
+
+
+def fill_system_prompt(template: str, name: str = "") -> str:
+    """A SYSTEM_PROMPT.txt with its placeholders filled as the model cards do: `{today}` and `{yesterday}` as
+    YYYY-MM-DD, `{name}` the model's name. Only these: any other brace is text and stays as it is."""
+    day = today()
+    values = {
+        "{today}": day.isoformat(),
+        "{yesterday}": (day - datetime.timedelta(days=1)).isoformat(),
+        "{name}": name,
+    }
+    return re.sub("|".join(re.escape(k) for k in PLACEHOLDERS), lambda m: values[m[0]], template)
+
+
+class SentencePieceText:
+    """mistral_common's `SentencePieceTokenizer` (Pixtral-Large's) with the few methods of its `Tekkenizer` that
+    the runtime uses on token ids: `num_special_tokens` (every id below it is special: SentencePiece puts
+    `<unk>` and the control tokens first), `id_to_byte_piece` and a `get_special_token` that raises for a token
+    it lacks (SentencePiece answers `<unk>`'s id). Everything else is the tokenizer's own."""
+
+    def __init__(self, spm: Any):
+        self.spm = spm
+        self.num_special_tokens = max(spm.special_ids) + 1
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "spm":  # not yet set (a copy being made)
+            raise AttributeError(name)
+        return getattr(self.spm, name)
+
+    def get_special_token(self, piece: str) -> int:
+        token = self.spm.get_special_token(piece)
+        if token >= self.num_special_tokens or self.spm.id_to_piece(token) != piece:
+            raise ValueError(f"{piece} is not a special token of this tokenizer")
+        return int(token)
+
+    def is_byte(self, token: int) -> bool:
+        return bool(self.spm._model.IsByte(token))
+
+    def id_to_byte_piece(self, token: int) -> bytes:
+        """The bytes a token stands for: a byte token's byte, a piece's text with `▁` as a space; a special
+        token none."""
+        if token < self.num_special_tokens:
+            return b""
+        piece = self.spm.id_to_piece(token)
+        if self.is_byte(token):
+            return bytes([int(piece[3:5], 16)])  # <0xNN>
+        return piece.replace("\u2581", " ").encode()
+
+
 class PromptEncoder:
-    """Holds the tekken tokenizer; turns messages into a `Prompt`.
+    """Holds the tokenizer (tekken, or SentencePiece for Pixtral-Large); turns messages into a `Prompt`.
 
     The image settings are the model's where it gives them (`patch_size`, `spatial_merge_size`: what its
     vision encoder and projector expect) and the tokenizer file's otherwise; a tokenizer that disagrees
     (the bundled Pixtral-12B tekken standing in for a peer folder without one) gets the model's. `image_size`
     is the model's largest image edge, the default cap.
+
+    `system_prompt`: the model's default system prompt (a repo's SYSTEM_PROMPT.txt, placeholders unfilled),
+    used when the messages hold no system message; `name` fills its `{name}`.
     """
 
     def __init__(
@@ -161,30 +241,56 @@ class PromptEncoder:
         image_size: int = MAX_EDGE,
         patch_size: int | None = None,
         spatial_merge_size: int | None = None,
+        system_prompt: str | None = None,
+        name: str = "",
     ):
         from mistral_common.tokens.tokenizers.image import ImageConfig
         from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+        from mistral_common.tokens.tokenizers.sentencepiece import is_sentencepiece_tokenizer
 
         self.tokenizer = MistralTokenizer.from_file(str(tekken_path or bundled_tekken()))
         self.image_encoder = self.tokenizer.instruct_tokenizer.image_encoder
         if self.image_encoder is None:
-            raise PromptError(f"{tekken_path} is a text-only tokenizer; Pixtral needs the multimodal tekken.json.")
+            raise PromptError(f"{tekken_path} is a text-only tokenizer; Pixtral needs a multimodal one.")
         old = self.image_encoder.image_config
         patch = patch_size or old.image_patch_size
         merge = spatial_merge_size or old.spatial_merge_size
         if (patch, merge) != (old.image_patch_size, old.spatial_merge_size):
             self.image_encoder.image_config = ImageConfig(patch, image_size, merge)
         self.image_size = image_size
-        self.text = self.tokenizer.instruct_tokenizer.tokenizer
+        text = self.tokenizer.instruct_tokenizer.tokenizer
+        self.sentencepiece = is_sentencepiece_tokenizer(text)
+        self.text = SentencePieceText(text) if self.sentencepiece else text
         self.eos_id = self.text.eos_id
         self.bos_id = self.text.bos_id
+        self.system_prompt = system_prompt
+        self.name = name
+
+    def image_token_ids(self) -> tuple[int, int, int]:
+        """The ids of `[IMG]`, `[IMG_BREAK]` and `[IMG_END]` in this tokenizer (10, 12, 13 in tekken; 10, 14, 15
+        in Pixtral-Large's SentencePiece), as its image encoder lays them out."""
+        ids = self.image_encoder.special_ids
+        return int(ids.img), int(ids.img_break), int(ids.img_end)
+
+    def default_system(self) -> str | None:
+        """The default system prompt as of today, or None without one."""
+        return None if self.system_prompt is None else fill_system_prompt(self.system_prompt, self.name)
+
+    def system_prompt_summary(self, messages: list[dict[str, Any]]) -> str:
+        """Which system prompt `encode` uses for `messages`, in words (`describe --dry-run`)."""
+        given = [m for m in messages if isinstance(m, dict) and m.get("role") == "system"]
+        if given:
+            chars = sum(len(_text_of(m.get("content", ""), "system", "\n\n")) for m in given)
+            return f"given ({chars:,} chars)"
+        default = self.default_system()
+        return "none" if default is None else f"{SYSTEM_PROMPT_FILE} ({len(default):,} chars)"
 
     @contextlib.contextmanager
     def _max_edge(self, max_edge: int | None) -> Iterator[None]:
         from mistral_common.tokens.tokenizers.image import ImageConfig
 
         old = self.image_encoder.image_config
-        if check_max_edge(max_edge, self.image_size) is not None:
+        if check_model_edge(max_edge, self.image_size) is not None:
             self.image_encoder.image_config = ImageConfig(old.image_patch_size, int(max_edge), old.spatial_merge_size)
         try:
             yield
@@ -206,7 +312,12 @@ class PromptEncoder:
 
         if not isinstance(messages, list) or not messages:
             raise PromptError("messages must be a non-empty list of {'role', 'content'} dicts.")
-        msgs, loaded = to_mistral_messages(messages)
+        default = self.default_system()
+        if default is not None and not any(isinstance(m, dict) and m.get("role") == "system" for m in messages):
+            messages_in = [{"role": "system", "content": default}, *messages]
+        else:
+            messages_in = messages
+        msgs, loaded = to_mistral_messages(messages_in)
         with self._max_edge(max_edge):
             try:
                 request = ChatCompletionRequest(
@@ -276,8 +387,8 @@ class PromptEncoder:
     def decode(self, tokens: list[int]) -> str:
         return self.text.decode(tokens)
 
-    def detokenizer(self) -> StreamingDetokenizer:
-        return StreamingDetokenizer(self.text)
+    def detokenizer(self) -> StreamingDetokenizer | SentencePieceDetokenizer:
+        return SentencePieceDetokenizer(self.text) if self.sentencepiece else StreamingDetokenizer(self.text)
 
 
 class StreamingDetokenizer:
@@ -300,3 +411,51 @@ class StreamingDetokenizer:
         piece = self.decoder.decode(b"", final=True)
         self.text += piece
         return piece
+
+
+class SentencePieceDetokenizer:
+    """Incremental decoding for a SentencePiece tokenizer whose text equals its `decode` of all the tokens.
+
+    SentencePiece's decoding depends on context in two ways: the first piece loses its leading `▁`, and a run
+    of byte tokens (`<0xNN>`) is decoded together, each invalid byte as U+FFFD. So the text comes from
+    SentencePiece itself: the tokens since the last plain piece (the anchor) are decoded after that piece,
+    whose own text is then cut off. Text is emitted once the run of byte tokens at the end forms whole UTF-8
+    characters (or a plain piece ends it); `flush` emits the rest. `tekken` is the tokenizer (the name the
+    tekken detokenizer's users read)."""
+
+    def __init__(self, text: SentencePieceText):
+        self.tekken = text
+        self.anchor: list[int] = []  # the last plain piece, once one was emitted
+        self.window: list[int] = []  # tokens since the anchor
+        self.sent = 0  # characters of the window's text emitted
+        self.text = ""
+
+    def _emit(self) -> str:
+        decode = self.tekken.spm._model.decode
+        text = decode(self.anchor + self.window)[len(decode(self.anchor)) if self.anchor else 0 :]
+        piece = text[self.sent :]
+        self.sent = len(text)
+        self.text += piece
+        return piece
+
+    def add(self, token: int) -> str:
+        self.window.append(token)
+        if self.tekken.is_special(token):  # a control token: no text (`<unk>` is not one: it shows as ⁇)
+            return ""
+        if self.tekken.is_byte(token):
+            run = bytearray()
+            for t in reversed(self.window):
+                if not self.tekken.is_byte(t):
+                    break
+                run[:0] = self.tekken.id_to_byte_piece(t)
+            try:
+                run.decode("utf-8")
+            except UnicodeDecodeError:
+                return ""  # a character still incomplete (or invalid bytes: SentencePiece decides at the end)
+            return self._emit()
+        piece = self._emit()
+        self.anchor, self.window, self.sent = [token], [], 0
+        return piece
+
+    def flush(self) -> str:
+        return self._emit()

@@ -4,15 +4,18 @@ grammar that forces a call.
 The prompt side is mistral_common's (`prompt.py` maps OpenAI's tools, assistant `tool_calls` and `tool` messages
 onto its `Tool`, `ToolCall`, `ToolMessage`). The model answers a call in its tokenizer's format:
 
-- up to tekken v7 (Pixtral-12B's v3): `[TOOL_CALLS]` then a JSON list `[{"name": ..., "arguments": {...}}, ...]`;
-- from v11: `[TOOL_CALLS]name[ARGS]{...}`, once per call.
+- up to v7 (Pixtral-12B's tekken v3, Mistral Small 3.1's v7, Pixtral-Large's SentencePiece v7): `[TOOL_CALLS]` then
+  a JSON list `[{"name": ..., "arguments": {...}}, ...]`;
+- v11: `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}`, once per call (mistral_common's `InstructTokenizerV11`);
+- from v13: `[TOOL_CALLS]name[ARGS]{...}`, once per call: no call ids (`InstructTokenizerV13`).
 
 `parse_tool_calls` reads either from the reply's token ids (the special tokens are not in its text) into OpenAI's
 `tool_calls`. `tool_choice` `"required"` or a named function is enforced with a grammar on the same logits
 processor as JSON output (`structured.JsonConstraint`): from v11 mistral_common's own tool-call grammar; for
-earlier tokenizers (whose factory upstream does not serve) `[TOOL_CALLS]` followed by a JSON list whose items are
-`{"name": <a tool's name>, "arguments": <that tool's parameters>}`. Either way the arguments validate against the
-tool's parameters. `"none"` bans `[TOOL_CALLS]`; `"auto"` leaves the model free.
+earlier tekken tokenizers (whose factory upstream does not serve) `[TOOL_CALLS]` followed by a JSON list whose items
+are `{"name": <a tool's name>, "arguments": <that tool's parameters>}`. Either way the arguments validate against
+the tool's parameters. mistral_common's guidance has no SentencePiece vocabulary, so Pixtral-Large cannot be forced
+(one sentence). `"none"` bans `[TOOL_CALLS]`; `"auto"` leaves the model free.
 
 Tool call ids: tekken v3 takes ids of exactly 9 letters and digits. An OpenAI id of that form is used as is; any
 other (`call_...`) is mapped to one deterministically (`mistral_id`: a hash of the id), so the same conversation
@@ -176,6 +179,15 @@ def _text(tekken: Any, tokens: list[int]) -> str:
     return b"".join(tekken.id_to_byte_piece(t) for t in tokens if t >= n).decode("utf-8", errors="replace")
 
 
+def _content(tokenizer: Any, tokens: list[int]) -> str:
+    """The text of the tokens before the calls, as the tokenizer decodes it (SentencePiece drops the first
+    piece's space)."""
+    decode = getattr(tokenizer, "decode", None)
+    if decode is None:
+        return _text(tokenizer, tokens)
+    return decode([t for t in tokens if t >= tokenizer.num_special_tokens])
+
+
 def call_id(tokens: list[int], index: int) -> str:
     """The id of the `index`th call of a reply: from its tokens, so the same reply gets the same ids."""
     return mistral_id(f"{tokens}:{index}")
@@ -183,18 +195,21 @@ def call_id(tokens: list[int], index: int) -> str:
 
 def parse_tool_calls(tekken: Any, tokens: list[int]) -> tuple[str, list[dict[str, Any]]] | None:
     """(content before the calls, OpenAI `tool_calls`) of a reply's token ids, or None when it holds no complete
-    tool call. Both formats: `[TOOL_CALLS][{"name", "arguments"}, ...]` (up to v7) and `[TOOL_CALLS]name[ARGS]{...}`
-    (from v11). `arguments` is a JSON string, as OpenAI sends it."""
+    tool call. Every format: `[TOOL_CALLS][{"name", "arguments"}, ...]` (up to v7),
+    `[TOOL_CALLS]name[CALL_ID]id[ARGS]{...}` (v11; the model's id becomes the call's when it is one tekken takes)
+    and `[TOOL_CALLS]name[ARGS]{...}` (from v13). `arguments` is a JSON string, as OpenAI sends it."""
     marker = special_id(tekken, "[TOOL_CALLS]")
     eos = getattr(tekken, "eos_id", None)
     tokens = [t for t in tokens if t != eos]
     if marker is None or marker not in tokens:
         return None
     first = tokens.index(marker)
-    content = _text(tekken, tokens[:first])
+    content = _content(tekken, tokens[:first])
     args = special_id(tekken, "[ARGS]")
+    call_id_token = special_id(tekken, "[CALL_ID]")
     pairs: list[tuple[str, Any]] = []
-    if args is not None and args in tokens[first:]:  # v11: [TOOL_CALLS]name[ARGS]{...}, repeated
+    ids: list[str | None] = []
+    if args is not None and args in tokens[first:]:  # from v11: [TOOL_CALLS]name[ARGS]{...}, repeated
         segments, current = [], []
         for t in tokens[first + 1 :]:
             if t == marker:
@@ -207,10 +222,15 @@ def parse_tool_calls(tekken: Any, tokens: list[int]) -> tuple[str, list[dict[str
             if args not in seg:
                 return None
             cut = seg.index(args)
+            head, given = seg[:cut], None
+            if call_id_token is not None and call_id_token in head:  # v11: name[CALL_ID]id
+                at = head.index(call_id_token)
+                head, given = head[:at], _text(tekken, head[at + 1 :]).strip()
             try:
-                pairs.append((_text(tekken, seg[:cut]).strip(), json.loads(_text(tekken, seg[cut + 1 :]))))
+                pairs.append((_text(tekken, head).strip(), json.loads(_text(tekken, seg[cut + 1 :]))))
             except ValueError:
                 return None
+            ids.append(given if given and _VALID_ID.match(given) else None)
     else:  # up to v7: one JSON list (a lone object is taken too)
         try:
             value = json.loads(_text(tekken, [t for t in tokens[first + 1 :] if t != marker]))
@@ -225,7 +245,10 @@ def parse_tool_calls(tekken: Any, tokens: list[int]) -> tuple[str, list[dict[str
     calls = []
     for i, (name, arguments) in enumerate(pairs):
         text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-        calls.append({"id": call_id(tokens, i), "type": "function", "function": {"name": name, "arguments": text}})
+        given = ids[i] if i < len(ids) else None
+        calls.append(
+            {"id": given or call_id(tokens, i), "type": "function", "function": {"name": name, "arguments": text}}
+        )
     return content, calls
 
 
@@ -260,14 +283,29 @@ def tool_grammar(factory: Any, tekken: Any, options: Any) -> str:
         from mistral_common.protocol.instruct.request import ChatCompletionRequest
         from mistral_common.protocol.instruct.tool_calls import Function, Tool
 
-        strict = [Tool(function=Function(**t["function"], strict=True)) for t in options.tools]
+        # our JSON layout (`grammar_schema`: no free whitespace), as for the earlier format and JSON output
+        strict = [
+            Tool(
+                function=Function(
+                    **{**t["function"], "parameters": grammar_schema(t["function"]["parameters"])}, strict=True
+                )
+            )
+            for t in options.tools
+        ]
         request = ChatCompletionRequest(
             messages=[UserMessage(content="")],
             tools=strict,
             tool_choice=mistral_tool_choice(options.tool_choice),
             parallel_tool_calls=options.parallel_tool_calls,
         )
-        return factory.get_grammar_for_chat_request(request, factory.select_jinja_template())
+        # mistral_common's template for a tokenizer with [THINK] lets free text precede the calls, which a forced
+        # call must not: its base template, after an optional free thinking section (as JSON output has)
+        from mistral_common.guidance.grammar_factory import _cached_get_jinja_template
+
+        from .reasoning import optional_think, think_ids
+
+        base = _cached_get_jinja_template(tokenizer_version=tekken.version, has_think_tokens=False)
+        return optional_think(factory.get_grammar_for_chat_request(request, base), think_ids(tekken))
     items = [_call_schema(t) for t in tools]
     schema: dict[str, Any] = {
         "type": "array",
@@ -305,6 +343,12 @@ def logits_processors(options: Any, encoder: Any) -> list[Any]:
         return [] if marker is None else [BanTokens([marker])]
     if not forced(options):
         return []
+    if getattr(encoder, "sentencepiece", False):
+        raise PromptError(
+            "tool_choice required or a named function needs a tekken tokenizer: mistral_common's grammars do not "
+            "support this model's SentencePiece tokenizer (Pixtral-Large); use tool_choice auto.",
+            param="tool_choice",
+        )
     from .structured import JsonConstraint, grammar_factory
 
     factory = grammar_factory(encoder.tokenizer)

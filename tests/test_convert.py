@@ -370,7 +370,7 @@ def test_repo_id_downloads_only_needed_files(tiny, tmp_path, monkeypatch):
         lambda repo, allow_patterns: calls.append(allow_patterns) or str(tiny["official"]),
     )
     out = convert("mistralai/Pixtral-12B-2409", tmp_path / "out", progress=False)
-    assert calls == [["consolidated.safetensors", "params.json", "tekken.json"]]
+    assert calls == [["consolidated.safetensors", "params.json", "tekken.json", "*.model.v*", "SYSTEM_PROMPT.txt"]]
     assert (out / "config.json").exists()
     assert default_output("mistralai/Pixtral-12B-2409", True, 4) == Path("Pixtral-12B-2409-mlx-4bit")
     assert default_output(str(tiny["hf"]) + "/", False, 4) == Path("hf-mlx")

@@ -426,6 +426,7 @@ def bad_requests(image_host: str, allowed: Path, outside: Path) -> list:
         ({"messages": msg, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None, "at most 4"),
         ({"messages": msg, "stop": [1]}, 400, "stop", None, "valid string"),
         ({"messages": msg, "max_edge": 8}, 400, "max_edge", None, "between"),
+        ({"messages": msg, "max_edge": 1400}, 400, "max_edge", None, "this model's image size of 1024 pixels"),
         ({"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.[0].tool_call_id", None, "tool_call_id"),
         ({"messages": msg, "n": 9}, 400, "n", "unsupported_parameter", "1 to 8"),
         ({"messages": msg, "tools": [{"type": "function"}]}, 400, "tools", None, "name"),
@@ -561,7 +562,7 @@ def test_serve_command_end_to_end(mlx_dir, pixtral):
     [
         (["--port", "70000"], "error: --port must be from 0 to 65535, got 70000."),
         (["--queue", "0"], "error: --queue must be at least 1, got 0."),
-        (["--max-edge", "5000"], "error: --max-edge must be between 16 and 1024 pixels (a whole number), got 5000."),
+        (["--max-edge", "5000"], "error: --max-edge must be between 16 and 1540 pixels (a whole number), got 5000."),
         (["--max-tokens", "0"], "error: --max-tokens must be a whole number of at least 1, got 0."),
         (["--allow-local-files", "/no/such/dir"], "error: --allow-local-files /no/such/dir: no such folder."),
         (["--host", "no.such.host.invalid"], "error: --host no.such.host.invalid: not an address of this machine"),

@@ -221,7 +221,7 @@ def test_broken_model_folder_through_the_cli(mlx_dir, tmp_path):
         (["--top-p", "-1"], "--top-p must be a number greater than 0 and at most 1, got -1.0."),
         (["--seed", "-5"], "--seed must be a whole number from 0 to 18446744073709551615, got -5."),
         (["--seed", str(2**64)], "--seed must be a whole number from 0 to 18446744073709551615"),
-        (["--max-edge", "8"], "--max-edge must be between 16 and 1024 pixels (a whole number), got 8."),
+        (["--max-edge", "8"], "--max-edge must be between 16 and 1540 pixels (a whole number), got 8."),
     ],
 )
 def test_numeric_flags_are_checked_before_any_work(flags, message, tmp_path):

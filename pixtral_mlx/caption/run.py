@@ -114,6 +114,7 @@ def _run(args: argparse.Namespace, group: Group, output: Any, work: list, counts
             args.model,
             progress=info if group.rank == 0 else None,
             context_length=args.context_length,
+            default_system_prompt=not args.no_default_system_prompt,
         )
     except PixtralError as e:
         problem = str(e)

@@ -10,7 +10,13 @@ import sys
 from typing import Any
 
 from pixtral_mlx._version import __version__
-from pixtral_mlx.config import DEFAULT_MAX_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MAX_EDGE
+from pixtral_mlx.config import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_TEMPERATURE,
+    DEFAULT_TOP_P,
+    FAMILY_MAX_EDGE,
+    MAX_EDGE,
+)
 
 DEFAULT_MODEL = "mlx-community/pixtral-12b-4bit"
 
@@ -24,6 +30,7 @@ COMMANDS = {
         "caption every image of folders, resumably and in batches (JSONL or sidecars)",
     ),
     "models": ("pixtral_mlx.cli.models", "list the supported models: size, memory on this machine, what is cached"),
+    "doctor": ("pixtral_mlx.cli.doctor", "say what runs here: CPU, MLX device, BLAS (and its speed), decode kernel"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",
@@ -52,6 +59,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         f"once). Default: {DEFAULT_MODEL}",
     )
     parser.add_argument("--system", help="system prompt")
+    add_system_prompt_arg(parser)
     parser.add_argument(
         "--max-tokens",
         type=int,
@@ -73,7 +81,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-edge",
         type=int,
-        help=f"cap the longest image edge in pixels (≤{MAX_EDGE}): fewer image tokens, faster",
+        help=f"cap the longest image edge in pixels (≤ the model's image size: {MAX_EDGE} for Pixtral-12B, "
+        f"{FAMILY_MAX_EDGE} for Mistral3): fewer image tokens, faster",
     )
     parser.add_argument(
         "--kv-bits",
@@ -86,6 +95,16 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
         "--kv-group-size", type=int, default=64, help="elements per scale in the quantized KV cache (default 64)"
     )
     add_context_arg(parser)
+
+
+def add_system_prompt_arg(parser: argparse.ArgumentParser) -> None:
+    """`--no-default-system-prompt` (describe, chat, caption, serve)."""
+    parser.add_argument(
+        "--no-default-system-prompt",
+        action="store_true",
+        help="do not use the model's SYSTEM_PROMPT.txt (Mistral Small 3.x, Magistral, Ministral 3 ship one) "
+        "when no system prompt is given",
+    )
 
 
 def add_context_arg(parser: argparse.ArgumentParser) -> None:

@@ -27,8 +27,8 @@ except ImportError:  # Windows
     fcntl = None  # type: ignore[assignment]
 
 # What a conversion writes: --force may replace a folder holding these and nothing else.
-OUTPUT_FILES = {"config.json", "model.safetensors.index.json", "tekken.json"}
-SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+OUTPUT_FILES = {"config.json", "model.safetensors.index.json", "tekken.json", "SYSTEM_PROMPT.txt"}
+SHARD_RE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|.+\.model\.v\d+(m\d+)?")  # or a SentencePiece tokenizer
 IGNORED_FILES = {".DS_Store"}  # Finder adds it to any folder it shows
 
 

@@ -22,14 +22,15 @@ import numpy as np
 from pixtral_mlx import hub
 from pixtral_mlx.conversion import fp8
 from pixtral_mlx.errors import ConversionError, PixtralError
-from pixtral_mlx.hub import OFFICIAL_FILES, is_repo_id
+from pixtral_mlx.hub import is_repo_id
 from pixtral_mlx.models.mistral3.args import Mistral3Args
 from pixtral_mlx.models.pixtral.args import PixtralArgs
+from pixtral_mlx.prompt import tokenizer_file
 
 __all__ = ["Source", "TensorInfo", "download", "is_repo_id", "open_source", "read_header", "read_json"]
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-HF_FILES = ["config.json", "model*.safetensors", "model.safetensors.index.json", "tekken.json"]
+HF_FILES = hub.HF_FILES
 # safetensors dtype -> (numpy dtype to read the bytes as, mlx dtype to view them as)
 DTYPES: dict[str, tuple[Any, mx.Dtype]] = {
     "BF16": (np.uint16, mx.bfloat16),
@@ -58,7 +59,8 @@ class Source:
     format: str  # "official" or "hf"
     args: Any  # the family's args: PixtralArgs or Mistral3Args
     tensors: dict[str, TensorInfo]  # in file and offset order
-    tokenizer: Path | None  # tekken.json, when the source has one
+    tokenizer: Path | None  # tekken.json or a SentencePiece *.model.v7m1 (prompt.tokenizer_file), if it has one
+    fp8_block: tuple[int, int] | None = None  # the tile of FP8 block scales (config.json's weight_block_size)
     _handles: dict[Path, BinaryIO] = field(default_factory=dict, repr=False)
 
     def read(self, name: str, rows: slice | None = None) -> mx.array:
@@ -99,13 +101,8 @@ class Source:
 def download(repo_id: str) -> Path:
     """Fetch only the files a conversion needs from the Hub (or its cache) and return the folder."""
     names = hub.repo_files(repo_id, ConversionError)
-    if names is None:  # the Hub cannot be asked: take whichever layout the local cache has
-        patterns = OFFICIAL_FILES + HF_FILES
-    elif {"consolidated.safetensors", "params.json"} <= names:  # both layouts: the official one only, not twice
-        patterns = OFFICIAL_FILES
-    else:
-        patterns = HF_FILES
-    return hub.download(repo_id, patterns, error=ConversionError)
+    # one layout, the one `load` takes from the same repo (the HF one when both are there): one copy in the cache
+    return hub.download(repo_id, hub.layout_files(names, HF_FILES), error=ConversionError)
 
 
 def open_source(path: Path) -> Source:
@@ -149,8 +146,11 @@ def open_source(path: Path) -> Source:
             if name in tensors:
                 raise ConversionError(f"tensor {name!r} is in both {tensors[name].file.name} and {file.name}")
             tensors[name] = info
-    tokenizer = path / "tekken.json"
-    return Source(path, fmt, args, tensors, tokenizer if tokenizer.exists() else None)
+    try:
+        block = fp8.block_size(config) if fmt == "hf" else None
+    except PixtralError as e:
+        raise ConversionError(f"{config_file}: {e}") from e
+    return Source(path, fmt, args, tensors, tokenizer_file(path), block)
 
 
 def is_mistral3(fmt: str, config: dict[str, Any]) -> bool:

@@ -1,6 +1,6 @@
 """The conversion itself: plan and check every tensor, then stream them into the output shards.
 
-Each tensor (or a block of its rows) is read, renamed, dequantized (FP8 with a per-tensor scale), permuted, cast,
+Each tensor (or a block of its rows) is read, renamed, dequantized (FP8 with its scales), permuted, cast,
 quantized and appended to its shard before the next one is read, so memory stays near one block, not the
 checkpoint. Names, shapes and transforms come from the source's model family (`Source.weights`: Pixtral's or
 Mistral3's weight map).
@@ -35,6 +35,7 @@ from pixtral_mlx.conversion.source import Source, download, is_repo_id, open_sou
 from pixtral_mlx.errors import ConversionError
 from pixtral_mlx.hub import short_name
 from pixtral_mlx.models.pixtral.weights import Target
+from pixtral_mlx.prompt import SYSTEM_PROMPT_FILE
 
 LM_HEAD = "language_model.lm_head.weight"
 
@@ -49,7 +50,7 @@ class Job:
     name: str
     target: Target
     outputs: list[Planned]  # [weight] or [weight (packed), scales, biases]
-    scale: str | None = None  # the FP8 weight's per-tensor scale (source name)
+    scale: str | None = None  # the FP8 weight's scale (source name)
 
 
 def convert(
@@ -117,7 +118,10 @@ def convert(
             _write_tensors(src, jobs, tmp, shards, DTYPES[dtype], spec, progress)
             write_index(tmp, shards)
             write_config(tmp, src.args.to_config())
-            shutil.copyfile(src.tokenizer or bundled_tekken(), tmp / "tekken.json")
+            tokenizer = src.tokenizer or bundled_tekken()  # tekken.json, or a SentencePiece file under its name
+            shutil.copyfile(tokenizer, tmp / (tokenizer.name if src.tokenizer else "tekken.json"))
+            if (path / SYSTEM_PROMPT_FILE).is_file():  # the repo's default system prompt (Mistral Small 3.x ...)
+                shutil.copyfile(path / SYSTEM_PROMPT_FILE, tmp / SYSTEM_PROMPT_FILE)
     finally:
         src.close()
     return output
@@ -175,7 +179,7 @@ def plan(src: Source, dtype: mx.Dtype, spec: QuantSpec | None) -> tuple[list[Job
 
 
 def _fp8_scales(src: Source) -> dict[str, str]:
-    """Each scaled weight's source name -> its per-tensor scale's source name (FP8 checkpoints)."""
+    """Each scaled weight's source name -> its scale's source name (FP8 checkpoints)."""
     scales: dict[str, str] = {}
     for name, info in src.tensors.items():
         weight = fp8.scaled_weight(name)
@@ -183,10 +187,7 @@ def _fp8_scales(src: Source) -> dict[str, str]:
             continue
         if weight not in src.tensors:
             raise ConversionError(f"scale {name!r} in {info.file} has no weight {weight!r} to scale")
-        if len(info.shape) > 0 and info.shape != (1,) and info.shape != (1, 1):
-            raise ConversionError(
-                f"scale {name!r} in {info.file} has shape {list(info.shape)}: only per-tensor FP8 scales are supported"
-            )
+        fp8.check_scale(name, info.shape, src.tensors[weight].shape, src.fp8_block, ConversionError)
         scales[weight] = name
     return scales
 
@@ -238,7 +239,7 @@ def _write_tensors(
     ):
         for i, job in enumerate(jobs):
             bar.set_postfix_str(f"{i + 1}/{len(jobs)} tensors", refresh=False)
-            blocks = _blocks(src, job, bar)
+            blocks = _blocks(src, job, bar, dtype)
             if len(job.outputs) == 1:
                 writer.write(job.target.key, (b.astype(dtype) for b in blocks))
             else:
@@ -268,14 +269,17 @@ def _write_quantized(
     writer.write(biases_out.name, [mx.concatenate(biases)])
 
 
-def _blocks(src: Source, job: Job, bar: tqdm) -> Iterator[mx.array]:
-    """The tensor in MLX layout, whole if it needs a transform, else in blocks of rows."""
+def _blocks(src: Source, job: Job, bar: tqdm, dtype: mx.Dtype) -> Iterator[mx.array]:
+    """The tensor in MLX layout, whole if it needs a transform, else in blocks of rows (FP8: dequantized in
+    `dtype`, so it quantizes as that checkpoint in `dtype` would)."""
     info = src.tensors[job.name]
     scale = src.read(job.scale) if job.scale else None
 
     def read(rows: slice | None = None) -> mx.array:
         w = src.read(job.name, rows)
-        return w if scale is None else fp8.dequantize(w, scale)
+        if scale is None:
+            return w
+        return fp8.dequantize(w, scale, src.fp8_block, rows.start if rows else 0).astype(dtype)
 
     if job.target.permute_heads or job.target.conv or len(info.shape) < 2 or info.shape[0] == 0:
         yield src.weights.transform(read(), job.target)

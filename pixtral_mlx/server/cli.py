@@ -112,7 +112,12 @@ def _load(args: argparse.Namespace) -> Any:
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ContextLengthWarning)
-        return pixtral_mlx.load(args.model, progress=info, context_length=args.context_length)
+        return pixtral_mlx.load(
+            args.model,
+            progress=info,
+            context_length=args.context_length,
+            default_system_prompt=not args.no_default_system_prompt,
+        )
 
 
 def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:

@@ -10,8 +10,8 @@ import math
 import os
 from pathlib import Path
 
-from pixtral_mlx.cli import DEFAULT_MODEL, add_context_arg
-from pixtral_mlx.config import DEFAULT_MAX_TOKENS, MAX_EDGE
+from pixtral_mlx.cli import DEFAULT_MODEL, add_context_arg, add_system_prompt_arg
+from pixtral_mlx.config import DEFAULT_MAX_TOKENS, FAMILY_MAX_EDGE, MAX_EDGE
 
 from .limits import BODY_TIMEOUT, HEADER_TIMEOUT, IMAGE_TIMEOUT, MAX_CONNECTIONS, QUEUE, SHUTDOWN_GRACE
 
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-edge",
         type=int,
-        help=f"cap the longest image edge in pixels (≤{MAX_EDGE}); requests may ask for less with 'max_edge'",
+        help=f"cap the longest image edge in pixels (≤ the model's image size: {MAX_EDGE} for Pixtral-12B, "
+        f"{FAMILY_MAX_EDGE} for Mistral3); requests may ask for less with 'max_edge'",
     )
     p.add_argument(
         "--max-tokens",
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {SHUTDOWN_GRACE:g})",
     )
     add_context_arg(p)
+    add_system_prompt_arg(p)
     p.add_argument("--kv-bits", type=int, choices=[4, 8], help="quantize the shared KV cache to 4 or 8 bits")
     p.add_argument("--kv-group-size", type=int, default=64, help="group size of the quantized KV cache (default 64)")
     return p

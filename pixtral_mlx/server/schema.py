@@ -137,7 +137,7 @@ def _validation_error(e: ValidationError) -> APIError:
 def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int | None) -> Options:
     """The one `Options` value of a request (the server's defaults with what the client set, the image edge
     capped by `max_edge_limit`); the library's checks, reported with the name of the field the client set."""
-    from pixtral_mlx.config import MAX_EDGE, check_max_edge
+    from pixtral_mlx.config import FAMILY_MAX_EDGE, check_max_edge
 
     tokens_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
     max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
@@ -146,7 +146,7 @@ def request_options(request: ChatRequest, defaults: Options, max_edge_limit: int
 
         fmt = request.response_format
         structured = response_format_options(fmt.model_dump(exclude_none=True) if fmt else None)
-        max_edge = check_max_edge(request.max_edge, max_edge_limit or MAX_EDGE)
+        max_edge = check_max_edge(request.max_edge, max_edge_limit or FAMILY_MAX_EDGE)  # the model's: at encode
         return defaults.merge(
             max_tokens=max_tokens,
             temperature=request.temperature,
