@@ -2,7 +2,9 @@
 
 - BLAS: the Linux `mlx[cpu]` wheel links the reference (netlib) BLAS (~2 GFLOP/s). An optimized
   BLAS loaded into the global symbol scope *before* mlx is imported takes over its GEMM calls
-  (~90x faster here). `preload_blas()` runs when `pixtral_mlx` is imported; it never fails.
+  (~40x faster here). `preload_blas()` runs when `pixtral_mlx` is imported; it never fails. It
+  takes PIXTRAL_MLX_BLAS (a path, or `off`), else the OpenBLAS of the `scipy-openblas32` wheel
+  (a Linux dependency) through `pixtral_mlx._blas_shim`, else a system OpenBLAS/BLIS.
 - dtype: on the CPU backend compute in float32 (bf16 matmuls skip BLAS, 4-bit matmuls with bf16
   activations are ~10x slower); on Metal/CUDA keep the checkpoint's half precision.
 - Quantized layers on CPU: prefill (many tokens) dequantizes the layer and uses the BLAS GEMM;
@@ -29,38 +31,150 @@ _BLAS_CANDIDATES = [
     "/usr/lib/libopenblas.so.0",
     "/usr/lib/{arch}-linux-gnu/blis-pthread/libblis.so.4",
 ]
+_OFF = ("0", "off", "none")
 
-BLAS: str | None = None  # path of the optimized BLAS in use, if any
-BLAS_NOTE = "bundled BLAS"
+BLAS: str | None = None  # path of the optimized BLAS in use, if any (for the wheel: its OpenBLAS)
+BLAS_SHIM: str | None = None  # the shim MLX's cblas_*gemm calls go through, when BLAS is the wheel's
+BLAS_SOURCE = "bundled"  # where BLAS came from: "env" (PIXTRAL_MLX_BLAS), "wheel", "system" or "bundled"
+BLAS_NOTE = "bundled BLAS"  # the phrase --verbose and --dry-run print
+_blas_lib: ctypes.CDLL | None = None
 
 
 def preload_blas() -> str | None:
-    """Load an optimized BLAS into the global namespace before mlx; return its path or None."""
-    global BLAS, BLAS_NOTE
+    """Load an optimized BLAS into the global namespace before mlx; return its path or None.
+
+    Order: PIXTRAL_MLX_BLAS (a path, or `off` for the bundled one), the scipy-openblas32 wheel's
+    OpenBLAS with the shim that gives it MLX's unprefixed names, a system OpenBLAS or BLIS.
+    """
+    global BLAS_NOTE
     if BLAS is not None or platform.system() != "Linux":
         return BLAS
-    setting = os.environ.get("PIXTRAL_MLX_BLAS", "")
-    if setting.lower() in ("0", "off", "none"):
-        BLAS_NOTE = "bundled BLAS (PIXTRAL_MLX_BLAS=off)"
+    setting = os.environ.get("PIXTRAL_MLX_BLAS", "").strip()
+    if setting.lower() in _OFF:
+        BLAS_NOTE = "bundled reference BLAS (PIXTRAL_MLX_BLAS=off)"
         return None
     if "mlx.core" in sys.modules:
-        BLAS_NOTE = "bundled BLAS (mlx was imported before pixtral_mlx)"
+        BLAS_NOTE = "bundled reference BLAS (mlx was imported before pixtral_mlx)"
         return None
+    if setting:
+        if _use(setting, "env"):
+            return BLAS
+        BLAS_NOTE = f"bundled reference BLAS (PIXTRAL_MLX_BLAS={setting} could not be loaded)"
+        return None
+    wheel = wheel_blas()
+    if wheel is not None and _use(wheel[0], "wheel", shim=wheel[1]):
+        return BLAS
     arch = platform.machine()
-    candidates = [setting] if setting else [c.format(arch=arch) for c in _BLAS_CANDIDATES]
+    candidates = [c.format(arch=arch) for c in _BLAS_CANDIDATES]
     found = ctypes.util.find_library("openblas")
-    if found and not setting:
+    if found:
         candidates.append(found)
     for path in candidates:
-        if path and (Path(path).exists() or not path.startswith("/")):
-            try:
-                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
-            except OSError:
-                continue
-            BLAS, BLAS_NOTE = path, f"optimized BLAS {path}"
-            return path
-    BLAS_NOTE = "bundled reference BLAS (install libopenblas0-pthread for ~90x faster CPU matmuls)"
+        if (Path(path).exists() or not path.startswith("/")) and _use(path, "system"):
+            return BLAS
+    BLAS_NOTE = "bundled reference BLAS (reinstall pixtral-mlx or install OpenBLAS for ~40x faster CPU matmuls)"
     return None
+
+
+def wheel_blas() -> tuple[str, str] | None:
+    """(the scipy-openblas32 wheel's OpenBLAS, our shim) when both are installed; found, not loaded."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("scipy_openblas32")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = sorted(Path(next(iter(spec.submodule_search_locations)), "lib").glob("libscipy_openblas*.so"))
+    shims = sorted(Path(__file__).parent.glob("_blas_shim*.so"))
+    return (str(libs[0]), str(shims[0])) if libs and shims else None
+
+
+def _use(path: str, source: str, shim: str | None = None) -> bool:
+    """Load `path` (then `shim`) into the global symbol scope; on success record it as the BLAS in use."""
+    global BLAS, BLAS_SHIM, BLAS_SOURCE, BLAS_NOTE, _blas_lib
+    try:
+        lib = ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        if shim is not None:
+            ctypes.CDLL(shim, mode=ctypes.RTLD_GLOBAL)
+    except OSError:
+        return False
+    BLAS, BLAS_SHIM, BLAS_SOURCE, _blas_lib = path, shim, source, lib
+    config = openblas_config()
+    name = " ".join(config.split()[:2]) if config.startswith("OpenBLAS") else "optimized BLAS"
+    where = {"env": f"PIXTRAL_MLX_BLAS={path}", "wheel": "scipy-openblas32 wheel, through the BLAS shim"}
+    BLAS_NOTE = f"{name} ({where.get(source, path)})"
+    return True
+
+
+def _openblas_function(name: str, restype: Any) -> Any:
+    """The loaded OpenBLAS's `openblas_<name>` (`scipy_openblas_<name>` in the wheel), or None."""
+    for prefix in ("scipy_openblas_", "openblas_"):
+        try:
+            function = getattr(_blas_lib, prefix + name)
+        except AttributeError:
+            continue
+        function.restype = restype
+        return function
+    return None
+
+
+def openblas_config() -> str:
+    """OpenBLAS's own description of the build in use (version, kernel, thread limit); "" when not OpenBLAS."""
+    function = _openblas_function("get_config", ctypes.c_char_p)
+    core = _openblas_function("get_corename", ctypes.c_char_p)
+    if function is None:
+        return ""
+    text = (function() or b"").decode(errors="replace").strip()
+    name = (core() or b"").decode(errors="replace").strip() if core is not None else ""
+    return f"{text} (core: {name})" if name and name not in text else text
+
+
+def blas_threads() -> int | None:
+    """The threads the loaded OpenBLAS uses for one GEMM (None when that is not known)."""
+    function = _openblas_function("get_num_threads", ctypes.c_int)
+    return int(function()) if function is not None else None
+
+
+def gemm_library() -> str | None:
+    """The file whose `cblas_sgemm` MLX's CPU matmuls reach in this process: the first definition in the
+    global symbol scope, else the one libmlx's own dependencies (the bundled reference BLAS) provide.
+    Linux only; loads mlx when it is not loaded yet (None when that or the lookup fails)."""
+    if platform.system() != "Linux":
+        return None
+    try:
+        import mlx.core  # noqa: F401 - libmlx must be loaded to ask it
+    except ImportError:
+        return None
+
+    class DlInfo(ctypes.Structure):
+        _fields_ = [("fname", ctypes.c_char_p), ("fbase", ctypes.c_void_p), ("sname", ctypes.c_char_p),
+                    ("saddr", ctypes.c_void_p)]  # fmt: skip
+
+    libc = ctypes.CDLL(None)
+    libc.dlsym.restype, libc.dlsym.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_char_p]
+    libc.dladdr.argtypes = [ctypes.c_void_p, ctypes.POINTER(DlInfo)]
+    address = libc.dlsym(None, b"cblas_sgemm")  # RTLD_DEFAULT: the global scope, searched first
+    if not address:
+        libmlx = [p for p in _mapped_files() if Path(p).name == "libmlx.so"]
+        if not libmlx:
+            return None
+        handle = ctypes.CDLL(libmlx[0], mode=os.RTLD_NOLOAD | os.RTLD_LAZY)
+        address = libc.dlsym(ctypes.c_void_p(handle._handle), b"cblas_sgemm")
+    found = DlInfo()
+    if not address or not libc.dladdr(ctypes.c_void_p(address), ctypes.byref(found)) or not found.fname:
+        return None
+    return os.path.realpath(found.fname.decode())
+
+
+def _mapped_files() -> list[str]:
+    """The shared objects mapped into this process (Linux /proc)."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    return sorted({line.split(None, 5)[5] for line in lines if len(line.split(None, 5)) == 6 and ".so" in line})
 
 
 def private_tmpdir() -> str | None:
@@ -110,7 +224,9 @@ def device_name() -> str:
     if on_cpu():
         from . import cpu_kernel
 
-        return f"cpu ({BLAS_NOTE}; decode: {cpu_kernel.describe()})"
+        threads = blas_threads()
+        blas = f"{BLAS_NOTE}, {threads} thread{'s' if threads != 1 else ''}" if threads else BLAS_NOTE
+        return f"cpu (BLAS: {blas}; decode: {cpu_kernel.describe()})"
     try:
         info = mx.device_info()
         return f"gpu ({info.get('device_name', info.get('architecture', 'gpu'))})"

@@ -187,7 +187,7 @@ def test_cli_list_resume_and_errors(data_dir, images, capsys):
     for argv, error in (
         (["--resume", "nope"], "no saved conversation 'nope'"),
         ([str(images["red"].parent / "missing.png")], "missing.png: no such file"),
-        (["--max-edge", "4096"], "--max-edge must be between 16 and 1024"),
+        (["--max-edge", "4096"], "--max-edge must be between 16 and 1540"),
     ):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
