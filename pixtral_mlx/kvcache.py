@@ -82,7 +82,7 @@ def _sample(file: Path, size: int = 1 << 16) -> bytes:
 
 
 def fingerprint(pixtral: Any) -> str:
-    """Which weights and tokenizer a cache was computed with: config.json, tekken.json, the weight index
+    """Which weights and tokenizer a cache was computed with: config.json, the tokenizer file, the weight index
     and a sample of every weight file (never a full hash of gigabytes)."""
     path = Path(pixtral.path) if pixtral.path is not None else None
     key = str(path.resolve()) if path is not None else f"id:{id(pixtral)}"
@@ -90,7 +90,8 @@ def fingerprint(pixtral: Any) -> str:
         return _FINGERPRINTS[key]
     h = hashlib.sha256()
     if path is not None and path.is_dir():
-        for name in ("config.json", "tekken.json", "model.safetensors.index.json"):
+        spm = sorted(f.name for f in path.glob("*.model.v*"))  # Pixtral-Large's SentencePiece tokenizer
+        for name in ("config.json", "tekken.json", *spm, "model.safetensors.index.json"):
             if (path / name).is_file():
                 h.update(name.encode() + (path / name).read_bytes())
         for f in sorted(path.glob("*.safetensors")):

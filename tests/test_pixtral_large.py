@@ -225,3 +225,20 @@ def test_grammars_are_refused_in_one_sentence(large):
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     with pytest.raises(PromptError, match="SentencePiece"):
         large.generate(MESSAGES, tools=tools, tool_choice="required", max_tokens=4)
+
+
+def test_a_saved_chats_fingerprint_covers_the_sentencepiece_tokenizer(tmp_path):
+    """A KV cache saved with one SentencePiece tokenizer is not reused with another: its file is fingerprinted
+    as tekken.json is."""
+    from types import SimpleNamespace
+
+    from pixtral_mlx import kvcache
+
+    prints = []
+    for text in (b"one tokenizer", b"another tokenizer"):
+        folder = tmp_path / text.decode().replace(" ", "-")
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        (folder / "tokenizer.model.v7m1").write_bytes(text)
+        prints.append(kvcache.fingerprint(SimpleNamespace(path=folder)))
+    assert prints[0] != prints[1]

@@ -576,6 +576,19 @@ def test_bad_flags_are_one_sentence_before_loading(flags, message):
     assert run.returncode == 2 and run.stderr.startswith(message) and len(run.stderr.strip().splitlines()) == 1
 
 
+def test_max_edge_above_the_loaded_models_image_size_is_one_sentence(mlx_dir):
+    # 1400 passes the flag check (the family's largest is 1540) but the tiny Pixtral's images are at most 1024
+    run = subprocess.run(
+        [sys.executable, "-m", "pixtral_mlx", "serve", "--model", str(mlx_dir), "--port", "0", "--max-edge", "1400"],
+        capture_output=True, text=True, timeout=180,
+    )  # fmt: skip
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        "error: --max-edge 1400 is above this model's image size of 1024 pixels: use 1024 or less."
+    )
+    assert "Traceback" not in run.stderr
+
+
 def test_port_in_use_is_one_sentence():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

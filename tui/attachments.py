@@ -1,8 +1,10 @@
 """Attached images: what the model will see (resized size, token count) before anything is sent.
 
 The size rule is mistral_common's `ImageEncoder._image_to_num_tokens` (downscale with `round()` so
-the longest edge fits, never upscale, then whole 16-px patches; one extra token per patch row), so
-chips are right before the model has loaded. No MLX here: this runs in a Textual thread worker.
+the longest edge fits, never upscale, then whole cells; one extra token per row of cells), so chips are right
+before the model has loaded. A cell is what one `[IMG]` token covers: a 16-px patch for Pixtral-12B (images up to
+1024 px, the defaults here), 2x2 14-px patches for the Mistral3 models (1540 px); once a model is loaded the chat
+plans with its own values (`Engine.geometry`). No MLX here: this runs in a Textual thread worker.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ from typing import Any
 
 from pixtral_mlx.config import MAX_EDGE  # Pixtral-12B's vision image_size
 
-PATCH = 16
+PATCH = 16  # Pixtral-12B's pixels per [IMG] token along each side
 
 
-def plan(width: int, height: int, max_edge: int | None = None, patch: int = PATCH) -> tuple[int, int, int]:
-    """(new width, new height, image tokens) for a width x height image."""
-    limit = max_edge or MAX_EDGE
+def plan(
+    width: int, height: int, max_edge: int | None = None, patch: int = PATCH, image_size: int = MAX_EDGE
+) -> tuple[int, int, int]:
+    """(new width, new height, image tokens) for a width x height image: `patch` pixels per token along each side,
+    the longest edge at most `max_edge` or else the model's `image_size`."""
+    limit = max_edge or image_size
     w: float = width
     h: float = height
     ratio = max(w / limit, h / limit)
@@ -78,12 +83,15 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()[:32]
 
 
-def inspect(path: Path, max_edge: int | None = None, name: str | None = None) -> Attachment:
-    """Decode and validate `path` as the library will; raises `ImageError` with one sentence."""
+def inspect(
+    path: Path, max_edge: int | None = None, name: str | None = None, geometry: tuple[int, int] = (MAX_EDGE, PATCH)
+) -> Attachment:
+    """Decode and validate `path` as the library will; raises `ImageError` with one sentence. `geometry` is the
+    model's (image size, pixels per token)."""
     from pixtral_mlx.images import load_image
 
     img, _ = load_image(str(path))
-    w, h, tokens = plan(*img.size, max_edge=max_edge)
+    w, h, tokens = plan(*img.size, max_edge=max_edge, patch=geometry[1], image_size=geometry[0])
     return Attachment(
         path=Path(path),
         name=name or Path(path).name,

@@ -20,9 +20,11 @@ from typing import Any, Protocol
 from textual.message import Message
 from textual.message_pump import MessagePump
 
+from pixtral_mlx.config import MAX_EDGE
 from pixtral_mlx.errors import PixtralError
 from pixtral_mlx.turn import Options, Reply
 
+from .attachments import PATCH
 from .messages import (
     ContextUpdated,
     EngineFailed,
@@ -86,6 +88,16 @@ class Engine:
     @property
     def max_edge(self) -> int | None:
         return self.options.max_edge
+
+    @property
+    def geometry(self) -> tuple[int, int]:
+        """(image size, pixels per [IMG] token) of the loaded model, for the attachment chips; Pixtral-12B's until
+        a model is loaded."""
+        encoder = getattr(getattr(self.chat, "pixtral", None), "encoder", None)
+        config = getattr(getattr(encoder, "image_encoder", None), "image_config", None)
+        if config is None:
+            return MAX_EDGE, PATCH
+        return encoder.image_size, config.image_patch_size * config.spatial_merge_size
 
     # Requests from the UI thread: they only enqueue ---------------------------------------------
     def start(self, target: MessagePump) -> None:

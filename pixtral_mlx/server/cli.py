@@ -122,6 +122,7 @@ def _load(args: argparse.Namespace) -> Any:
 
 def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
     """Wait for the model, then serve until SIGTERM or Ctrl-C; the exit status."""
+    from pixtral_mlx.config import check_model_edge
     from pixtral_mlx.errors import PixtralError
     from pixtral_mlx.fetch import FetchPolicy
 
@@ -137,6 +138,11 @@ def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
             error(str(engine.load_error))
             return 1
         raise engine.load_error
+    try:  # --max-edge was checked against the family's largest image size; now against this model's own
+        check_model_edge(args.max_edge, engine.pixtral.encoder.image_size)
+    except PixtralError as e:
+        error(f"--{str(e).replace(' ', '-', 1)}")
+        return 1
     trained = engine.pixtral.trained_context_length
     if args.context_length is not None and args.context_length > trained:
         info(

@@ -32,6 +32,35 @@ def test_plan_matches_mistral_common():
     assert plan(3024, 4032) == (768, 1024, 3136)
 
 
+def test_mistral3_chips_use_the_loaded_models_geometry(images, tmp_path):
+    """Before a model loads, chips are planned with Pixtral-12B's 1024 px and 16-px tokens; once a Mistral3 model is
+    loaded, with its 1540 px and 2x2 14-px patches per token, and they equal its encoder's."""
+    import sys
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    sys.path.insert(0, str(Path(__file__).parents[1]))
+    import family_checkpoints
+
+    from pixtral_mlx.prompt import PromptEncoder
+    from pixtral_mlx.tui.engine import Engine
+
+    engine = Engine("some/model")
+    assert engine.geometry == (1024, 16)
+    encoder = PromptEncoder(
+        family_checkpoints.tekken(tmp_path / "tekken.json"), image_size=1540, patch_size=14, spatial_merge_size=2
+    )
+    engine.chat = SimpleNamespace(pixtral=SimpleNamespace(encoder=encoder))
+    assert engine.geometry == (1540, 28)
+    for key in ("red", "photo"):
+        att = inspect(images[key], geometry=engine.geometry)
+        prompt = encoder.encode([{"role": "user", "content": [att.part(), {"type": "text", "text": "hi"}]}])
+        (img,) = prompt.images
+        assert (att.size, att.tokens) == (img.size, img.n_tokens)
+    label = inspect(images["photo"], geometry=engine.geometry).label()
+    assert label == "photo.jpg 3024×4032 → 1176×1540 · 2,365 tokens"  # 55 rows of 42 cells of 28 px
+
+
 def test_inspect_matches_the_library_encoder(images):
     from pixtral_mlx.prompt import PromptEncoder
 

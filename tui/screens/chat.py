@@ -86,7 +86,7 @@ class ChatScreen(SavedChats):
             yield Static(f"Loading {self.engine.model}…", id="load-text")
         with Transcript(id="transcript"):
             yield Static(WELCOME, id="welcome")
-        yield AttachmentBar(self.engine.max_edge, id="attachments")
+        yield AttachmentBar(self.engine.max_edge, lambda: self.engine.geometry, id="attachments")
         yield Prompt(id="prompt")
         yield StatusBar(id="status")
         yield Footer(compact=True)
@@ -285,7 +285,8 @@ class ChatScreen(SavedChats):
             if path is not None:
                 self.query_one(AttachmentBar).attach([path])
 
-        self.app.push_screen(FilePicker(self.query_one(AttachmentBar).last_folder, self.engine.max_edge), picked)
+        folder = self.query_one(AttachmentBar).last_folder
+        self.app.push_screen(FilePicker(folder, self.engine.max_edge, self.engine.geometry), picked)
 
     async def action_regenerate(self) -> None:
         turns = self.conversation.turns

@@ -15,9 +15,10 @@ from textual.screen import ModalScreen
 from textual.widgets import DirectoryTree, Input, Static, Tree
 from textual_image.widget import Image
 
+from pixtral_mlx.config import MAX_EDGE
 from pixtral_mlx.errors import PixtralError
 
-from ..attachments import plan
+from ..attachments import PATCH, plan
 from ..paths import is_image
 from .preview import open_preview
 
@@ -27,8 +28,10 @@ class ImageTree(DirectoryTree):
         return [p for p in paths if not p.name.startswith(".") and (p.is_dir() or is_image(p))]
 
 
-def describe(path: Path, size: tuple[int, int], max_edge: int | None) -> str:
-    w, h, tokens = plan(*size, max_edge)
+def describe(
+    path: Path, size: tuple[int, int], max_edge: int | None, geometry: tuple[int, int] = (MAX_EDGE, PATCH)
+) -> str:
+    w, h, tokens = plan(*size, max_edge, patch=geometry[1], image_size=geometry[0])
     return f"{path.name}  {size[0]}×{size[1]} → {w}×{h} · {tokens:,} tokens"
 
 
@@ -40,10 +43,13 @@ class FilePicker(ModalScreen[Path | None]):
         Binding("slash", "type_path", "Type a path"),
     ]
 
-    def __init__(self, folder: Path, max_edge: int | None = None) -> None:
+    def __init__(
+        self, folder: Path, max_edge: int | None = None, geometry: tuple[int, int] = (MAX_EDGE, PATCH)
+    ) -> None:
         super().__init__()
         self.folder = folder if folder.is_dir() else Path.cwd()
         self.max_edge = max_edge
+        self.geometry = geometry  # the model's (image size, pixels per token)
 
     def compose(self) -> ComposeResult:
         with Vertical(id="picker"):
@@ -86,7 +92,7 @@ class FilePicker(ModalScreen[Path | None]):
             info.update(f"cannot preview: {e}")
             return
         image.image, image.display = img, True
-        info.update(describe(path, size, self.max_edge))
+        info.update(describe(path, size, self.max_edge, self.geometry))
 
     @on(DirectoryTree.FileSelected)
     def selected(self, event: DirectoryTree.FileSelected) -> None:

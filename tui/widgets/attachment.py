@@ -15,7 +15,9 @@ from textual.containers import Vertical
 from textual.message import Message
 from textual.widgets import Static
 
-from ..attachments import Attachment, inspect
+from pixtral_mlx.config import MAX_EDGE
+
+from ..attachments import PATCH, Attachment, inspect
 from ..clipboard import ClipboardError, grab_image
 from ..messages import sentence
 
@@ -69,9 +71,12 @@ class AttachmentBar(Vertical):
     class Changed(Message):
         attachments: list[Attachment]
 
-    def __init__(self, max_edge: int | None = None, **kwargs: str) -> None:
+    def __init__(
+        self, max_edge: int | None = None, geometry: Callable[[], tuple[int, int]] | None = None, **kwargs: str
+    ) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.max_edge = max_edge
+        self.geometry = geometry  # the model's (image size, pixels per token) when known: Engine.geometry
         self.last_folder = Path.cwd()  # where the file picker opens
 
     def on_mount(self) -> None:
@@ -85,7 +90,8 @@ class AttachmentBar(Vertical):
     async def attach(self, paths: list[Path]) -> None:
         for path in paths:
             try:
-                attachment = await asyncio.to_thread(inspect, Path(path).expanduser(), self.max_edge)
+                geometry = self.geometry() if self.geometry else (MAX_EDGE, PATCH)
+                attachment = await asyncio.to_thread(inspect, Path(path).expanduser(), self.max_edge, None, geometry)
             except (ValueError, OSError) as e:  # ImageError: one sentence that names the file
                 self.notify(sentence(str(e)), title="Image not attached", severity="error")
                 continue
