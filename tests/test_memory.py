@@ -137,4 +137,7 @@ def test_dry_run_prints_the_plan(mlx_dir, tmp_path):
     over = subprocess.run(argv, capture_output=True, text=True, env={**env, LIMIT_ENV: "0.001"}, timeout=300)
     assert over.returncode == 1
     assert f"image 1 ({tmp_path / 'a.png'}): 112 tokens" in over.stdout and "does NOT fit" in over.stdout
+    # the device line names the BLAS and the decode kernel in use, as the JSON's `device` does
+    device = over.stdout.splitlines()[-1]
+    assert device == f"device: {plan['device']}" and "BLAS" in device and "decode:" in device
     assert over.stderr.startswith("error: this turn would need about") and over.stderr.count("\n") == 1

@@ -224,7 +224,7 @@ def _dry_run(model: Any, messages: list[dict[str, Any]], args: argparse.Namespac
     if args.json:
         print(json.dumps({**plan.as_dict(), "system_prompt": system}, ensure_ascii=False), flush=True)
     else:
-        print("\n".join([*plan.lines(), f"system prompt: {system}"]), flush=True)
+        print("\n".join([*plan.lines(), f"system prompt: {system}", f"device: {plan.device}"]), flush=True)
     if not plan.fits:
         from pixtral_mlx.memory import suggestions
 
