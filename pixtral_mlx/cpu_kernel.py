@@ -6,7 +6,9 @@ decode, which reads every weight once per token, runs at a few percent of the me
 whose `eval_cpu` runs an AVX-512, AVX2 or scalar kernel chosen at run time, with the output rows
 split over a small thread pool. It stays in MLX's lazy graph (streams, `mx.compile`) and reads the
 scales and biases in their stored dtype (float32, float16 or bfloat16). Up to 8 rows of x share one
-pass over the weights: batched decoding costs little more memory traffic than one token.
+pass over the weights: batched decoding costs little more memory traffic than one token. The AVX2 and
+scalar kernels give each row of x the float it gets alone, whatever the number of rows, so batched
+greedy decoding picks the tokens one-by-one decoding picks (tests/test_batch_kernel.py).
 
 The result equals `mx.quantized_matmul(x, w, scales, biases, transpose=True, ...)` up to float32
 rounding (the sums run in another order). Nothing here raises on import: when the extension is

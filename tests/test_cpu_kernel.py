@@ -6,6 +6,7 @@ build shows in CI. Elsewhere (macOS: Metal does the work) they are skipped.
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -92,6 +93,43 @@ def test_long_rows_several_k_blocks(isa, m):
         x = mx.random.normal((m, k), key=mx.random.key(2))
         out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=bits)
         check(out, x, wq, scales, biases, gs, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_odd_rows_and_k_tails(isa, bits, group_size):
+    # K of 1..11 groups (scale and bias loads in vectors of 8 groups plus a tail), N odd, rows of x up to 15
+    # (9..15: two passes over the weights).
+    for groups in (1, 3, 11):
+        k = groups * group_size
+        wq, scales, biases = quantized(37, k, group_size, bits, mx.bfloat16, seed=groups)
+        for m in (1, 5, 9, 15):
+            x = mx.random.normal((m, k), key=mx.random.key(10 * groups + m))
+            out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=group_size, bits=bits)
+            check(out, x, wq, scales, biases, group_size, bits)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_of_a_batch_equal_rows_alone(ext, bits):
+    """The AVX2 and scalar kernels give a row of x the same float whether it comes alone or with up to 14
+    others (batched greedy decoding then picks the tokens one-by-one decoding picks), including when K is
+    long enough to be split into several L1-sized blocks."""
+    for isa in ("avx2", "scalar"):
+        if isa not in ext.supported_isas():
+            continue
+        ext.select_isa(isa)
+        try:
+            for n, k, gs in ((4099, 384, 64), (67, 8192, 32), (130, 1024, 128)):
+                wq, scales, biases = quantized(n, k, gs, bits, mx.bfloat16, seed=k)
+                x = mx.random.normal((15, k), key=mx.random.key(n))
+                qmv = functools.partial(cpu_kernel.quantized_matvec, w=wq, scales=scales, biases=biases, group_size=gs)
+                alone = [qmv(x[i], bits=bits) for i in range(15)]
+                for m in (2, 3, 4, 7, 8, 11, 15):
+                    batch = qmv(x[:m], bits=bits)
+                    for i in range(m):
+                        assert mx.array_equal(batch[i], alone[i]).item(), (isa, n, k, m, i)
+        finally:
+            ext.select_isa("auto")
 
 
 def test_half_scales_subnormal_and_negative(isa):

@@ -1,12 +1,24 @@
 // Copyright © 2026 pixtral-mlx authors. Apache-2.0.
 //
-// AVX2 + FMA kernel (8 float lanes), for x86-64 CPUs without AVX-512. Compiled with a target
-// pragma; qmv.cpp calls it only when the CPU reports avx2, fma and f16c at run time. The row loop is
-// kernel_simd.h's; this file supplies its vector operations.
+// AVX2 + FMA kernel (8 float lanes), for x86-64 CPUs without AVX-512 (AMD Zen 2/3, most desktop
+// Intel). Compiled with a target pragma; qmv.cpp calls it only when the CPU reports avx2, fma and f16c
+// at run time. Its own loop (not kernel_simd.h's), tuned on a 2-core Zen 3 EPYC, where decode is held
+// to the vector ALUs about as much as to memory: every micro-op per weight byte counts.
 //
-// 4-bit: 8 packed bytes (16 codes) -> 8 int32 lanes; a mask gives the low nibbles (the even-indexed
-// codes), a shift the high ones, so x is prepared with each 16-element chunk split into its even then
-// its odd elements. 8-bit: 8 bytes -> 8 floats, x in natural order.
+// 4-bit: 8 packed bytes (16 codes) -> 8 int32 lanes b, one byte each (vpmovzxbd from memory). With the
+// low nibble lo (the even-indexed code) and the high nibble hi (the odd one), b = lo + 16 hi, so
+//   x_even * lo + x_odd * hi = (x_even - x_odd / 16) * lo + (x_odd / 16) * b,
+// and x is prepared in that form (Kernel::fold): each 16-element chunk becomes 8 values
+// x_even - x_odd / 16, then 8 values x_odd / 16. A chunk then costs one mask, two conversions and two
+// FMAs per row of x (no shift). 8-bit: 8 bytes -> 8 floats, x in natural order. Several rows of x are
+// stored chunk-major (Kernel::interleave), so one pointer with constant offsets walks them all.
+//
+// Per group of every output row and row of x, the dot products accumulate in one vector; the group's
+// scale is applied with one FMA into a running total per (row, row of x); the biases cost one vector
+// dot product with the group sums of x. Each (row, row of x) pair goes through exactly the same
+// operations in the same order whatever the number of rows of x, the rows computed together or the
+// K blocking (the running totals are kept across K blocks): a row of a batch gets bit for bit the
+// result it gets alone, so batched greedy decoding picks the same tokens as one-by-one decoding.
 
 #include <cstdint>
 
@@ -20,54 +32,192 @@
 namespace qmv {
 namespace {
 
-struct Avx2 {
-  using F = __m256;
-  using I = __m256i;
-  static constexpr int kLanes = 8;
-  static constexpr int rows_per_block(int M) { return M == 1 ? 4 : (M == 2 ? 2 : 1); }
+constexpr int kScaleBlock = 256;       // most groups in one K block (scales on the stack)
+constexpr int kXBytes = 24 * 1024;     // x bytes per K block with several rows of x: half the L1d
+constexpr int kXBytesOneRow = 256 * 1024;  // one row of x streams well from L2
+constexpr int kRowBlock = 128;         // rows swept per K block (when x needs several K blocks)
+constexpr int kLanes = 8;
 
-  static F zero() { return _mm256_setzero_ps(); }
-  static F set1(float s) { return _mm256_set1_ps(s); }
-  static F load(const float* p) { return _mm256_loadu_ps(p); }
-  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
-  static float reduce(F v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-  }
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
 
-  static I codes(const uint8_t* p) {
-    return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
-  }
-  I low4 = _mm256_set1_epi32(0xf);
-  F low(I q) const { return _mm256_cvtepi32_ps(_mm256_and_si256(q, low4)); }
-  F high(I q) const { return _mm256_cvtepi32_ps(_mm256_srli_epi32(q, 4)); }
-  static F to_float(I q) { return _mm256_cvtepi32_ps(q); }
-
-  static void scales(const Problem& p, int n, int g0, int count, float* sc) {
-    for (int j = 0; j < count; ++j) sc[j] = load_scale(p.scales, p.scale_type, n * p.s_stride + g0 + j);
-  }
-  template <int M>
-  static void biases(const Problem& p, int n, int G, float* bd) {
-    for (int g = 0; g < G; ++g) {
-      const float b = load_scale(p.biases, p.scale_type, n * p.b_stride + g);
-      for (int m = 0; m < M; ++m) bd[m] += b * p.xsum[m * G + g];
+// 8 consecutive scales (or biases) of dtype `type` from element i, as floats.
+inline __m256 load8(const void* base, int type, int64_t i) {
+  switch (type) {
+    case kF32:
+      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    case kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    default: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
     }
   }
-};
+}
+
+// sc[j] = scale[n, g0 + j] for j < count.
+inline void load_scales(const Problem& p, int n, int g0, int count, float* sc) {
+  const int64_t base = static_cast<int64_t>(n) * p.s_stride + g0;
+  int j = 0;
+  for (; j + kLanes <= count; j += kLanes) _mm256_store_ps(sc + j, load8(p.scales, p.scale_type, base + j));
+  for (; j < count; ++j) sc[j] = load_scale(p.scales, p.scale_type, base + j);
+}
+
+// bd[m] = sum_g bias[n, g] * xsum[m, g] for m < M.
+template <int M>
+inline void bias_dot(const Problem& p, int n, float* bd) {
+  const int G = p.K / p.group_size;
+  const int64_t base = static_cast<int64_t>(n) * p.b_stride;
+  __m256 a[M];
+  for (int m = 0; m < M; ++m) a[m] = _mm256_setzero_ps();
+  int g = 0;
+  for (; g + kLanes <= G; g += kLanes) {
+    const __m256 b = load8(p.biases, p.scale_type, base + g);
+    for (int m = 0; m < M; ++m) a[m] = _mm256_fmadd_ps(b, _mm256_loadu_ps(p.xsum + m * G + g), a[m]);
+  }
+  for (int m = 0; m < M; ++m) bd[m] = hsum(a[m]);
+  for (; g < G; ++g) {
+    const float b = load_scale(p.biases, p.scale_type, base + g);
+    for (int m = 0; m < M; ++m) bd[m] += b * p.xsum[m * G + g];
+  }
+}
+
+// Groups [g0, g1) of rows n .. n+R-1 for all M rows of x, added to the running totals tot (R rows of
+// M vectors of 8 floats). pf: rows ahead to prefetch (0: none).
+template <int M, int R, int BITS>
+inline void block(const Problem& p, int n, int g0, int g1, int pf, float* tot) {
+  constexpr int CE = BITS == 4 ? 2 * kLanes : kLanes;  // x elements per chunk of 8 weight bytes
+  constexpr bool kInRegisters = M * R <= 6;            // else the totals stay in memory (L1)
+  const int cpg = p.group_size / CE;
+  const uint8_t* wr[R];
+  for (int r = 0; r < R; ++r) wr[r] = reinterpret_cast<const uint8_t*>(p.w + (n + r) * p.w_stride);
+  const int64_t pf_off = static_cast<int64_t>(pf) * p.w_stride * 4;
+  alignas(32) float sc[R][kScaleBlock];
+  for (int r = 0; r < R; ++r) load_scales(p, n + r, g0, g1 - g0, sc[r]);
+  const __m256i low4 = _mm256_set1_epi32(0xf);
+
+  __m256 t[R][M];
+  if constexpr (kInRegisters)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) t[r][m] = _mm256_load_ps(tot + (r * M + m) * kLanes);
+
+  for (int g = g0; g < g1; ++g) {
+    __m256 acc[R][M];
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) acc[r][m] = _mm256_setzero_ps();
+    for (int c = 0; c < cpg; ++c) {
+      const int64_t ci = static_cast<int64_t>(g) * cpg + c;
+      const float* xc = p.xp + ci * M * CE;  // interleaved: row m at xc + m * CE
+      for (int r = 0; r < R; ++r) {
+        if (pf && (ci & 7) == 0) prefetch_l2(wr[r] + pf_off + ci * 8);  // once per 64-byte line
+        const __m256i q = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wr[r] + ci * 8)));
+        if constexpr (BITS == 4) {
+          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(q, low4));
+          const __m256 b = _mm256_cvtepi32_ps(q);
+          for (int m = 0; m < M; ++m) {
+            acc[r][m] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xc + m * CE), acc[r][m]);
+            acc[r][m] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xc + m * CE + kLanes), acc[r][m]);
+          }
+        } else {
+          const __m256 f = _mm256_cvtepi32_ps(q);
+          for (int m = 0; m < M; ++m) acc[r][m] = _mm256_fmadd_ps(f, _mm256_loadu_ps(xc + m * CE), acc[r][m]);
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const __m256 s = _mm256_set1_ps(sc[r][g - g0]);
+      for (int m = 0; m < M; ++m) {
+        if constexpr (kInRegisters) {
+          t[r][m] = _mm256_fmadd_ps(s, acc[r][m], t[r][m]);
+        } else {
+          float* tp = tot + (r * M + m) * kLanes;
+          _mm256_store_ps(tp, _mm256_fmadd_ps(s, acc[r][m], _mm256_load_ps(tp)));
+        }
+      }
+    }
+  }
+  if constexpr (kInRegisters)
+    for (int r = 0; r < R; ++r)
+      for (int m = 0; m < M; ++m) _mm256_store_ps(tot + (r * M + m) * kLanes, t[r][m]);
+}
+
+// out[m, n + r] for r < count from the running totals and the bias term.
+template <int M>
+inline void finish(const Problem& p, int n, int count, const float* tot) {
+  for (int r = 0; r < count; ++r) {
+    float bd[M];
+    bias_dot<M>(p, n + r, bd);
+    for (int m = 0; m < M; ++m)
+      p.out[m * static_cast<int64_t>(p.N) + n + r] = hsum(_mm256_load_ps(tot + (r * M + m) * kLanes)) + bd[m];
+  }
+}
+
+// Rows [n0, n1): with one K block, R rows at a time from start to end; with several (x too long for
+// L1 with several rows of x), blocks of kRowBlock rows swept once per K block.
+template <int M, int R, int BITS>
+void rows_mr(const Problem& p, int n0, int n1) {
+  const int G = p.K / p.group_size;
+  int kg = (M == 1 ? kXBytesOneRow : kXBytes) / (M * p.group_size * 4);
+  kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
+  const int64_t row_bytes = (kg >= G ? p.K : static_cast<int64_t>(kg) * p.group_size) * BITS / 8;
+  if (kg >= G) {
+    prefetch_start(p, n0, n1, row_bytes);
+    alignas(32) float tot[R * M * kLanes];
+    int n = n0;
+    for (; n + R <= n1; n += R) {
+      for (float& v : tot) v = 0.0f;
+      block<M, R, BITS>(p, n, 0, G, prefetch_rows<R>(n, n1, row_bytes), tot);
+      finish<M>(p, n, R, tot);
+    }
+    for (; n < n1; ++n) {
+      for (int i = 0; i < M * kLanes; ++i) tot[i] = 0.0f;
+      block<M, 1, BITS>(p, n, 0, G, prefetch_rows<1>(n, n1, row_bytes), tot);
+      finish<M>(p, n, 1, tot);
+    }
+    return;
+  }
+  alignas(32) float tot[kRowBlock * M * kLanes];
+  for (int nb = n0; nb < n1; nb += kRowBlock) {
+    const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
+    for (int i = 0; i < (nb1 - nb) * M * kLanes; ++i) tot[i] = 0.0f;
+    for (int g0 = 0; g0 < G; g0 += kg) {
+      const int g1 = g0 + kg < G ? g0 + kg : G;
+      int n = nb;
+      for (; n + R <= nb1; n += R)
+        block<M, R, BITS>(p, n, g0, g1, prefetch_rows<R>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
+      for (; n < nb1; ++n)
+        block<M, 1, BITS>(p, n, g0, g1, prefetch_rows<1>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
+    }
+    finish<M>(p, nb, nb1 - nb, tot);
+  }
+}
+
+// Rows of w computed together: enough independent accumulator chains to hide the FMA latency with one
+// or two rows of x, while the accumulators and totals still fit the 16 vector registers.
+constexpr int rows_per_block(int M) {
+  return M == 1 ? 4 : (M <= 3 ? 2 : 1);
+}
+
+void rows(const Problem& p, int n0, int n1) {
+  dispatch(p, [&](auto m, auto bits) {
+    constexpr int M = decltype(m)::value;
+    rows_mr<M, rows_per_block(M), decltype(bits)::value>(p, n0, n1);
+  });
+}
 
 }  // namespace
 }  // namespace qmv
-
-#include "kernel_simd.h"
 
 #pragma GCC pop_options
 
 namespace qmv {
 
 Kernel kernel_avx2() {
-  return {"avx2", 2 * Avx2::kLanes, rows<Avx2>};
+  return {"avx2", 2 * kLanes, rows, true, true};
 }
 
 }  // namespace qmv

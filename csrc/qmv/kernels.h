@@ -31,7 +31,7 @@ struct Problem {
   int64_t s_stride;
   int64_t b_stride;
   int scale_type;
-  const float* xp;    // x prepared for the kernel's layout: M rows of K floats (see x_chunk)
+  const float* xp;    // x prepared for the kernel's layout: M rows of K floats (see Kernel)
   const float* xsum;  // M rows of K / group_size group sums of x
   float* out;         // M rows of N floats
 };
@@ -46,6 +46,13 @@ struct Kernel {
   // uses natural order.
   int x_chunk;
   RowsFn rows;
+  // 4-bit with x_chunk: the odd elements o are stored as o / 16 and the even ones e as e - o / 16
+  // (the AVX2 kernel's form: see kernel_avx2.cpp).
+  bool fold = false;
+  // x chunk-major instead of row-major: for each chunk of C elements (C = x_chunk for 4-bit, 8 for
+  // 8-bit) the M rows' pieces one after the other, xp[(chunk * M + m) * C + j]: one pointer walks all
+  // rows of x (no per-row offsets to hold in registers).
+  bool interleave = false;
 };
 
 // dispatch's switch over the rows of x, for one BITS.

@@ -277,10 +277,20 @@ struct Call {
         const int half = chunk / 2;
         for (int c0 = 0; c0 < K; c0 += chunk)
           for (int j = 0; j < half; ++j) {
-            dst[c0 + j] = xm[(c0 + 2 * j) * x_col_stride];
-            dst[c0 + half + j] = xm[(c0 + 2 * j + 1) * x_col_stride];
+            const float even = xm[(c0 + 2 * j) * x_col_stride];
+            const float odd = xm[(c0 + 2 * j + 1) * x_col_stride];
+            dst[c0 + j] = kernel.fold ? even - odd * 0.0625f : even;
+            dst[c0 + half + j] = kernel.fold ? odd * 0.0625f : odd;
           }
       }
+    }
+    if (kernel.interleave && M > 1) {
+      const int c = chunk == 0 ? 8 : chunk;
+      std::vector<float> rows(std::move(xp));
+      xp.assign(rows.size(), 0.0f);
+      for (int c0 = 0; c0 < K; c0 += c)
+        for (int m = 0; m < M; ++m)
+          std::copy_n(rows.data() + static_cast<size_t>(m) * K + c0, c, xp.data() + static_cast<size_t>(c0) * M + m * c);
     }
     const Operand w = w_view.operand();
     const Operand scales = scales_view.operand();
