@@ -1,7 +1,8 @@
 """One benchmark job in its own process: `python benchmarks/measure.py SPEC.json RESULT.json`.
 
-Jobs: "convert" (our converter), "bandwidth" (memory read speed), "ours" (pixtral_mlx on one
-checkpoint) and "vlm" (mlx-vlm on the same checkpoint, fed the same token ids and pixels).
+Jobs: "convert" (our converter), "bandwidth" (memory read speed), "peak" (the f32 GEMM peak), "ours"
+(pixtral_mlx on one checkpoint), "vlm" (mlx-vlm on the same checkpoint, fed the same token ids and pixels)
+and "batch" (batched captions and concurrent server requests through the library).
 `run.py` starts one process per job (so that peak RSS is per job) and does the arithmetic.
 
 Every job imports `pixtral_mlx` before `mlx`, so both runtimes get the same BLAS (on Linux the
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from timing import best, mlx_sum_gbps, numpy_sums  # this folder
+from timing import GEMM_PEAK_SHAPES, best, gemm_peak, mlx_sum_gbps, numpy_sums  # this folder
 
 import pixtral_mlx  # noqa: F401  (before any mlx import in the jobs below: on Linux it preloads the BLAS)
 
@@ -593,12 +594,85 @@ def job_bandwidth(spec: dict, log: Callable[[str], None]) -> dict:
     return out
 
 
+def job_peak(spec: dict, log: Callable[[str], None]) -> dict:
+    """The f32 GEMM peak (`timing.gemm_peak`: mx.matmul on large f32 shapes, best of N), which issue 24's
+    prefill and vision ratios are taken against."""
+    shapes = tuple(tuple(s) for s in spec.get("shapes") or GEMM_PEAK_SHAPES)
+    out = gemm_peak(spec.get("repeats", 3), shapes)
+    log(f"f32 GEMM peak {out['gflops']:.0f} GFLOP/s ({out['shape']})")
+    return out
+
+
+def job_batch(spec: dict, log: Callable[[str], None]) -> dict:
+    """Batched throughput through the library, on one checkpoint:
+
+    - captions: the same images (`images`, `edge` px) captioned with `Pixtral.stream_batch` in batches of 1 and
+      of 8, greedy, `tokens` tokens each (EOS ignored); images/hour, vision features computed in both (the
+      feature cache is cleared before each), and whether every caption equals its batch-1 caption;
+    - the server's continuous batcher (`pixtral_mlx.batching.run`, what `serve`'s engine runs): 1 request
+      alone, then 4 at once (distinct text prompts), generated tokens/s over the wall time.
+    """
+    import mlx.core as mx
+
+    from pixtral_mlx import batching
+    from pixtral_mlx.turn import Options
+
+    px = pixtral_mlx.load(spec["model"])
+    px.encoder.eos_id = -1  # random weights: the token budget decides the length
+    s = spec["settings"]
+    n, edge, tokens = s["batch_images"], s["batch_edge"], s["batch_tokens"]
+    prompts = [px.encode(image_message(edge, 500 + i, "Describe this image.")) for i in range(n)]
+
+    def caption(size: int, budget: int = tokens) -> tuple[float, list[list[int]]]:
+        px.features.clear()
+        out: list[list[int]] = [[] for _ in prompts]
+        mx.synchronize()
+        t = now()
+        for k in range(0, n, size):
+            for i, chunk in px.stream_batch(prompts[k : k + size], max_tokens=budget, temperature=0.0):
+                if chunk.token is not None:
+                    out[k + i].append(chunk.token)
+        return n / (now() - t) * 3600, out
+
+    caption(min(8, n), 2)  # warm-up
+    res: dict[str, Any] = {"images": n, "edge": edge, "tokens": tokens, "prompt_tokens": [len(p) for p in prompts]}
+    res["batch_1_images_per_hour"], one = caption(1)
+    res["batch_8_images_per_hour"], eight = caption(8)
+    res["batch_same_tokens"] = one == eight
+    log(f"captions: batch 1 {res['batch_1_images_per_hour']:.0f}, batch 8 {res['batch_8_images_per_hour']:.0f} img/h")
+
+    def serve(clients: int) -> float:
+        options = Options(max_tokens=tokens, temperature=0.0)
+        turns = []
+        for i in range(clients):
+            prompt = px.encode([{"role": "user", "content": f"{DECODE_PROMPT} Chapter {i + 1}."}])
+            turns.append((0, px.plan_turn(prompt, px.new_cache(), options)))
+        mx.synchronize()
+        t = now()
+        count = sum(1 for _, chunk in batching.run(px, turns) if chunk.token is not None)
+        return count / (now() - t)
+
+    serve(1)  # warm-up
+    res["server_1_client_tps"] = serve(1)
+    res["server_4_clients_tps"] = serve(4)
+    log(f"server: 1 client {res['server_1_client_tps']:.2f}, 4 clients {res['server_4_clients_tps']:.2f} tok/s")
+    return res
+
+
 def job_group(spec: dict, log: Callable[[str], None]) -> dict:
     """Several jobs in one process (the smoke test: saves the imports; RSS is then shared)."""
     return {"results": [timed_job(sub, log) for sub in spec["jobs"]]}
 
 
-JOBS = {"ours": job_ours, "vlm": job_vlm, "convert": job_convert, "bandwidth": job_bandwidth, "group": job_group}
+JOBS = {
+    "ours": job_ours,
+    "vlm": job_vlm,
+    "convert": job_convert,
+    "bandwidth": job_bandwidth,
+    "peak": job_peak,
+    "batch": job_batch,
+    "group": job_group,
+}
 
 
 def timed_job(spec: dict, log: Callable[[str], None]) -> dict:

@@ -47,6 +47,10 @@ SETTINGS = {
         "decode_budget_s": 15.0,
         "budget_s": 40.0,
         "bandwidth_bytes": 1 << 30,
+        "peak_repeats": 3,
+        "batch_images": 8,
+        "batch_edge": 256,
+        "batch_tokens": 12,
     },
     "quick": {
         "prompt_tokens": 256,
@@ -58,6 +62,10 @@ SETTINGS = {
         "decode_budget_s": 8.0,
         "budget_s": 15.0,
         "bandwidth_bytes": 1 << 28,
+        "peak_repeats": 3,
+        "batch_images": 8,
+        "batch_edge": 128,
+        "batch_tokens": 8,
     },
     "tiny": {
         "prompt_tokens": 128,
@@ -69,6 +77,11 @@ SETTINGS = {
         "decode_budget_s": 5.0,
         "budget_s": 10.0,
         "bandwidth_bytes": 1 << 24,
+        "peak_repeats": 2,
+        "peak_shapes": [[256, 256, 256], [128, 256, 512]],
+        "batch_images": 8,
+        "batch_edge": 64,
+        "batch_tokens": 4,
     },
 }
 
@@ -269,6 +282,114 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
     }
     if "first_tokens" in r:
         out["first_tokens"] = r["first_tokens"]
+    return out
+
+
+def prefill_flops(p: dict, tokens: int) -> float:
+    """Useful FLOPs of a prefill of `tokens` new tokens through the full 40-layer decoder: 2 per weight and token
+    in every projection (q, k, v, o, gate, up, down), causal attention (QKᵀ and PV over the keys each query
+    sees: 4 × heads × head_dim per query-key pair) and the last position's lm_head."""
+    d, hd, h, kv, f = p["dim"], p["head_dim"], p["n_heads"], p["n_kv_heads"], p["hidden_dim"]
+    weights = 2 * d * h * hd + 2 * d * kv * hd + 3 * d * f
+    pairs = tokens * (tokens + 1) / 2
+    return FULL_TEXT_LAYERS * (2 * tokens * weights + 4 * h * hd * pairs) + 2 * d * p["vocab_size"]
+
+
+def vision_flops(p: dict, patches: int) -> float:
+    """Useful FLOPs of encoding one image of `patches` patches with the full 24-layer vision tower and the
+    adapter: the patch convolution, every projection (q, k, v, o, gate, up, down), bidirectional attention
+    within the image (QKᵀ and PV: 4 × hidden per patch pair) and the adapter's two linear layers."""
+    v, d = p["vision_encoder"], p["dim"]
+    hv, fv, ps = v["hidden_size"], v["intermediate_size"], v["patch_size"]
+    layer = 2 * patches * (4 * hv * hv + 3 * hv * fv) + 4 * patches * patches * hv
+    conv = 2 * patches * v["num_channels"] * ps * ps * hv
+    adapter = 2 * patches * (hv * d + d * d)
+    return conv + FULL_VISION_LAYERS * layer + adapter
+
+
+def issue24(res: dict) -> list[dict]:
+    """Issue 24's ratios, each with the peak or bound it was measured against in the same run."""
+    out: list[dict] = []
+    peak = (res.get("gemm_peak") or {}).get("gflops")
+    params, runs, raw = res["checkpoint"]["params"], res["runs"].get("4bit", {}), res["raw"].get("4bit", {})
+    ours, ours_raw = runs.get("ours", {}), raw.get("ours", {})
+    for key, target in (("prefill_image", 0.70), ("prefill_text", 0.70)):
+        r = ours.get(key)
+        if not r or r.get("skipped") or not peak:
+            continue
+        flops = prefill_flops(params, r["tokens"])
+        rate = flops / r["full_s"] / 1e9
+        what = f"{res['settings']['prefill_image_size']}² image prompt" if key == "prefill_image" else "text prompt"
+        out.append(
+            {
+                "key": key,
+                "name": f"prefill, {what} ({r['tokens']} tok), 4-bit @40, ÷ f32 GEMM peak",
+                "figure": f"{fmt(r['full_tps'])} tok/s = {fmt(rate)} GFLOP/s",
+                "against": f"{fmt(peak)} GFLOP/s",
+                "flops": flops,
+                "gflops": rate,
+                "peak_gflops": peak,
+                "ratio": rate / peak,
+                "target": target,
+            }
+        )
+    size = max(res["settings"]["image_sizes"])
+    v = ours.get(f"vision_{size}")
+    if v and peak:
+        patches = ours_raw[f"vision_{size}"]["patches"]
+        flops = vision_flops(params, patches)
+        rate = flops / v["full_s"] / 1e9
+        out.append(
+            {
+                "key": "vision",
+                "name": f"vision {size}² ({patches} patches) @24 + adapter, ÷ f32 GEMM peak",
+                "figure": f"{fmt(v['full_s'])} s = {fmt(rate)} GFLOP/s",
+                "against": f"{fmt(peak)} GFLOP/s",
+                "flops": flops,
+                "gflops": rate,
+                "peak_gflops": peak,
+                "ratio": rate / peak,
+                "target": 0.60,
+            }
+        )
+    b = res.get("decode_bound", {})
+    dec = (b.get("runtimes") or {}).get("ours 4bit")
+    if dec and b.get("tps"):
+        out.append(
+            {
+                "key": "decode",
+                "name": "decode, 4-bit @40, ÷ bandwidth bound",
+                "figure": f"{fmt(dec)} tok/s",
+                "against": f"{fmt(b['tps'])} tok/s ({fmt(b['gbps'])} GB/s, {b['source']})",
+                "ratio": dec / b["tps"],
+                "target": 0.50,
+            }
+        )
+    batch = res.get("batch") or {}
+    if "error" not in batch and batch.get("batch_1_images_per_hour"):
+        one, eight = batch["batch_1_images_per_hour"], batch["batch_8_images_per_hour"]
+        out.append(
+            {
+                "key": "captions",
+                "name": f"captions, batch 8 ÷ batch 1, images/hour ({batch['images']} images of {batch['edge']}², "
+                f"{batch['tokens']} tokens, {res['depths']['text']}-layer 4-bit)",
+                "figure": f"{fmt(eight)} img/h" + ("" if batch["batch_same_tokens"] else " (**captions differ**)"),
+                "against": f"{fmt(one)} img/h",
+                "ratio": eight / one,
+                "target": None,
+            }
+        )
+        one, four = batch["server_1_client_tps"], batch["server_4_clients_tps"]
+        out.append(
+            {
+                "key": "server",
+                "name": "server, 4 concurrent requests ÷ 1, generated tok/s (continuous batcher)",
+                "figure": f"{fmt(four)} tok/s",
+                "against": f"{fmt(one)} tok/s",
+                "ratio": four / one,
+                "target": None,
+            }
+        )
     return out
 
 
@@ -560,6 +681,25 @@ def markdown(res: dict) -> str:
             lines.append(f"| {name} | {fmt(v)} | {fmt(v / b['tps'] if v and b.get('tps') else None)} |")
     lines.append("")
 
+    peak = res.get("gemm_peak") or {}
+    lines += [
+        "## Issue 24: every ratio against its peak or bound, measured in this run",
+        "",
+        f"f32 GEMM peak: {fmt(peak.get('gflops'))} GFLOP/s (mx.matmul {peak.get('shape', '—')}, best of "
+        f"{res['settings']['peak_repeats']}, its own job just before ours). FLOPs are the useful ones: every "
+        "projection, attention QKᵀ and PV (causal: the pairs each query sees), the patch convolution and the "
+        "adapter (`prefill_flops`, `vision_flops`). Prefill and vision are full depth by extrapolation (above).",
+        "",
+        "| ratio | figure | against | **ratio** | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in res.get("issue24", []):
+        ratio = f"{100 * r['ratio']:.0f} %" if r["target"] is not None else times(r["ratio"])
+        target = "—" if r["target"] is None else f"≥ {100 * r['target']:.0f} %"
+        met = "—" if r["target"] is None else ("yes" if r["ratio"] >= r["target"] else "**no**")
+        lines.append(f"| {r['name']} | {r['figure']} | {r['against']} | **{ratio}** | {target} | {met} |")
+    lines.append("")
+
     lines += ["## Targets", "", "| target | result | met |", "|---|---|---|"]
     for t in res["targets"]:
         lines.append(
@@ -627,6 +767,16 @@ def targets(res: dict) -> list[dict]:
                 "met": ours / b["tps"] >= 0.5,
             }
         )
+    for r in res.get("issue24", []):
+        if r["target"] is not None and "GEMM peak" in r["name"]:
+            out.append(
+                {
+                    "target": f"{r['name'].split(', 4-bit')[0].split(' @')[0]} ≥ {100 * r['target']:.0f} % of the "
+                    "f32 GEMM peak",
+                    "result": f"{100 * r['ratio']:.0f} % ({fmt(r['gflops'])} of {fmt(r['peak_gflops'])} GFLOP/s)",
+                    "met": r["ratio"] >= r["target"],
+                }
+            )
     for name, c in res["convert"].items():
         if "error" not in c:
             out.append(
@@ -761,8 +911,10 @@ def main(argv: list[str] | None = None) -> int:
                 where.append((ck_name, key))
         for (ck_name, key), r in zip(where, run_jobs(specs, jobs_dir, args.tiny)):
             raw[ck_name][key] = r
-        # 5. Ours.
-        specs, where = [], []
+        # 5. Ours, after the f32 GEMM peak (issue 24's prefill and vision ratios), then the batched job.
+        specs, where = [{"kind": "peak", "label": "peak", "repeats": settings["peak_repeats"]}], ["peak"]
+        if settings.get("peak_shapes"):
+            specs[0]["shapes"] = settings["peak_shapes"]
         for ck_name in ("4bit", "bf16"):
             if "error" in convert[ck_name]:
                 continue
@@ -785,8 +937,15 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             where.append(ck_name)
+        if "error" not in convert["4bit"]:
+            specs.append({**base, "kind": "batch", "label": "batch-4bit", "model": str(folders["4bit"])})
+            where.append("batch")
+        extra_results: dict[str, dict] = {}
         for ck_name, r in zip(where, run_jobs(specs, jobs_dir, args.tiny)):
-            raw[ck_name]["ours"] = r
+            if ck_name in ("peak", "batch"):
+                extra_results[ck_name] = r
+            else:
+                raw[ck_name]["ours"] = r
     finally:
         if not args.keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
@@ -864,12 +1023,15 @@ def main(argv: list[str] | None = None) -> int:
         "checkpoint": {k: v for k, v in ck.items() if k != "params"} | {"params": params},
         "convert": convert,
         "bandwidth": bandwidth,
+        "gemm_peak": extra_results.get("peak", {"error": "not run"}),
+        "batch": extra_results.get("batch", {"error": "not run"}),
         "decode_bound": bound,
         "runs": runs,
         "comparison": comparison,
         "raw": raw,
     }
     res["total_wall_s"] = time.perf_counter() - t_start
+    res["issue24"] = issue24(res)
     res["targets"] = targets(res)
     md = markdown(res)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=str))
@@ -877,6 +1039,7 @@ def main(argv: list[str] | None = None) -> int:
     print(md)
     log(f"[bench] wrote {out / 'results.json'} and {out / 'results.md'} in {res['total_wall_s'] / 60:.1f} min")
     errors = [f"{ck}/{k}" for ck, rs in raw.items() for k, v in rs.items() if "error" in v]
+    errors += [k for k, v in extra_results.items() if "error" in v]
     errors += [f"convert-{k}" for k, v in convert.items() if "error" in v]
     if errors:
         log(f"[bench] jobs with errors: {', '.join(errors)}")

@@ -51,3 +51,23 @@ def mlx_sum_gbps(a: Any, repeats: int) -> float:
     import mlx.core as mx
 
     return a.nbytes / best(lambda: mx.eval(a.sum()), repeats) / 1e9
+
+
+GEMM_PEAK_SHAPES = ((4096, 4096, 4096), (2048, 5120, 14336))  # (m, k, n): square, and a prefill-sized FFN
+
+
+def gemm_peak(repeats: int, shapes: tuple[tuple[int, int, int], ...] = GEMM_PEAK_SHAPES) -> dict:
+    """The f32 GEMM peak of this machine as MLX reaches it: `mx.matmul` on large f32 shapes, best of `repeats`
+    for each, the fastest shape kept. Issue 24's prefill and vision ratios are taken against it."""
+    import mlx.core as mx
+
+    out: dict[str, Any] = {"gflops": 0.0, "shapes": {}}
+    for m, k, n in shapes:
+        a, b = mx.random.normal((m, k)), mx.random.normal((k, n))
+        mx.eval(a, b)
+        rate = 2 * m * k * n / best(lambda a=a, b=b: mx.eval(a @ b), repeats) / 1e9
+        out["shapes"][f"{m}x{k}x{n}"] = rate
+        if rate > out["gflops"]:
+            out["gflops"], out["shape"] = rate, f"{m}×{k} @ {k}×{n}"
+        del a, b
+    return out

@@ -4,23 +4,36 @@ The model files (`model.py`, `vision.py`) know nothing about devices. On MLX's C
 - quantized layers send prefill (many tokens) through a dequantized BLAS GEMM, ~10x faster than
   `quantized_matmul` there; decode (a few tokens) keeps the quantized kernel, which reads 4x fewer bytes,
   with its output rows split over one CPU stream per core;
-- vision attention splits its heads over the same streams (the CPU softmax runs on one thread).
+- prefill dequantizes each weight in one row block per stream (MLX's elementwise kernels use one thread);
+- attention over many queries (vision, and a decoder prompt chunk) runs in blocks of queries with its heads
+  split over the same streams (the CPU softmax runs on one thread), never holding the whole score matrix and,
+  for causal prompts, never computing the masked half.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+from contextlib import nullcontext
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx_lm.models import llama
 
 from . import cpu_kernel
 from .models.pixtral.vision import Attention
 
 # Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
 DEQUANT_MIN_TOKENS = 16
+# The blocked attention (`blocked_attention`): queries go in blocks of at most ATTENTION_BLOCK rows, fewer where
+# a block's scores (all heads against every key) would pass BLOCK_SCORES_BYTES. A 1024² image: 16 heads x 1,024
+# x 4,096 patches, 256 MB per block against 1 GB at once; a 4,160-token image prompt in the decoder: blocks of
+# 504 queries (32 heads), against 1.1 GB for a 2,048-token chunk. The memory plan counts one block.
+ATTENTION_BLOCK = 1024
+BLOCK_SCORES_BYTES = 1 << 28
+MIN_ATTENTION_BLOCK = 16
+PROMPT_ATTENTION_MIN = 64  # decoder queries from which a prompt chunk's attention goes through blocked_attention
 _local = threading.local()
 
 
@@ -68,13 +81,31 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
             return self._few_tokens(x, cpu_streams())
-        y = x @ self._dequantized().astype(x.dtype).T
+        y = self._many_tokens(x, cpu_streams())
         if "bias" in self:
             y = y + self["bias"]
         return y
 
-    def _dequantized(self) -> mx.array:
+    def _many_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
+        """Prefill: dequantize, then one BLAS GEMM. The dequantization is elementwise work that MLX's CPU
+        backend runs on one thread, so with several streams the output rows are cut into one block per
+        stream, each dequantized on its own stream (thread), and each block's GEMM runs on the caller's
+        stream (BLAS uses every core): the same values, the dequantization in 1/cores of the time."""
+        rows = self["weight"].shape[0]
+        if len(streams) < 2 or rows < 2 * len(streams):
+            return x @ self._dequantized().astype(x.dtype).T
+        blocks = []
+        for st, (lo, hi) in zip(streams, splits(rows, len(streams))):
+            with mx.stream(st):
+                blocks.append(self._dequantized(lo, hi))
+        return mx.concatenate([x @ w.astype(x.dtype).T for w in blocks], axis=-1)
+
+    def _dequantized(self, lo: int = 0, hi: int | None = None) -> mx.array:
+        """The float32 weights of output rows [lo, hi) (all rows by default)."""
         w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        if lo or hi is not None:
+            w, scales = w[lo:hi], scales[lo:hi]
+            biases = None if biases is None else biases[lo:hi]
         if self.mode != "affine" or self.bits not in (2, 4, 8) or biases is None:
             if self.mode == "affine" and scales.dtype != mx.float32:  # bf16 scales: dequantize in float32
                 scales = scales.astype(mx.float32)
@@ -120,19 +151,89 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return y
 
 
+def attention_block(heads: int, keys: int, dtype_size: int) -> int:
+    """Query rows per block of `blocked_attention` against `keys` keys: ATTENTION_BLOCK, fewer where the
+    block's scores would pass BLOCK_SCORES_BYTES (long contexts)."""
+    rows = BLOCK_SCORES_BYTES // max(heads * keys * dtype_size, 1)
+    return int(max(MIN_ATTENTION_BLOCK, min(ATTENTION_BLOCK, rows)))
+
+
+def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
+    """`mx.fast.scaled_dot_product_attention` (mask None or "causal") without the full score matrix.
+
+    MLX's CPU attention materializes the scores of all heads and queries at once and runs its softmax on
+    one thread. Here the queries go in blocks of ATTENTION_BLOCK rows (fewer against very many keys:
+    `attention_block`, which the memory plan counts), and each block's kv-head groups
+    (a kv head with its query heads, GQA) go one per CPU stream, so the scores in flight are a block's and
+    every core runs a softmax. Causal (queries are the last q.shape[2] positions of the keys, as mlx-lm
+    lays out a prompt chunk after its cache): a block reads only the keys up to its last query, so the
+    masked half of a fresh prompt's scores is never computed. Each row's softmax is the same; only the
+    order of float sums inside the matrix products can differ from the one-call result.
+    """
+    n_q, n_k, n_kv = q.shape[2], k.shape[2], k.shape[1]
+    rep = q.shape[1] // n_kv
+    streams = cpu_streams() or [None]
+    groups = splits(n_kv, min(len(streams), n_kv))
+    offset = n_k - n_q  # keys before the first query (the cache)
+    out: list[mx.array] = []
+    parts: list[mx.array] = []
+    block = attention_block(q.shape[1], n_k, q.dtype.size)
+    for lo, hi in splits(n_q, -(-n_q // block)):
+        end = offset + hi if causal else n_k
+        mask = None
+        if causal:
+            mask = mx.arange(offset + lo, offset + hi)[:, None] >= mx.arange(end)[None]
+        # A block starts once the previous one is done: left to itself MLX's scheduler computes every block's
+        # scores before the first softmax, holding them all at once.
+        qb = mx.depends(q[:, :, lo:hi], parts) if parts else q[:, :, lo:hi]
+        parts = []
+        for st, (a, b) in zip(streams, groups):
+            with mx.stream(st) if st is not None else nullcontext():
+                parts.append(
+                    mx.fast.scaled_dot_product_attention(
+                        qb[:, a * rep : b * rep], k[:, a:b, :end], v[:, a:b, :end], scale=scale, mask=mask
+                    )
+                )
+        out.append(mx.concatenate(parts, axis=1) if len(parts) > 1 else parts[0])
+    return mx.concatenate(out, axis=2) if len(out) > 1 else out[0]
+
+
 class StreamSplitAttention(Attention):
-    """Vision attention with its heads split over the CPU streams (one thread each)."""
+    """Vision attention, per image, in blocks of queries with its heads split over the CPU streams
+    (`blocked_attention`): never an image's whole score matrix (4,096 patches x 16 heads: 1 GB)."""
 
     def _attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
-        streams = cpu_streams()
-        if len(streams) < 2:
-            return super()._attend(q, k, v)
-        parts = []
-        for st, (a, b) in zip(streams, splits(self.n_heads, len(streams))):
-            with mx.stream(st):
-                parts.append(mx.fast.scaled_dot_product_attention(q[:, a:b], k[:, a:b], v[:, a:b], scale=self.scale))
-        return mx.concatenate(parts, axis=1)
+        return blocked_attention(q, k, v, self.scale, causal=False)
+
+
+class BlockedPromptAttention(llama.Attention):
+    """mlx-lm's llama attention (Pixtral-12B's decoder) with a prompt chunk's causal attention computed by
+    `blocked_attention`: the decoder's half of a long image prompt's scores is never computed, the rest never
+    held at once, and the softmax runs on every core. Decode (one query), quantized KV caches and explicit
+    masks (batches) keep mlx-lm's call. The body is mlx-lm's `Attention.__call__` (mlx-lm 0.32) with the
+    attention call swapped."""
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        causal = isinstance(mask, str) and mask == "causal"
+        if L >= PROMPT_ATTENTION_MIN and (mask is None or causal) and not hasattr(cache, "bits"):
+            output = blocked_attention(queries, keys, values, self.scale, causal=causal)
+        else:
+            output = llama.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
 
 # Model classes and their CPU replacements (same parameters, so a class swap is enough).
-REPLACEMENTS: dict[type, type] = {nn.QuantizedLinear: DequantizingQuantizedLinear, Attention: StreamSplitAttention}
+REPLACEMENTS: dict[type, type] = {
+    nn.QuantizedLinear: DequantizingQuantizedLinear,
+    Attention: StreamSplitAttention,
+    llama.Attention: BlockedPromptAttention,
+}

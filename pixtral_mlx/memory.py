@@ -6,9 +6,10 @@ The terms, from the model's config and dtypes and the encoded prompt (token coun
 - KV cache: prompt + max_tokens positions (allocated in mlx-lm's steps of 256) at the chosen KV bits;
 - vision features: the ones kept for reuse plus the new images';
 - the larger of two transient peaks, which never overlap: the vision encoder over the new images
-  (attention materialized per image and head where the backend has no fused kernel) and the prefill
-  (input embeddings of the new tokens, one chunk's activations through a layer, its attention scores,
-  and on CPU the dequantized weights of the largest quantized layer).
+  (attention materialized per image where the backend has no fused kernel; on CPU one block of queries at a
+  time) and the prefill (input embeddings of the new tokens, one chunk's activations through a layer, its
+  attention scores (on CPU, one block of queries'), and on CPU the dequantized weights of the largest quantized
+  layer).
 
 The machine's limit is Metal's recommended working set (`mx.device_info()`), or on the CPU backend the
 available RAM (`MemAvailable`) plus what MLX already holds. `PIXTRAL_MLX_MEMORY_LIMIT` overrides it
@@ -33,6 +34,10 @@ PREFILL_STEP = 2048  # mlx-lm's prefill chunk (its generate.PREFILL_STEP); the o
 SCORES_BUDGET = 1 << 30  # most bytes of materialized attention scores per prefill chunk (the chunk shrinks)
 MIN_PREFILL_STEP = 64
 SCORE_COPIES = 1  # unfused attention: the scores array (masking and softmax reuse its buffer; measured)
+# The CPU's blocked attention, copies of one block's scores alive at once (measured on the tiny test model with
+# a 1024² image, blocks of 512 and 1,024 rows): a prompt chunk's (mask array) ~1.3, the vision tower's ~3.6.
+BLOCK_SCORE_COPIES = 2
+VISION_BLOCK_SCORE_COPIES = 4
 LIMIT_ENV = "PIXTRAL_MLX_MEMORY_LIMIT"
 
 
@@ -249,7 +254,7 @@ def estimate(
     """The plan for prefilling `prompt.tokens[keep:]` (the first `keep` already in a cache of `cache_bytes`)
     and generating up to `max_tokens`."""
     from .backend import device_name, on_cpu
-    from .cpu import DEQUANT_MIN_TOKENS
+    from .cpu import DEQUANT_MIN_TOKENS, PROMPT_ATTENTION_MIN, BlockedPromptAttention, attention_block
 
     model = pixtral.model
     t, v = pixtral.args.text, pixtral.args.vision
@@ -269,7 +274,9 @@ def estimate(
     patches = [img.patches for img in new_images]  # what the vision encoder sees (before any merging)
     n_patch = sum(patches)
     pixels = sum(img.pixels.nbytes for img in new_images)
-    vision_scores = max((p * p for p in patches), default=0) * v.num_attention_heads * a * SCORE_COPIES
+    # CPU: per image, in blocks of queries (`cpu.blocked_attention`)
+    vision_scores = max((p * attention_block(v.num_attention_heads, p, a) for p in patches), default=0)
+    vision_scores *= v.num_attention_heads * a * VISION_BLOCK_SCORE_COPIES
     if not cpu:
         vision_scores = 0  # Metal's fused attention kernel
     vision = pixels + n_patch * (6 * v.hidden_size + 3 * v.intermediate_size + 3 * t.hidden_size) * a
@@ -286,12 +293,20 @@ def estimate(
     budget = SCORES_BUDGET
     if limit is not None:
         budget = max(limit - weights - kv - features - n_new * t.hidden_size * a - logits - dequant, 0) // 2
-    step = prefill_step(t.num_attention_heads, total, a, materialized, budget)
+    # CPU, a decoder with the blocked prompt attention and no KV quantization: a chunk's attention goes in
+    # blocks of queries (`cpu.blocked_attention`), so its scores do not grow with the chunk, which keeps its size
+    layers = model.language_model.model.layers
+    blocked = cpu and kv_bits is None and bool(layers) and isinstance(layers[0].self_attn, BlockedPromptAttention)
+    step = prefill_step(t.num_attention_heads, total, a, materialized and not blocked, budget)
     chunk, keys = largest_chunk(n_new, keep, step)
+    rows = chunk
+    if blocked and chunk >= PROMPT_ATTENTION_MIN:
+        rows = min(chunk, attention_block(t.num_attention_heads, keys, a))
     embed = 3 * n_new * t.hidden_size * a if img_tokens else 2 * n_new * t.hidden_size * a
     q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     layer = chunk * (5 * t.hidden_size + 2 * q_width + 4 * kv_width + 3 * t.intermediate_size) * a
-    scores = t.num_attention_heads * chunk * keys * a * SCORE_COPIES if materialized else 0
+    copies = BLOCK_SCORE_COPIES if blocked and chunk >= PROMPT_ATTENTION_MIN else SCORE_COPIES
+    scores = t.num_attention_heads * rows * keys * a * copies if materialized else 0
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(

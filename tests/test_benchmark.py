@@ -126,3 +126,57 @@ def test_bandwidth_bound_and_targets(result):
         assert met[f"turn-2 TTFT ≤ 1/20 of turn 1 with a 1024² image, @40/24 ({ck})"] == (ratio <= 1 / 20)
     for name, c in result["convert"].items():
         assert met[f"converter peak RSS ≤ 1.5 × largest tensor + 1 GB ({name})"] == c["met"]
+
+
+def test_issue24_ratios_against_in_run_peaks(result):
+    """Issue 24's table: every ratio is present, positive and computed from the figures it names."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+
+    peak = result["gemm_peak"]
+    assert "error" not in peak and positive(peak["gflops"])
+    assert peak["gflops"] == max(peak["shapes"].values())
+    rows = {r["key"]: r for r in result["issue24"]}
+    assert set(rows) == {"prefill_image", "prefill_text", "vision", "decode", "captions", "server"}
+    assert all(positive(r["ratio"]) for r in rows.values())
+    ours, params = result["runs"]["4bit"]["ours"], result["checkpoint"]["params"]
+    for key in ("prefill_image", "prefill_text"):
+        r, p = rows[key], ours[key]
+        assert r["peak_gflops"] == peak["gflops"]
+        assert r["flops"] == pytest.approx(run.prefill_flops(params, p["tokens"]))
+        assert r["ratio"] == pytest.approx(r["flops"] / p["full_s"] / 1e9 / peak["gflops"])
+    size = max(result["settings"]["image_sizes"])
+    patches = result["raw"]["4bit"]["ours"][f"vision_{size}"]["patches"]
+    assert patches == (size // 16) ** 2
+    v = rows["vision"]
+    assert v["flops"] == pytest.approx(run.vision_flops(params, patches))
+    assert v["ratio"] == pytest.approx(v["flops"] / ours[f"vision_{size}"]["full_s"] / 1e9 / peak["gflops"])
+    bound = result["decode_bound"]
+    assert rows["decode"]["ratio"] == pytest.approx(bound["runtimes"]["ours 4bit"] / bound["tps"])
+    b = result["batch"]
+    for k in ("batch_1_images_per_hour", "batch_8_images_per_hour", "server_1_client_tps", "server_4_clients_tps"):
+        assert positive(b[k]), k
+    assert b["batch_same_tokens"] is True  # batching changes no caption
+    assert rows["captions"]["ratio"] == pytest.approx(b["batch_8_images_per_hour"] / b["batch_1_images_per_hour"])
+    assert rows["server"]["ratio"] == pytest.approx(b["server_4_clients_tps"] / b["server_1_client_tps"])
+    met = {t["target"]: t["met"] for t in result["targets"]}
+    for key in ("prefill_image", "prefill_text", "vision"):
+        r = rows[key]
+        verdicts = [m for t, m in met.items() if t.endswith("of the f32 GEMM peak") and t.split(" ≥")[0] in r["name"]]
+        assert verdicts == [r["ratio"] >= r["target"]], (key, verdicts)
+
+
+def test_flop_counts():
+    """The FLOP formulas on Pixtral-12B's widths, by hand: 2 per weight and token, 4·hd·heads per attention pair."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import run
+    import synthetic
+
+    p = synthetic.params(40, 24)
+    per_token_weights = 2 * 5120 * 4096 + 2 * 5120 * 1024 + 3 * 5120 * 14336
+    assert run.prefill_flops(p, 1) == pytest.approx(40 * (2 * per_token_weights + 4 * 4096) + 2 * 5120 * 131072)
+    two = run.prefill_flops(p, 2) - 2 * 5120 * 131072
+    assert two == pytest.approx(40 * (4 * per_token_weights + 4 * 4096 * 3))  # pairs (0,0), (1,0), (1,1)
+    n = 4096
+    layer = 2 * n * (4 * 1024**2 + 3 * 1024 * 4096) + 4 * n * n * 1024
+    assert run.vision_flops(p, n) == pytest.approx(2 * n * 768 * 1024 + 24 * layer + 2 * n * (1024 * 5120 + 5120**2))

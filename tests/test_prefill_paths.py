@@ -1,0 +1,169 @@
+"""The CPU prefill and vision paths (`pixtral_mlx/cpu.py`) compute what the plain MLX calls compute.
+
+Each changed path is checked against the one it replaced: `blocked_attention` against one
+`mx.fast.scaled_dot_product_attention` call (causal with a cache before the queries, bidirectional, GQA),
+the per-stream dequantization against one dequantization, and a tiny 4-bit checkpoint end to end (logits of
+an image and a text prompt, a chunked prefill, greedy tokens) with the new paths against the old ones. The
+blocks are made tiny so that the tiny prompts cross several of them.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from PIL import Image
+
+import pixtral_mlx
+from pixtral_mlx import backend, cpu
+from pixtral_mlx.convert import convert
+from pixtral_mlx.models.pixtral.vision import Attention
+
+pytestmark = pytest.mark.skipif(not backend.on_cpu(), reason="the CPU backend's classes")
+
+
+def _qkv(n_q: int, n_k: int, heads: int, kv_heads: int, seed: int) -> tuple[mx.array, mx.array, mx.array]:
+    mx.random.seed(seed)
+    q = mx.random.normal((1, heads, n_q, 16))
+    k = mx.random.normal((1, kv_heads, n_k, 16))
+    v = mx.random.normal((1, kv_heads, n_k, 16))
+    return q, k, v
+
+
+@pytest.mark.parametrize(
+    "n_q,n_k,heads,kv_heads,causal",
+    [(37, 37, 4, 2, True), (37, 100, 4, 2, True), (50, 50, 2, 2, False), (9, 9, 4, 1, True), (40, 40, 3, 3, False)],
+)
+@pytest.mark.parametrize("streams", [True, False])
+def test_blocked_attention_equals_one_call(n_q, n_k, heads, kv_heads, causal, streams, monkeypatch):
+    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", 8)
+    if not streams:
+        monkeypatch.setattr(cpu, "cpu_streams", lambda: [])
+    q, k, v = _qkv(n_q, n_k, heads, kv_heads, seed=n_q + n_k)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.25, mask="causal" if causal else None)
+    out = cpu.blocked_attention(q, k, v, 0.25, causal=causal)
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(np.array(out), np.array(ref), atol=1e-5, rtol=1e-5)
+    if causal and n_k == n_q:  # the first query sees only the first key: its output is that value
+        first = mx.repeat(v, heads // kv_heads, axis=1)[0, :, 0]
+        np.testing.assert_allclose(np.array(out[0, :, 0]), np.array(first), atol=1e-6)
+
+
+def test_dequantized_blocks_equal_one_dequantization():
+    """Row blocks dequantized on the CPU streams, one GEMM each: the values of one dequantization + GEMM."""
+    import mlx.nn as nn
+
+    mx.random.seed(3)
+    layer = nn.Linear(128, 96, bias=True)
+    layer.weight = mx.random.normal((96, 128)) * 0.05
+    q = nn.QuantizedLinear.from_linear(layer, group_size=32, bits=4)
+    q.scales, q.biases = q.scales.astype(mx.bfloat16), q.biases.astype(mx.bfloat16)  # as prepare keeps them
+    q.__class__ = cpu.DequantizingQuantizedLinear
+    x = mx.random.normal((1, 40, 128))
+    w = mx.dequantize(q.weight, q.scales.astype(mx.float32), q.biases.astype(mx.float32), group_size=32, bits=4)
+    ref = x @ w.T + q.bias
+    np.testing.assert_allclose(np.array(q(x)), np.array(ref), atol=1e-5, rtol=1e-5)
+    np.testing.assert_array_equal(np.array(q._dequantized(10, 50)), np.array(w[10:50]))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end on a tiny 4-bit checkpoint: the new paths against the old ones.
+
+
+def old_paths(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU classes as they were: one dequantization, one attention call (mlx-lm's; vision: per image)."""
+    monkeypatch.setattr(cpu, "PROMPT_ATTENTION_MIN", 10**9)
+    monkeypatch.setattr(cpu.StreamSplitAttention, "_attend", Attention._attend)
+    monkeypatch.setattr(
+        cpu.DequantizingQuantizedLinear, "_many_tokens", lambda self, x, streams: x @ self._dequantized().T
+    )
+
+
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new paths with blocks small enough for a tiny prompt to cross several."""
+    monkeypatch.setattr(cpu, "ATTENTION_BLOCK", 8)
+    monkeypatch.setattr(cpu, "PROMPT_ATTENTION_MIN", 2)
+
+
+@pytest.fixture(scope="module")
+def q4(hf_dir, tmp_path_factory):
+    out = convert(hf_dir, tmp_path_factory.mktemp("q4") / "q4", quantize=True, bits=4, group_size=32, progress=False)
+    return pixtral_mlx.load(str(out))
+
+
+def noise(w: int, h: int, seed: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+MESSAGES = {
+    "image": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": noise(96, 64, 1)},
+                {"type": "image", "image": noise(48, 80, 2)},
+                {"type": "text", "text": "Describe both."},
+            ],
+        }
+    ],
+    "text": [{"role": "user", "content": "Tell me about the river, the stone and the quiet market at dawn. " * 3}],
+}
+
+
+@pytest.mark.parametrize("case", list(MESSAGES))
+def test_logits_and_greedy_tokens_equal_the_old_paths(case, q4, monkeypatch):
+    messages = MESSAGES[case]
+    assert len(q4.encode(messages)) > 3 * 8  # crosses several attention blocks
+    layer = q4.model.language_model.model.layers[0]
+    assert isinstance(layer.self_attn, cpu.BlockedPromptAttention)
+    assert isinstance(layer.mlp.gate_proj, cpu.DequantizingQuantizedLinear)
+    with monkeypatch.context() as m:
+        small_blocks(m)
+        new_logits = q4.logits(messages)
+        new_tokens = q4.generate(messages, max_tokens=10, temperature=0.0).tokens
+    with monkeypatch.context() as m:
+        old_paths(m)
+        old_logits = q4.logits(messages)
+        old_tokens = q4.generate(messages, max_tokens=10, temperature=0.0).tokens
+    assert np.abs(old_logits).max() > 0.1
+    np.testing.assert_allclose(new_logits, old_logits, atol=1e-4 * np.abs(old_logits).max(), rtol=0)
+    assert len(new_tokens) == 10 and new_tokens == old_tokens
+
+
+def test_vision_features_equal_the_old_path(q4, monkeypatch):
+    """Two images in one encoder call: per-image blocked attention gives the old per-image features."""
+    prompt = q4.encode(MESSAGES["image"])
+    images = [img.pixels for img in prompt.images]
+    with monkeypatch.context() as m:
+        small_blocks(m)
+        new = [np.array(f) for f in q4.model.encode_images(images)]
+    with monkeypatch.context() as m:
+        old_paths(m)
+        old = [np.array(f) for f in q4.model.encode_images(images)]
+    assert [f.shape for f in new] == [f.shape for f in old] and len(new) == 2
+    for a, b in zip(new, old):
+        np.testing.assert_allclose(a, b, atol=1e-5 * np.abs(b).max(), rtol=0)
+
+
+def test_chunked_prefill_equals_one_chunk(q4, monkeypatch):
+    """A prompt prefilled in chunks (keys of the cache before each chunk's queries) gives the next-token logits
+    of the old one-chunk path."""
+    from pixtral_mlx.generate import prefill
+
+    prompt = q4.encode(MESSAGES["image"])
+    emb = q4.embeddings(prompt)
+
+    def last_logits(step: int) -> np.ndarray:
+        cache = q4.model.make_cache()
+        prefill(q4.model, prompt.tokens, emb, cache, prefill_step=step)
+        out = q4.model(mx.array(prompt.tokens[-1:])[None], cache=cache, input_embeddings=emb[None, -1:])
+        return np.array(out[0, -1])
+
+    with monkeypatch.context() as m:
+        small_blocks(m)
+        chunked = last_logits(13)
+    with monkeypatch.context() as m:
+        old_paths(m)
+        whole = last_logits(10**6)
+    np.testing.assert_allclose(chunked, whole, atol=1e-4 * np.abs(whole).max(), rtol=0)
+    assert int(chunked.argmax()) == int(whole.argmax())
