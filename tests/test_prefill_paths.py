@@ -167,3 +167,31 @@ def test_chunked_prefill_equals_one_chunk(q4, monkeypatch):
         whole = last_logits(10**6)
     np.testing.assert_allclose(chunked, whole, atol=1e-4 * np.abs(whole).max(), rtol=0)
     assert int(chunked.argmax()) == int(whole.argmax())
+
+
+@pytest.mark.parametrize("n_k", [1, 37, 300])
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("streams", [True, False])
+def test_decode_attention_equals_one_call(n_k, heads, kv_heads, streams, monkeypatch):
+    if not streams:
+        monkeypatch.setattr(cpu, "cpu_streams", lambda: [])
+    q, k, v = _qkv(1, n_k, heads, kv_heads, seed=n_k + heads)
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.3)
+    np.testing.assert_allclose(np.array(cpu.decode_attention(q, k, v, 0.3)), np.array(ref), atol=2e-6, rtol=1e-5)
+
+
+def test_decode_steps_go_through_decode_attention_and_keep_the_tokens(q4, monkeypatch):
+    """Greedy decode through `decode_attention` picks the tokens of mlx-lm's attention call."""
+    messages = MESSAGES["text"]
+    calls = []
+    grouped = cpu.decode_attention
+    with monkeypatch.context() as m:
+        m.setattr(cpu, "decode_attention", lambda *a: calls.append(1) or grouped(*a))
+        new = q4.generate(messages, max_tokens=12, temperature=0.0).tokens
+    assert len(calls) >= 11 * len(q4.model.language_model.model.layers)  # every step after the first, every layer
+    with monkeypatch.context() as m:
+        m.setattr(
+            cpu, "decode_attention", lambda q, k, v, scale: mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+        )
+        old = q4.generate(messages, max_tokens=12, temperature=0.0).tokens
+    assert len(new) == 12 and new == old
