@@ -19,7 +19,8 @@ DEFAULT_PROMPT_MANY = "Describe these images."
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pixtral-mlx describe",
-        description="Describe images with Pixtral-12B; the answer streams to stdout.",
+        description="Describe images with Pixtral-12B or another model of Mistral's vision family "
+        "(`pixtral-mlx models` lists them); the answer streams to stdout.",
         epilog="Examples:\n  pixtral-mlx describe photo.jpg\n"
         "  pixtral-mlx describe a.png b.png --prompt 'What changed?'\n"
         "  pixtral-mlx describe photos/*.jpg --each > captions.jsonl\n"
