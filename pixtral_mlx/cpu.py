@@ -19,7 +19,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models import llama
+from mlx_lm.models import llama, ministral3
 
 from . import cpu_kernel
 from .models.pixtral.vision import Attention
@@ -225,12 +225,23 @@ class StreamSplitAttention(Attention):
         return blocked_attention(q, k, v, self.scale, causal=False)
 
 
+def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any) -> mx.array:
+    """mlx-lm's `scaled_dot_product_attention` for the decoders on the CPU: a prompt chunk's causal attention by
+    `blocked_attention` (the masked half of a long image prompt's scores never computed, the rest never held at
+    once, the softmax on every core), one query without a mask (decode) by `decode_attention`; quantized KV caches
+    and explicit masks (batches) keep mlx-lm's call."""
+    causal = isinstance(mask, str) and mask == "causal"
+    quantized = hasattr(cache, "bits")
+    if queries.shape[2] >= PROMPT_ATTENTION_MIN and (mask is None or causal) and not quantized:
+        return blocked_attention(queries, keys, values, scale, causal=causal)
+    if queries.shape[2] == 1 and mask is None and not quantized:
+        return decode_attention(queries, keys, values, scale)
+    return llama.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
+
+
 class BlockedPromptAttention(llama.Attention):
-    """mlx-lm's llama attention (Pixtral-12B's decoder) with a prompt chunk's causal attention computed by
-    `blocked_attention`: the decoder's half of a long image prompt's scores is never computed, the rest never
-    held at once, and the softmax runs on every core. One query without a mask (decode) goes through
-    `decode_attention`; quantized KV caches and explicit masks (batches) keep mlx-lm's call. The body is mlx-lm's
-    `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
+    """mlx-lm's llama attention (Pixtral-12B's and Mistral Small's decoder) with the CPU's `attention`. The body is
+    mlx-lm's `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
         B, L, _ = x.shape
@@ -242,19 +253,39 @@ class BlockedPromptAttention(llama.Attention):
         queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
         if cache is not None:
             keys, values = cache.update_and_fetch(keys, values)
-        causal = isinstance(mask, str) and mask == "causal"
-        if L >= PROMPT_ATTENTION_MIN and (mask is None or causal) and not hasattr(cache, "bits"):
-            output = blocked_attention(queries, keys, values, self.scale, causal=causal)
-        elif L == 1 and mask is None and not hasattr(cache, "bits"):
-            output = decode_attention(queries, keys, values, self.scale)
-        else:
-            output = llama.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=self.scale, mask=mask)
+        output = attention(queries, keys, values, cache, self.scale, mask)
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
 
+
+class BlockedMinistral3Attention(ministral3.Attention):
+    """mlx-lm's Ministral 3 attention (YaRN RoPE, llama-4 query scaling) with the CPU's `attention`. The body is
+    mlx-lm's `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
+
+    def __call__(self, x: mx.array, attn_scale: Any = None, mask: Any = None, cache: Any = None) -> mx.array:
+        B, L, _ = x.shape
+        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
+        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
+        offset = 0 if cache is None else cache.offset
+        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
+        if cache is not None:
+            keys, values = cache.update_and_fetch(keys, values)
+        if attn_scale is None:
+            attn_scale = ministral3._get_llama_4_attn_scale(
+                L, offset, self.scaling_beta, self.original_max_position_embeddings
+            ).astype(x.dtype)
+        output = attention(queries * attn_scale, keys, values, cache, self.scale, mask)
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+
+
+# The decoder attention classes whose prompt chunks go through `blocked_attention` (the memory plan counts one block).
+BLOCKED_DECODER_ATTENTION = (BlockedPromptAttention, BlockedMinistral3Attention)
 
 # Model classes and their CPU replacements (same parameters, so a class swap is enough).
 REPLACEMENTS: dict[type, type] = {
     nn.QuantizedLinear: DequantizingQuantizedLinear,
     Attention: StreamSplitAttention,
     llama.Attention: BlockedPromptAttention,
+    ministral3.Attention: BlockedMinistral3Attention,
 }

@@ -254,7 +254,7 @@ def estimate(
     """The plan for prefilling `prompt.tokens[keep:]` (the first `keep` already in a cache of `cache_bytes`)
     and generating up to `max_tokens`."""
     from .backend import device_name, on_cpu
-    from .cpu import DEQUANT_MIN_TOKENS, PROMPT_ATTENTION_MIN, BlockedPromptAttention, attention_block
+    from .cpu import BLOCKED_DECODER_ATTENTION, DEQUANT_MIN_TOKENS, PROMPT_ATTENTION_MIN, attention_block
 
     model = pixtral.model
     t, v = pixtral.args.text, pixtral.args.vision
@@ -296,7 +296,7 @@ def estimate(
     # CPU, a decoder with the blocked prompt attention and no KV quantization: a chunk's attention goes in
     # blocks of queries (`cpu.blocked_attention`), so its scores do not grow with the chunk, which keeps its size
     layers = model.language_model.model.layers
-    blocked = cpu and kv_bits is None and bool(layers) and isinstance(layers[0].self_attn, BlockedPromptAttention)
+    blocked = cpu and kv_bits is None and bool(layers) and isinstance(layers[0].self_attn, BLOCKED_DECODER_ATTENTION)
     step = prefill_step(t.num_attention_heads, total, a, materialized and not blocked, budget)
     chunk, keys = largest_chunk(n_new, keep, step)
     rows = chunk

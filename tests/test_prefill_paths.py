@@ -169,6 +169,11 @@ def test_chunked_prefill_equals_one_chunk(q4, monkeypatch):
     assert int(chunked.argmax()) == int(whole.argmax())
 
 
+def fused_attention(q: mx.array, k: mx.array, v: mx.array, scale: float) -> mx.array:
+    """The one MLX call `decode_attention` replaced."""
+    return mx.fast.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
 @pytest.mark.parametrize("n_k", [1, 37, 300])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4), (6, 1)])
 @pytest.mark.parametrize("streams", [True, False])
@@ -195,3 +200,36 @@ def test_decode_steps_go_through_decode_attention_and_keep_the_tokens(q4, monkey
         )
         old = q4.generate(messages, max_tokens=12, temperature=0.0).tokens
     assert len(new) == 12 and new == old
+
+
+@pytest.mark.parametrize("variant", ["A", "B"])
+def test_mistral3_decoders_take_the_cpu_attention_and_keep_their_outputs(variant, tmp_path, monkeypatch):
+    """Mistral Small's llama attention and Ministral 3's (YaRN, llama-4 query scaling) both go through
+    `cpu.attention` (blocked prompt chunks, grouped decode): the same logits and greedy tokens as mlx-lm's call."""
+    import family_checkpoints
+
+    path = family_checkpoints.write_checkpoint(family_checkpoints.hf_model(variant), tmp_path / variant)
+    model = pixtral_mlx.load(str(path))
+    attn = model.model.language_model.model.layers[0].self_attn
+    assert isinstance(attn, cpu.BLOCKED_DECODER_ATTENTION)
+    assert isinstance(attn, cpu.BlockedMinistral3Attention) == (variant == "B")
+    messages = MESSAGES["text"]
+    calls = []
+    blocked, grouped = cpu.blocked_attention, cpu.decode_attention
+    with monkeypatch.context() as m:
+        small_blocks(m)
+        m.setattr(cpu, "blocked_attention", lambda *a, **k: calls.append("blocked") or blocked(*a, **k))
+        m.setattr(cpu, "decode_attention", lambda *a: calls.append("decode") or grouped(*a))
+        new_logits = model.logits(messages)
+        new_tokens = model.generate(messages, max_tokens=8, temperature=0.0).tokens
+    assert {"blocked", "decode"} <= set(calls)
+    layers = model.model.language_model.model.layers
+    original = type(attn).__mro__[1]  # mlx-lm's own class, as loaded before the CPU swap
+    for layer in layers:
+        layer.self_attn.__class__ = original
+    old_logits = model.logits(messages)
+    old_tokens = model.generate(messages, max_tokens=8, temperature=0.0).tokens
+    assert type(layers[0].self_attn).__module__.startswith("mlx_lm.")
+    assert np.abs(old_logits).max() > 0.1
+    np.testing.assert_allclose(new_logits, old_logits, atol=1e-4 * np.abs(old_logits).max(), rtol=0)
+    assert len(new_tokens) == 8 and new_tokens == old_tokens
