@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import pixtral_mlx  # before any test module imports mlx: this preloads the fast BLAS (backend.py)
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 import checkpoints  # noqa: E402
@@ -37,6 +39,4 @@ def mlx_dir(hf_dir, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pixtral(mlx_dir):
-    import pixtral_mlx
-
     return pixtral_mlx.load(str(mlx_dir))

@@ -33,6 +33,7 @@ def wheel() -> tuple[str, str]:
         if WHEEL_PLATFORM:
             pytest.fail("scipy-openblas32 and pixtral_mlx._blas_shim must be installed on Linux (pip install -e .)")
         pytest.skip(f"no scipy-openblas32 wheel for {platform.machine()}")
+    ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)  # the shim's symbols come from it, as backend._use loads them
     return found
 
 
@@ -91,7 +92,7 @@ def openblas_threads(wheel) -> int:
 @pytest.mark.parametrize("tb", [NO, TRANS])
 def test_shim_sgemm_equals_numpy(wheel, order, ta, tb, m, n, k):
     """C = alpha op(A) op(B) + beta C for a non-square product, with padded leading dimensions."""
-    lib = ctypes.CDLL(wheel[1])  # already in the global scope (import pixtral_mlx): this is the same handle
+    lib = ctypes.CDLL(wheel[1])  # the wheel's OpenBLAS is in the global scope (the fixture), which the shim calls
     rng = np.random.default_rng(order + ta + tb)
     pad, alpha, beta = 3, 0.75, -1.5
     threads = openblas_threads(wheel)
