@@ -239,44 +239,43 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
     return llama.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
+def _project(attn: Any, x: mx.array, cache: Any) -> tuple[mx.array, mx.array, mx.array, int]:
+    """What mlx-lm's llama and Ministral 3 attentions (mlx-lm 0.32) do before their attention call: the queries
+    and the (cache's) keys and values, by head, RoPE applied at the cache's offset; and that offset."""
+    B, L, _ = x.shape
+    queries, keys, values = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+    queries = queries.reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
+    keys = keys.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    values = values.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    offset = 0 if cache is None else cache.offset
+    queries, keys = attn.rope(queries, offset=offset), attn.rope(keys, offset=offset)
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+    return queries, keys, values, offset
+
+
 class BlockedPromptAttention(llama.Attention):
-    """mlx-lm's llama attention (Pixtral-12B's and Mistral Small's decoder) with the CPU's `attention`. The body is
-    mlx-lm's `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
+    """mlx-lm's llama attention (Pixtral-12B's and Mistral Small's decoder) with the CPU's `attention`: mlx-lm's
+    `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
 
     def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
-        B, L, _ = x.shape
-        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+        queries, keys, values, _ = _project(self, x, cache)
         output = attention(queries, keys, values, cache, self.scale, mask)
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(*x.shape[:2], -1))
 
 
 class BlockedMinistral3Attention(ministral3.Attention):
-    """mlx-lm's Ministral 3 attention (YaRN RoPE, llama-4 query scaling) with the CPU's `attention`. The body is
-    mlx-lm's `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
+    """mlx-lm's Ministral 3 attention (YaRN RoPE, llama-4 query scaling) with the CPU's `attention`: mlx-lm's
+    `Attention.__call__` (mlx-lm 0.32) with the attention call swapped."""
 
     def __call__(self, x: mx.array, attn_scale: Any = None, mask: Any = None, cache: Any = None) -> mx.array:
-        B, L, _ = x.shape
-        queries, keys, values = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)
-        keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        offset = 0 if cache is None else cache.offset
-        queries, keys = self.rope(queries, offset=offset), self.rope(keys, offset=offset)
-        if cache is not None:
-            keys, values = cache.update_and_fetch(keys, values)
+        queries, keys, values, offset = _project(self, x, cache)
         if attn_scale is None:
             attn_scale = ministral3._get_llama_4_attn_scale(
-                L, offset, self.scaling_beta, self.original_max_position_embeddings
+                x.shape[1], offset, self.scaling_beta, self.original_max_position_embeddings
             ).astype(x.dtype)
         output = attention(queries * attn_scale, keys, values, cache, self.scale, mask)
-        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(B, L, -1))
+        return self.o_proj(output.transpose(0, 2, 1, 3).reshape(*x.shape[:2], -1))
 
 
 # The decoder attention classes whose prompt chunks go through `blocked_attention` (the memory plan counts one block).
