@@ -362,7 +362,7 @@ def issue24(res: dict) -> list[dict]:
                 "figure": f"{fmt(dec)} tok/s",
                 "against": f"{fmt(b['tps'])} tok/s ({fmt(b['gbps'])} GB/s, {b['source']})",
                 "ratio": dec / b["tps"],
-                "target": 0.50,
+                "target": 0.70,  # issue 24: whole-token decode at 40 layers ≥ 70 % of the bandwidth bound
             }
         )
     batch = res.get("batch") or {}
@@ -762,9 +762,9 @@ def targets(res: dict) -> list[dict]:
     if ours and b.get("tps"):
         out.append(
             {
-                "target": "4-bit decode close to the bandwidth bound (≥ 50 %)",
+                "target": "4-bit decode close to the bandwidth bound (≥ 70 %)",
                 "result": f"{100 * ours / b['tps']:.1f} % ({fmt(ours)} of {fmt(b['tps'])} tok/s)",
-                "met": ours / b["tps"] >= 0.5,
+                "met": ours / b["tps"] >= 0.7,
             }
         )
     for r in res.get("issue24", []):
