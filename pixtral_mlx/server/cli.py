@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pixtral_mlx.cli import error, info
+from pixtral_mlx.cli import error, flag_message, info
 
 from .flags import build_parser, check
 
@@ -141,7 +141,7 @@ def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
     try:  # --max-edge was checked against the family's largest image size; now against this model's own
         check_model_edge(args.max_edge, engine.pixtral.encoder.image_size)
     except PixtralError as e:
-        error(f"--{str(e).replace(' ', '-', 1)}")
+        error(flag_message(e))
         return 1
     trained = engine.pixtral.trained_context_length
     if args.context_length is not None and args.context_length > trained:

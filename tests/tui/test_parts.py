@@ -35,12 +35,9 @@ def test_plan_matches_mistral_common():
 def test_mistral3_chips_use_the_loaded_models_geometry(images, tmp_path):
     """Before a model loads, chips are planned with Pixtral-12B's 1024 px and 16-px tokens; once a Mistral3 model is
     loaded, with its 1540 px and 2x2 14-px patches per token, and they equal its encoder's."""
-    import sys
-    from pathlib import Path
     from types import SimpleNamespace
 
-    sys.path.insert(0, str(Path(__file__).parents[1]))
-    import family_checkpoints
+    import family_checkpoints  # tests/ is on the path (tests/conftest.py)
 
     from pixtral_mlx.prompt import PromptEncoder
     from pixtral_mlx.tui.engine import Engine
