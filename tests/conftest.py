@@ -40,3 +40,17 @@ def mlx_dir(hf_dir, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pixtral(mlx_dir):
     return pixtral_mlx.load(str(mlx_dir))
+
+
+@pytest.fixture(scope="session")
+def think_dir(mlx_dir, tmp_path_factory):
+    """The tiny MLX checkpoint with a tekken v13 tokenizer that has [THINK]/[/THINK] (Pixtral's image settings:
+    patch 16, no merge): a reasoning model's prompt and reply layout on the tiny weights."""
+    import shutil
+
+    import tekken_files
+
+    path = tmp_path_factory.mktemp("think") / "tiny-think"
+    shutil.copytree(mlx_dir, path)
+    tekken_files.make_tekken(path, "v13", image={"image_patch_size": 16, "max_image_size": 1024})
+    return path

@@ -8,7 +8,6 @@ every front end sees exactly [THINK] "Let me think." [/THINK] "The answer is 4."
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,6 @@ from pixtral_mlx.turn import Options, collect
 
 THOUGHT, ANSWER = "Let me think.", "The answer is 4."
 THINK, END = 35, 36  # tekken_files' layout
-
-
-@pytest.fixture(scope="module")
-def think_dir(mlx_dir, tmp_path_factory):
-    """The tiny MLX checkpoint with a tekken v13 tokenizer (Pixtral's image settings: patch 16, no merge)."""
-    path = tmp_path_factory.mktemp("think") / "tiny-think"
-    shutil.copytree(mlx_dir, path)
-    tekken_files.make_tekken(path, "v13", image={"image_patch_size": 16, "max_image_size": 1024})
-    return path
 
 
 @pytest.fixture(scope="module")

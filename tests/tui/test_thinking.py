@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 
-import pytest
-import tekken_files
 from chat_fakes import FakeEngine, FakePixtral, ask, started, wait_for
 from test_reasoning import ANSWER, THOUGHT, script, scripted
 from textual.widgets import Collapsible
@@ -79,14 +76,6 @@ async def test_replies_without_thinking_show_no_section(data_dir):
         await ask(pilot, "Hi")
         assert not thinking_of(screen.query(ReplyMessage).last()).display
         assert screen.conversation.turns[-1].reasoning == ""
-
-
-@pytest.fixture(scope="module")
-def think_dir(mlx_dir, tmp_path_factory):
-    path = tmp_path_factory.mktemp("think-tui") / "tiny-think"
-    shutil.copytree(mlx_dir, path)
-    tekken_files.make_tekken(path, "v13", image={"image_patch_size": 16, "max_image_size": 1024})
-    return path
 
 
 async def test_real_engine_splits_the_thinking(think_dir, data_dir, monkeypatch):
