@@ -7,7 +7,9 @@ The model files (`model.py`, `vision.py`) know nothing about devices. On MLX's C
 - prefill dequantizes each weight in one row block per stream (MLX's elementwise kernels use one thread);
 - attention over many queries (vision, and a decoder prompt chunk) runs in blocks of queries with its heads
   split over the same streams (the CPU softmax runs on one thread), never holding the whole score matrix and,
-  for causal prompts, never computing the masked half.
+  for causal prompts, never computing the masked half;
+- with the C++ extension (`cpu_kernel`), prefill dequantizes through its multithreaded AVX2 kernel and that
+  attention is one fused kernel call (online softmax over key blocks; no score matrix at all).
 """
 
 from __future__ import annotations
@@ -92,6 +94,12 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         stream, each dequantized on its own stream (thread), and each block's GEMM runs on the caller's
         stream (BLAS uses every core): the same values, the dequantization in 1/cores of the time."""
         rows = self["weight"].shape[0]
+        if self.mode == "affine" and "biases" in self:
+            w = cpu_kernel.dequantize(
+                self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
+            )
+            if w is not None:  # the extension's kernel: every core, no per-stream split needed
+                return x @ w.astype(x.dtype).T
         if len(streams) < 2 or rows < 2 * len(streams):
             return x @ self._dequantized().astype(x.dtype).T
         blocks = []
@@ -158,6 +166,13 @@ def attention_block(heads: int, keys: int, dtype_size: int) -> int:
     return int(max(MIN_ATTENTION_BLOCK, min(ATTENTION_BLOCK, rows)))
 
 
+def fused_attention(head_dim: int, dtype: Any) -> bool:
+    """Whether `blocked_attention` of this head width and dtype goes through the extension's fused kernel, which
+    holds no scores (what the memory plan counts)."""
+    step = 16 if cpu_kernel.prefill_available() and cpu_kernel.extension().prefill_isa() != "scalar" else 1
+    return cpu_kernel.prefill_available() and dtype == mx.float32 and head_dim % step == 0 and head_dim <= 256
+
+
 def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causal: bool) -> mx.array:
     """`mx.fast.scaled_dot_product_attention` (mask None or "causal") without the full score matrix.
 
@@ -170,6 +185,9 @@ def blocked_attention(q: mx.array, k: mx.array, v: mx.array, scale: float, causa
     masked half of a fresh prompt's scores is never computed. Each row's softmax is the same; only the
     order of float sums inside the matrix products can differ from the one-call result.
     """
+    fused = cpu_kernel.attention(q, k, v, scale=scale, causal=causal)
+    if fused is not None:  # the extension's kernel: no scores in memory at all, softmax vectorized
+        return fused
     n_q, n_k, n_kv = q.shape[2], k.shape[2], k.shape[1]
     rep = q.shape[1] // n_kv
     streams = cpu_streams() or [None]

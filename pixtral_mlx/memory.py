@@ -254,7 +254,13 @@ def estimate(
     """The plan for prefilling `prompt.tokens[keep:]` (the first `keep` already in a cache of `cache_bytes`)
     and generating up to `max_tokens`."""
     from .backend import device_name, on_cpu
-    from .cpu import BLOCKED_DECODER_ATTENTION, DEQUANT_MIN_TOKENS, PROMPT_ATTENTION_MIN, attention_block
+    from .cpu import (
+        BLOCKED_DECODER_ATTENTION,
+        DEQUANT_MIN_TOKENS,
+        PROMPT_ATTENTION_MIN,
+        attention_block,
+        fused_attention,
+    )
 
     model = pixtral.model
     t, v = pixtral.args.text, pixtral.args.vision
@@ -277,8 +283,9 @@ def estimate(
     # CPU: per image, in blocks of queries (`cpu.blocked_attention`)
     vision_scores = max((p * attention_block(v.num_attention_heads, p, a) for p in patches), default=0)
     vision_scores *= v.num_attention_heads * a * VISION_BLOCK_SCORE_COPIES
-    if not cpu:
-        vision_scores = 0  # Metal's fused attention kernel
+    act_dtype = model.language_model.model.norm.weight.dtype
+    if not cpu or fused_attention(v.head_dim, act_dtype):
+        vision_scores = 0  # Metal's fused attention kernel, or the CPU extension's
     vision = pixels + n_patch * (6 * v.hidden_size + 3 * v.intermediate_size + 3 * t.hidden_size) * a
     vision += vision_scores if n_patch else 0
     features = held + sum(img.grid[0] * img.grid[1] for img in new_images) * t.hidden_size * a  # one per [IMG]
@@ -307,6 +314,8 @@ def estimate(
     layer = chunk * (5 * t.hidden_size + 2 * q_width + 4 * kv_width + 3 * t.intermediate_size) * a
     copies = BLOCK_SCORE_COPIES if blocked and chunk >= PROMPT_ATTENTION_MIN else SCORE_COPIES
     scores = t.num_attention_heads * rows * keys * a * copies if materialized else 0
+    if blocked and chunk >= PROMPT_ATTENTION_MIN and fused_attention(t.head_dim, act_dtype):
+        scores = 0  # the CPU extension's fused attention holds no scores
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(

@@ -69,7 +69,14 @@ def test_estimate_within_25_percent_of_measured_peak(pixtral, case):
     measured = mx.get_peak_memory() - other
     assert abs(plan.total - measured) <= 0.25 * measured, (plan.total, measured)
     work = max(plan.vision, plan.prefill)
-    assert work > 0.3 * plan.total  # the transient terms matter here: the test checks them, not just the weights
+    from pixtral_mlx.cpu import fused_attention
+
+    t = pixtral.args.text
+    if bits is None and fused_attention(t.head_dim, pixtral.model.language_model.model.norm.weight.dtype):
+        # The extension's fused attention holds no scores: the transient terms are the activations.
+        assert work > 0.1 * plan.total
+    else:
+        assert work > 0.3 * plan.total  # the transient terms matter here: the test checks them, not just the weights
 
 
 def test_over_limit_is_refused_before_any_work(pixtral, monkeypatch):

@@ -32,6 +32,30 @@ NB_MODULE(_qmv, m) {
       "bits"_a,
       "stream"_a = nb::none(),
       R"(x @ dequantize(w, scales, biases).T for float32 x with at most 8 rows (affine mode, 4 or 8 bits).)");
+  m.def(
+      "dequantize",
+      &qmv::dequantize,
+      "w"_a,
+      "scales"_a,
+      "biases"_a,
+      nb::kw_only(),
+      "group_size"_a,
+      "bits"_a,
+      "stream"_a = nb::none(),
+      "dequantize(w, scales, biases) in float32 (affine mode, 2, 4 or 8 bits), over the thread pool.");
+  m.def(
+      "attention",
+      &qmv::attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "causal"_a = false,
+      "stream"_a = nb::none(),
+      "softmax(scale q k^T [causal]) v for float32 (B, H, Lq, D) q and (B, Hkv, Lk, D) k, v, never holding the "
+      "score matrix.");
+  m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");
   m.def("select_isa", &qmv::select_isa, "name"_a, "Use kernel `name` ('auto': the best); returns the choice.");

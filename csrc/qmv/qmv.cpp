@@ -374,6 +374,15 @@ int set_threads(int n) {
   return current_threads;
 }
 
+void parallel_for(int ntasks, const std::function<void(int)>& fn) {
+  const int nthr = get_threads();
+  if (ntasks <= 1 || nthr <= 1) {
+    for (int i = 0; i < ntasks; ++i) fn(i);
+    return;
+  }
+  Pool::get().run(ntasks, nthr, fn);
+}
+
 ///////////////////////////////////////////////////////////////////////////////
 // Huge pages
 ///////////////////////////////////////////////////////////////////////////////

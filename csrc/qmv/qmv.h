@@ -8,6 +8,7 @@
 
 #pragma once
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -70,5 +71,66 @@ struct HugePages {
   int error = 0;          // errno of the last madvise that failed (0: none)
 };
 HugePages huge_pages(const std::vector<mx::array>& arrays, bool collapse);
+
+// Runs fn(0 .. ntasks - 1) over the kernel's thread pool (threads() threads, the caller included).
+void parallel_for(int ntasks, const std::function<void(int)>& fn);
+
+///////////////////////////////////////////////////////////////////////////////
+// Prefill (prefill.cpp): many-token work, same thread pool, same ISA choice (AVX2 unless the
+// decode kernel was set to "scalar"; the AVX-512 CPUs run the AVX2 code).
+///////////////////////////////////////////////////////////////////////////////
+
+std::string prefill_isa();
+
+// dequantize(w, scales, biases) as float32 (N, K): affine mode, 2/4/8 bits, group_size % 32 == 0.
+mx::array dequantize(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+// softmax(scale q kᵀ [causal]) v for float32 q (B, H, Lq, D), k and v (B, Hkv, Lk, D).
+mx::array attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    float scale,
+    bool causal,
+    mx::StreamOrDevice s = {});
+
+class Dequantize : public mx::Primitive {
+ public:
+  Dequantize(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "QmvDequantize";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+};
+
+class FlashAttention : public mx::Primitive {
+ public:
+  FlashAttention(mx::Stream stream, float scale, bool causal) : mx::Primitive(stream), scale_(scale), causal_(causal) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "QmvFlashAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+  bool causal_;
+};
 
 }  // namespace qmv

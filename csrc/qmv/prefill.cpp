@@ -1,0 +1,237 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// The MLX primitives of the prefill kernels (prefill.h): QmvDequantize and QmvFlashAttention. CPU only;
+// the work is split over the decode kernel's thread pool (qmv.cpp).
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <stdexcept>
+
+#include "kernels.h"
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "prefill.h"
+#include "qmv.h"
+
+namespace qmv {
+
+namespace {
+
+PrefillKernels prefill_kernels() {
+  // The decode kernel's choice decides: "scalar" (PIXTRAL_MLX_QMV_ISA=scalar, or a CPU without AVX2)
+  // runs the portable code, anything else the AVX2 code.
+  return isa() == "scalar" ? prefill_scalar() : prefill_avx2();
+}
+
+int scale_type(mx::Dtype t) {
+  if (t == mx::float16) return kF16;
+  if (t == mx::bfloat16) return kBF16;
+  return kF32;
+}
+
+// A row-major copy of a when its last dimension is not contiguous (rare: views MLX did not copy).
+struct Dense {
+  const float* data;
+  int64_t strides[4];
+  std::shared_ptr<std::vector<float>> keep;
+};
+
+Dense dense4(const mx::array& a) {
+  Dense d;
+  const auto& st = a.strides();
+  if (st[3] == 1 || a.shape(3) == 1) {
+    d.data = a.data<float>();
+    for (int i = 0; i < 4; ++i) d.strides[i] = st[i];
+    return d;
+  }
+  const int n0 = a.shape(0), n1 = a.shape(1), n2 = a.shape(2), n3 = a.shape(3);
+  d.keep = std::make_shared<std::vector<float>>(a.size());
+  const float* src = a.data<float>();
+  float* dst = d.keep->data();
+  for (int i = 0; i < n0; ++i)
+    for (int j = 0; j < n1; ++j)
+      for (int r = 0; r < n2; ++r)
+        for (int c = 0; c < n3; ++c) *dst++ = src[i * st[0] + j * st[1] + r * st[2] + c * st[3]];
+  d.data = d.keep->data();
+  d.strides[3] = 1;
+  d.strides[2] = n3;
+  d.strides[1] = static_cast<int64_t>(n2) * n3;
+  d.strides[0] = static_cast<int64_t>(n1) * n2 * n3;
+  return d;
+}
+
+}  // namespace
+
+std::string prefill_isa() {
+  return prefill_kernels().name;
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Dequantize
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array dequantize(
+    const mx::array& w,
+    const mx::array& scales,
+    const mx::array& biases,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.dequantize: " + msg); };
+  if (bits != 2 && bits != 4 && bits != 8) fail("bits must be 2, 4 or 8");
+  if (group_size <= 0 || group_size % 32 != 0) fail("group_size must be a multiple of 32");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2) fail("w must be a 2-D uint32 array");
+  const int64_t N = w.shape(0);
+  const int64_t K = static_cast<int64_t>(w.shape(1)) * 32 / bits;
+  if (K % group_size != 0) fail("the columns must be a multiple of group_size");
+  for (const auto* a : {&scales, &biases}) {
+    if (a->ndim() != 2 || a->shape(0) != N || a->shape(1) != K / group_size)
+      fail("scales and biases must have shape (N, K / group_size)");
+    if (a->dtype() != mx::float32 && a->dtype() != mx::float16 && a->dtype() != mx::bfloat16)
+      fail("scales and biases must be float32, float16 or bfloat16");
+  }
+  if (scales.dtype() != biases.dtype()) fail("scales and biases must have the same dtype");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  return mx::array(
+      {static_cast<int>(N), static_cast<int>(K)},
+      mx::float32,
+      std::make_shared<Dequantize>(stream, group_size, bits),
+      {w, scales, biases});
+}
+
+std::vector<mx::Shape> Dequantize::output_shapes(const std::vector<mx::array>& inputs) {
+  return {{inputs[0].shape(0), static_cast<int>(static_cast<int64_t>(inputs[0].shape(1)) * 32 / bits_)}};
+}
+
+bool Dequantize::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const Dequantize&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+void Dequantize::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("QmvDequantize has no GPU implementation (use mx.dequantize)");
+}
+
+void Dequantize::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& w = inputs[0];
+  const auto& scales = inputs[1];
+  const auto& biases = inputs[2];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  // Rows are contiguous along the columns (a row slice of a checkpoint matrix is); a view with strided
+  // columns is copied first by the caller (cpu_kernel.dequantize).
+  DequantProblem p;
+  p.N = w.shape(0);
+  p.K = out.shape(1);
+  p.group_size = group_size_;
+  p.bits = bits_;
+  p.w = w.data<uint32_t>();
+  p.w_stride = w.strides()[0];
+  p.scales = scales.data<void>();
+  p.biases = biases.data<void>();
+  p.s_stride = scales.strides()[0];
+  p.b_stride = biases.strides()[0];
+  p.scale_type = scale_type(scales.dtype());
+  p.out = out.data<float>();
+  const bool dense = (w.strides()[1] == 1 || w.shape(1) == 1) && (scales.strides()[1] == 1 || scales.shape(1) == 1) &&
+      (biases.strides()[1] == 1 || biases.shape(1) == 1);
+  if (!dense) throw std::invalid_argument("qmv.dequantize: the columns of w, scales and biases must be contiguous");
+  const DequantFn fn = prefill_kernels().dequantize;
+  encoder.dispatch([p, fn]() {
+    // About 8 tasks a thread, 16 rows at least.
+    const int per = std::max(16, (p.N + 8 * threads() - 1) / (8 * threads()));
+    const int ntasks = (p.N + per - 1) / per;
+    parallel_for(ntasks, [&](int t) { fn(p, t * per, std::min(p.N, (t + 1) * per)); });
+  });
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// Attention
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, bool causal, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.attention: " + msg); };
+  for (const auto* a : {&q, &k, &v}) {
+    if (a->dtype() != mx::float32) fail("q, k and v must be float32");
+    if (a->ndim() != 4) fail("q, k and v must be 4-D (batch, heads, positions, head_dim)");
+  }
+  const int B = q.shape(0), H = q.shape(1), Lq = q.shape(2), D = q.shape(3);
+  const int Hkv = k.shape(1), Lk = k.shape(2);
+  if (k.shape() != v.shape()) fail("k and v must have the same shape");
+  if (k.shape(0) != B || k.shape(3) != D) fail("k must have q's batch and head_dim");
+  if (Hkv < 1 || H % Hkv != 0) fail("q's heads must be a multiple of k's");
+  if (D < 1 || D > kMaxHeadDim || D % prefill_kernels().head_dim_multiple != 0)
+    fail("head_dim must be a multiple of " + std::to_string(prefill_kernels().head_dim_multiple) + ", at most 256");
+  if (Lq < 1 || Lk < 1) fail("no queries or no keys");
+  if (causal && Lq > Lk) fail("causal attention needs at least as many keys as queries");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  return mx::array(
+      {B, H, Lq, D}, mx::float32, std::make_shared<FlashAttention>(stream, scale, causal), {q, k, v});
+}
+
+std::vector<mx::Shape> FlashAttention::output_shapes(const std::vector<mx::array>& inputs) {
+  return {inputs[0].shape()};
+}
+
+bool FlashAttention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const FlashAttention&>(other);
+  return scale_ == o.scale_ && causal_ == o.causal_;
+}
+
+void FlashAttention::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("QmvFlashAttention has no GPU implementation (use mx.fast.scaled_dot_product_attention)");
+}
+
+void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  const auto& q = inputs[0];
+  const auto& k = inputs[1];
+  AttentionProblem p;
+  p.B = q.shape(0);
+  p.H = q.shape(1);
+  p.Lq = q.shape(2);
+  p.D = q.shape(3);
+  p.Hkv = k.shape(1);
+  p.Lk = k.shape(2);
+  p.scale = scale_;
+  p.causal = causal_;
+  p.out = out.data<float>();
+  const AttentionFn fn = prefill_kernels().attention;
+    // Weak copies, as MLX's own CPU ops capture their inputs: the encoder keeps the buffers alive.
+  encoder.dispatch([p,
+                    fn,
+                    q = mx::array::unsafe_weak_copy(inputs[0]),
+                    k = mx::array::unsafe_weak_copy(inputs[1]),
+                    v = mx::array::unsafe_weak_copy(inputs[2])]() mutable {
+    const Dense dq = dense4(q), dk = dense4(k), dv = dense4(v);
+    p.q = dq.data;
+    p.k = dk.data;
+    p.v = dv.data;
+    for (int i = 0; i < 3; ++i) {
+      p.qs[i] = dq.strides[i];
+      p.ks[i] = dk.strides[i];
+      p.vs[i] = dv.strides[i];
+    }
+    const int qblocks = (p.Lq + kQueryBlock - 1) / kQueryBlock;
+    const int ntasks = p.B * p.H * qblocks;
+    // Causal: later query blocks see more keys; hand them out first so the long tasks start early.
+    parallel_for(ntasks, [&](int t) {
+      const int qb = qblocks - 1 - t / (p.B * p.H);
+      const int bh = t % (p.B * p.H);
+      const int r0 = qb * kQueryBlock;
+      fn(p, bh / p.H, bh % p.H, r0, std::min(p.Lq, r0 + kQueryBlock));
+    });
+  });
+}
+
+}  // namespace qmv

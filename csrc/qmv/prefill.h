@@ -1,0 +1,70 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// The prefill kernels (many tokens at once), next to the decode matvec: nothing here depends on MLX.
+//
+// - Dequantize: out[n, k] = scale[n, g(k)] * q[n, k] + bias[n, g(k)] in float32, for the 2/4/8-bit
+//   affine codes MLX packs into uint32 words (low bits first), the product and the sum rounded apart:
+//   bit for bit what MLX's CPU gives (`mx.dequantize`, pixtral_mlx.cpu.dequantize_affine). A prefill chunk then multiplies the float32 weights with one BLAS GEMM.
+// - Attention: softmax(scale * q kᵀ [+ causal mask]) v for float32 q (B, H, Lq, D), k and v
+//   (B, Hkv, Lk, D), H a multiple of Hkv (GQA). One task is one block of query rows of one head: it
+//   walks the keys in blocks, keeps a running max and sum per row (the "online" softmax of
+//   FlashAttention), and never holds more scores than one block of queries against one block of keys.
+//   Causal: query i sits at key position Lk - Lq + i and sees keys up to it; key blocks past a query
+//   block's last row are never computed.
+
+#pragma once
+
+#include <cstdint>
+
+namespace qmv {
+
+struct DequantProblem {
+  int N;           // rows (output features)
+  int K;           // columns (input features)
+  int group_size;  // a multiple of 32 / bits
+  int bits;        // 2, 4 or 8
+  const uint32_t* w;  // N rows, w_stride words apart
+  int64_t w_stride;
+  const void* scales;  // N rows of K / group_size, s_stride elements apart, dtype scale_type (kernels.h)
+  const void* biases;
+  int64_t s_stride;
+  int64_t b_stride;
+  int scale_type;
+  float* out;  // N rows of K floats
+};
+
+// Dequantizes rows [n0, n1).
+using DequantFn = void (*)(const DequantProblem&, int n0, int n1);
+
+struct AttentionProblem {
+  int B, H, Hkv, Lq, Lk, D;
+  // Element strides of q, k, v by (batch, head, position); the last dimension is contiguous.
+  const float* q;
+  int64_t qs[3];
+  const float* k;
+  int64_t ks[3];
+  const float* v;
+  int64_t vs[3];
+  float scale;
+  bool causal;
+  float* out;  // (B, H, Lq, D), contiguous
+};
+
+constexpr int kQueryBlock = 64;   // query rows per task
+constexpr int kKeyBlock = 256;    // keys per step of the online softmax
+constexpr int kMaxHeadDim = 256;
+
+// One task: batch b, head h, query rows [r0, r1) (at most kQueryBlock of them).
+using AttentionFn = void (*)(const AttentionProblem&, int b, int h, int r0, int r1);
+
+struct PrefillKernels {
+  const char* name;
+  DequantFn dequantize;
+  AttentionFn attention;
+  int head_dim_multiple;  // the attention kernel needs D % this == 0
+};
+
+PrefillKernels prefill_scalar();
+PrefillKernels prefill_avx2();  // requires avx2, fma, f16c at run time
+
+}  // namespace qmv

@@ -1,0 +1,93 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// Portable prefill kernels (prefill.h): plain loops, baseline x86-64 or any other architecture. The
+// same blocking and the same online softmax as the AVX2 kernels, without vectors.
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "kernels.h"
+#include "prefill.h"
+
+namespace qmv {
+namespace {
+
+void dequantize_rows(const DequantProblem& p, int n0, int n1) {
+  const int per_word = 32 / p.bits;
+  const uint32_t mask = (1u << p.bits) - 1;
+  const int G = p.K / p.group_size;
+  const int words_per_group = p.group_size / per_word;
+  for (int n = n0; n < n1; ++n) {
+    const uint32_t* w = p.w + n * p.w_stride;
+    float* out = p.out + static_cast<int64_t>(n) * p.K;
+    for (int g = 0; g < G; ++g) {
+      const float s = load_scale(p.scales, p.scale_type, n * p.s_stride + g);
+      const float b = load_scale(p.biases, p.scale_type, n * p.b_stride + g);
+      for (int i = 0; i < words_per_group; ++i) {
+        const uint32_t word = w[g * words_per_group + i];
+        for (int j = 0; j < per_word; ++j) {
+          const float prod = static_cast<float>((word >> (p.bits * j)) & mask) * s;
+          *out++ = prod + b;  // two roundings, as MLX (built with -ffp-contract=off)
+        }
+      }
+    }
+  }
+}
+
+void attention_rows(const AttentionProblem& p, int b, int h, int r0, int r1) {
+  const int D = p.D;
+  const int rows = r1 - r0;
+  const int kvh = h / (p.H / p.Hkv);
+  const float* q = p.q + b * p.qs[0] + h * p.qs[1];
+  const float* k = p.k + b * p.ks[0] + kvh * p.ks[1];
+  const float* v = p.v + b * p.vs[0] + kvh * p.vs[1];
+  const int offset = p.Lk - p.Lq;
+  const int end = p.causal ? std::min(p.Lk, offset + r1) : p.Lk;
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  std::vector<float> o(static_cast<size_t>(rows) * D, 0.0f), s(kKeyBlock);
+  std::vector<float> m(rows, neg_inf), l(rows, 0.0f);
+  for (int k0 = 0; k0 < end; k0 += kKeyBlock) {
+    const int k1 = std::min(end, k0 + kKeyBlock);
+    for (int i = 0; i < rows; ++i) {
+      const float* qi = q + (r0 + i) * p.qs[2];
+      const int last = p.causal ? std::min(k1, offset + r0 + i + 1) : k1;  // keys [k0, last) visible
+      float mx = neg_inf;
+      for (int j = k0; j < last; ++j) {
+        float dot = 0.0f;
+        const float* kj = k + j * p.ks[2];
+        for (int c = 0; c < D; ++c) dot += qi[c] * kj[c];
+        s[j - k0] = dot * p.scale;
+        mx = std::max(mx, s[j - k0]);
+      }
+      if (last <= k0) continue;  // this row sees none of the block
+      const float m_new = std::max(m[i], mx);
+      const float alpha = std::exp(m[i] - m_new);  // 0 on the first block (m = -inf)
+      float sum = 0.0f;
+      float* oi = o.data() + static_cast<size_t>(i) * D;
+      for (int c = 0; c < D; ++c) oi[c] *= alpha;
+      for (int j = k0; j < last; ++j) {
+        const float e = std::exp(s[j - k0] - m_new);
+        sum += e;
+        const float* vj = v + j * p.vs[2];
+        for (int c = 0; c < D; ++c) oi[c] += e * vj[c];
+      }
+      l[i] = l[i] * alpha + sum;
+      m[i] = m_new;
+    }
+  }
+  for (int i = 0; i < rows; ++i) {
+    float* dst = p.out + ((static_cast<int64_t>(b) * p.H + h) * p.Lq + r0 + i) * D;
+    const float inv = 1.0f / l[i];
+    for (int c = 0; c < D; ++c) dst[c] = o[static_cast<size_t>(i) * D + c] * inv;
+  }
+}
+
+}  // namespace
+
+PrefillKernels prefill_scalar() {
+  return {"scalar", dequantize_rows, attention_rows, 1};
+}
+
+}  // namespace qmv

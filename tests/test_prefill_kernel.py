@@ -1,0 +1,134 @@
+"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization bit for bit against MLX's, the fused
+attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable code, and the library's
+CPU classes going through them."""
+
+from __future__ import annotations
+
+import platform
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+
+from pixtral_mlx import cpu, cpu_kernel
+
+
+@pytest.fixture(scope="module")
+def ext():
+    e = cpu_kernel.extension()
+    if e is None:
+        if platform.system() == "Linux":
+            pytest.fail(f"the qmv extension must be built on Linux: {cpu_kernel.reason()}")
+        pytest.skip(f"no qmv extension on {platform.system()}")
+    return e
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
+
+
+@pytest.fixture(params=["avx2", "scalar"])
+def isa(request, ext):
+    if request.param == "avx2" and "avx2" not in ext.supported_isas():
+        pytest.skip("no AVX2 on this CPU")
+    ext.select_isa(request.param)
+    yield ext.prefill_isa()
+    ext.select_isa("auto")
+
+
+def test_prefill_isa_follows_the_decode_kernel(isa):
+    assert isa in ("avx2", "scalar")
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+@pytest.mark.parametrize("sdtype", [mx.float32, mx.float16, mx.bfloat16])
+def test_dequantize_bit_for_bit(isa, bits, group_size, sdtype):
+    w = mx.random.normal((37, 384), key=mx.random.key(bits + group_size))
+    wq, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+    s, b = s.astype(sdtype), b.astype(sdtype)
+    ref = mx.dequantize(wq, s.astype(mx.float32), b.astype(mx.float32), group_size=group_size, bits=bits)
+    out = cpu_kernel.dequantize(wq, s, b, group_size=group_size, bits=bits)
+    assert out.dtype == mx.float32 and out.shape == ref.shape
+    assert mx.array_equal(out, ref).item()
+    # a row slice (a view, as the per-block split makes) too
+    part = cpu_kernel.dequantize(wq[5:20], s[5:20], b[5:20], group_size=group_size, bits=bits)
+    assert mx.array_equal(part, ref[5:20]).item()
+
+
+def test_dequantize_declines_what_it_does_not_cover(ext):
+    wq, s, b = mx.quantize(mx.random.normal((8, 96)), group_size=32, bits=3)
+    assert cpu_kernel.dequantize(wq, s, b, group_size=32, bits=3) is None
+    assert cpu_kernel.dequantize(wq, s, None, group_size=32, bits=4) is None
+
+
+CASES = [
+    # B, H, Hkv, Lq, Lk, D, causal
+    (1, 4, 2, 70, 70, 64, True),  # a fresh prompt chunk, GQA, a ragged last query block
+    (2, 2, 1, 100, 300, 128, True),  # a chunk behind 200 cached keys, two sequences
+    (1, 3, 3, 65, 600, 64, False),  # vision: no mask, several key blocks with a ragged end
+    (1, 2, 2, 5, 9, 16, True),
+    (1, 1, 1, 1, 1, 32, False),
+    (1, 8, 2, 257, 1000, 128, True),  # blocks straddling the diagonal at every offset
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_attention_equals_mlx(isa, case):
+    B, H, Hkv, Lq, Lk, D, causal = case
+    keys = mx.random.split(mx.random.key(Lq * Lk), 3)
+    q = mx.random.normal((B, H, Lq, D), key=keys[0]) * 2
+    k = mx.random.normal((B, Hkv, Lk, D), key=keys[1])
+    v = mx.random.normal((B, Hkv, Lk, D), key=keys[2])
+    scale = D**-0.5
+    ref = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask="causal" if causal else None)
+    out = cpu_kernel.attention(q, k, v, scale=scale, causal=causal)
+    assert out.shape == ref.shape
+    assert mx.allclose(out, ref, atol=1e-5, rtol=1e-5).item(), mx.abs(out - ref).max().item()
+
+
+def test_attention_on_strided_views(isa):
+    """The layouts mlx-lm hands over: heads as a transposed view of (B, L, H, D), keys a slice of a cache."""
+    x = mx.random.normal((1, 300, 8, 64), key=mx.random.key(1)).transpose(0, 2, 1, 3)
+    cache = mx.random.normal((1, 4, 512, 64), key=mx.random.key(2))
+    k, v = cache[:, :, :300], cache[:, :, 100:400]
+    ref = mx.fast.scaled_dot_product_attention(x, k, v, scale=0.125, mask="causal")
+    out = cpu_kernel.attention(x, k, v, scale=0.125, causal=True)
+    assert mx.allclose(out, ref, atol=1e-5, rtol=1e-5).item()
+    # a last dimension that is not contiguous is copied first
+    qt = mx.random.normal((1, 2, 64, 40), key=mx.random.key(3)).swapaxes(-1, -2)[:, :, :, :32]
+    ref = mx.fast.scaled_dot_product_attention(qt, qt, qt, scale=0.2)
+    assert mx.allclose(cpu_kernel.attention(qt, qt, qt, scale=0.2, causal=False), ref, atol=1e-5).item()
+
+
+def test_attention_declines_what_it_does_not_cover(ext):
+    q = mx.random.normal((1, 2, 8, 64)).astype(mx.bfloat16)
+    assert cpu_kernel.attention(q, q, q, scale=0.1, causal=True) is None
+    q = mx.random.normal((1, 3, 8, 64))
+    k = mx.random.normal((1, 2, 8, 64))
+    assert cpu_kernel.attention(q, k, k, scale=0.1, causal=False) is None  # 3 heads over 2 kv heads
+
+
+def test_library_paths_use_the_kernels(ext, monkeypatch):
+    """`blocked_attention` and the prefill projection go through the kernels, with the values of the plain path."""
+    calls = []
+    for name in ("attention", "dequantize"):
+        real = getattr(cpu_kernel, name)
+
+        def spy(*a, _real=real, _name=name, **kw):
+            calls.append(_name)
+            return _real(*a, **kw)
+
+        monkeypatch.setattr(cpu_kernel, name, spy)
+    q = mx.random.normal((1, 4, 96, 64), key=mx.random.key(4))
+    k = mx.random.normal((1, 2, 96, 64), key=mx.random.key(5))
+    ref = mx.fast.scaled_dot_product_attention(q, k, k, scale=0.125, mask="causal")
+    assert mx.allclose(cpu.blocked_attention(q, k, k, 0.125, causal=True), ref, atol=1e-5).item()
+
+    lin = nn.QuantizedLinear(256, 96, bias=True, group_size=64, bits=4)
+    lin.__class__ = cpu.DequantizingQuantizedLinear
+    x = mx.random.normal((1, 40, 256), key=mx.random.key(6))
+    w = mx.dequantize(lin.weight, lin.scales, lin.biases, group_size=64, bits=4)
+    assert mx.allclose(lin(x), x @ w.T + lin.bias, atol=1e-4).item()
+    assert calls == ["attention", "dequantize"]
