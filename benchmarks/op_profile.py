@@ -150,11 +150,23 @@ def attention_parts(p: Profile, q: Any, k: Any, v: Any, scale: float, causal: bo
     p.time("attention", "PV", lambda: w @ v, 2 * B * H * T * T * D)
 
 
+def dequantized(lin: Any) -> Any:
+    """A quantized projection's float32 weights as the library's prefill makes them: the extension's kernel where
+    it applies (`cpu_kernel.dequantize`), else the per-row-block MLX ops."""
+    from pixtral_mlx import cpu_kernel
+
+    w = cpu_kernel.dequantize(lin["weight"], lin["scales"], lin["biases"], group_size=lin.group_size, bits=lin.bits)
+    return lin._dequantized() if w is None else w
+
+
 def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
     """One prefill chunk of `tokens` tokens through one decoder layer, op by op, then whole."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx_lm.models.cache import KVCache
+    from mlx_lm.models.llama import swiglu
+
+    from pixtral_mlx import cpu
 
     t = TEXT
     p = Profile(repeats)
@@ -173,7 +185,7 @@ def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
     outs = {}
     for name in ("q_proj", "k_proj", "v_proj"):
         lin = getattr(attn, name)
-        w = p.time("dequantize", name, lin._dequantized, 0)
+        w = p.time("dequantize", name, lambda lin=lin: dequantized(lin), 0)
         outs[name] = p.time("GEMM", name, lambda w=w: h @ w.T, 2 * tokens * w.size)
     B, T = 1, tokens
 
@@ -189,21 +201,21 @@ def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
     pairs = T * (T + 1) / 2
     o = p.time(
         "attention (fused call)",
-        "mx.fast.scaled_dot_product_attention causal",
-        lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=attn.scale, mask="causal"),
+        "cpu.blocked_attention causal",
+        lambda: cpu.blocked_attention(q, k, v, attn.scale, causal=True),
         4 * t["heads"] * pairs * t["head_dim"],
     )
     o = p.time("other", "heads back to rows", lambda: o.transpose(0, 2, 1, 3).reshape(B, T, -1))
-    w = p.time("dequantize", "o_proj", attn.o_proj._dequantized)
+    w = p.time("dequantize", "o_proj", lambda: dequantized(attn.o_proj))
     r = p.time("GEMM", "o_proj", lambda: o @ w.T, 2 * tokens * w.size)
     hh = p.time("other", "residual add", lambda: x + r)
     h2 = p.time("norms", "post-attention norm", lambda: block.post_attention_layernorm(hh))
     ffn = {}
     for name in ("gate_proj", "up_proj"):
-        w = p.time("dequantize", name, getattr(mlp, name)._dequantized)
+        w = p.time("dequantize", name, lambda name=name: dequantized(getattr(mlp, name)))
         ffn[name] = p.time("GEMM", name, lambda w=w: h2 @ w.T, 2 * tokens * w.size)
-    g = p.time("other", "SwiGLU", lambda: nn.silu(ffn["gate_proj"]) * ffn["up_proj"])
-    w = p.time("dequantize", "down_proj", mlp.down_proj._dequantized)
+    g = p.time("other", "SwiGLU", lambda: cpu.gated(swiglu, ffn["gate_proj"], ffn["up_proj"]))
+    w = p.time("dequantize", "down_proj", lambda: dequantized(mlp.down_proj))
     r = p.time("GEMM", "down_proj", lambda: g @ w.T, 2 * tokens * w.size)
     p.time("other", "residual add", lambda: hh + r)
     proj_flops = sum(r["flops"] for r in p.rows if r["class"] == "GEMM")
@@ -221,6 +233,7 @@ def profile_vision(model: Any, size: int, repeats: int) -> dict:
     import mlx.core as mx
     import mlx.nn as nn
 
+    from pixtral_mlx import cpu
     from pixtral_mlx.models.pixtral.vision import rope_2d, rotate_half
 
     v = VISION
@@ -258,7 +271,7 @@ def profile_vision(model: Any, size: int, repeats: int) -> dict:
     h2 = p.time("norms", "ffn norm", lambda: layer.ffn_norm(hh))
     g = p.time("GEMM", "gate_proj", lambda: ff.gate_proj(h2), 2 * n * ff.gate_proj.weight.size)
     u = p.time("GEMM", "up_proj", lambda: ff.up_proj(h2), 2 * n * ff.up_proj.weight.size)
-    gu = p.time("other", "SwiGLU", lambda: nn.silu(g) * u)
+    gu = p.time("other", "SwiGLU", lambda: cpu.gated(lambda a, b: nn.silu(a) * b, g, u))
     r = p.time("GEMM", "down_proj", lambda: ff.down_proj(gu), 2 * n * ff.down_proj.weight.size)
     p.time("other", "residual add", lambda: hh + r)
     layer_flops = sum(r["flops"] for r in p.rows if r["class"] == "GEMM" and r["op"] != "patch conv") + att_flops
@@ -280,7 +293,12 @@ def old_paths() -> Iterator[None]:
     from pixtral_mlx import cpu
     from pixtral_mlx.models.pixtral.vision import Attention
 
-    saved = (cpu.PROMPT_ATTENTION_MIN, cpu.StreamSplitAttention._attend, cpu.DequantizingQuantizedLinear._many_tokens)
+    saved = (
+        cpu.PROMPT_ATTENTION_MIN,
+        cpu.StreamSplitAttention._attend,
+        cpu.DequantizingQuantizedLinear._many_tokens,
+        cpu.SWIGLU_KERNEL_MIN_ROWS,
+    )
 
     def many(self: Any, x: Any, streams: list[Any]) -> Any:
         return x @ self._dequantized().astype(x.dtype).T
@@ -299,11 +317,13 @@ def old_paths() -> Iterator[None]:
 
     cpu.PROMPT_ATTENTION_MIN, cpu.StreamSplitAttention._attend = 10**9, attend
     cpu.DequantizingQuantizedLinear._many_tokens = many
+    cpu.SWIGLU_KERNEL_MIN_ROWS = 10**9
     try:
         yield
     finally:
         cpu.PROMPT_ATTENTION_MIN, cpu.StreamSplitAttention._attend = saved[0], saved[1]
         cpu.DequantizingQuantizedLinear._many_tokens = saved[2]
+        cpu.SWIGLU_KERNEL_MIN_ROWS = saved[3]
 
 
 def compare(block: Any, vision: Any, tokens: int, size: int, repeats: int) -> dict:

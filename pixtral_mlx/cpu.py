@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx_lm.models import llama, ministral3
 
 from . import cpu_kernel
-from .models.pixtral.vision import Attention
+from .models.pixtral.vision import Attention, FeedForward
 
 # Below this many tokens a quantized matmul keeps the quantized kernel (decode, short prefills).
 DEQUANT_MIN_TOKENS = 16
@@ -296,6 +296,46 @@ class BlockedMinistral3Attention(ministral3.Attention):
         return self.o_proj(output.transpose(0, 2, 1, 3).reshape(*x.shape[:2], -1))
 
 
+# Rows (tokens, patches) from which an MLP's gated activation goes through the extension's kernel; below it, the
+# per-token decode steps keep mlx-lm's compiled `swiglu` (one row: the call costs more than it saves).
+SWIGLU_KERNEL_MIN_ROWS = 16
+
+
+def gated(fn: Any, gate: mx.array, up: mx.array) -> mx.array:
+    """fn(gate, up) = silu(gate) * up, through `cpu_kernel.swiglu` (every core, bit for bit the same values) for
+    prompt chunks and images; fn itself where the kernel does not apply."""
+    if gate.size // gate.shape[-1] >= SWIGLU_KERNEL_MIN_ROWS:
+        out = cpu_kernel.swiglu(gate, up)
+        if out is not None:
+            return out
+    return fn(gate, up)
+
+
+def _silu_gate(gate: mx.array, up: mx.array) -> mx.array:
+    return nn.silu(gate) * up
+
+
+class KernelFeedForward(FeedForward):
+    """The vision MLP with its gated activation through the extension's kernel (`gated`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gated(_silu_gate, self.gate_proj(x), self.up_proj(x)))
+
+
+class KernelMLP(llama.MLP):
+    """mlx-lm's llama MLP (mlx-lm 0.32) with its compiled `swiglu` through the extension's kernel (`gated`)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gated(llama.swiglu, self.gate_proj(x), self.up_proj(x)))
+
+
+class KernelMinistral3MLP(ministral3.MLP):
+    """mlx-lm's ministral3 MLP (Ministral 3), the same change as `KernelMLP`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.down_proj(gated(ministral3.swiglu, self.gate_proj(x), self.up_proj(x)))
+
+
 # The decoder attention classes whose prompt chunks go through `blocked_attention` (the memory plan counts one block).
 BLOCKED_DECODER_ATTENTION = (BlockedPromptAttention, BlockedMinistral3Attention)
 
@@ -305,4 +345,7 @@ REPLACEMENTS: dict[type, type] = {
     Attention: StreamSplitAttention,
     llama.Attention: BlockedPromptAttention,
     ministral3.Attention: BlockedMinistral3Attention,
+    FeedForward: KernelFeedForward,
+    llama.MLP: KernelMLP,
+    ministral3.MLP: KernelMinistral3MLP,
 }

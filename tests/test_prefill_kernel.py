@@ -1,6 +1,6 @@
-"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization bit for bit against MLX's, the fused
-attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable code, and the library's
-CPU classes going through them."""
+"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization and SwiGLU bit for bit against MLX's,
+the fused attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable code, and the
+library's CPU classes going through them."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import platform
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 import pytest
+from mlx_lm.models import llama
 
 from pixtral_mlx import cpu, cpu_kernel
 
@@ -110,10 +112,50 @@ def test_attention_declines_what_it_does_not_cover(ext):
     assert cpu_kernel.attention(q, k, k, scale=0.1, causal=False) is None  # 3 heads over 2 kv heads
 
 
+def swiglu_inputs(n: int, seed: int) -> tuple[mx.array, mx.array]:
+    """Gates over the whole range sigmoid's exp sees (|x| past 88, where exp saturates), the special values, and
+    the gates where MLX's exp rounds x log2(e) at a half (k + 0.5 for every k up to 127, and their neighbours)."""
+    rng = np.random.default_rng(seed)
+    halves = ((np.arange(128) + 0.5) / 1.442695).astype(np.float32)
+    halves = np.concatenate([np.nextafter(halves, np.float32(0)), halves, np.nextafter(halves, np.float32(1e9))])
+    special = [0.0, -0.0, 1e-30, -1e-30, 88.0, 88.1, -88.0, -88.1, 89.0, 1e30, -1e30, np.inf, -np.inf, np.nan]
+    gate = np.concatenate(
+        [rng.normal(0, 3, n), rng.uniform(-100, 100, n // 4), rng.normal(0, 1e-3, n // 8), special, halves, -halves]
+    ).astype(np.float32)
+    return mx.array(gate), mx.array(rng.normal(0, 1, gate.size).astype(np.float32))
+
+
+def same_bits(a: mx.array, b: mx.array) -> bool:
+    return np.array_equal(np.array(a), np.array(b), equal_nan=True)
+
+
+@pytest.mark.parametrize("n", [20_000, 7])
+def test_swiglu_bit_for_bit(isa, n):
+    gate, up = swiglu_inputs(n, seed=n)
+    out = cpu_kernel.swiglu(gate, up)
+    ref = llama.swiglu(gate, up)  # mlx-lm's compiled one; the vision MLP's uncompiled form gives the same
+    assert out.dtype == mx.float32 and out.shape == ref.shape
+    assert same_bits(out, ref) and same_bits(out, nn.silu(gate) * up)
+    assert np.isnan(np.array(out)).sum() == 2  # nan, and -inf * sigmoid(-inf) = -inf * 0
+    assert np.nanmax(np.abs(np.array(ref))) > 10  # not all zeros
+    # 2-D and 3-D shapes, a length that is no multiple of 8, and transposed views (copied first)
+    g2, u2 = gate[: 31 * 23].reshape(31, 23), up[: 31 * 23].reshape(31, 23)
+    assert same_bits(cpu_kernel.swiglu(g2, u2), llama.swiglu(g2, u2))
+    assert same_bits(cpu_kernel.swiglu(g2.T, u2.T), llama.swiglu(g2.T, u2.T))
+    g3 = gate[:600].reshape(2, 20, 15)
+    assert same_bits(cpu_kernel.swiglu(g3, g3), llama.swiglu(g3, g3))
+
+
+def test_swiglu_declines_what_it_does_not_cover(ext):
+    g = mx.random.normal((4, 64))
+    assert cpu_kernel.swiglu(g.astype(mx.bfloat16), g.astype(mx.bfloat16)) is None
+    assert cpu_kernel.swiglu(g, g[:, :32]) is None
+
+
 def test_library_paths_use_the_kernels(ext, monkeypatch):
     """`blocked_attention` and the prefill projection go through the kernels, with the values of the plain path."""
     calls = []
-    for name in ("attention", "dequantize"):
+    for name in ("attention", "dequantize", "swiglu"):
         real = getattr(cpu_kernel, name)
 
         def spy(*a, _real=real, _name=name, **kw):
@@ -131,4 +173,12 @@ def test_library_paths_use_the_kernels(ext, monkeypatch):
     x = mx.random.normal((1, 40, 256), key=mx.random.key(6))
     w = mx.dequantize(lin.weight, lin.scales, lin.biases, group_size=64, bits=4)
     assert mx.allclose(lin(x), x @ w.T + lin.bias, atol=1e-4).item()
-    assert calls == ["attention", "dequantize"]
+
+    args = llama.ModelArgs("llama", 256, 1, 512, 4, 1e-5, 1000)
+    mlp = llama.MLP(args)
+    mlp.__class__ = cpu.KernelMLP
+    ref = llama.MLP.__call__(mlp, x)
+    assert same_bits(mlp(x), ref)
+    assert calls == ["attention", "dequantize", "swiglu"]
+    mlp(x[:, :1])  # one token (decode): mlx-lm's swiglu, no kernel call
+    assert calls == ["attention", "dequantize", "swiglu"]

@@ -71,8 +71,10 @@ def test_dequantized_blocks_equal_one_dequantization():
 
 
 def old_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The CPU classes as they were: one dequantization, one attention call (mlx-lm's; vision: per image)."""
+    """The CPU classes as they were: one dequantization, one attention call (mlx-lm's; vision: per image), MLX's
+    SwiGLU."""
     monkeypatch.setattr(cpu, "PROMPT_ATTENTION_MIN", 10**9)
+    monkeypatch.setattr(cpu, "SWIGLU_KERNEL_MIN_ROWS", 10**9)
     monkeypatch.setattr(cpu.StreamSplitAttention, "_attend", Attention._attend)
     monkeypatch.setattr(
         cpu.DequantizingQuantizedLinear, "_many_tokens", lambda self, x, streams: x @ self._dequantized().T
@@ -117,6 +119,7 @@ def test_logits_and_greedy_tokens_equal_the_old_paths(case, q4, monkeypatch):
     layer = q4.model.language_model.model.layers[0]
     assert isinstance(layer.self_attn, cpu.BlockedPromptAttention)
     assert isinstance(layer.mlp.gate_proj, cpu.DequantizingQuantizedLinear)
+    assert isinstance(layer.mlp, cpu.KernelMLP)
     with monkeypatch.context() as m:
         small_blocks(m)
         new_logits = q4.logits(messages)

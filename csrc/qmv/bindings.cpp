@@ -55,6 +55,14 @@ NB_MODULE(_qmv, m) {
       "stream"_a = nb::none(),
       "softmax(scale q k^T [causal]) v for float32 (B, H, Lq, D) q and (B, Hkv, Lk, D) k, v, never holding the "
       "score matrix.");
+  m.def(
+      "swiglu",
+      &qmv::swiglu,
+      "gate"_a,
+      "up"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "silu(gate) * up for float32 arrays of one shape, bit for bit MLX's CPU ops, over the thread pool.");
   m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");

@@ -234,4 +234,50 @@ void FlashAttention::eval_cpu(const std::vector<mx::array>& inputs, std::vector<
   });
 }
 
+///////////////////////////////////////////////////////////////////////////////
+// SwiGLU
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.swiglu: " + msg); };
+  if (gate.dtype() != mx::float32 || up.dtype() != mx::float32) fail("gate and up must be float32");
+  if (gate.shape() != up.shape()) fail("gate and up must have the same shape");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  // Row-major inputs (a no-op for the usual ones: a projection's output).
+  return mx::array(
+      gate.shape(),
+      mx::float32,
+      std::make_shared<Swiglu>(stream),
+      {mx::contiguous(gate, false, stream), mx::contiguous(up, false, stream)});
+}
+
+void Swiglu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvSwiglu has no GPU implementation (use mlx-lm's swiglu)");
+}
+
+void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& gate = inputs[0];
+  const auto& up = inputs[1];
+  if (!gate.flags().row_contiguous || !up.flags().row_contiguous)
+    throw std::invalid_argument("qmv.swiglu: gate and up must be row-contiguous");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(gate);
+  encoder.set_input_array(up);
+  encoder.set_output_array(out);
+  const SwigluFn fn = prefill_kernels().swiglu;
+  const int64_t n = out.size();
+  encoder.dispatch([fn,
+                    n,
+                    g = gate.data<float>(),
+                    u = up.data<float>(),
+                    o = out.data<float>()]() {
+    // Blocks of 64K elements (a multiple of 8), at most 8 tasks a thread.
+    const int64_t per = std::max<int64_t>(65536, ((n + 8 * threads() - 1) / (8 * threads()) + 7) / 8 * 8);
+    const int ntasks = static_cast<int>((n + per - 1) / per);
+    parallel_for(ntasks, [&](int t) { fn(g, u, o, t * per, std::min(n, (t + 1) * per)); });
+  });
+}
+
 }  // namespace qmv

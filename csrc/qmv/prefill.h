@@ -11,6 +11,10 @@
 //   FlashAttention), and never holds more scores than one block of queries against one block of keys.
 //   Causal: query i sits at key position Lk - Lq + i and sees keys up to it; key blocks past a query
 //   block's last row are never computed.
+// - SwiGLU: out = silu(gate) * up = (gate * sigmoid(gate)) * up in float32, with MLX's CPU sigmoid and exp
+//   (mlx/backend/cpu/unary_ops.h, simd/math.h: 1 / (1 + exp(|x|)), exp as 2**round(x log2 e) times a Cephes
+//   polynomial evaluated with fma) operation for operation, every other product and sum rounded apart: bit for
+//   bit what mlx-lm's compiled `swiglu` and `nn.silu(g) * u` give on MLX's CPU, over every core.
 
 #pragma once
 
@@ -57,10 +61,14 @@ constexpr int kMaxHeadDim = 256;
 // One task: batch b, head h, query rows [r0, r1) (at most kQueryBlock of them).
 using AttentionFn = void (*)(const AttentionProblem&, int b, int h, int r0, int r1);
 
+// out[i] = silu(gate[i]) * up[i] for i in [i0, i1).
+using SwigluFn = void (*)(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
+
 struct PrefillKernels {
   const char* name;
   DequantFn dequantize;
   AttentionFn attention;
+  SwigluFn swiglu;
   int head_dim_multiple;  // the attention kernel needs D % this == 0
 };
 

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -84,10 +85,41 @@ void attention_rows(const AttentionProblem& p, int b, int h, int r0, int r1) {
   }
 }
 
+
+// MLX's scalar exp (simd/math.h with Simd<float, 1>): note `x + 0.5` there is a double sum.
+float mlx_exp(float x_init) {
+  float x = x_init * 1.442695f;
+  const float ipart = static_cast<float>(std::floor(static_cast<double>(x) + 0.5));
+  const float fpart = x - ipart;
+  x = 1.535336188319500e-4f;
+  x = std::fma(x, fpart, 1.339887440266574e-3f);
+  x = std::fma(x, fpart, 9.618437357674640e-3f);
+  x = std::fma(x, fpart, 5.550332471162809e-2f);
+  x = std::fma(x, fpart, 2.402264791363012e-1f);
+  x = std::fma(x, fpart, 6.931472028550421e-1f);
+  x = std::fma(x, fpart, 1.000000000000000f);
+  const uint32_t ebits = static_cast<uint32_t>(static_cast<int>(ipart) + 127) << 23;
+  float epart;
+  std::memcpy(&epart, &ebits, sizeof epart);
+  float result = std::isnan(x_init) ? x_init : epart * x;
+  if (x_init > 88.0f) result = std::numeric_limits<float>::infinity();
+  if (x_init < -88.0f) result = 0.0f;
+  return result;
+}
+
+void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, int64_t i1) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const float g = gate[i];
+    const float y = 1.0f / (1.0f + mlx_exp(std::fabs(g)));
+    const float sig = g < 0.0f ? y : 1.0f - y;
+    out[i] = (g * sig) * up[i];
+  }
+}
+
 }  // namespace
 
 PrefillKernels prefill_scalar() {
-  return {"scalar", dequantize_rows, attention_rows, 1};
+  return {"scalar", dequantize_rows, attention_rows, swiglu_range, 1};
 }
 
 }  // namespace qmv

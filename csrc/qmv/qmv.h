@@ -100,6 +100,25 @@ mx::array attention(
     bool causal,
     mx::StreamOrDevice s = {});
 
+// silu(gate) * up for float32 arrays of one shape, row-contiguous: bit for bit MLX's CPU (prefill.h).
+mx::array swiglu(const mx::array& gate, const mx::array& up, mx::StreamOrDevice s = {});
+
+class Swiglu : public mx::UnaryPrimitive {
+ public:
+  explicit Swiglu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvSwiglu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 class Dequantize : public mx::Primitive {
  public:
   Dequantize(mx::Stream stream, int group_size, int bits)
