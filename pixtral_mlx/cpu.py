@@ -8,15 +8,19 @@ The model files (`model.py`, `vision.py`) know nothing about devices. On MLX's C
 - attention over many queries (vision, and a decoder prompt chunk) runs in blocks of queries with its heads
   split over the same streams (the CPU softmax runs on one thread), never holding the whole score matrix and,
   for causal prompts, never computing the masked half;
-- with the C++ extension (`cpu_kernel`), prefill dequantizes through its multithreaded AVX2 kernel and that
-  attention is one fused kernel call (online softmax over key blocks; no score matrix at all).
+- with the C++ extension (`cpu_kernel`), prefill dequantizes through its multithreaded AVX2 kernel, that
+  attention is one fused kernel call (online softmax over key blocks; no score matrix at all) and the MLPs'
+  SwiGLU runs on every core;
+- several prompts prefilled together (`generate.prefill_many`) share each weight's dequantization
+  (`shared_dequantization`).
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import mlx.core as mx
@@ -72,6 +76,29 @@ def dequantize_affine(w: mx.array, scales: mx.array, biases: mx.array, group_siz
     return (q * scales[..., None] + biases[..., None]).reshape(w.shape[0], -1)
 
 
+# Inside `shared_dequantization()`: the float32 weight blocks each DequantizingQuantizedLinear made, by id (lazy).
+_shared: dict[int, list[mx.array]] | None = None
+
+
+@contextmanager
+def shared_dequantization() -> Iterator[None]:
+    """While it is open, every prompt chunk through a DequantizingQuantizedLinear multiplies with one and the same
+    (lazy) dequantized weight: the graphs of several prompts built inside it share that node, and evaluated
+    together they dequantize each weight once (`generate.prefill_many`). The same values as apart."""
+    global _shared
+    saved, _shared = _shared, {}
+    try:
+        yield
+    finally:
+        _shared = saved
+
+
+def dequantizes(model: Any) -> bool:
+    """True when `model`'s decoder prefill dequantizes its weights (the CPU classes on a quantized model)."""
+    layers = model.layers
+    return bool(layers) and any(isinstance(m, DequantizingQuantizedLinear) for _, m in layers[0].named_modules())
+
+
 class DequantizingQuantizedLinear(nn.QuantizedLinear):
     """QuantizedLinear that sends many-token inputs through a dequantized BLAS GEMM (CPU only).
 
@@ -89,24 +116,38 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return y
 
     def _many_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
-        """Prefill: dequantize, then one BLAS GEMM. The dequantization is elementwise work that MLX's CPU
-        backend runs on one thread, so with several streams the output rows are cut into one block per
-        stream, each dequantized on its own stream (thread), and each block's GEMM runs on the caller's
-        stream (BLAS uses every core): the same values, the dequantization in 1/cores of the time."""
+        """Prefill: dequantize, then one BLAS GEMM (per block of output rows, see `_weight_blocks`)."""
+        blocks = self._weight_blocks(streams)
+        if len(blocks) == 1:
+            return x @ blocks[0].astype(x.dtype).T
+        return mx.concatenate([x @ w.astype(x.dtype).T for w in blocks], axis=-1)
+
+    def _weight_blocks(self, streams: list[Any]) -> list[mx.array]:
+        """The float32 weights, in blocks of output rows. With the extension, one block from its multithreaded
+        kernel. Without it, the dequantization is elementwise work that MLX's CPU backend runs on one thread,
+        so with several streams the output rows are cut into one block per stream, each dequantized on its own
+        stream (thread), and each block's GEMM runs on the caller's stream (BLAS uses every core): the same
+        values, the dequantization in 1/cores of the time. Inside `shared_dequantization`, made once."""
+        if _shared is not None and id(self) in _shared:
+            return _shared[id(self)]
         rows = self["weight"].shape[0]
+        w = None
         if self.mode == "affine" and "biases" in self:
             w = cpu_kernel.dequantize(
                 self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
             )
-            if w is not None:  # the extension's kernel: every core, no per-stream split needed
-                return x @ w.astype(x.dtype).T
-        if len(streams) < 2 or rows < 2 * len(streams):
-            return x @ self._dequantized().astype(x.dtype).T
-        blocks = []
-        for st, (lo, hi) in zip(streams, splits(rows, len(streams))):
-            with mx.stream(st):
-                blocks.append(self._dequantized(lo, hi))
-        return mx.concatenate([x @ w.astype(x.dtype).T for w in blocks], axis=-1)
+        if w is not None:  # the extension's kernel: every core, no per-stream split needed
+            blocks = [w]
+        elif len(streams) < 2 or rows < 2 * len(streams):
+            blocks = [self._dequantized()]
+        else:
+            blocks = []
+            for st, (lo, hi) in zip(streams, splits(rows, len(streams))):
+                with mx.stream(st):
+                    blocks.append(self._dequantized(lo, hi))
+        if _shared is not None:
+            _shared[id(self)] = blocks
+        return blocks
 
     def _dequantized(self, lo: int = 0, hi: int | None = None) -> mx.array:
         """The float32 weights of output rows [lo, hi) (all rows by default)."""

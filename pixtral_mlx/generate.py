@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import mlx.core as mx
@@ -305,6 +306,83 @@ def prefill(
         mx.clear_cache()
 
 
+_TAPPED: dict[type, type] = {}
+
+
+def _tapped_class(cls: type) -> type:
+    """A subclass of the layer class `cls` whose calls append their output to `_TAPS[id(layer)]`."""
+    if cls not in _TAPPED:
+
+        def __call__(self: Any, *args: Any, **kwargs: Any) -> Any:
+            out = cls.__call__(self, *args, **kwargs)
+            _TAPS[id(self)].append(out)
+            return out
+
+        _TAPPED[cls] = type(cls.__name__, (cls,), {"__call__": __call__})
+    return _TAPPED[cls]
+
+
+_TAPS: dict[int, list[Any]] = {}
+
+
+@contextmanager
+def _tap(layers: list[Any]) -> Iterator[list[list[Any]]]:
+    """Per layer, the outputs of every call made to it while open (the same layer objects, class swapped back
+    at the end; the model's own forward runs unchanged)."""
+    outputs: list[list[Any]] = [[] for _ in layers]
+    classes = [type(layer) for layer in layers]
+    try:
+        for layer, out in zip(layers, outputs):
+            _TAPS[id(layer)] = out
+            layer.__class__ = _tapped_class(type(layer))
+        yield outputs
+    finally:
+        for layer, cls in zip(layers, classes):
+            layer.__class__ = cls
+            _TAPS.pop(id(layer), None)
+
+
+def prefill_many(
+    model: Any, jobs: list[tuple[list[int], mx.array, list[Any]]], prefill_step: int = PREFILL_STEP
+) -> None:
+    """`prefill(model, tokens, embeddings, cache)` for each `(tokens, embeddings, cache)` job, with the same values.
+
+    Where a prompt chunk dequantizes the layer weights it multiplies with (the CPU classes on a quantized model:
+    `cpu.dequantizes`), that costs as much as the GEMMs of a few hundred tokens, once per prompt. So with several
+    jobs the work goes layer by layer instead: the graph of every chunk of every prompt is built first (lazily, no
+    work; inside `cpu.shared_dequantization`, so all of them use one dequantization node per weight), then it is
+    evaluated one decoder layer at a time (every chunk's output of that layer; the last layer's KV only, as
+    `prefill` computes it), so each weight is dequantized once for the batch and freed before the next layer's.
+    Every chunk goes through the same operations on the same shapes and weights as in `prefill`."""
+    from mlx_lm.generate import generation_stream
+
+    from . import backend
+
+    cpu = None
+    if backend.on_cpu():
+        from . import cpu
+    if len(jobs) < 2 or cpu is None or not cpu.dequantizes(model):
+        for tokens, embeddings, cache in jobs:
+            prefill(model, tokens, embeddings, cache, prefill_step)
+        return
+    layers = model.layers
+    with mx.stream(generation_stream):
+        with cpu.shared_dequantization(), _tap(layers) as outputs:
+            for tokens, embeddings, cache in jobs:
+                done, total = 0, len(tokens)
+                while total - done > 1:
+                    n = min(prefill_step, total - done - 1)
+                    ids = mx.array(tokens[done : done + n])[None]
+                    model(ids, cache=cache, input_embeddings=embeddings[None, done : done + n])
+                    done += n
+        for i in range(len(layers) - 1):
+            mx.eval(outputs[i])
+            outputs[i].clear()
+        mx.eval([c.state for _, _, cache in jobs for c in cache])
+    outputs.clear()
+    mx.clear_cache()
+
+
 def stream_batch(
     model: Any,
     detokenizers: list[Any],
@@ -320,8 +398,9 @@ def stream_batch(
     its `finish_reason`, and a finished sequence leaves the batch (each stops on its own).
 
     `prompts` holds `(tokens, embeddings)` pairs, where `embeddings` is an (L, D) array or a callable
-    returning it (so image features are computed one prompt at a time). Each prompt is prefilled on its
-    own into a fresh KV cache exactly as `stream_tokens` does; the caches are then merged into mlx-lm's
+    returning it (so image features are computed one prompt at a time). Each prompt is prefilled into a fresh
+    KV cache with the values `stream_tokens` gives it (`prefill_many`: on the CPU, layer by layer over all of
+    them, each weight dequantized once for the batch); the caches are then merged into mlx-lm's
     left-padded `BatchKVCache` and every decode step runs all remaining sequences as one batch, so the
     weights are read once per step for all of them. `max_tokens[i]` caps sequence i. Token and chunk
     semantics (end of sequence, length, text) are `_decode`'s, the same as for one sequence.
@@ -333,13 +412,10 @@ def stream_batch(
 
     tic = start_time or time.perf_counter()
     sampler = options.sampler()
-    caches, last = [], []
-    for tokens, emb in prompts:
-        emb = emb() if callable(emb) else emb
-        cache = model.make_cache()
-        prefill(model, tokens, emb, cache, prefill_step)
-        caches.append(cache)
-        last.append(emb[-1:])
+    jobs = [(tokens, emb() if callable(emb) else emb, model.make_cache()) for tokens, emb in prompts]
+    prefill_many(model, jobs, prefill_step)
+    caches, last = [cache for _, _, cache in jobs], [emb[-1:] for _, emb, _ in jobs]
+    del jobs
     with mx.stream(generation_stream):
         batch = [BatchKVCache.merge(list(layer)) for layer in zip(*caches)]
     del caches

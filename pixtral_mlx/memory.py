@@ -106,6 +106,10 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     context_length: int = 0  # the limit in use (prompt + reply)
     trained_context_length: int = 0  # the window the model was trained on
+    # Prefilled together with other prompts (`generate.prefill_many`, CPU): one whole decoder layer's weights in
+    # float32 at once, and this prompt's hidden states into and out of a layer while the others go through it.
+    layer_dequant: int = 0
+    batch_hidden: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -235,6 +239,17 @@ def _largest_quantized(model: Any) -> int:
     return largest
 
 
+def _layer_quantized(layer: Any) -> int:
+    """Elements of all the quantized weight matrices of one decoder layer."""
+    import mlx.nn as nn
+
+    return sum(
+        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        for _, m in layer.named_modules()
+        if isinstance(m, nn.QuantizedLinear)
+    )
+
+
 def weights_bytes(model: Any) -> int:
     from mlx.utils import tree_flatten
 
@@ -317,6 +332,7 @@ def estimate(
     if blocked and chunk >= PROMPT_ATTENTION_MIN and fused_attention(t.head_dim, act_dtype):
         scores = 0  # the CPU extension's fused attention holds no scores
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
+    layer_dequant = 4 * _layer_quantized(layers[0]) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(
         image_tokens=names,
@@ -337,6 +353,8 @@ def estimate(
         device=device_name(),
         context_length=pixtral.context_length,
         trained_context_length=pixtral.trained_context_length,
+        layer_dequant=layer_dequant,
+        batch_hidden=3 * n_new * t.hidden_size * a,
     )
 
 
@@ -344,13 +362,17 @@ def batch_bytes(plans: list[MemoryPlan], held: int) -> int:
     """Bytes a batched decode of these rows needs, from each row's own plan: the weights once; every row's
     prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
     in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
-    largest transient peak (rows are encoded and prefilled one at a time)."""
+    largest transient peak: rows are encoded one at a time, then prefilled together (`generate.prefill_many`),
+    which on the CPU holds one layer's dequantized weights and every row's hidden states at that layer."""
     rows, longest = len(plans), max(p.prompt_tokens for p in plans)
     prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
     decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
     kv = plans[0].kv_per_token * max(prefilled + rows * longest, decoded)
     features = held + sum(p.features - held for p in plans)
     peak = max(max(p.vision, p.prefill) for p in plans)
+    if rows > 1:
+        together = max(p.prefill for p in plans) + max(p.layer_dequant for p in plans)
+        peak = max(peak, together + sum(p.batch_hidden for p in plans))
     return int(plans[0].weights + kv + features + peak)
 
 

@@ -10,12 +10,13 @@ blocks are made tiny so that the tiny prompts cross several of them.
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from PIL import Image
 
 import pixtral_mlx
-from pixtral_mlx import backend, cpu
+from pixtral_mlx import backend, cpu, cpu_kernel
 from pixtral_mlx.convert import convert
 from pixtral_mlx.models.pixtral.vision import Attention
 
@@ -236,3 +237,67 @@ def test_mistral3_decoders_take_the_cpu_attention_and_keep_their_outputs(variant
     assert np.abs(old_logits).max() > 0.1
     np.testing.assert_allclose(new_logits, old_logits, atol=1e-4 * np.abs(old_logits).max(), rtol=0)
     assert len(new_tokens) == 8 and new_tokens == old_tokens
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_prefill_many_equals_prefill_bit_for_bit(q4, kernel, monkeypatch):
+    """Several prompts prefilled layer by layer (`prefill_many`: one dequantization per weight for all of them) fill
+    the caches `prefill` fills one prompt at a time, to the bit: an image prompt, a text prompt in chunks, and a
+    prompt too short to dequantize; with the extension's dequantization and with MLX's per-stream one."""
+    from pixtral_mlx.generate import prefill, prefill_many
+
+    if not kernel:
+        monkeypatch.setattr(cpu_kernel, "dequantize", lambda *a, **k: None)
+    short = [{"role": "user", "content": "Hi"}]
+    prompts = [q4.encode(MESSAGES["image"]), q4.encode(MESSAGES["text"]), q4.encode(short)]
+    embs = [q4.embeddings(p) for p in prompts]
+    assert len(prompts[1]) > 2 * 20 and len(prompts[2]) < cpu.DEQUANT_MIN_TOKENS
+    made = []  # one entry per dequantization made (not taken from the shared ones)
+    real = cpu.DequantizingQuantizedLinear._weight_blocks
+
+    def spy(self, streams):
+        if cpu._shared is None or id(self) not in cpu._shared:
+            made.append(id(self))
+        return real(self, streams)
+
+    monkeypatch.setattr(cpu.DequantizingQuantizedLinear, "_weight_blocks", spy)
+    alone = []
+    for p, e in zip(prompts, embs):
+        cache = q4.model.make_cache()
+        prefill(q4.model, p.tokens, e, cache, prefill_step=20)
+        alone.append(cache)
+    per_prompt = len(made)
+    made.clear()
+    jobs = [(p.tokens, e, q4.model.make_cache()) for p, e in zip(prompts, embs)]
+    prefill_many(q4.model, jobs, prefill_step=20)
+    weights = [id(m) for _, m in q4.model.named_modules() if isinstance(m, cpu.DequantizingQuantizedLinear)]
+    layers = q4.model.language_model.model.layers
+    assert sorted(set(made)) == sorted(made) and len(made) > 0  # each weight dequantized once
+    assert set(made) <= set(weights) and per_prompt >= 4 * len(made)  # image prompt once, text prompt 3 chunks
+    assert len(made) == len(weights)  # every layer's, and lm_head's (in the graph, never evaluated, as in `prefill`)
+    assert all("generate" not in type(layer).__module__ for layer in layers)  # the taps are gone
+    for one, (_, _, many) in zip(alone, jobs):
+        for a, b in zip(one, many):
+            assert a.offset == b.offset > 0
+            for x, y in zip(a.state, b.state):
+                assert mx.array_equal(x, y).item()
+
+
+def test_batch_plan_counts_the_shared_layer_and_holds_the_measured_peak(q4):
+    """The memory plan of a batch prefilled together holds one whole layer's float32 weights and every row's
+    hidden states, and the peak of `generate_batch` stays under it."""
+    from pixtral_mlx.memory import batch_bytes, estimate
+
+    layer = q4.model.language_model.model.layers[0]
+    elements = sum(m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, nn.QuantizedLinear))
+    prompts = [q4.encode(MESSAGES["image"]), q4.encode(MESSAGES["text"]), q4.encode(MESSAGES["text"][:1])]
+    plans = [estimate(q4, p, keep=0, max_tokens=6, kv_bits=None, kv_group_size=64) for p in prompts]
+    assert all(p.layer_dequant == 4 * elements > 0 for p in plans)
+    assert batch_bytes(plans, 0) >= batch_bytes(plans[:1], 0) + 4 * elements + sum(p.batch_hidden for p in plans[1:])
+    q4.features.clear()
+    mx.clear_cache()
+    other = mx.get_active_memory() - plans[0].weights
+    mx.reset_peak_memory()
+    q4.generate_batch(prompts, max_tokens=6, temperature=0.0)
+    measured = mx.get_peak_memory() - other
+    assert measured <= batch_bytes(plans, 0), (measured, batch_bytes(plans, 0))

@@ -8,6 +8,10 @@
 #include <memory>
 #include <stdexcept>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "kernels.h"
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -59,6 +63,23 @@ Dense dense4(const mx::array& a) {
   d.strides[1] = static_cast<int64_t>(n2) * n3;
   d.strides[0] = static_cast<int64_t>(n1) * n2 * n3;
   return d;
+}
+
+// A fresh output buffer of many MiB (glibc maps each anew and unmaps it when freed, so every prefill chunk
+// would touch ~75,000 new 4 KiB pages a dequantized projection): asks for 2 MiB pages before the first write
+// (transparent huge pages in "madvise" mode, Linux's default), ~500x fewer page faults. Advice only.
+void advise_huge(void* data, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = 2u << 20;
+  if (nbytes < 4 * kHuge) return;
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t lo = (begin + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (begin + nbytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)nbytes;
+#endif
 }
 
 }  // namespace
@@ -120,6 +141,7 @@ void Dequantize::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::
   const auto& biases = inputs[2];
   auto& out = outputs[0];
   out.set_data(mx::allocator::malloc(out.nbytes()));
+  advise_huge(out.data<void>(), out.nbytes());
   auto& encoder = mx::cpu::get_command_encoder(stream());
   for (const auto& a : inputs) encoder.set_input_array(a);
   encoder.set_output_array(out);
