@@ -1,8 +1,9 @@
 """Continuous batching: one decode loop over a set of rows that grows and shrinks between steps.
 
 A row is one planned turn (`Pixtral.plan_turn`: its options, logits processors and conversation `PromptCache`).
-`Batch.add` prefills the part of the prompt the row's cache lacks on its own, exactly as a single turn does
-(all but the last token in chunks, then the last token alone, whose logits give the first token), and merges
+`Batch.add_many` prefills the part of each prompt the row's cache lacks with the values a single turn gives it
+(all but the last token in chunks, several rows together where they fit: `generate.prefill_many`; then the last
+token alone, whose logits give the first token), and merges
 the row's KV into the running left-padded `BatchKVCache` (mlx-lm's `merge`/`extend`). `Batch.step` runs one
 decode step for every row at once (the weights read once for all of them), then samples each row with its own
 sampler and logits processors (grammar, penalties, bias) and hands the token to that row's `_decode`, which
@@ -23,7 +24,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from pixtral_mlx.generate import _decode, prefill
+from pixtral_mlx.generate import _decode, prefill_many
 from pixtral_mlx.turn import Chunk, Options
 
 __all__ = ["Batch", "Row", "solo"]
@@ -74,14 +75,37 @@ class Batch:
 
     def add(self, turn: Any, cancelled: Callable[[], bool] = lambda: False) -> Row:
         """Prefill `turn` on its own, sample its first token and merge it into the batch."""
+        return self.add_many([turn], [cancelled])[0]
+
+    def add_many(self, turns: list[Any], cancelled: list[Callable[[], bool]] | None = None) -> list[Row]:
+        """Prefill `turns` (together where they fit: `prefill_many`, each weight dequantized once for all of them
+        on the CPU; the values of each alone), sample each one's first token and merge them into the batch."""
+        from pixtral_mlx.memory import batch_bytes
+
+        cancelled = cancelled or [lambda: False] * len(turns)
+        mx.reset_peak_memory()
+        plans = [turn.plan for turn in turns]
+        together = len(turns) > 1 and (
+            plans[0].limit is None or batch_bytes(plans, self.pixtral.features.nbytes) <= plans[0].limit
+        )
+        groups = [list(range(len(turns)))] if together else [[i] for i in range(len(turns))]
+        rows = []
+        for group in groups:
+            jobs = [
+                (t.prompt.tokens[t.keep :], self.pixtral.embeddings(t.prompt, start=t.keep), t.cache.layers)
+                for t in (turns[i] for i in group)
+            ]
+            prefill_many(self.model, jobs, steps=[turns[i].plan.prefill_step for i in group])
+            for i, (tokens, emb, _) in zip(group, jobs):
+                rows.append(self._first(turns[i], cancelled[i], tokens, emb))
+        return rows
+
+    def _first(self, turn: Any, cancelled: Callable[[], bool], tokens: list[int], emb: mx.array) -> Row:
+        """The prefilled `turn`: sample its first token from its last prompt token and merge it into the batch."""
         from mlx_lm.generate import generation_stream
         from mlx_lm.models.cache import BatchKVCache
 
-        prompt, cache, keep, options = turn.prompt, turn.cache, turn.keep, turn.options
-        mx.reset_peak_memory()
-        tokens = prompt.tokens[keep:]
-        emb = self.pixtral.embeddings(prompt, start=keep)
-        prefill(self.model, tokens, emb, cache.layers, turn.plan.prefill_step)
+        cache, options = turn.cache, turn.options
         row = Row(turn, cancelled, options.sampler(), list(tokens))
         with mx.stream(generation_stream):
             logits = self.model(mx.array(tokens[-1:])[None], cache=cache.layers, input_embeddings=emb[None, -1:])
@@ -206,12 +230,14 @@ def run(pixtral: Any, turns: list[tuple[int, Any]]) -> Iterator[tuple[int, Chunk
     rows: dict[int, int] = {}
     step = 0
     while waiting or batch.rows:
+        joining = []
         while waiting and waiting[0][1][0] <= step:
-            i, (_, turn) = waiting.pop(0)
-            row = batch.add(turn)
-            rows[id(row)] = i
-            if row.done:
-                yield i, row.first
+            joining.append(waiting.pop(0))
+        if joining:
+            for (i, _), row in zip(joining, batch.add_many([turn for _, (_, turn) in joining])):
+                rows[id(row)] = i
+                if row.done:
+                    yield i, row.first
         for row, chunk in batch.step():
             if chunk is not None:
                 yield rows[id(row)], chunk

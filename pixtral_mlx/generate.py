@@ -343,9 +343,13 @@ def _tap(layers: list[Any]) -> Iterator[list[list[Any]]]:
 
 
 def prefill_many(
-    model: Any, jobs: list[tuple[list[int], mx.array, list[Any]]], prefill_step: int = PREFILL_STEP
+    model: Any,
+    jobs: list[tuple[list[int], mx.array, list[Any]]],
+    prefill_step: int = PREFILL_STEP,
+    steps: list[int] | None = None,
 ) -> None:
-    """`prefill(model, tokens, embeddings, cache)` for each `(tokens, embeddings, cache)` job, with the same values.
+    """`prefill(model, tokens, embeddings, cache, step)` for each `(tokens, embeddings, cache)` job, with the same
+    values; `steps` gives each job its own chunk size (default: `prefill_step` for all).
 
     Where a prompt chunk dequantizes the layer weights it multiplies with (the CPU classes on a quantized model:
     `cpu.dequantizes`), that costs as much as the GEMMs of a few hundred tokens, once per prompt. So with several
@@ -358,20 +362,21 @@ def prefill_many(
 
     from . import backend
 
+    steps = steps or [prefill_step] * len(jobs)
     cpu = None
     if backend.on_cpu():
         from . import cpu
     if len(jobs) < 2 or cpu is None or not cpu.dequantizes(model):
-        for tokens, embeddings, cache in jobs:
-            prefill(model, tokens, embeddings, cache, prefill_step)
+        for (tokens, embeddings, cache), step in zip(jobs, steps):
+            prefill(model, tokens, embeddings, cache, step)
         return
     layers = model.layers
     with mx.stream(generation_stream):
         with cpu.shared_dequantization(), _tap(layers) as outputs:
-            for tokens, embeddings, cache in jobs:
+            for (tokens, embeddings, cache), step in zip(jobs, steps):
                 done, total = 0, len(tokens)
                 while total - done > 1:
-                    n = min(prefill_step, total - done - 1)
+                    n = min(step, total - done - 1)
                     ids = mx.array(tokens[done : done + n])[None]
                     model(ids, cache=cache, input_embeddings=embeddings[None, done : done + n])
                     done += n

@@ -301,3 +301,26 @@ def test_batch_plan_counts_the_shared_layer_and_holds_the_measured_peak(q4):
     q4.generate_batch(prompts, max_tokens=6, temperature=0.0)
     measured = mx.get_peak_memory() - other
     assert measured <= batch_bytes(plans, 0), (measured, batch_bytes(plans, 0))
+
+
+def test_server_rows_joining_together_are_prefilled_together_and_equal_alone(q4, monkeypatch):
+    """The continuous batcher admits rows that arrive at the same step with one `prefill_many` (the engine does the
+    same with the requests it finds waiting): each row decodes token for token what its turn decodes alone."""
+    from pixtral_mlx import batching
+    from pixtral_mlx.turn import Options, Reply
+
+    greedy = Options(temperature=0.0, max_tokens=8)
+    messages = [MESSAGES["image"], MESSAGES["text"], [{"role": "user", "content": "Count: one, two, three"}]]
+    alone = [q4.generate(m, greedy) for m in messages]
+    sizes = []
+    real = batching.prefill_many
+    monkeypatch.setattr(
+        batching, "prefill_many", lambda model, jobs, **kw: sizes.append(len(jobs)) or real(model, jobs, **kw)
+    )
+    turns = [(0, q4.plan_turn(q4.encode(m), q4.new_cache(), greedy)) for m in messages]
+    got = [Reply() for _ in messages]
+    for i, chunk in batching.run(q4, turns):
+        got[i].add(chunk)
+    assert sizes == [3]
+    for a, g in zip(alone, got):
+        assert len(a.tokens) == 8 and (g.tokens, g.text, g.finish_reason) == (a.tokens, a.text, a.finish_reason)

@@ -269,9 +269,10 @@ class Engine:
         alone: Job | None = None  # a job the batch does not take: it runs once the batch has drained
         closing = False
         while True:
-            while not closing and alone is None and len(self.batch) < self.max_batch:
+            arriving: list[Job] = []  # admitted together: their prompts prefilled at once (`Batch.add_many`)
+            while not closing and alone is None and len(self.batch) + len(arriving) < self.max_batch:
                 try:
-                    job = self.jobs.get() if not self.batch.rows else self.jobs.get_nowait()
+                    job = self.jobs.get() if not self.batch.rows and not arriving else self.jobs.get_nowait()
                 except queue.Empty:
                     break
                 if job is None:
@@ -279,7 +280,9 @@ class Engine:
                 elif (why := solo(job.options, job.n) or ("kv_bits" if self.kv[0] is not None else None)) is not None:
                     job.record.solo, alone = why, job
                 else:
-                    self._admit(job)
+                    arriving.append(job)
+            if arriving:
+                self._admit(arriving)
             if self.batch.rows:
                 self._step()
             elif alone is not None:
@@ -340,33 +343,45 @@ class Engine:
         tokenizer = self.pixtral.encoder.text  # for the token texts and bytes of logprobs
         job.emit("start", {"prompt_tokens": len(prompt), "prompt_token_ids": prompt.tokens, "tokenizer": tokenizer})
 
-    def _admit(self, job: Job) -> None:
-        """Plan `job`, prefill it and add it to the batch (or end it: cancelled, refused, or done at once)."""
-        if (tic := self._begin(job)) is None:
+    def _admit(self, jobs: list[Job]) -> None:
+        """Plan each job, prefill them (together: `Batch.add_many`) and add them to the batch (or end them:
+        cancelled, refused, or done at once). A job refused at planning does not hold up the others."""
+        planned = []
+        for job in jobs:
+            if (tic := self._begin(job)) is None:
+                continue
+            found = self._plan(job)
+            if found is None:
+                self._finish(job, tic)
+                continue
+            prompt, cache = found
+            try:
+                turn = self.pixtral.plan_turn(prompt, cache, job.options)
+            except Exception as e:
+                self.pool.release(cache)
+                self._refused(job, e)
+                self._finish(job, tic)
+                continue
+            self._started(job, prompt)
+            planned.append((job, cache, tic, turn))
+        if not planned:
             return
-        planned = self._plan(job)
-        if planned is None:
-            return self._finish(job, tic)
-        prompt, cache = planned
         try:
-            turn = self.pixtral.plan_turn(prompt, cache, job.options)
-        except Exception as e:
-            self.pool.release(cache)
-            self._refused(job, e)
-            return self._finish(job, tic)
-        self._started(job, prompt)
-        try:
-            row = self.batch.add(turn, cancelled=job.cancelled.is_set)
+            rows = self.batch.add_many([p[3] for p in planned], [p[0].cancelled.is_set for p in planned])
         except Exception as e:
             log.exception("a request failed during prefill")
-            self.pool.discard(cache)
-            job.record.finish_reason, job.error = "error", e
-            return self._finish(job, tic)
-        self._rows[id(row)] = (job, cache, tic)
+            for job, cache, tic, _ in planned:
+                self.pool.discard(cache)
+                job.record.finish_reason, job.error = "error", e
+                self._finish(job, tic)
+            return
+        for (job, cache, tic, _), row in zip(planned, rows):
+            self._rows[id(row)] = (job, cache, tic)
         for other, _, _ in self._rows.values():
             other.record.batch = max(other.record.batch, len(self.batch), 1)
-        if row.done:  # its first token ended it
-            self._deliver(row, row.first)
+        for row in rows:
+            if row.done:  # its first token ended it
+                self._deliver(row, row.first)
 
     def _step(self) -> None:
         try:
