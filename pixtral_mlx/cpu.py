@@ -287,10 +287,17 @@ class StreamSplitAttention(Attention):
 def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, scale: float, mask: Any) -> mx.array:
     """mlx-lm's `scaled_dot_product_attention` for the decoders on the CPU: a prompt chunk's causal attention by
     `blocked_attention` (the masked half of a long image prompt's scores never computed, the rest never held at
-    once, the softmax on every core), one query without a mask (decode) by `decode_attention`; quantized KV caches
-    and explicit masks (batches) keep mlx-lm's call."""
+    once, the softmax on every core), one query without a mask (decode) by `decode_attention`, or over a quantized
+    KV cache by the extension's `quantized_decode_attention`; quantized prompt chunks and explicit masks (batches)
+    keep mlx-lm's call."""
     causal = isinstance(mask, str) and mask == "causal"
     quantized = hasattr(cache, "bits")
+    if quantized and queries.shape[2] == 1 and mask is None:
+        out = cpu_kernel.quantized_decode_attention(
+            queries, keys, values, scale=scale, group_size=cache.group_size, bits=cache.bits
+        )
+        if out is not None:
+            return out
     if queries.shape[2] >= PROMPT_ATTENTION_MIN and (mask is None or causal) and not quantized:
         return blocked_attention(queries, keys, values, scale, causal=causal)
     if queries.shape[2] == 1 and mask is None and not quantized:

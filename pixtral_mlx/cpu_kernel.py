@@ -190,8 +190,8 @@ def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
 
 
 def prefill_available() -> bool:
-    """True when the prefill kernels (`dequantize`, `attention`, `swiglu`) can run: the extension is in use and
-    has them."""
+    """True when the prefill kernels (`dequantize`, `attention`, `swiglu`, `quantized_decode_attention`) can run:
+    the extension is in use and has them."""
     return available() and hasattr(_ext, "attention")
 
 
@@ -230,6 +230,25 @@ def swiglu(gate: Any, up: Any) -> Any:
     if gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
         return None
     return _ext.swiglu(gate, up)
+
+
+def quantized_decode_attention(q: Any, keys: Any, values: Any, *, scale: float, group_size: int, bits: int) -> Any:
+    """mlx-lm's `quantized_scaled_dot_product_attention` (no mask) for one float32 query per head, (B, H, 1, D),
+    over a `QuantizedKVCache`'s `(codes, scales, biases)` keys and values: per (batch, kv head) the keys are
+    dequantized 64 at a time into a small buffer (bit for bit MLX's values), scored against the kv head's query
+    heads, softmaxed, and the values summed the same way, on every core. mlx-lm's path runs two
+    `mx.quantized_matmul`s, slow on MLX's CPU. The same values up to float32 rounding (~1e-7). None where it does
+    not apply (no extension, other dtypes, bits or head_dim, a non-CPU default device)."""
+    import mlx.core as mx
+
+    if not prefill_available() or not hasattr(_ext, "quantized_decode_attention") or mx.default_device() != mx.cpu:
+        return None
+    d, step = q.shape[-1], 16 if _ext.prefill_isa() != "scalar" else 1
+    if q.dtype != mx.float32 or q.ndim != 4 or q.shape[2] != 1 or bits not in (4, 8) or d % step or d > 256:
+        return None
+    if group_size % 32 or d % group_size or len(keys) != 3 or len(values) != 3:
+        return None
+    return _ext.quantized_decode_attention(q, *keys, *values, scale=scale, group_size=group_size, bits=bits)
 
 
 def attention(q: Any, k: Any, v: Any, *, scale: float, causal: bool) -> Any:

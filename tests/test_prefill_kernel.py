@@ -152,6 +152,48 @@ def test_swiglu_declines_what_it_does_not_cover(ext):
     assert cpu_kernel.swiglu(g, g[:, :32]) is None
 
 
+def quantized_cache(b: int, kv_heads: int, n: int, d: int, bits: int, group_size: int, seed: int):
+    """mlx-lm's QuantizedKVCache filled with n random positions: its keys and values as attention sees them (views
+    of a larger buffer), and the float32 keys and values they came from."""
+    from mlx_lm.models.cache import QuantizedKVCache
+
+    cache = QuantizedKVCache(group_size=group_size, bits=bits)
+    k = mx.random.normal((b, kv_heads, n, d), key=mx.random.key(seed))
+    v = mx.random.normal((b, kv_heads, n, d), key=mx.random.key(seed + 1))
+    keys, values = cache.update_and_fetch(k[:, :, : n // 2], v[:, :, : n // 2])
+    keys, values = cache.update_and_fetch(k[:, :, n // 2 :], v[:, :, n // 2 :])
+    return cache, keys, values
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    "b,heads,kv_heads,n,d,group_size", [(1, 8, 2, 300, 128, 64), (2, 4, 4, 37, 64, 32), (1, 6, 1, 129, 128, 128)]
+)
+def test_quantized_decode_attention_equals_mlx_lm(isa, bits, b, heads, kv_heads, n, d, group_size):
+    from mlx_lm.models.base import quantized_scaled_dot_product_attention
+
+    cache, keys, values = quantized_cache(b, kv_heads, n, d, bits, group_size, seed=n + d)
+    assert keys[0].shape[2] == n and cache.keys[0].shape[2] > n  # views of the cache's buffer
+    q = mx.random.normal((b, heads, 1, d), key=mx.random.key(n))
+    ref = quantized_scaled_dot_product_attention(
+        mx.array(q), keys, values, scale=0.2, mask=None, group_size=group_size, bits=bits
+    )
+    out = cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.2, group_size=group_size, bits=bits)
+    assert out.shape == ref.shape == (b, heads, 1, d)
+    assert mx.abs(ref).max().item() > 0.05
+    assert mx.allclose(out, ref, atol=2e-6, rtol=1e-5).item()
+
+
+def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):
+    cache, keys, values = quantized_cache(1, 2, 20, 64, 8, 64, seed=1)
+    q = mx.random.normal((1, 4, 2, 64))  # two queries: a prompt chunk
+    assert cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.1, group_size=64, bits=8) is None
+    q = mx.random.normal((1, 4, 1, 64)).astype(mx.bfloat16)
+    assert cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.1, group_size=64, bits=8) is None
+    q = mx.random.normal((1, 4, 1, 64))
+    assert cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.1, group_size=64, bits=2) is None
+
+
 def test_library_paths_use_the_kernels(ext, monkeypatch):
     """`blocked_attention` and the prefill projection go through the kernels, with the values of the plain path."""
     calls = []

@@ -324,3 +324,20 @@ def test_server_rows_joining_together_are_prefilled_together_and_equal_alone(q4,
     assert sizes == [3]
     for a, g in zip(alone, got):
         assert len(a.tokens) == 8 and (g.tokens, g.text, g.finish_reason) == (a.tokens, a.text, a.finish_reason)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_kv_decode_goes_through_the_kernel_and_keeps_the_tokens(q4, bits, monkeypatch):
+    """Greedy decode with an 8-bit and a 4-bit KV cache: every step after the first through the extension's
+    `quantized_decode_attention`, the tokens of mlx-lm's quantized attention."""
+    messages = MESSAGES["text"]
+    calls = []
+    real = cpu_kernel.quantized_decode_attention
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "quantized_decode_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        new = q4.generate(messages, max_tokens=12, temperature=0.0, kv_bits=bits, kv_group_size=32)
+    assert len(calls) >= 11 * len(q4.model.language_model.model.layers)
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernel, "quantized_decode_attention", lambda *a, **k: None)
+        old = q4.generate(messages, max_tokens=12, temperature=0.0, kv_bits=bits, kv_group_size=32)
+    assert len(new.tokens) == 12 and new.tokens == old.tokens

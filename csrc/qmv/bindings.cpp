@@ -63,6 +63,22 @@ NB_MODULE(_qmv, m) {
       nb::kw_only(),
       "stream"_a = nb::none(),
       "silu(gate) * up for float32 arrays of one shape, bit for bit MLX's CPU ops, over the thread pool.");
+  m.def(
+      "quantized_decode_attention",
+      &qmv::quantized_decode_attention,
+      "q"_a,
+      "kw"_a,
+      "kscales"_a,
+      "kbiases"_a,
+      "vw"_a,
+      "vscales"_a,
+      "vbiases"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "group_size"_a,
+      "bits"_a,
+      "stream"_a = nb::none(),
+      "softmax(scale q k^T) v for one float32 query per head over an mlx-lm quantized KV cache (4/8-bit).");
   m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");

@@ -302,4 +302,150 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   });
 }
 
+///////////////////////////////////////////////////////////////////////////////
+// Decode attention over a quantized KV cache
+///////////////////////////////////////////////////////////////////////////////
+
+namespace {
+
+void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& kern, int b, int hk) {
+  const int rep = p.H / p.Hkv, D = p.D, L = p.L;
+  std::vector<float> q(static_cast<size_t>(rep) * D), s(static_cast<size_t>(rep) * L), o(q.size(), 0.0f);
+  std::vector<float> buf(static_cast<size_t>(kQuantKeyBlock) * D);
+  const float* q0 = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D;
+  for (size_t i = 0; i < q.size(); ++i) q[i] = q0[i] * p.scale;  // mlx-lm scales the queries first
+  auto rows = [&](const uint32_t* w, const int64_t* ws, const void* sc, const int64_t* ss, const void* bi,
+                  const int64_t* bs, int k0, int nk) {
+    DequantProblem d;
+    d.N = nk;
+    d.K = D;
+    d.group_size = p.group_size;
+    d.bits = p.bits;
+    d.w = w + b * ws[0] + hk * ws[1] + k0 * ws[2];
+    d.w_stride = ws[2];
+    const int64_t es = p.scale_type == kF32 ? 4 : 2;
+    d.scales = static_cast<const char*>(sc) + (b * ss[0] + hk * ss[1] + k0 * ss[2]) * es;
+    d.biases = static_cast<const char*>(bi) + (b * bs[0] + hk * bs[1] + k0 * bs[2]) * es;
+    d.s_stride = ss[2];
+    d.b_stride = bs[2];
+    d.scale_type = p.scale_type;
+    d.out = buf.data();
+    kern.dequantize(d, 0, nk);
+  };
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
+    const int nk = std::min(kQuantKeyBlock, L - k0);
+    rows(p.kw, p.kws, p.kscales, p.kss, p.kbiases, p.kbs, k0, nk);
+    kern.dots(q.data(), rep, D, buf.data(), nk, s.data() + k0, L);
+  }
+  for (int r = 0; r < rep; ++r) {  // softmax in float32, max subtracted (mx.softmax precise=True)
+    float* sr = s.data() + static_cast<int64_t>(r) * L;
+    const float m = *std::max_element(sr, sr + L);
+    float sum = 0.0f;
+    for (int k = 0; k < L; ++k) sum += (sr[k] = std::exp(sr[k] - m));
+    const float inv = 1.0f / sum;
+    for (int k = 0; k < L; ++k) sr[k] *= inv;
+  }
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
+    const int nk = std::min(kQuantKeyBlock, L - k0);
+    rows(p.vw, p.vws, p.vscales, p.vss, p.vbiases, p.vbs, k0, nk);
+    kern.axpys(s.data() + k0, rep, L, buf.data(), nk, D, o.data());
+  }
+  std::copy(o.begin(), o.end(), p.out + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D);
+}
+
+}  // namespace
+
+mx::array quantized_decode_attention(
+    const mx::array& q,
+    const mx::array& kw,
+    const mx::array& kscales,
+    const mx::array& kbiases,
+    const mx::array& vw,
+    const mx::array& vscales,
+    const mx::array& vbiases,
+    float scale,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.quantized_decode_attention: " + msg); };
+  if (bits != 4 && bits != 8) fail("bits must be 4 or 8");
+  if (q.dtype() != mx::float32 || q.ndim() != 4 || q.shape(2) != 1) fail("q must be float32 (B, H, 1, D)");
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  if (group_size <= 0 || group_size % 32 != 0 || D % group_size != 0) fail("head_dim must be a multiple of group_size");
+  if (D % prefill_kernels().head_dim_multiple != 0 || D > kMaxHeadDim) fail("unsupported head_dim");
+  for (const auto* w : {&kw, &vw}) {
+    if (w->dtype() != mx::uint32 || w->ndim() != 4 || w->shape(0) != B || w->shape(3) != D * bits / 32)
+      fail("keys and values must be packed uint32 (B, Hkv, L, D * bits / 32)");
+  }
+  if (kw.shape() != vw.shape()) fail("keys and values must have the same shape");
+  const int Hkv = kw.shape(1), L = kw.shape(2);
+  if (Hkv < 1 || H % Hkv != 0 || L < 1) fail("q's heads must be a multiple of the kv heads, and L >= 1");
+  for (const auto* a : {&kscales, &kbiases, &vscales, &vbiases}) {
+    if (a->ndim() != 4 || a->shape(0) != B || a->shape(1) != Hkv || a->shape(2) != L || a->shape(3) != D / group_size)
+      fail("scales and biases must be (B, Hkv, L, D / group_size)");
+    if (a->dtype() != kscales.dtype()) fail("scales and biases must share one dtype");
+  }
+  if (kscales.dtype() != mx::float32 && kscales.dtype() != mx::float16 && kscales.dtype() != mx::bfloat16)
+    fail("scales must be float32, float16 or bfloat16");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  return mx::array(
+      {B, H, 1, D},
+      mx::float32,
+      std::make_shared<QuantDecodeAttention>(stream, scale, group_size, bits),
+      {mx::contiguous(q, false, stream), kw, kscales, kbiases, vw, vscales, vbiases});
+}
+
+bool QuantDecodeAttention::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantDecodeAttention&>(other);
+  return scale_ == o.scale_ && group_size_ == o.group_size_ && bits_ == o.bits_;
+}
+
+void QuantDecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvQuantDecodeAttention has no GPU implementation (use mlx-lm's quantized attention)");
+}
+
+void QuantDecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  for (const auto& a : inputs)
+    if (a.ndim() == 4 && a.strides()[3] != 1 && a.shape(3) != 1)
+      throw std::invalid_argument("qmv.quantized_decode_attention: rows must be contiguous");
+  const auto& q = inputs[0];
+  const auto &kw = inputs[1], &ks = inputs[2], &kb = inputs[3], &vw = inputs[4], &vs = inputs[5], &vb = inputs[6];
+  QuantAttentionProblem p;
+  p.B = q.shape(0);
+  p.H = q.shape(1);
+  p.D = q.shape(3);
+  p.Hkv = kw.shape(1);
+  p.L = kw.shape(2);
+  p.group_size = group_size_;
+  p.bits = bits_;
+  p.scale_type = scale_type(ks.dtype());
+  p.q = q.data<float>();
+  p.kw = kw.data<uint32_t>();
+  p.vw = vw.data<uint32_t>();
+  p.kscales = ks.data<void>();
+  p.kbiases = kb.data<void>();
+  p.vscales = vs.data<void>();
+  p.vbiases = vb.data<void>();
+  for (int i = 0; i < 3; ++i) {
+    p.kws[i] = kw.strides()[i];
+    p.vws[i] = vw.strides()[i];
+    p.kss[i] = ks.strides()[i];
+    p.kbs[i] = kb.strides()[i];
+    p.vss[i] = vs.strides()[i];
+    p.vbs[i] = vb.strides()[i];
+  }
+  p.scale = scale_;
+  p.out = out.data<float>();
+  const PrefillKernels kern = prefill_kernels();
+  encoder.dispatch([p, kern]() {
+    const int ntasks = p.B * p.Hkv;
+    parallel_for(ntasks, [&](int t) { quant_attention_task(p, kern, t / p.Hkv, t % p.Hkv); });
+  });
+}
+
 }  // namespace qmv

@@ -61,6 +61,38 @@ constexpr int kMaxHeadDim = 256;
 // One task: batch b, head h, query rows [r0, r1) (at most kQueryBlock of them).
 using AttentionFn = void (*)(const AttentionProblem&, int b, int h, int r0, int r1);
 
+// Decode attention over a quantized KV cache (mlx-lm's QuantizedKVCache: keys and values packed along head_dim,
+// affine 4/8-bit, scales and biases per group): one query per (batch, head), softmax(scale q kᵀ) v, GQA. One task
+// is one (batch, kv head): its keys are dequantized kQuantKeyBlock at a time into a small buffer (the dequantize
+// kernel, bit for bit MLX's values), scored against the kv head's query heads, then the values the same way.
+struct QuantAttentionProblem {
+  int B, H, Hkv, L, D, group_size, bits, scale_type;
+  const float* q;  // (B, H, 1, D), contiguous
+  // Packed codes (B, Hkv, L, D * bits / 32) and scales, biases (B, Hkv, L, D / group_size): element strides by
+  // (batch, kv head, position); each row contiguous.
+  const uint32_t* kw;
+  int64_t kws[3];
+  const void* kscales;
+  const void* kbiases;
+  int64_t kss[3];
+  int64_t kbs[3];
+  const uint32_t* vw;
+  int64_t vws[3];
+  const void* vscales;
+  const void* vbiases;
+  int64_t vss[3];
+  int64_t vbs[3];
+  float scale;
+  float* out;  // (B, H, 1, D), contiguous
+};
+
+constexpr int kQuantKeyBlock = 64;
+
+// rows query rows (D apart) against nk dequantized keys (D apart): s[r * s_stride + k] = q_r . k_k
+using DotsFn = void (*)(const float* q, int rows, int D, const float* keys, int nk, float* s, int64_t s_stride);
+// o[r * D + d] += sum_k p[r * p_stride + k] * v[k * D + d]
+using AxpysFn = void (*)(const float* p, int rows, int64_t p_stride, const float* v, int nk, int D, float* o);
+
 // out[i] = silu(gate[i]) * up[i] for i in [i0, i1).
 using SwigluFn = void (*)(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
 
@@ -69,6 +101,8 @@ struct PrefillKernels {
   DequantFn dequantize;
   AttentionFn attention;
   SwigluFn swiglu;
+  DotsFn dots;
+  AxpysFn axpys;
   int head_dim_multiple;  // the attention kernel needs D % this == 0
 };
 

@@ -304,10 +304,57 @@ void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, in
   }
 }
 
+// D a multiple of 8 (the caller checks 16).
+void dots(const float* q, int rows, int D, const float* keys, int nk, float* s, int64_t s_stride) {
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* q0 = q + r * D;
+    for (int k = 0; k < nk; ++k) {
+      const float* kk = keys + static_cast<int64_t>(k) * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 8) {
+        const __m256 kv = _mm256_loadu_ps(kk + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
+      }
+      s[r * s_stride + k] = hsum(a0);
+      s[(r + 1) * s_stride + k] = hsum(a1);
+      s[(r + 2) * s_stride + k] = hsum(a2);
+      s[(r + 3) * s_stride + k] = hsum(a3);
+    }
+  }
+  for (; r < rows; ++r)
+    for (int k = 0; k < nk; ++k) {
+      const float* kk = keys + static_cast<int64_t>(k) * D;
+      __m256 a = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + r * D + d), _mm256_loadu_ps(kk + d), a);
+      s[r * s_stride + k] = hsum(a);
+    }
+}
+
+void axpys(const float* p, int rows, int64_t p_stride, const float* v, int nk, int D, float* o) {
+  for (int r = 0; r < rows; ++r) {
+    float* orow = o + r * D;
+    for (int d0 = 0; d0 < D; d0 += 32) {  // 4 accumulators in registers over all the keys
+      const int n = std::min(32, D - d0);
+      __m256 acc[4];
+      for (int j = 0; j < n / 8; ++j) acc[j] = _mm256_loadu_ps(orow + d0 + 8 * j);
+      for (int k = 0; k < nk; ++k) {
+        const __m256 pk = _mm256_set1_ps(p[r * p_stride + k]);
+        const float* vk = v + static_cast<int64_t>(k) * D + d0;
+        for (int j = 0; j < n / 8; ++j) acc[j] = _mm256_fmadd_ps(pk, _mm256_loadu_ps(vk + 8 * j), acc[j]);
+      }
+      for (int j = 0; j < n / 8; ++j) _mm256_storeu_ps(orow + d0 + 8 * j, acc[j]);
+    }
+  }
+}
+
 }  // namespace
 
 PrefillKernels prefill_avx2() {
-  return {"avx2", dequantize_rows, attention_rows, swiglu_range, kNR};
+  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, kNR};
 }
 
 }  // namespace qmv

@@ -116,10 +116,27 @@ void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, in
   }
 }
 
+void dots(const float* q, int rows, int D, const float* keys, int nk, float* s, int64_t s_stride) {
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < nk; ++k) {
+      float acc = 0.0f;
+      for (int d = 0; d < D; ++d) acc += q[r * D + d] * keys[static_cast<int64_t>(k) * D + d];
+      s[r * s_stride + k] = acc;
+    }
+}
+
+void axpys(const float* p, int rows, int64_t p_stride, const float* v, int nk, int D, float* o) {
+  for (int r = 0; r < rows; ++r)
+    for (int k = 0; k < nk; ++k) {
+      const float pk = p[r * p_stride + k];
+      for (int d = 0; d < D; ++d) o[r * D + d] += pk * v[static_cast<int64_t>(k) * D + d];
+    }
+}
+
 }  // namespace
 
 PrefillKernels prefill_scalar() {
-  return {"scalar", dequantize_rows, attention_rows, swiglu_range, 1};
+  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, 1};
 }
 
 }  // namespace qmv

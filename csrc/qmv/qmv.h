@@ -119,6 +119,41 @@ class Swiglu : public mx::UnaryPrimitive {
   }
 };
 
+// softmax(scale q kᵀ) v for one float32 query per head (B, H, 1, D) over mlx-lm's quantized KV cache: keys and
+// values packed (B, Hkv, L, D * bits / 32) uint32 with scales and biases (B, Hkv, L, D / group_size).
+mx::array quantized_decode_attention(
+    const mx::array& q,
+    const mx::array& kw,
+    const mx::array& kscales,
+    const mx::array& kbiases,
+    const mx::array& vw,
+    const mx::array& vscales,
+    const mx::array& vbiases,
+    float scale,
+    int group_size,
+    int bits,
+    mx::StreamOrDevice s = {});
+
+class QuantDecodeAttention : public mx::UnaryPrimitive {
+ public:
+  QuantDecodeAttention(mx::Stream stream, float scale, int group_size, int bits)
+      : mx::UnaryPrimitive(stream), scale_(scale), group_size_(group_size), bits_(bits) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvQuantDecodeAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+  int group_size_;
+  int bits_;
+};
+
 class Dequantize : public mx::Primitive {
  public:
   Dequantize(mx::Stream stream, int group_size, int bits)
