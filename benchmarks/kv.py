@@ -60,6 +60,19 @@ def kv_bytes_per_token():
     return out
 
 
+def swap_cpu_classes(model):
+    """The library's CPU classes (`backend.prepare`'s swap: the decode kernel, `cpu.decode_attention`, the quantized
+    KV kernel), so that the timings are those of what the library runs."""
+    from pixtral_mlx import backend
+
+    if backend.on_cpu():
+        from pixtral_mlx.cpu import REPLACEMENTS
+
+        for _, module in model.named_modules():
+            if type(module) in REPLACEMENTS:
+                module.__class__ = REPLACEMENTS[type(module)]
+
+
 def decode_speed(contexts, tokens):
     import mlx.core as mx
     import mlx.nn as nn
@@ -73,6 +86,7 @@ def decode_speed(contexts, tokens):
     nn.quantize(model, group_size=64, bits=4)
     model.set_dtype(mx.float32)  # CPU: compute in float32 (backend.compute_dtype)
     mx.eval(model.parameters())
+    swap_cpu_classes(model)
     rows = []
     for ctx in contexts:
         for bits, label in SETTINGS:
@@ -111,17 +125,26 @@ def longest_context(limit=WORKING_SET_16GB):
     nn.quantize(model, group_size=64, bits=4)  # what `convert -q` makes; lazily built, never evaluated
     model.set_dtype(mx.bfloat16)
     pixtral = Pixtral(model, encoder=None)
-    backend.on_cpu = lambda: False  # plan as on Metal (fused attention, bf16 KV)
+    # Plan as on Metal (fused attention, bf16 KV), then put the CPU back for the decode timings.
+    saved = backend.on_cpu, os.environ.get(memory.LIMIT_ENV)
+    backend.on_cpu = lambda: False
     os.environ[memory.LIMIT_ENV] = str(limit / 1e9)
     out = {"weights_gb": memory.weights_bytes(model) / 1e9, "limit_gb": limit / 1e9}
-    for bits, label in SETTINGS:
-        lo, hi = 1, 131_072 - 512
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            plan = memory.estimate(pixtral, Prompt(tokens=[1] * mid), keep=0, max_tokens=512, kv_bits=bits,
-                                   kv_group_size=64)  # fmt: skip
-            lo, hi = (mid, hi) if plan.fits else (lo, mid - 1)
-        out[f"kv {label}"] = lo + 512
+    try:
+        for bits, label in SETTINGS:
+            lo, hi = 1, 131_072 - 512
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                plan = memory.estimate(pixtral, Prompt(tokens=[1] * mid), keep=0, max_tokens=512, kv_bits=bits,
+                                       kv_group_size=64)  # fmt: skip
+                lo, hi = (mid, hi) if plan.fits else (lo, mid - 1)
+            out[f"kv {label}"] = lo + 512
+    finally:
+        backend.on_cpu = saved[0]
+        if saved[1] is None:
+            os.environ.pop(memory.LIMIT_ENV, None)
+        else:
+            os.environ[memory.LIMIT_ENV] = saved[1]
     return out
 
 
