@@ -224,3 +224,28 @@ def test_bad_configs_are_one_sentence(change, words):
 
     with pytest.raises(ConfigError, match=words):
         Mistral3Args.from_hf_config({**SMALL_31, **change})
+
+
+def test_quantized_batch_prefilled_together_equals_alone(variant, tmp_path, monkeypatch):
+    """4-bit on the CPU: a batch of prompts is prefilled together (`prefill_many`, its taps on the family's decoder
+    layers: llama's or Ministral 3's) and every row decodes token for token what it decodes alone."""
+    from pixtral_mlx import backend, generate
+    from pixtral_mlx.convert import convert
+
+    name, _, path, _ = variant
+    q4 = pixtral_mlx.load(str(convert(path, tmp_path / "q4", quantize=True, bits=4, group_size=32, progress=False)))
+    prompts = [CASES["text"], CASES["one_image"], CASES["two_images"]]
+    alone = [q4.generate(p, max_tokens=6, temperature=0.0) for p in prompts]
+    sizes = []
+    real = generate.prefill_many
+    monkeypatch.setattr(
+        generate, "prefill_many", lambda m, jobs, *a, **k: sizes.append(len(jobs)) or real(m, jobs, *a, **k)
+    )
+    together = q4.generate_batch(prompts, max_tokens=6, temperature=0.0)
+    assert sizes == [3]
+    for a, t in zip(alone, together):
+        assert len(a.tokens) == 6 and t.tokens == a.tokens, name
+    if backend.on_cpu():
+        from pixtral_mlx import cpu
+
+        assert cpu.dequantizes(q4.model)
