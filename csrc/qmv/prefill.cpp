@@ -337,14 +337,7 @@ void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& 
     rows(p.kw, p.kws, p.kscales, p.kss, p.kbiases, p.kbs, k0, nk);
     kern.dots(q.data(), rep, D, buf.data(), nk, s.data() + k0, L);
   }
-  for (int r = 0; r < rep; ++r) {  // softmax in float32, max subtracted (mx.softmax precise=True)
-    float* sr = s.data() + static_cast<int64_t>(r) * L;
-    const float m = *std::max_element(sr, sr + L);
-    float sum = 0.0f;
-    for (int k = 0; k < L; ++k) sum += (sr[k] = std::exp(sr[k] - m));
-    const float inv = 1.0f / sum;
-    for (int k = 0; k < L; ++k) sr[k] *= inv;
-  }
+  kern.softmax(s.data(), rep, L, L);  // in float32, max subtracted (mx.softmax precise=True)
   for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
     const int nk = std::min(kQuantKeyBlock, L - k0);
     rows(p.vw, p.vws, p.vscales, p.vss, p.vbiases, p.vbs, k0, nk);

@@ -93,6 +93,9 @@ using DotsFn = void (*)(const float* q, int rows, int D, const float* keys, int 
 // o[r * D + d] += sum_k p[r * p_stride + k] * v[k * D + d]
 using AxpysFn = void (*)(const float* p, int rows, int64_t p_stride, const float* v, int nk, int D, float* o);
 
+// In place, each of rows rows of n floats (stride apart): softmax (max subtracted, float32).
+using SoftmaxFn = void (*)(float* s, int rows, int n, int64_t stride);
+
 // out[i] = silu(gate[i]) * up[i] for i in [i0, i1).
 using SwigluFn = void (*)(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
 
@@ -103,6 +106,7 @@ struct PrefillKernels {
   SwigluFn swiglu;
   DotsFn dots;
   AxpysFn axpys;
+  SoftmaxFn softmax;
   int head_dim_multiple;  // the attention kernel needs D % this == 0
 };
 

@@ -351,10 +351,35 @@ void axpys(const float* p, int rows, int64_t p_stride, const float* v, int nk, i
   }
 }
 
+// e^(x - max) as 2^((x - max) log2 e) by exp2_ps (~1 ulp), 8 lanes at a time.
+void softmax(float* s, int rows, int n, int64_t stride) {
+  const __m256 log2e = _mm256_set1_ps(1.4426950408889634f);
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * stride;
+    const int n8 = n / 8 * 8;
+    __m256 mv = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    for (int k = 0; k < n8; k += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(sr + k));
+    float m = hmax(mv);
+    for (int k = n8; k < n; ++k) m = std::max(m, sr[k]);
+    const __m256 mb = _mm256_set1_ps(m * 1.4426950408889634f);
+    __m256 sum = _mm256_setzero_ps();
+    for (int k = 0; k < n8; k += 8) {
+      const __m256 e = exp2_ps(_mm256_fmsub_ps(_mm256_loadu_ps(sr + k), log2e, mb));
+      _mm256_storeu_ps(sr + k, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum(sum);
+    for (int k = n8; k < n; ++k) total += (sr[k] = std::exp2(sr[k] * 1.4426950408889634f - m * 1.4426950408889634f));
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int k = 0; k < n8; k += 8) _mm256_storeu_ps(sr + k, _mm256_mul_ps(_mm256_loadu_ps(sr + k), inv));
+    for (int k = n8; k < n; ++k) sr[k] *= 1.0f / total;
+  }
+}
+
 }  // namespace
 
 PrefillKernels prefill_avx2() {
-  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, kNR};
+  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, kNR};
 }
 
 }  // namespace qmv

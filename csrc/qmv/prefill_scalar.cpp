@@ -133,10 +133,21 @@ void axpys(const float* p, int rows, int64_t p_stride, const float* v, int nk, i
     }
 }
 
+void softmax(float* s, int rows, int n, int64_t stride) {
+  for (int r = 0; r < rows; ++r) {
+    float* sr = s + r * stride;
+    const float m = *std::max_element(sr, sr + n);
+    float sum = 0.0f;
+    for (int k = 0; k < n; ++k) sum += (sr[k] = std::exp(sr[k] - m));
+    const float inv = 1.0f / sum;
+    for (int k = 0; k < n; ++k) sr[k] *= inv;
+  }
+}
+
 }  // namespace
 
 PrefillKernels prefill_scalar() {
-  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, 1};
+  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, 1};
 }
 
 }  // namespace qmv
