@@ -232,6 +232,23 @@ def swiglu(gate: Any, up: Any) -> Any:
     return _ext.swiglu(gate, up)
 
 
+def decode_attention(q: Any, k: Any, v: Any, *, scale: float) -> Any:
+    """`mx.fast.scaled_dot_product_attention(q, k, v, scale)` for one float32 query per head, (B, H, 1, D), over
+    float32 (B, Hkv, L, D) keys and values (a KV cache; GQA): `quantized_decode_attention`'s kernel reading the
+    rows where they are, per (batch, kv head), on every core. The same values up to float32 rounding (~1e-7).
+    None where it does not apply (no extension, other dtypes or head_dim, a non-CPU default device)."""
+    import mlx.core as mx
+
+    if not prefill_available() or not hasattr(_ext, "decode_attention") or mx.default_device() != mx.cpu:
+        return None
+    d, step = q.shape[-1], 16 if _ext.prefill_isa() != "scalar" else 1
+    if any(a.dtype != mx.float32 or a.ndim != 4 for a in (q, k, v)) or q.shape[2] != 1 or d % step or d > 256:
+        return None
+    if k.shape != v.shape or k.shape[-1] != d or q.shape[1] % k.shape[1]:
+        return None
+    return _ext.decode_attention(q, k, v, scale=scale)
+
+
 def quantized_decode_attention(q: Any, keys: Any, values: Any, *, scale: float, group_size: int, bits: int) -> Any:
     """mlx-lm's `quantized_scaled_dot_product_attention` (no mask) for one float32 query per head, (B, H, 1, D),
     over a `QuantizedKVCache`'s `(codes, scales, biases)` keys and values: per (batch, kv head) the keys are

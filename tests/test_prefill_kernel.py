@@ -184,6 +184,25 @@ def test_quantized_decode_attention_equals_mlx_lm(isa, bits, b, heads, kv_heads,
     assert mx.allclose(out, ref, atol=2e-6, rtol=1e-5).item()
 
 
+@pytest.mark.parametrize("b,heads,kv_heads,n,d", [(1, 8, 2, 700, 128), (2, 4, 4, 37, 64), (1, 6, 1, 1, 128)])
+def test_decode_attention_equals_mlx(isa, b, heads, kv_heads, n, d):
+    """One query per head over a float32 KV cache's view (rows of a larger buffer), GQA: the values of MLX's SDPA."""
+    from mlx_lm.models.cache import KVCache
+
+    cache = KVCache()
+    k = mx.random.normal((b, kv_heads, n, d), key=mx.random.key(n))
+    v = mx.random.normal((b, kv_heads, n, d), key=mx.random.key(n + 1))
+    keys, values = cache.update_and_fetch(k, v)
+    assert cache.keys.shape[2] > n or n == 1 or n % 256 == 0
+    q = mx.random.normal((b, heads, 1, d), key=mx.random.key(d))
+    ref = mx.fast.scaled_dot_product_attention(q, keys, values, scale=0.2)
+    out = cpu_kernel.decode_attention(q, keys, values, scale=0.2)
+    assert out.shape == ref.shape and mx.abs(ref).max().item() > 0.05
+    assert mx.allclose(out, ref, atol=2e-6, rtol=1e-5).item()
+    if 3 % kv_heads:  # 3 query heads over these kv heads: not a GQA layout
+        assert cpu_kernel.decode_attention(q[:, :3], keys, values, scale=0.2) is None
+
+
 def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):
     cache, keys, values = quantized_cache(1, 2, 20, 64, 8, 64, seed=1)
     q = mx.random.normal((1, 4, 2, 64))  # two queries: a prompt chunk

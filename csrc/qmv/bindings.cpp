@@ -64,6 +64,16 @@ NB_MODULE(_qmv, m) {
       "stream"_a = nb::none(),
       "silu(gate) * up for float32 arrays of one shape, bit for bit MLX's CPU ops, over the thread pool.");
   m.def(
+      "decode_attention",
+      &qmv::decode_attention,
+      "q"_a,
+      "k"_a,
+      "v"_a,
+      nb::kw_only(),
+      "scale"_a,
+      "stream"_a = nb::none(),
+      "softmax(scale q k^T) v for one float32 query per head over float32 keys and values (GQA).");
+  m.def(
       "quantized_decode_attention",
       &qmv::quantized_decode_attention,
       "q"_a,

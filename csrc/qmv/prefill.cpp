@@ -346,7 +346,102 @@ void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& 
   std::copy(o.begin(), o.end(), p.out + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D);
 }
 
+// The same for a float32 cache: the key and value rows are read where they are (D floats apart), in blocks of
+// kQuantKeyBlock so that a block stays in L1 while the kv head's query heads go over it.
+void float_attention_task(const AttentionProblem& p, const PrefillKernels& kern, int b, int hk) {
+  const int rep = p.H / p.Hkv, D = p.D, L = p.Lk;
+  std::vector<float> q(static_cast<size_t>(rep) * D), s(static_cast<size_t>(rep) * L), o(q.size(), 0.0f);
+  for (int r = 0; r < rep; ++r) {
+    const float* qr = p.q + b * p.qs[0] + static_cast<int64_t>(hk * rep + r) * p.qs[1];
+    for (int d = 0; d < D; ++d) q[static_cast<size_t>(r) * D + d] = qr[d] * p.scale;
+  }
+  const float* k = p.k + b * p.ks[0] + hk * p.ks[1];
+  const float* v = p.v + b * p.vs[0] + hk * p.vs[1];
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock)
+    kern.dots(q.data(), rep, D, k + k0 * p.ks[2], std::min(kQuantKeyBlock, L - k0), s.data() + k0, L);
+  kern.softmax(s.data(), rep, L, L);
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock)
+    kern.axpys(s.data() + k0, rep, L, v + k0 * p.vs[2], std::min(kQuantKeyBlock, L - k0), D, o.data());
+  std::copy(o.begin(), o.end(), p.out + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D);
+}
+
 }  // namespace
+
+mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::array& v, float scale, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.decode_attention: " + msg); };
+  for (const auto* a : {&q, &k, &v})
+    if (a->dtype() != mx::float32 || a->ndim() != 4) fail("q, k and v must be float32 and 4-D");
+  if (q.shape(2) != 1) fail("one query per head");
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3);
+  if (k.shape() != v.shape() || k.shape(0) != B || k.shape(3) != D) fail("k and v must be (B, Hkv, L, D)");
+  if (k.shape(1) < 1 || H % k.shape(1) != 0 || k.shape(2) < 1) fail("q's heads must be a multiple of k's");
+  if (D % prefill_kernels().head_dim_multiple != 0 || D > kMaxHeadDim) fail("unsupported head_dim");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  return mx::array({B, H, 1, D}, mx::float32, std::make_shared<DecodeAttention>(stream, scale), {q, k, v});
+}
+
+bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
+  return scale_ == static_cast<const DecodeAttention&>(other).scale_;
+}
+
+void DecodeAttention::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvDecodeAttention has no GPU implementation (use mx.fast.scaled_dot_product_attention)");
+}
+
+void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  for (const auto& a : inputs) encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  AttentionProblem p;
+  p.B = inputs[0].shape(0);
+  p.H = inputs[0].shape(1);
+  p.Lq = 1;
+  p.D = inputs[0].shape(3);
+  p.Hkv = inputs[1].shape(1);
+  p.Lk = inputs[1].shape(2);
+  p.scale = scale_;
+  p.causal = false;
+  p.out = out.data<float>();
+  const PrefillKernels kern = prefill_kernels();
+  encoder.dispatch([p,
+                    kern,
+                    q = mx::array::unsafe_weak_copy(inputs[0]),
+                    k = mx::array::unsafe_weak_copy(inputs[1]),
+                    v = mx::array::unsafe_weak_copy(inputs[2])]() mutable {
+    // Rows D floats apart (a KV cache's view is); anything else is copied first.
+    auto rows = [&](const mx::array& a) {
+      Dense d = dense4(a);
+      if (d.strides[2] != p.D && a.shape(2) > 1) {
+        const int n0 = a.shape(0), n1 = a.shape(1), n2 = a.shape(2), n3 = a.shape(3);
+        auto keep = std::make_shared<std::vector<float>>(a.size());
+        float* dst = keep->data();
+        for (int i = 0; i < n0; ++i)
+          for (int j = 0; j < n1; ++j)
+            for (int r = 0; r < n2; ++r, dst += n3)
+              std::copy_n(d.data + i * d.strides[0] + j * d.strides[1] + r * d.strides[2], n3, dst);
+        d.keep = keep;
+        d.data = keep->data();
+        d.strides[2] = n3;
+        d.strides[1] = static_cast<int64_t>(n2) * n3;
+        d.strides[0] = static_cast<int64_t>(n1) * n2 * n3;
+      }
+      return d;
+    };
+    const Dense dq = dense4(q), dk = rows(k), dv = rows(v);
+    p.q = dq.data;
+    p.k = dk.data;
+    p.v = dv.data;
+    for (int i = 0; i < 3; ++i) {
+      p.qs[i] = dq.strides[i];
+      p.ks[i] = dk.strides[i];
+      p.vs[i] = dv.strides[i];
+    }
+    p.ks[2] = dk.strides[2];
+    parallel_for(p.B * p.Hkv, [&](int t) { float_attention_task(p, kern, t / p.Hkv, t % p.Hkv); });
+  });
+}
 
 mx::array quantized_decode_attention(
     const mx::array& q,

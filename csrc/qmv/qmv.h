@@ -134,6 +134,31 @@ mx::array quantized_decode_attention(
     int bits,
     mx::StreamOrDevice s = {});
 
+// softmax(scale q kᵀ) v for one float32 query per head (B, H, 1, D) over float32 k, v (B, Hkv, L, D).
+mx::array decode_attention(
+    const mx::array& q,
+    const mx::array& k,
+    const mx::array& v,
+    float scale,
+    mx::StreamOrDevice s = {});
+
+class DecodeAttention : public mx::UnaryPrimitive {
+ public:
+  DecodeAttention(mx::Stream stream, float scale) : mx::UnaryPrimitive(stream), scale_(scale) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvDecodeAttention";
+  }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  float scale_;
+};
+
 class QuantDecodeAttention : public mx::UnaryPrimitive {
  public:
   QuantDecodeAttention(mx::Stream stream, float scale, int group_size, int bits)
