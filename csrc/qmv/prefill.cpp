@@ -34,17 +34,19 @@ int scale_type(mx::Dtype t) {
   return kF32;
 }
 
-// A row-major copy of a when its last dimension is not contiguous (rare: views MLX did not copy).
+// A row-major copy of a when its last dimension is not contiguous (rare: views MLX did not copy), or, with
+// packed_rows, when its rows are not last-dimension floats apart either.
 struct Dense {
   const float* data;
   int64_t strides[4];
   std::shared_ptr<std::vector<float>> keep;
 };
 
-Dense dense4(const mx::array& a) {
+Dense dense4(const mx::array& a, bool packed_rows = false) {
   Dense d;
   const auto& st = a.strides();
-  if (st[3] == 1 || a.shape(3) == 1) {
+  const bool rows_ok = !packed_rows || a.shape(2) == 1 || st[2] == a.shape(3);
+  if ((st[3] == 1 || a.shape(3) == 1) && rows_ok) {
     d.data = a.data<float>();
     for (int i = 0; i < 4; ++i) d.strides[i] = st[i];
     return d;
@@ -308,14 +310,32 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 
 namespace {
 
-void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& kern, int b, int hk) {
-  const int rep = p.H / p.Hkv, D = p.D, L = p.L;
+// One (batch, kv head) of decode attention: the kv head's rep query heads (q: rep rows of D, scaled here, as
+// mlx-lm scales the queries first) against L keys and values that keys(k0, n) / values(k0, n) hand out as n rows
+// of D floats, kQuantKeyBlock at a time (a block stays in L1 while the query heads go over it).
+template <class Keys, class Values>
+void decode_task(
+    const PrefillKernels& kern, int rep, int D, int L, float scale, const float* q0, float* out, Keys keys, Values values) {
   std::vector<float> q(static_cast<size_t>(rep) * D), s(static_cast<size_t>(rep) * L), o(q.size(), 0.0f);
+  for (size_t i = 0; i < q.size(); ++i) q[i] = q0[i] * scale;
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
+    const int nk = std::min(kQuantKeyBlock, L - k0);
+    kern.dots(q.data(), rep, D, keys(k0, nk), nk, s.data() + k0, L);
+  }
+  kern.softmax(s.data(), rep, L, L);  // in float32, max subtracted (mx.softmax precise=True)
+  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
+    const int nk = std::min(kQuantKeyBlock, L - k0);
+    kern.axpys(s.data() + k0, rep, L, values(k0, nk), nk, D, o.data());
+  }
+  std::copy(o.begin(), o.end(), out);
+}
+
+// Over the quantized cache: each block dequantized into a small buffer (the dequantize kernel, MLX's values).
+void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& kern, int b, int hk) {
+  const int rep = p.H / p.Hkv, D = p.D;
   std::vector<float> buf(static_cast<size_t>(kQuantKeyBlock) * D);
-  const float* q0 = p.q + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D;
-  for (size_t i = 0; i < q.size(); ++i) q[i] = q0[i] * p.scale;  // mlx-lm scales the queries first
   auto rows = [&](const uint32_t* w, const int64_t* ws, const void* sc, const int64_t* ss, const void* bi,
-                  const int64_t* bs, int k0, int nk) {
+                  const int64_t* bs, int k0, int nk) -> const float* {
     DequantProblem d;
     d.N = nk;
     d.K = D;
@@ -331,38 +351,25 @@ void quant_attention_task(const QuantAttentionProblem& p, const PrefillKernels& 
     d.scale_type = p.scale_type;
     d.out = buf.data();
     kern.dequantize(d, 0, nk);
+    return buf.data();
   };
-  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
-    const int nk = std::min(kQuantKeyBlock, L - k0);
-    rows(p.kw, p.kws, p.kscales, p.kss, p.kbiases, p.kbs, k0, nk);
-    kern.dots(q.data(), rep, D, buf.data(), nk, s.data() + k0, L);
-  }
-  kern.softmax(s.data(), rep, L, L);  // in float32, max subtracted (mx.softmax precise=True)
-  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock) {
-    const int nk = std::min(kQuantKeyBlock, L - k0);
-    rows(p.vw, p.vws, p.vscales, p.vss, p.vbiases, p.vbs, k0, nk);
-    kern.axpys(s.data() + k0, rep, L, buf.data(), nk, D, o.data());
-  }
-  std::copy(o.begin(), o.end(), p.out + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D);
+  const int64_t first = (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D;
+  decode_task(
+      kern, rep, D, p.L, p.scale, p.q + first, p.out + first,
+      [&](int k0, int nk) { return rows(p.kw, p.kws, p.kscales, p.kss, p.kbiases, p.kbs, k0, nk); },
+      [&](int k0, int nk) { return rows(p.vw, p.vws, p.vscales, p.vss, p.vbiases, p.vbs, k0, nk); });
 }
 
-// The same for a float32 cache: the key and value rows are read where they are (D floats apart), in blocks of
-// kQuantKeyBlock so that a block stays in L1 while the kv head's query heads go over it.
+// Over a float32 cache: the rows read where they are (packed: D floats apart, see dense4).
 void float_attention_task(const AttentionProblem& p, const PrefillKernels& kern, int b, int hk) {
-  const int rep = p.H / p.Hkv, D = p.D, L = p.Lk;
-  std::vector<float> q(static_cast<size_t>(rep) * D), s(static_cast<size_t>(rep) * L), o(q.size(), 0.0f);
-  for (int r = 0; r < rep; ++r) {
-    const float* qr = p.q + b * p.qs[0] + static_cast<int64_t>(hk * rep + r) * p.qs[1];
-    for (int d = 0; d < D; ++d) q[static_cast<size_t>(r) * D + d] = qr[d] * p.scale;
-  }
+  const int rep = p.H / p.Hkv;
   const float* k = p.k + b * p.ks[0] + hk * p.ks[1];
   const float* v = p.v + b * p.vs[0] + hk * p.vs[1];
-  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock)
-    kern.dots(q.data(), rep, D, k + k0 * p.ks[2], std::min(kQuantKeyBlock, L - k0), s.data() + k0, L);
-  kern.softmax(s.data(), rep, L, L);
-  for (int k0 = 0; k0 < L; k0 += kQuantKeyBlock)
-    kern.axpys(s.data() + k0, rep, L, v + k0 * p.vs[2], std::min(kQuantKeyBlock, L - k0), D, o.data());
-  std::copy(o.begin(), o.end(), p.out + (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * D);
+  const int64_t first = (static_cast<int64_t>(b) * p.H + static_cast<int64_t>(hk) * rep) * p.D;
+  decode_task(
+      kern, rep, p.D, p.Lk, p.scale, p.q + first, p.out + first,
+      [&](int k0, int) { return k + k0 * p.ks[2]; },
+      [&](int k0, int) { return v + k0 * p.vs[2]; });
 }
 
 }  // namespace
@@ -378,7 +385,11 @@ mx::array decode_attention(const mx::array& q, const mx::array& k, const mx::arr
   if (D % prefill_kernels().head_dim_multiple != 0 || D > kMaxHeadDim) fail("unsupported head_dim");
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
-  return mx::array({B, H, 1, D}, mx::float32, std::make_shared<DecodeAttention>(stream, scale), {q, k, v});
+  return mx::array(
+      {B, H, 1, D},
+      mx::float32,
+      std::make_shared<DecodeAttention>(stream, scale),
+      {mx::contiguous(q, false, stream), k, v});  // the query heads one after the other
 }
 
 bool DecodeAttention::is_equivalent(const mx::Primitive& other) const {
@@ -410,35 +421,15 @@ void DecodeAttention::eval_cpu(const std::vector<mx::array>& inputs, mx::array& 
                     q = mx::array::unsafe_weak_copy(inputs[0]),
                     k = mx::array::unsafe_weak_copy(inputs[1]),
                     v = mx::array::unsafe_weak_copy(inputs[2])]() mutable {
-    // Rows D floats apart (a KV cache's view is); anything else is copied first.
-    auto rows = [&](const mx::array& a) {
-      Dense d = dense4(a);
-      if (d.strides[2] != p.D && a.shape(2) > 1) {
-        const int n0 = a.shape(0), n1 = a.shape(1), n2 = a.shape(2), n3 = a.shape(3);
-        auto keep = std::make_shared<std::vector<float>>(a.size());
-        float* dst = keep->data();
-        for (int i = 0; i < n0; ++i)
-          for (int j = 0; j < n1; ++j)
-            for (int r = 0; r < n2; ++r, dst += n3)
-              std::copy_n(d.data + i * d.strides[0] + j * d.strides[1] + r * d.strides[2], n3, dst);
-        d.keep = keep;
-        d.data = keep->data();
-        d.strides[2] = n3;
-        d.strides[1] = static_cast<int64_t>(n2) * n3;
-        d.strides[0] = static_cast<int64_t>(n1) * n2 * n3;
-      }
-      return d;
-    };
-    const Dense dq = dense4(q), dk = rows(k), dv = rows(v);
-    p.q = dq.data;
+    // Key and value rows D floats apart (a KV cache's view is); anything else is copied first.
+    const Dense dk = dense4(k, true), dv = dense4(v, true);
+    p.q = q.data<float>();  // row-contiguous (decode_attention)
     p.k = dk.data;
     p.v = dv.data;
     for (int i = 0; i < 3; ++i) {
-      p.qs[i] = dq.strides[i];
       p.ks[i] = dk.strides[i];
       p.vs[i] = dv.strides[i];
     }
-    p.ks[2] = dk.strides[2];
     parallel_for(p.B * p.Hkv, [&](int t) { float_attention_task(p, kern, t / p.Hkv, t % p.Hkv); });
   });
 }
