@@ -195,6 +195,12 @@ def prefill_available() -> bool:
     return available() and hasattr(_ext, "attention")
 
 
+def _head_dim_ok(d: int) -> bool:
+    """The attention kernels' head_dim: a multiple of the AVX2 micro-kernel's 16 columns (any on the portable
+    code), at most 256 (csrc/qmv/prefill.h kMaxHeadDim)."""
+    return d % (16 if _ext.prefill_isa() != "scalar" else 1) == 0 and d <= 256
+
+
 def dequantize(w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:
     """The float32 weights of an affine 2/4/8-bit quantized matrix through the extension's multithreaded
     AVX2 kernel: bit for bit `mx.dequantize` on MLX's CPU (the product and the sum rounded apart), ~2x
@@ -241,8 +247,8 @@ def decode_attention(q: Any, k: Any, v: Any, *, scale: float) -> Any:
 
     if not prefill_available() or not hasattr(_ext, "decode_attention") or mx.default_device() != mx.cpu:
         return None
-    d, step = q.shape[-1], 16 if _ext.prefill_isa() != "scalar" else 1
-    if any(a.dtype != mx.float32 or a.ndim != 4 for a in (q, k, v)) or q.shape[2] != 1 or d % step or d > 256:
+    d = q.shape[-1]
+    if any(a.dtype != mx.float32 or a.ndim != 4 for a in (q, k, v)) or q.shape[2] != 1 or not _head_dim_ok(d):
         return None
     if k.shape != v.shape or k.shape[-1] != d or q.shape[1] % k.shape[1]:
         return None
@@ -260,8 +266,8 @@ def quantized_decode_attention(q: Any, keys: Any, values: Any, *, scale: float, 
 
     if not prefill_available() or not hasattr(_ext, "quantized_decode_attention") or mx.default_device() != mx.cpu:
         return None
-    d, step = q.shape[-1], 16 if _ext.prefill_isa() != "scalar" else 1
-    if q.dtype != mx.float32 or q.ndim != 4 or q.shape[2] != 1 or bits not in (4, 8) or d % step or d > 256:
+    d = q.shape[-1]
+    if q.dtype != mx.float32 or q.ndim != 4 or q.shape[2] != 1 or bits not in (4, 8) or not _head_dim_ok(d):
         return None
     if group_size % 32 or d % group_size or len(keys) != 3 or len(values) != 3:
         return None
@@ -281,7 +287,6 @@ def attention(q: Any, k: Any, v: Any, *, scale: float, causal: bool) -> Any:
         return None
     if any(a.dtype != mx.float32 or a.ndim != 4 for a in (q, k, v)):
         return None
-    d, step = q.shape[-1], 16 if _ext.prefill_isa() != "scalar" else 1
-    if d % step or d > 256 or q.shape[1] % k.shape[1] or (causal and q.shape[2] > k.shape[2]):
+    if not _head_dim_ok(q.shape[-1]) or q.shape[1] % k.shape[1] or (causal and q.shape[2] > k.shape[2]):
         return None
     return _ext.attention(q, k, v, scale=scale, causal=causal)

@@ -294,16 +294,20 @@ def prefill(
     `prefill_step`: exactly what `generate_step` does before its first sampled token."""
     from mlx_lm.generate import generation_stream
 
-    done, total = 0, len(tokens)
-    while total - done > 1:
-        n = min(prefill_step, total - done - 1)
+    for lo, hi in _chunks(len(tokens), prefill_step):
         with mx.stream(generation_stream):
-            model(
-                mx.array(tokens[done : done + n])[None], cache=cache, input_embeddings=embeddings[None, done : done + n]
-            )
+            model(mx.array(tokens[lo:hi])[None], cache=cache, input_embeddings=embeddings[None, lo:hi])
             mx.eval([c.state for c in cache])
-        done += n
         mx.clear_cache()
+
+
+def _chunks(total: int, step: int) -> Iterator[tuple[int, int]]:
+    """The [lo, hi) chunks of at most `step` tokens that a prefill feeds: all but the last of `total` tokens."""
+    done = 0
+    while total - done > 1:
+        n = min(step, total - done - 1)
+        yield done, done + n
+        done += n
 
 
 _TAPPED: dict[type, type] = {}
@@ -374,12 +378,8 @@ def prefill_many(
     with mx.stream(generation_stream):
         with cpu.shared_dequantization(), _tap(layers) as outputs:
             for (tokens, embeddings, cache), step in zip(jobs, steps):
-                done, total = 0, len(tokens)
-                while total - done > 1:
-                    n = min(step, total - done - 1)
-                    ids = mx.array(tokens[done : done + n])[None]
-                    model(ids, cache=cache, input_embeddings=embeddings[None, done : done + n])
-                    done += n
+                for lo, hi in _chunks(len(tokens), step):
+                    model(mx.array(tokens[lo:hi])[None], cache=cache, input_embeddings=embeddings[None, lo:hi])
         for i in range(len(layers) - 1):
             mx.eval(outputs[i])
             outputs[i].clear()

@@ -227,27 +227,20 @@ def machine_limit() -> tuple[int | None, str]:
 
 
 # The estimate --------------------------------------------------------------------------------------
+def _quantized_sizes(module: Any) -> list[int]:
+    """Elements of each quantized linear layer's weight matrix in `module`."""
+    import mlx.nn as nn
+
+    return [
+        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        for _, m in module.named_modules()
+        if isinstance(m, nn.QuantizedLinear)
+    ]
+
+
 def _largest_quantized(model: Any) -> int:
     """Elements of the largest quantized linear layer's weight matrix (0 when none)."""
-    import mlx.nn as nn
-
-    largest = 0
-    for _, m in model.named_modules():
-        if isinstance(m, nn.QuantizedLinear):
-            out_dim, packed = m.weight.shape
-            largest = max(largest, out_dim * packed * 32 // m.bits)
-    return largest
-
-
-def _layer_quantized(layer: Any) -> int:
-    """Elements of all the quantized weight matrices of one decoder layer."""
-    import mlx.nn as nn
-
-    return sum(
-        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-        for _, m in layer.named_modules()
-        if isinstance(m, nn.QuantizedLinear)
-    )
+    return max(_quantized_sizes(model), default=0)
 
 
 def weights_bytes(model: Any) -> int:
@@ -332,7 +325,7 @@ def estimate(
     if blocked and chunk >= PROMPT_ATTENTION_MIN and fused_attention(t.head_dim, act_dtype):
         scores = 0  # the CPU extension's fused attention holds no scores
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
-    layer_dequant = 4 * _layer_quantized(layers[0]) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
+    layer_dequant = 4 * sum(_quantized_sizes(layers[0])) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(
         image_tokens=names,
