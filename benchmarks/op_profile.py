@@ -151,12 +151,14 @@ def attention_parts(p: Profile, q: Any, k: Any, v: Any, scale: float, causal: bo
 
 
 def dequantized(lin: Any) -> Any:
-    """A quantized projection's float32 weights as the library's prefill makes them: the extension's kernel where
-    it applies (`cpu_kernel.dequantize`), else the per-row-block MLX ops."""
-    from pixtral_mlx import cpu_kernel
+    """A quantized projection's float32 weights as the library's prefill makes them (`_weight_blocks`: the
+    extension's kernel where it applies, else per-row-block MLX ops), as one matrix."""
+    import mlx.core as mx
 
-    w = cpu_kernel.dequantize(lin["weight"], lin["scales"], lin["biases"], group_size=lin.group_size, bits=lin.bits)
-    return lin._dequantized() if w is None else w
+    from pixtral_mlx import cpu
+
+    blocks = lin._weight_blocks(cpu.cpu_streams())
+    return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks)
 
 
 def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:

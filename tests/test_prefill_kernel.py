@@ -4,34 +4,18 @@ library's CPU classes going through them."""
 
 from __future__ import annotations
 
-import platform
-
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx_lm.models import llama
+from test_cpu_kernel import ext, kernel_on  # noqa: F401  (fixtures: the extension, built on Linux; the kernel on)
 
 from pixtral_mlx import cpu, cpu_kernel
 
 
-@pytest.fixture(scope="module")
-def ext():
-    e = cpu_kernel.extension()
-    if e is None:
-        if platform.system() == "Linux":
-            pytest.fail(f"the qmv extension must be built on Linux: {cpu_kernel.reason()}")
-        pytest.skip(f"no qmv extension on {platform.system()}")
-    return e
-
-
-@pytest.fixture(autouse=True)
-def kernel_on(monkeypatch):
-    monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
-
-
 @pytest.fixture(params=["avx2", "scalar"])
-def isa(request, ext):
+def isa(request, ext):  # noqa: F811
     if request.param == "avx2" and "avx2" not in ext.supported_isas():
         pytest.skip("no AVX2 on this CPU")
     ext.select_isa(request.param)
@@ -59,7 +43,7 @@ def test_dequantize_bit_for_bit(isa, bits, group_size, sdtype):
     assert mx.array_equal(part, ref[5:20]).item()
 
 
-def test_dequantize_declines_what_it_does_not_cover(ext):
+def test_dequantize_declines_what_it_does_not_cover(ext):  # noqa: F811
     wq, s, b = mx.quantize(mx.random.normal((8, 96)), group_size=32, bits=3)
     assert cpu_kernel.dequantize(wq, s, b, group_size=32, bits=3) is None
     assert cpu_kernel.dequantize(wq, s, None, group_size=32, bits=4) is None
@@ -104,7 +88,7 @@ def test_attention_on_strided_views(isa):
     assert mx.allclose(cpu_kernel.attention(qt, qt, qt, scale=0.2, causal=False), ref, atol=1e-5).item()
 
 
-def test_attention_declines_what_it_does_not_cover(ext):
+def test_attention_declines_what_it_does_not_cover(ext):  # noqa: F811
     q = mx.random.normal((1, 2, 8, 64)).astype(mx.bfloat16)
     assert cpu_kernel.attention(q, q, q, scale=0.1, causal=True) is None
     q = mx.random.normal((1, 3, 8, 64))
@@ -146,7 +130,7 @@ def test_swiglu_bit_for_bit(isa, n):
     assert same_bits(cpu_kernel.swiglu(g3, g3), llama.swiglu(g3, g3))
 
 
-def test_swiglu_declines_what_it_does_not_cover(ext):
+def test_swiglu_declines_what_it_does_not_cover(ext):  # noqa: F811
     g = mx.random.normal((4, 64))
     assert cpu_kernel.swiglu(g.astype(mx.bfloat16), g.astype(mx.bfloat16)) is None
     assert cpu_kernel.swiglu(g, g[:, :32]) is None
@@ -203,7 +187,7 @@ def test_decode_attention_equals_mlx(isa, b, heads, kv_heads, n, d):
         assert cpu_kernel.decode_attention(q[:, :3], keys, values, scale=0.2) is None
 
 
-def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):
+def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):  # noqa: F811
     cache, keys, values = quantized_cache(1, 2, 20, 64, 8, 64, seed=1)
     q = mx.random.normal((1, 4, 2, 64))  # two queries: a prompt chunk
     assert cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.1, group_size=64, bits=8) is None
@@ -213,7 +197,7 @@ def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):
     assert cpu_kernel.quantized_decode_attention(q, keys, values, scale=0.1, group_size=64, bits=2) is None
 
 
-def test_library_paths_use_the_kernels(ext, monkeypatch):
+def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     """`blocked_attention` and the prefill projection go through the kernels, with the values of the plain path."""
     calls = []
     for name in ("attention", "dequantize", "swiglu"):
