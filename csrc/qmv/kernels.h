@@ -34,6 +34,18 @@ struct Problem {
   const float* xp;    // x prepared for the kernel's layout: M rows of K floats (see Kernel)
   const float* xsum;  // M rows of K / group_size group sums of x
   float* out;         // M rows of N floats
+  // Kernels with int16 x (Kernel::int16), 4-bit weights, group_size a multiple of 64; else null.
+  // xq: x rounded to int16, chunk-major as interleave: for chunk c of 64 elements and row m, the 64
+  // values xq[(c * M + m) * 64 + j * 16 + l] = round(x[m, 64 c + 4 l + j] / xscale[m, g]) (j < 4,
+  // l < 16: lane l of the weights' 16-bit lanes holds codes 4 l .. 4 l + 3), 32-byte aligned;
+  // xscale: M rows of K / group_size steps, max |x| over the group / 32767; xerr: as many group sums
+  // of the rounding errors, step * sum(xq) - sum(x). Per group the kernel adds
+  // scale * step * dot(q, xq) - 7.5 * scale * xerr, which is scale * dot(q, x) plus an error of
+  // scale * dot(q - 7.5, xq * step - x): the codes' rounding error weighted by centred codes, about half
+  // of what it is uncentred for codes spread over 0..15.
+  const int16_t* xq = nullptr;
+  const float* xscale = nullptr;
+  const float* xerr = nullptr;
 };
 
 // Computes output features [n0, n1) for all M rows of x.
@@ -53,6 +65,9 @@ struct Kernel {
   // 8-bit) the M rows' pieces one after the other, xp[(chunk * M + m) * C + j]: one pointer walks all
   // rows of x (no per-row offsets to hold in registers).
   bool interleave = false;
+  // 4-bit weights with group_size a multiple of 64 take x as int16 (Problem::xq), one step per group
+  // of every row of x; other problems use the float layout above.
+  bool int16 = false;
 };
 
 // dispatch's switch over the rows of x, for one BITS.
@@ -87,6 +102,7 @@ inline void dispatch(const Problem& p, F f) {
 
 Kernel kernel_scalar();
 Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
+Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 
 // Software prefetch of the weights. A hardware prefetcher follows one stream well, but a kernel that

@@ -9,10 +9,13 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cmath>
+#include <cstdint>
 #include <condition_variable>
 #include <cstdlib>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -56,7 +59,10 @@ std::vector<Kernel> available_kernels() {
   std::vector<Kernel> ks;
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu_has_avx512()) ks.push_back(kernel_avx512());
-  if (cpu_has_avx2()) ks.push_back(kernel_avx2());
+  if (cpu_has_avx2()) {
+    ks.push_back(kernel_avx2_int16());
+    ks.push_back(kernel_avx2());
+  }
 #endif
   ks.push_back(kernel_scalar());
   return ks;
@@ -246,6 +252,41 @@ struct View2D {
   }
 };
 
+int16_t* align32(int16_t* p) {
+  return reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(p) + 31) & ~static_cast<uintptr_t>(31));
+}
+
+// Row m of x (K elements, col_stride apart) in Problem::xq's int16 layout, one step per group:
+// step = max |x| / 32767 and x / step rounded to nearest (even), so |error| <= step / 2 per element. A
+// group of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are
+// NaN, as in float.
+void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int16_t* xq,
+                  float* step, float* err) {
+  for (int g0 = 0; g0 < K; g0 += group_size) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int k = g0; k < g0 + group_size; ++k) {
+      const float v = xm[k * col_stride];
+      finite = finite && std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
+    const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 32767.0f;
+    step[g0 / group_size] = s;
+    double e = 0.0;  // sum of step * q - x over the group
+    for (int c0 = g0; c0 < g0 + group_size; c0 += 64) {
+      int16_t* dst = xq + (static_cast<int64_t>(c0 / 64) * M + m) * 64;
+      for (int i = 0; i < 64; ++i) {
+        const float v = xm[(c0 + i) * col_stride];
+        const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -32767.0f, 32767.0f) : 0.0f;
+        dst[(i % 4) * 16 + i / 4] = static_cast<int16_t>(q);
+        e += static_cast<double>(s) * q - v;
+      }
+    }
+    err[g0 / group_size] = finite ? static_cast<float>(e) : 0.0f;
+  }
+}
+
 struct Call {
   Kernel kernel;
   int nthreads;
@@ -260,8 +301,13 @@ struct Call {
 
   void operator()() const {
     const int G = K / group_size;
-    std::vector<float> xp(static_cast<size_t>(M) * K);
+    const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0;
+    std::vector<float> xp(int16 ? 0 : static_cast<size_t>(M) * K);
     std::vector<float> xsum(static_cast<size_t>(M) * G);
+    std::vector<int16_t> xq_store(int16 ? static_cast<size_t>(M) * K + 16 : 0);
+    std::vector<float> xscale(int16 ? static_cast<size_t>(M) * G : 0);
+    std::vector<float> xerr(int16 ? static_cast<size_t>(M) * G : 0);
+    int16_t* xq = int16 ? align32(xq_store.data()) : nullptr;
     const int chunk = bits == 4 ? kernel.x_chunk : 0;
     for (int m = 0; m < M; ++m) {
       const float* xm = x + x_row_offset[m];
@@ -271,7 +317,10 @@ struct Call {
         for (int k = g * group_size; k < (g + 1) * group_size; ++k) s += xm[k * x_col_stride];
         xsum[static_cast<size_t>(m) * G + g] = s;
       }
-      if (chunk == 0) {
+      if (int16) {
+        quantize_x16(xm, x_col_stride, m, M, K, group_size, xq, xscale.data() + static_cast<size_t>(m) * G,
+                     xerr.data() + static_cast<size_t>(m) * G);
+      } else if (chunk == 0) {
         for (int k = 0; k < K; ++k) dst[k] = xm[k * x_col_stride];
       } else {
         const int half = chunk / 2;
@@ -284,7 +333,7 @@ struct Call {
           }
       }
     }
-    if (kernel.interleave && M > 1) {
+    if (kernel.interleave && M > 1 && !int16) {
       const int c = chunk == 0 ? 8 : chunk;
       std::vector<float> rows(std::move(xp));
       xp.assign(rows.size(), 0.0f);
@@ -311,6 +360,9 @@ struct Call {
     p.xp = xp.data();
     p.xsum = xsum.data();
     p.out = out;
+    p.xq = xq;
+    p.xscale = int16 ? xscale.data() : nullptr;
+    p.xerr = int16 ? xerr.data() : nullptr;
 
     const double weight_bytes = static_cast<double>(N) * K * bits / 8;
     int nthr = nthreads;
