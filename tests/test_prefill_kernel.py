@@ -225,5 +225,6 @@ def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     ref = llama.MLP.__call__(mlp, x)
     assert same_bits(mlp(x), ref)
     assert calls == ["attention", "dequantize", "swiglu"]
-    mlp(x[:, :1])  # one token (decode): mlx-lm's swiglu, no kernel call
-    assert calls == ["attention", "dequantize", "swiglu"]
+    one = mlp(x[:, :1])  # one token (decode): the kernel too (SWIGLU_KERNEL_MIN_ROWS), the same bits
+    assert calls == ["attention", "dequantize", "swiglu", "swiglu"]
+    assert same_bits(one, llama.MLP.__call__(mlp, x[:, :1]))
