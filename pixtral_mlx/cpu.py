@@ -309,6 +309,54 @@ def attention(queries: mx.array, keys: mx.array, values: mx.array, cache: Any, s
     return llama.scaled_dot_product_attention(queries, keys, values, cache=cache, scale=scale, mask=mask)
 
 
+# RoPE from a table of cos and sin per position (`rope`): positions are computed in blocks of this many.
+ROPE_TABLE_BLOCK = 4096
+_rope_tables: dict[tuple[int, float, float], tuple[mx.array, mx.array]] = {}
+_rope_lock = threading.Lock()
+
+
+def _rope_table(dims: int, base: float, scale: float, positions: int) -> tuple[mx.array, mx.array]:
+    """(C, S), each (P, dims) with P >= positions: C = [cos, cos] and S = [-sin, sin] of every position, read from
+    `mx.fast.rope` itself (applied to ones in the first half and zeros in the second, it returns cos · 1 - 0 · sin
+    and 1 · sin + 0 · cos: exactly its cos and sin). One table per (dims, base, scale), shared by all layers."""
+    key = (dims, base, scale)
+    with _rope_lock:
+        table = _rope_tables.get(key)
+        if table is not None and table[0].shape[0] >= positions:
+            return table
+        p = -(-positions // ROPE_TABLE_BLOCK) * ROPE_TABLE_BLOCK
+        half = dims // 2
+        basis = mx.concatenate([mx.ones((1, 1, p, half)), mx.zeros((1, 1, p, half))], axis=-1)
+        t = mx.fast.rope(basis, dims, traditional=False, base=base, scale=scale, offset=0)[0, 0]
+        cos, sin = t[:, :half], t[:, half:]
+        table = (mx.concatenate([cos, cos], axis=-1), mx.concatenate([-sin, sin], axis=-1))
+        mx.eval(table)
+        _rope_tables[key] = table
+        return table
+
+
+def rope(module: Any, x: mx.array, offset: Any) -> mx.array:
+    """`module(x, offset=offset)` for mlx-lm's RoPE modules; for a plain `nn.RoPE` over whole float32 heads at an
+    integer offset (Pixtral's decoder), bit for bit the same values from a shared table of cos and sin:
+    x · C + [x2, x1] · S, 5 operations where MLX's CPU `fast.rope` builds ~35 (it has no CPU kernel: it computes
+    the angles, their cos and sin on every call), 100 µs instead of 213 µs a call at one token, twice a layer."""
+    if (
+        type(module) is not nn.RoPE
+        or module.traditional
+        or module.dims != x.shape[-1]
+        or module.dims % 2
+        or not isinstance(offset, int)
+        or x.dtype != mx.float32
+        or x.ndim != 4
+    ):
+        return module(x, offset=offset)
+    length = x.shape[-2]
+    c, s = _rope_table(module.dims, float(module.base), float(module.scale), offset + length)
+    half = module.dims // 2
+    rotated = mx.concatenate([x[..., half:], x[..., :half]], axis=-1)
+    return x * c[offset : offset + length] + rotated * s[offset : offset + length]
+
+
 def _project(attn: Any, x: mx.array, cache: Any) -> tuple[mx.array, mx.array, mx.array, int]:
     """What mlx-lm's llama and Ministral 3 attentions (mlx-lm 0.32) do before their attention call: the queries
     and the (cache's) keys and values, by head, RoPE applied at the cache's offset; and that offset."""
@@ -318,7 +366,7 @@ def _project(attn: Any, x: mx.array, cache: Any) -> tuple[mx.array, mx.array, mx
     keys = keys.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     values = values.reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     offset = 0 if cache is None else cache.offset
-    queries, keys = attn.rope(queries, offset=offset), attn.rope(keys, offset=offset)
+    queries, keys = rope(attn.rope, queries, offset), rope(attn.rope, keys, offset)
     if cache is not None:
         keys, values = cache.update_and_fetch(keys, values)
     return queries, keys, values, offset
