@@ -390,6 +390,18 @@ def issue24(res: dict) -> list[dict]:
                 "target": None,
             }
         )
+        if batch.get("server_1_client_decode_tps"):
+            one, four = batch["server_1_client_decode_tps"], batch["server_4_clients_decode_tps"]
+            out.append(
+                {
+                    "key": "server_decode",
+                    "name": "server, 4 concurrent requests ÷ 1, decode steps only (after every request's first token)",
+                    "figure": f"{fmt(four)} tok/s",
+                    "against": f"{fmt(one)} tok/s",
+                    "ratio": four / one,
+                    "target": None,
+                }
+            )
     return out
 
 

@@ -137,7 +137,7 @@ def test_issue24_ratios_against_in_run_peaks(result):
     assert "error" not in peak and positive(peak["gflops"])
     assert peak["gflops"] == max(peak["shapes"].values())
     rows = {r["key"]: r for r in result["issue24"]}
-    assert set(rows) == {"prefill_image", "prefill_text", "vision", "decode", "captions", "server"}
+    assert set(rows) == {"prefill_image", "prefill_text", "vision", "decode", "captions", "server", "server_decode"}
     assert all(positive(r["ratio"]) for r in rows.values())
     ours, params = result["runs"]["4bit"]["ours"], result["checkpoint"]["params"]
     for key in ("prefill_image", "prefill_text"):
@@ -154,11 +154,21 @@ def test_issue24_ratios_against_in_run_peaks(result):
     bound = result["decode_bound"]
     assert rows["decode"]["ratio"] == pytest.approx(bound["runtimes"]["ours 4bit"] / bound["tps"])
     b = result["batch"]
-    for k in ("batch_1_images_per_hour", "batch_8_images_per_hour", "server_1_client_tps", "server_4_clients_tps"):
+    for k in (
+        "batch_1_images_per_hour",
+        "batch_8_images_per_hour",
+        "server_1_client_tps",
+        "server_4_clients_tps",
+        "server_1_client_decode_tps",
+        "server_4_clients_decode_tps",
+    ):
         assert positive(b[k]), k
     assert b["batch_same_tokens"] is True  # batching changes no caption
     assert rows["captions"]["ratio"] == pytest.approx(b["batch_8_images_per_hour"] / b["batch_1_images_per_hour"])
     assert rows["server"]["ratio"] == pytest.approx(b["server_4_clients_tps"] / b["server_1_client_tps"])
+    assert rows["server_decode"]["ratio"] == pytest.approx(
+        b["server_4_clients_decode_tps"] / b["server_1_client_decode_tps"]
+    )
     met = {t["target"]: t["met"] for t in result["targets"]}
     for key in ("prefill_image", "prefill_text", "vision"):
         r = rows[key]
