@@ -20,6 +20,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -173,6 +174,17 @@ def per_layer(seconds: dict, lo: int, hi: int) -> float:
     return max(seconds[str(hi)] - seconds[str(lo)], 0.0) / (hi - lo)
 
 
+def paired_per_layer(samples: dict, lo: int, hi: int) -> float | None:
+    """Per-layer time from alternated samples: the median over the pairs of (t(hi) - t(lo)) / (hi - lo), each pair
+    taken under the same conditions; None without paired samples. (The difference of the two minima, `per_layer`,
+    swung decode between 47 % and 128 % of the bound in runs of the same code: two minima a few ms apart, the
+    difference then multiplied by 39.)"""
+    a, b = samples.get(str(lo)), samples.get(str(hi))
+    if hi <= lo or not a or not b or len(a) != len(b):
+        return None
+    return max(statistics.median(y - x for x, y in zip(a, b)), 0.0) / (hi - lo)
+
+
 def full_text(seconds: dict, L: int) -> float:
     """Time at 40 decoder layers from times at depth 1 and depth L."""
     return seconds["1"] + (FULL_TEXT_LAYERS - 1) * per_layer(seconds, 1, L)
@@ -231,14 +243,20 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
             "full_tps": p["tokens"] / full,
         }
     d = r["decode"]["seconds_per_token"]
-    full = full_text(d, L)
+    samples = r["decode"].get("samples") or {}
+    layer = paired_per_layer(samples, 1, L)
+    if layer is None:  # (results without paired samples)
+        layer, first = per_layer(d, 1, L), d["1"]
+    else:
+        first = statistics.median(samples["1"])
+    full = first + (FULL_TEXT_LAYERS - 1) * layer
     out["decode"] = {
         "tokens": r["decode"]["tokens"],
         "measured_tps": 1 / d[str(L)],
         "full_tps": 1 / full,
         "full_s_per_token": full,
-        "per_layer_s": per_layer(d, 1, L),
-        "zero_layer_s": d["1"] - per_layer(d, 1, L),
+        "per_layer_s": layer,
+        "zero_layer_s": first - layer,
     }
     if "chat" in r:
         c = r["chat"]["by_depth"]
