@@ -197,6 +197,26 @@ inline void finish(const Problem& p, int n, int count, const float* tot) {
 // Zen 3 core 1.6x the weights per second for one row of x and 2x for 2 to 8 rows. As in float, each
 // (row, row of x) pair goes through the same operations in the same order however many rows of x
 // come together, so a row of a batch gets the result it gets alone, bit for bit.
+// One row of w's 32 bytes as four vectors of 16 codes: lane l of qj holds code 4 l + j.
+struct Codes16 {
+  __m256i q0, q1, q2, q3;
+};
+
+__attribute__((always_inline)) inline Codes16 unpack16(const uint8_t* w, __m256i low4) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return {_mm256_and_si256(v, low4), _mm256_and_si256(_mm256_srli_epi16(v, 4), low4),
+          _mm256_and_si256(_mm256_srli_epi16(v, 8), low4), _mm256_srli_epi16(v, 12)};
+}
+
+// The 64 products of those codes with one row of x's 64 int16 values (xq's layout), summed into 8 int32 lanes.
+__attribute__((always_inline)) inline __m256i dot16(const Codes16& q, const __m256i* x) {
+  const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q.q0, _mm256_load_si256(x)),
+                                     _mm256_madd_epi16(q.q2, _mm256_load_si256(x + 2)));
+  const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q.q1, _mm256_load_si256(x + 1)),
+                                     _mm256_madd_epi16(q.q3, _mm256_load_si256(x + 3)));
+  return _mm256_add_epi32(a, b);
+}
+
 template <int M, int R, int CPG>
 inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot) {
   constexpr bool kInRegisters = M * R <= 8;  // (8: the compiler spills less than a store per group)
@@ -229,20 +249,9 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
     if constexpr (CPG == 1) {  // one chunk per group: each row of x's sums go to its total at once
       const __m256i* xc = reinterpret_cast<const __m256i*>(p.xq + static_cast<int64_t>(g) * M * 64);
       for (int r = 0; r < R; ++r) {
-        prefetch_l2(wr[r] + pf_off + g * 32);
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + g * 32));
-        const __m256i q0 = _mm256_and_si256(v, low4);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), low4);
-        const __m256i q3 = _mm256_srli_epi16(v, 12);
-        for (int m = 0; m < M; ++m) {
-          const __m256i* x = xc + 4 * m;
-          const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_load_si256(x)),
-                                             _mm256_madd_epi16(q2, _mm256_load_si256(x + 2)));
-          const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q1, _mm256_load_si256(x + 1)),
-                                             _mm256_madd_epi16(q3, _mm256_load_si256(x + 3)));
-          add_group(r, m, g, _mm256_add_epi32(a, b));
-        }
+        prefetch_l2(wr[r] + pf_off + g * 32);  // pf = 0: this row again (cached), no branch
+        const Codes16 q = unpack16(wr[r] + g * 32, low4);
+        for (int m = 0; m < M; ++m) add_group(r, m, g, dot16(q, xc + 4 * m));
       }
       continue;
     }
@@ -253,20 +262,9 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
       const int64_t ci = static_cast<int64_t>(g) * cpg + c;
       const __m256i* xc = reinterpret_cast<const __m256i*>(p.xq + ci * M * 64);  // row m at xc + 4 m
       for (int r = 0; r < R; ++r) {
-        prefetch_l2(wr[r] + pf_off + ci * 32);  // pf = 0: this row again (cached), no branch
-        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[r] + ci * 32));
-        const __m256i q0 = _mm256_and_si256(v, low4);
-        const __m256i q1 = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
-        const __m256i q2 = _mm256_and_si256(_mm256_srli_epi16(v, 8), low4);
-        const __m256i q3 = _mm256_srli_epi16(v, 12);
-        for (int m = 0; m < M; ++m) {
-          const __m256i* x = xc + 4 * m;
-          const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q0, _mm256_load_si256(x)),
-                                             _mm256_madd_epi16(q2, _mm256_load_si256(x + 2)));
-          const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q1, _mm256_load_si256(x + 1)),
-                                             _mm256_madd_epi16(q3, _mm256_load_si256(x + 3)));
-          acc[r][m] = _mm256_add_epi32(acc[r][m], _mm256_add_epi32(a, b));
-        }
+        prefetch_l2(wr[r] + pf_off + ci * 32);
+        const Codes16 q = unpack16(wr[r] + ci * 32, low4);
+        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], dot16(q, xc + 4 * m));
       }
     }
     for (int r = 0; r < R; ++r)
