@@ -3,7 +3,10 @@
 // AVX2 + FMA kernel (8 float lanes), for x86-64 CPUs without AVX-512 (AMD Zen 2/3, most desktop
 // Intel). Compiled with a target pragma; qmv.cpp calls it only when the CPU reports avx2, fma and f16c
 // at run time. Its own loop (not kernel_simd.h's), tuned on a 2-core Zen 3 EPYC, where decode is held
-// to the vector ALUs about as much as to memory: every micro-op per weight byte counts.
+// to the vector ALUs about as much as to memory: every micro-op per weight byte counts. Two kernels share
+// this file: "avx2" (exact float arithmetic, described here) and "avx2-int16", which for 4-bit weights with
+// groups of 64 or 128 rounds x to int16 (block16 below; the one that reaches the bandwidth bound on Zen 3)
+// and otherwise runs the float loop.
 //
 // 4-bit: 8 packed bytes (16 codes) -> 8 int32 lanes b, one byte each (vpmovzxbd from memory). With the
 // low nibble lo (the even-indexed code) and the high nibble hi (the odd one), b = lo + 16 hi, so
