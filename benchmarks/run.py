@@ -174,15 +174,13 @@ def per_layer(seconds: dict, lo: int, hi: int) -> float:
     return max(seconds[str(hi)] - seconds[str(lo)], 0.0) / (hi - lo)
 
 
-def paired_per_layer(samples: dict, lo: int, hi: int) -> float | None:
-    """Per-layer time from alternated samples: the median over the pairs of (t(hi) - t(lo)) / (hi - lo), each pair
-    taken under the same conditions; None without paired samples. (The difference of the two minima, `per_layer`,
-    swung decode between 47 % and 128 % of the bound in runs of the same code: two minima a few ms apart, the
-    difference then multiplied by 39.)"""
-    a, b = samples.get(str(lo)), samples.get(str(hi))
-    if hi <= lo or not a or not b or len(a) != len(b):
-        return None
-    return max(statistics.median(y - x for x, y in zip(a, b)), 0.0) / (hi - lo)
+def paired_per_layer(samples: dict, lo: int, hi: int) -> float:
+    """Per-layer time from `measure.alternate`'s samples (one of each depth per pair): the median over the pairs of
+    (t(hi) - t(lo)) / (hi - lo), each pair taken under the same conditions. (The difference of the two minima,
+    `per_layer`, swung decode between 47 % and 128 % of the bound in runs of the same code: two minima a few ms
+    apart, the difference then multiplied by 39.)"""
+    pairs = zip(samples[str(lo)], samples[str(hi)], strict=True)
+    return max(statistics.median(y - x for x, y in pairs), 0.0) / (hi - lo)
 
 
 def full_text(seconds: dict, L: int) -> float:
@@ -243,12 +241,8 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
             "full_tps": p["tokens"] / full,
         }
     d = r["decode"]["seconds_per_token"]
-    samples = r["decode"].get("samples") or {}
-    layer = paired_per_layer(samples, 1, L)
-    if layer is None:  # (results without paired samples)
-        layer, first = per_layer(d, 1, L), d["1"]
-    else:
-        first = statistics.median(samples["1"])
+    samples = r["decode"]["samples"]
+    layer, first = paired_per_layer(samples, 1, L), statistics.median(samples["1"])
     full = first + (FULL_TEXT_LAYERS - 1) * layer
     out["decode"] = {
         "tokens": r["decode"]["tokens"],
