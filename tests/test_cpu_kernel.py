@@ -1,8 +1,9 @@
 """The C++ CPU quantized matvec (pixtral_mlx._qmv via pixtral_mlx.cpu_kernel) equals mx.quantized_matmul.
 
-The float kernels (avx512, avx2, scalar) equal it up to float32 rounding of the sums. The avx2-int16
-kernel rounds x to int16 (one step per group of 64 or 128) for 4-bit weights: it equals a numpy model of
-that arithmetic up to float32 rounding, and mx.quantized_matmul within the bound the rounding of x gives.
+The float kernels (avx512, avx2, scalar) equal it up to float32 rounding of the sums. The int16 kernels
+(avx512-int16, avx2-int16) round x to int16 (one step per group of 64 or 128) for 4-bit weights: they equal
+a numpy model of that arithmetic up to float32 rounding, and mx.quantized_matmul within the bound the
+rounding of x gives.
 
 On Linux the extension must be built: these tests fail (not skip) when it is missing, so a broken
 build shows in CI. Elsewhere (macOS: Metal does the work) they are skipped.
@@ -41,7 +42,10 @@ def kernel_on(monkeypatch):
     monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
 
 
-@pytest.fixture(params=["avx512", "avx2-int16", "avx2", "scalar"])
+INT16_KERNELS = {"avx512-int16": 128, "avx2-int16": 64}  # and the K each needs a multiple of
+
+
+@pytest.fixture(params=["avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"])
 def isa(request, ext):
     if request.param not in ext.supported_isas():
         pytest.skip(f"{request.param} not supported by this CPU")
@@ -62,9 +66,10 @@ def codes(wq, bits: int) -> np.ndarray:
     return ((w[..., None] >> shifts) & ((1 << bits) - 1)).reshape(w.shape[0], -1).astype(np.float64)
 
 
-def int16_form(bits: int, group_size: int) -> bool:
-    """Whether the selected kernel rounds x to int16 for this problem."""
-    return cpu_kernel.extension().isa() == "avx2-int16" and bits == 4 and group_size % 64 == 0
+def int16_form(bits: int, group_size: int, k: int) -> bool:
+    """Whether the selected kernel rounds x to int16 for this problem (K input features)."""
+    chunk = INT16_KERNELS.get(cpu_kernel.extension().isa())
+    return chunk is not None and bits == 4 and group_size % 64 == 0 and k % chunk == 0
 
 
 def x_steps(x: np.ndarray, group_size: int) -> np.ndarray:
@@ -102,7 +107,7 @@ def check(out, x, wq, scales, biases, group_size, bits, rtol=2e-5):
     ref = np.array(ref.astype(mx.float32))
     diff = np.abs(np.array(out.astype(mx.float32)) - ref)
     tol = rtol * bound + 1e-6 + (2.0**-7 * np.abs(ref) if half else 0.0)
-    if int16_form(bits, group_size):
+    if int16_form(bits, group_size, x.shape[-1]):
         x2 = np.array(x.astype(mx.float32)).reshape(-1, x.shape[-1])
         tol = tol + int16_bound(x2, wq, scales, group_size).reshape(tol.shape)
     assert (diff <= tol).all(), f"max excess {(diff - tol).max()}"
@@ -148,15 +153,13 @@ def test_odd_rows_and_k_tails(isa, bits, group_size):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_rows_of_a_batch_equal_rows_alone(ext, bits):
-    """The AVX2 (float and int16) and scalar kernels give a row of x the same float whether it comes alone
-    or with up to 14 others (batched greedy decoding then picks the tokens one-by-one decoding picks),
-    including when K is long enough to be split into several L1-sized blocks."""
-    for isa in ("avx2-int16", "avx2", "scalar"):
-        if isa not in ext.supported_isas():
-            continue
+    """Every kernel gives a row of x the same float whether it comes alone or with up to 14 others
+    (batched greedy decoding then picks the tokens one-by-one decoding picks), including when K is long
+    enough to be split into several L1-sized blocks (more of them the more rows of x come together)."""
+    for isa in ext.supported_isas():
         ext.select_isa(isa)
         try:
-            for n, k, gs in ((4099, 384, 64), (67, 8192, 32), (130, 1024, 128)):
+            for n, k, gs in ((4099, 384, 64), (67, 8192, 32), (130, 1024, 128), (300, 5120, 64)):
                 wq, scales, biases = quantized(n, k, gs, bits, mx.bfloat16, seed=k)
                 x = mx.random.normal((15, k), key=mx.random.key(n))
                 qmv = functools.partial(cpu_kernel.quantized_matvec, w=wq, scales=scales, biases=biases, group_size=gs)
@@ -191,64 +194,103 @@ def int16_model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarra
     return (dots * s[None]).sum(-1) - 7.5 * err @ s.T + xg.astype(np.float64).sum(-1) @ b.T
 
 
+@pytest.fixture(params=sorted(INT16_KERNELS))
+def int16_isa(request, ext):
+    if request.param not in ext.supported_isas():
+        pytest.skip(f"{request.param} not supported by this CPU")
+    ext.select_isa(request.param)
+    yield request.param
+    ext.select_isa("auto")
+
+
 @pytest.mark.parametrize("group_size", [64, 128])
-def test_int16_form_equals_its_model(ext, group_size):
-    """avx2-int16 computes exactly the arithmetic it documents, up to float32 rounding far below what the
-    rounding of x to int16 moves (so a missing centring, a wrong lane order or a wrong step fails), for 1
-    to 8 rows of x, with x in several L1-sized K blocks, a group of zeros and a group with an outlier."""
-    if "avx2-int16" not in ext.supported_isas():
-        pytest.skip("avx2-int16 not supported by this CPU")
-    ext.select_isa("avx2-int16")
-    try:
-        n, k = 261, 3840  # 8 rows of x: 3 K blocks
-        wq, scales, biases = quantized(n, k, group_size, 4, mx.bfloat16, seed=7)
-        wd = np.abs(np.array(mx.dequantize(wq, scales, biases, group_size=group_size, bits=4).astype(mx.float32)))
-        for m in (1, 3, 8):
-            x = np.array(mx.random.normal((m, k), key=mx.random.key(m)))
-            x[0, :group_size] = 0.0  # step 0
-            x[-1, group_size + 5] = 300.0  # one large element: a coarse step for its group only
-            out = np.array(cpu_kernel.quantized_matvec(mx.array(x), wq, scales, biases, group_size=group_size, bits=4))
-            model = int16_model(x, wq, scales, biases, group_size)
-            scale = np.abs(x) @ wd.T
-            assert np.abs(out - model).max() <= (5e-7 * scale).max(), np.abs(out - model).max()
-            # and the rounding of x is what separates it from the float result, within int16_bound
-            check(mx.array(out), mx.array(x), wq, scales, biases, group_size, 4)
-            moved = np.abs(
-                out
-                - np.array(
-                    mx.quantized_matmul(mx.array(x), wq, scales, biases, transpose=True, group_size=group_size, bits=4)
-                )
-            )
-            assert moved.max() > 20 * (5e-7 * scale).max()  # the model test above can tell them apart
-        x = np.array(mx.random.normal((2, k), key=mx.random.key(9)))
-        x[0, 3] = np.inf
+def test_int16_form_equals_its_model(int16_isa, group_size):
+    """The int16 kernels compute exactly the arithmetic they document, up to float32 rounding far below
+    what the rounding of x to int16 moves (so a missing centring, a wrong lane order or a wrong step
+    fails), for 1 to 8 rows of x, with x in several L1-sized K blocks, a group of zeros and a group with
+    an outlier."""
+    n, k = 261, 3840  # 8 rows of x: 3 K blocks
+    wq, scales, biases = quantized(n, k, group_size, 4, mx.bfloat16, seed=7)
+    wd = np.abs(np.array(mx.dequantize(wq, scales, biases, group_size=group_size, bits=4).astype(mx.float32)))
+    for m in (1, 3, 8):
+        x = np.array(mx.random.normal((m, k), key=mx.random.key(m)))
+        x[0, :group_size] = 0.0  # step 0
+        x[-1, group_size + 5] = 300.0  # one large element: a coarse step for its group only
         out = np.array(cpu_kernel.quantized_matvec(mx.array(x), wq, scales, biases, group_size=group_size, bits=4))
-        assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()  # inf poisons its row only, as in float
-    finally:
-        ext.select_isa("auto")
+        model = int16_model(x, wq, scales, biases, group_size)
+        scale = np.abs(x) @ wd.T
+        assert np.abs(out - model).max() <= (5e-7 * scale).max(), np.abs(out - model).max()
+        # and the rounding of x is what separates it from the float result, within int16_bound
+        check(mx.array(out), mx.array(x), wq, scales, biases, group_size, 4)
+        moved = np.abs(
+            out
+            - np.array(
+                mx.quantized_matmul(mx.array(x), wq, scales, biases, transpose=True, group_size=group_size, bits=4)
+            )
+        )
+        assert moved.max() > 20 * (5e-7 * scale).max()  # the model test above can tell them apart
+    x = np.array(mx.random.normal((2, k), key=mx.random.key(9)))
+    x[0, 3] = np.inf
+    out = np.array(cpu_kernel.quantized_matvec(mx.array(x), wq, scales, biases, group_size=group_size, bits=4))
+    assert np.isnan(out[0]).all() and np.isfinite(out[1]).all()  # inf poisons its row only, as in float
 
 
-def test_int16_is_the_default_on_avx2_and_avx2_stays_selectable(ext):
-    """On a CPU with AVX2 and without AVX-512 the int16 form is picked; PIXTRAL_MLX_QMV_ISA=avx2 (or
-    select_isa) brings the float kernel back, which equals mx.quantized_matmul to float rounding."""
+@pytest.mark.parametrize("group_size", [256, 512])
+def test_int16_form_larger_groups(int16_isa, group_size):
+    """Groups of several 128-element chunks (the extension takes any multiple of 32; mx.quantize stops
+    at 128, so the scales are made here) sum their chunks in int32 before the one scaling."""
+    n, k = 77, 4096
+    wq, _, _ = quantized(n, k, 64, 4, mx.bfloat16, seed=3)  # only the codes are used
+    rng = np.random.default_rng(group_size)
+    scales = mx.array(rng.normal(size=(n, k // group_size)) * 0.02, dtype=mx.bfloat16)
+    biases = mx.array(rng.normal(size=(n, k // group_size)) * 0.1, dtype=mx.bfloat16)
+    q = codes(wq, 4).reshape(n, k // group_size, group_size)
+    s32, b32 = (np.array(a.astype(mx.float32)).astype(np.float64)[..., None] for a in (scales, biases))
+    wd = (q * s32 + b32).reshape(n, k)
+    for m in (1, 5, 8):
+        x = np.array(mx.random.normal((m, k), key=mx.random.key(m)))
+        out = np.array(cpu_kernel.quantized_matvec(mx.array(x), wq, scales, biases, group_size=group_size, bits=4))
+        scale = (np.abs(x) @ np.abs(wd).T).max()
+        to_model = np.abs(out - int16_model(x, wq, scales, biases, group_size)).max()
+        assert to_model <= 5e-7 * scale
+        assert np.abs(out - x @ wd.T).max() > 20 * to_model  # x was rounded: the model is the right one
+
+
+def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
+    """The int16 form is picked where the CPU has it (avx512-int16 with AVX512-VNNI, else avx2-int16 on a
+    CPU without AVX-512); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings the float kernel
+    back, which equals mx.quantized_matmul to float rounding."""
     isas = ext.supported_isas()
-    if "avx2-int16" not in isas:
-        pytest.skip("no AVX2")
-    if "avx512" not in isas:
-        code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"
-        for env, want in (({}, "avx2-int16"), ({"PIXTRAL_MLX_QMV_ISA": "avx2"}, "avx2")):
-            base = {kk: v for kk, v in os.environ.items() if kk != "PIXTRAL_MLX_QMV_ISA"}
-            done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
-            assert done.stdout.strip() == want, done.stderr
-    ext.select_isa("avx2")
-    try:
-        wq, scales, biases = quantized(300, 512, 64, 4, mx.bfloat16)
-        x = mx.random.normal((2, 512))
-        out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=64, bits=4)
-        assert not int16_form(4, 64)
-        check(out, x, wq, scales, biases, 64, 4)
-    finally:
-        ext.select_isa("auto")
+    order = ["avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"]
+    assert isas == [k for k in order if k in isas]  # the default is the first
+    if "avx512" in isas:
+        assert ("avx512-int16" in isas) == ("avx512_vnni" in cpu_flags())
+    code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"
+    base = {kk: v for kk, v in os.environ.items() if kk != "PIXTRAL_MLX_QMV_ISA"}
+    for env, want in [({}, isas[0])] + [({"PIXTRAL_MLX_QMV_ISA": f}, f) for f in ("avx512", "avx2") if f in isas]:
+        done = subprocess.run([sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True)
+        assert done.stdout.strip() == want, done.stderr
+    for float_isa in ("avx512", "avx2"):
+        if float_isa not in isas:
+            continue
+        ext.select_isa(float_isa)
+        try:
+            wq, scales, biases = quantized(300, 512, 64, 4, mx.bfloat16)
+            x = mx.random.normal((2, 512))
+            out = cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=64, bits=4)
+            assert not int16_form(4, 64, 512)
+            check(out, x, wq, scales, biases, 64, 4)
+        finally:
+            ext.select_isa("auto")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags as /proc/cpuinfo spells them (Linux)."""
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
 
 
 def test_half_scales_subnormal_and_negative(isa):

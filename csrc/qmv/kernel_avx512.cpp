@@ -50,6 +50,7 @@ struct Avx512 {
   static F zero() { return _mm512_setzero_ps(); }
   static F set1(float s) { return _mm512_set1_ps(s); }
   static F load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static float reduce(F v) { return _mm512_reduce_add_ps(v); }
 
@@ -86,10 +87,187 @@ struct Avx512 {
 
 #pragma GCC pop_options
 
+// The int16 form ("avx512-int16"; Kernel::int16, Problem::xq): for 4-bit weights with groups of 64 or a
+// multiple of 128 and K a multiple of 128, x is rounded to int16 with one step per group, as in the
+// avx2-int16 kernel (kernel_avx2.cpp), and multiplied with AVX512-VNNI's vpdpwssd: 32 pairs of int16
+// products summed into 16 int32 lanes and accumulated in one instruction. 64 weight bytes (128 codes) hold
+// 4 codes per 16-bit lane; four shift-and-masks give 4 vectors of 32 codes, shared by all rows of x, and
+// each row of x then costs 4 vpdpwssd per 64 weight bytes (the float loop: 8 conversions or permutes and 8
+// FMAs per row). A group's products are summed exactly in int32 and applied with one FMA by
+// scale * step; with groups of 64, one vector holds two groups (int32 lanes 0-7 the first, 8-15 the
+// second), and the scale vector holds each group's product in its half. Every (row, row of x) pair goes
+// through the same operations in the same order whatever the rows of x or the K blocking, so a row of a
+// batch gets the result it gets alone, bit for bit (the float avx512 loop does not promise that).
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")
+
+#include <immintrin.h>
+
+namespace qmv {
+namespace {
+
+
+
+constexpr int kChunk16 = 128;               // elements of x per 64 weight bytes
+constexpr int kRowBlock16 = 256;            // rows swept per K block (totals in memory between blocks)
+constexpr __mmask16 kHigh8 = 0xff00;        // int32 lanes of the second group of 64
+
+// sc[j] = scale[n, g0 + j] for j < count (sc 64-byte aligned).
+inline void load_scales16_row(const void* base, int type, int64_t stride, int n, int g0, int count, float* sc) {
+  for (int j = 0; j < count; j += 16)
+    _mm512_store_ps(sc + j, load_scales16(base, type, n * stride + g0 + j, count - j));
+}
+
+// bd[m] = sum_g bias[n, g] * xsum[m, g] - 7.5 * sum_g scale[n, g] * xerr[m, g]: the bias term with the
+// centring of the codes on 7.5 (kernels.h, Problem::xq).
+template <int M>
+inline void bias_centre16(const Problem& p, int n, float* bd) {
+  const int G = p.K / p.group_size;
+  __m512 a[M], e[M];
+  for (int m = 0; m < M; ++m) a[m] = e[m] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g += 16) {
+    const int cnt = G - g < 16 ? G - g : 16;
+    const __mmask16 k = first_lanes(cnt);
+    const __m512 b = load_scales16(p.biases, p.scale_type, n * p.b_stride + g, cnt);
+    const __m512 s = load_scales16(p.scales, p.scale_type, n * p.s_stride + g, cnt);
+    for (int m = 0; m < M; ++m) {
+      a[m] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(k, p.xsum + m * G + g), a[m]);
+      e[m] = _mm512_fmadd_ps(s, _mm512_maskz_loadu_ps(k, p.xerr + m * G + g), e[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) bd[m] = _mm512_reduce_add_ps(a[m]) - 7.5f * _mm512_reduce_add_ps(e[m]);
+}
+
+// Units [u0, u1) of row n for all M rows of x, added to the running totals tot (M vectors of 16
+// floats). A unit is the span one scale vector covers: 128 elements (two groups of 64, or one of 128)
+// or, for larger groups, one group of GS / 128 chunks. pf: rows ahead to prefetch (0: this row again).
+template <int M, int GS>  // GS: 64, 128, or 0 (another multiple of 128)
+inline void block16(const Problem& p, int n, int u0, int u1, int pf, float* tot) {
+  constexpr int kGroupsPerUnit = GS == 64 ? 2 : 1;
+  const int G = p.K / p.group_size;
+  const int cpu = GS == 0 ? p.group_size / kChunk16 : 1;  // chunks per unit
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w + static_cast<int64_t>(n) * p.w_stride);
+  const int64_t pf_off = static_cast<int64_t>(pf) * p.w_stride * 4;
+  alignas(64) float sc[kScaleBlock];
+  load_scales16_row(p.scales, p.scale_type, p.s_stride, n, u0 * kGroupsPerUnit, (u1 - u0) * kGroupsPerUnit, sc);
+  const __m512i low4 = _mm512_set1_epi16(0xf);
+
+  __m512 t[M];
+  for (int m = 0; m < M; ++m) t[m] = _mm512_load_ps(tot + m * 16);
+  for (int u = u0; u < u1; ++u) {
+    __m512i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_si512();
+    for (int c = u * cpu; c < (u + 1) * cpu; ++c) {
+      prefetch_l2(w + pf_off + c * 64);
+      const __m512i v = _mm512_loadu_si512(w + c * 64);
+      const __m512i q0 = _mm512_and_si512(v, low4);
+      const __m512i q1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      const __m512i q2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low4);
+      const __m512i q3 = _mm512_srli_epi16(v, 12);
+      const __m512i* xc = reinterpret_cast<const __m512i*>(p.xq + static_cast<int64_t>(c) * M * kChunk16);
+      for (int m = 0; m < M; ++m) {
+        __m512i d = _mm512_dpwssd_epi32(acc[m], q0, _mm512_load_si512(xc + 4 * m));
+        d = _mm512_dpwssd_epi32(d, q1, _mm512_load_si512(xc + 4 * m + 1));
+        d = _mm512_dpwssd_epi32(d, q2, _mm512_load_si512(xc + 4 * m + 2));
+        acc[m] = _mm512_dpwssd_epi32(d, q3, _mm512_load_si512(xc + 4 * m + 3));
+      }
+    }
+    const int j = (u - u0) * kGroupsPerUnit;  // the unit's first group in sc
+    if constexpr (GS == 64) {
+      const __m512 ws = _mm512_mask_blend_ps(kHigh8, _mm512_set1_ps(sc[j]), _mm512_set1_ps(sc[j + 1]));
+      for (int m = 0; m < M; ++m) {
+        const float* xs = p.xscale + m * G + 2 * u;
+        const __m512 s = _mm512_mul_ps(ws, _mm512_mask_blend_ps(kHigh8, _mm512_set1_ps(xs[0]), _mm512_set1_ps(xs[1])));
+        t[m] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(acc[m]), t[m]);
+      }
+    } else {
+      const __m512 ws = _mm512_set1_ps(sc[j]);
+      for (int m = 0; m < M; ++m) {
+        const __m512 s = _mm512_mul_ps(ws, _mm512_set1_ps(p.xscale[m * G + u]));
+        t[m] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(acc[m]), t[m]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm512_store_ps(tot + m * 16, t[m]);
+}
+
+// out[m, n + r] for r < count from the running totals (count rows of M vectors) and the bias term.
+template <int M>
+inline void finish16(const Problem& p, int n, int count, const float* tot) {
+  for (int r = 0; r < count; ++r) {
+    float bd[M];
+    bias_centre16<M>(p, n + r, bd);
+    for (int m = 0; m < M; ++m)
+      p.out[m * static_cast<int64_t>(p.N) + n + r] = _mm512_reduce_add_ps(_mm512_load_ps(tot + (r * M + m) * 16)) + bd[m];
+  }
+}
+
+// Rows [n0, n1), one at a time (one stream of weights per core prefetches best): with one K block, from
+// start to end; with several (x too long for L1 with several rows of x), blocks of kRowBlock16 rows swept
+// once per K block.
+template <int M, int GS>
+void rows16_mr(const Problem& p, int n0, int n1) {
+  const int unit = GS == 0 ? p.group_size : kChunk16;  // elements per unit
+  const int U = p.K / unit;
+  constexpr int kGroupsPerUnit = GS == 64 ? 2 : 1;
+  int ku = (M == 1 ? kXBytesOneRow : kXBytes) / (M * unit * 2);
+  ku = ku < 1 ? 1 : (ku > kScaleBlock / kGroupsPerUnit ? kScaleBlock / kGroupsPerUnit : ku);
+  const int64_t row_bytes = static_cast<int64_t>(ku >= U ? U : ku) * unit / 2;
+  if (ku >= U) {
+    prefetch_start(p, n0, n1, row_bytes);
+    alignas(64) float tot[M * 16];
+    for (int n = n0; n < n1; ++n) {
+      for (float& v : tot) v = 0.0f;
+      block16<M, GS>(p, n, 0, U, prefetch_rows<1>(n, n1, row_bytes), tot);
+      finish16<M>(p, n, 1, tot);
+    }
+    return;
+  }
+  // The row block's totals (128 KiB with 8 rows of x): per thread, not on the stack.
+  alignas(64) static thread_local float tot[kRowBlock16 * kMaxRows * 16];
+  for (int nb = n0; nb < n1; nb += kRowBlock16) {
+    const int nb1 = nb + kRowBlock16 < n1 ? nb + kRowBlock16 : n1;
+    for (int i = 0; i < (nb1 - nb) * M * 16; ++i) tot[i] = 0.0f;
+    for (int u0 = 0; u0 < U; u0 += ku) {
+      const int u1 = u0 + ku < U ? u0 + ku : U;
+      for (int n = nb; n < nb1; ++n)
+        block16<M, GS>(p, n, u0, u1, prefetch_rows<1>(n, nb1, row_bytes), tot + (n - nb) * M * 16);
+    }
+    finish16<M>(p, nb, nb1 - nb, tot);
+  }
+}
+
+void rows_int16(const Problem& p, int n0, int n1) {
+  if (p.xq == nullptr) return rows<Avx512>(p, n0, n1);  // 8-bit, groups of 32, K not a multiple of 128
+  dispatch(p, [&](auto m, auto) {
+    constexpr int M = decltype(m)::value;
+    if (p.group_size == 64) {
+      rows16_mr<M, 64>(p, n0, n1);
+    } else if (p.group_size == 128) {
+      rows16_mr<M, 128>(p, n0, n1);
+    } else {
+      rows16_mr<M, 0>(p, n0, n1);
+    }
+  });
+}
+
+}  // namespace
+}  // namespace qmv
+
+#pragma GCC pop_options
+
 namespace qmv {
 
 Kernel kernel_avx512() {
   return {"avx512", 2 * Avx512::kLanes, rows<Avx512>};
+}
+
+Kernel kernel_avx512_int16() {
+  Kernel k{"avx512-int16", 2 * Avx512::kLanes, rows_int16};
+  k.int16 = true;
+  k.int16_chunk = kChunk16;
+  return k;
 }
 
 }  // namespace qmv

@@ -34,10 +34,11 @@ struct Problem {
   const float* xp;    // x prepared for the kernel's layout: M rows of K floats (see Kernel)
   const float* xsum;  // M rows of K / group_size group sums of x
   float* out;         // M rows of N floats
-  // Kernels with int16 x (Kernel::int16), 4-bit weights, group_size a multiple of 64; else null.
-  // xq: x rounded to int16, chunk-major as interleave: for chunk c of 64 elements and row m, the 64
-  // values xq[(c * M + m) * 64 + j * 16 + l] = round(x[m, 64 c + 4 l + j] / xscale[m, g]) (j < 4,
-  // l < 16: lane l of the weights' 16-bit lanes holds codes 4 l .. 4 l + 3), 32-byte aligned;
+  // Kernels with int16 x (Kernel::int16), 4-bit weights, group_size a multiple of 64 and K of the
+  // kernel's int16_chunk C (64 or 128); else null.
+  // xq: x rounded to int16, chunk-major as interleave: for chunk c of C elements and row m, the C
+  // values xq[(c * M + m) * C + j * C / 4 + l] = round(x[m, C c + 4 l + j] / xscale[m, g]) (j < 4,
+  // l < C / 4: lane l of the weights' 16-bit lanes holds codes 4 l .. 4 l + 3), 64-byte aligned;
   // xscale: M rows of K / group_size steps, max |x| over the group / 32767; xerr: as many group sums
   // of the rounding errors, step * sum(xq) - sum(x). Per group the kernel adds
   // scale * step * dot(q, xq) - 7.5 * scale * xerr, which is scale * dot(q, x) plus an error of
@@ -68,6 +69,8 @@ struct Kernel {
   // 4-bit weights with group_size a multiple of 64 take x as int16 (Problem::xq), one step per group
   // of every row of x; other problems use the float layout above.
   bool int16 = false;
+  // Elements of x per chunk of xq (the weights' bytes per vector times two): 64 for AVX2, 128 for AVX-512.
+  int int16_chunk = 64;
 };
 
 // dispatch's switch over the rows of x, for one BITS.
@@ -104,6 +107,7 @@ Kernel kernel_scalar();
 Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
 Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
+Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 
 // Software prefetch of the weights. A hardware prefetcher follows one stream well, but a kernel that
 // walks R rows at once has R short streams and, measured on a Xeon (2 cores, 4-bit 4096x5120 from

@@ -46,6 +46,15 @@ bool cpu_has_avx512() {
 #endif
 }
 
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
+#else
+  return false;
+#endif
+}
+
 bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
@@ -58,6 +67,7 @@ bool cpu_has_avx2() {
 std::vector<Kernel> available_kernels() {
   std::vector<Kernel> ks;
 #if defined(__x86_64__) || defined(__i386__)
+  if (cpu_has_avx512_vnni()) ks.push_back(kernel_avx512_int16());
   if (cpu_has_avx512()) ks.push_back(kernel_avx512());
   if (cpu_has_avx2()) {
     ks.push_back(kernel_avx2_int16());
@@ -252,16 +262,17 @@ struct View2D {
   }
 };
 
-int16_t* align32(int16_t* p) {
-  return reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(p) + 31) & ~static_cast<uintptr_t>(31));
+int16_t* align64(int16_t* p) {
+  return reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
 }
 
 // Row m of x (K elements, col_stride apart) in Problem::xq's int16 layout, one step per group:
 // step = max |x| / 32767 and x / step rounded to nearest (even), so |error| <= step / 2 per element. A
 // group of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are
 // NaN, as in float.
-void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int16_t* xq,
+void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk, int16_t* xq,
                   float* step, float* err) {
+  const int lanes = chunk / 4;
   for (int g0 = 0; g0 < K; g0 += group_size) {
     float amax = 0.0f;
     bool finite = true;
@@ -274,14 +285,12 @@ void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int 
     const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 32767.0f;
     step[g0 / group_size] = s;
     double e = 0.0;  // sum of step * q - x over the group
-    for (int c0 = g0; c0 < g0 + group_size; c0 += 64) {
-      int16_t* dst = xq + (static_cast<int64_t>(c0 / 64) * M + m) * 64;
-      for (int i = 0; i < 64; ++i) {
-        const float v = xm[(c0 + i) * col_stride];
-        const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -32767.0f, 32767.0f) : 0.0f;
-        dst[(i % 4) * 16 + i / 4] = static_cast<int16_t>(q);
-        e += static_cast<double>(s) * q - v;
-      }
+    for (int k = g0; k < g0 + group_size; ++k) {
+      const float v = xm[k * col_stride];
+      const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -32767.0f, 32767.0f) : 0.0f;
+      const int i = k % chunk;
+      xq[(static_cast<int64_t>(k / chunk) * M + m) * chunk + (i % 4) * lanes + i / 4] = static_cast<int16_t>(q);
+      e += static_cast<double>(s) * q - v;
     }
     err[g0 / group_size] = finite ? static_cast<float>(e) : 0.0f;
   }
@@ -301,13 +310,13 @@ struct Call {
 
   void operator()() const {
     const int G = K / group_size;
-    const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0;
+    const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0 && K % kernel.int16_chunk == 0;
     std::vector<float> xp(int16 ? 0 : static_cast<size_t>(M) * K);
     std::vector<float> xsum(static_cast<size_t>(M) * G);
-    std::vector<int16_t> xq_store(int16 ? static_cast<size_t>(M) * K + 16 : 0);
+    std::vector<int16_t> xq_store(int16 ? static_cast<size_t>(M) * K + 32 : 0);
     std::vector<float> xscale(int16 ? static_cast<size_t>(M) * G : 0);
     std::vector<float> xerr(int16 ? static_cast<size_t>(M) * G : 0);
-    int16_t* xq = int16 ? align32(xq_store.data()) : nullptr;
+    int16_t* xq = int16 ? align64(xq_store.data()) : nullptr;
     const int chunk = bits == 4 ? kernel.x_chunk : 0;
     for (int m = 0; m < M; ++m) {
       const float* xm = x + x_row_offset[m];
@@ -318,7 +327,7 @@ struct Call {
         xsum[static_cast<size_t>(m) * G + g] = s;
       }
       if (int16) {
-        quantize_x16(xm, x_col_stride, m, M, K, group_size, xq, xscale.data() + static_cast<size_t>(m) * G,
+        quantize_x16(xm, x_col_stride, m, M, K, group_size, kernel.int16_chunk, xq, xscale.data() + static_cast<size_t>(m) * G,
                      xerr.data() + static_cast<size_t>(m) * G);
       } else if (chunk == 0) {
         for (int k = 0; k < K; ++k) dst[k] = xm[k * x_col_stride];
