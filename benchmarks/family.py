@@ -110,7 +110,7 @@ def write_checkpoint(folder: Path, name: str, text_layers: int, tiny: bool) -> d
 
 
 def full_depth(seconds: dict, L: int, n: int) -> float:
-    """Seconds at `n` decoder layers from the times at depth 1 and depth L (run.py's rule, any depth)."""
+    """Seconds at `n` decoder layers from the times at depth 1 and depth L (run.py's prefill rule, any depth)."""
     return seconds["1"] + (n - 1) * run.per_layer(seconds, 1, L)
 
 
@@ -135,12 +135,12 @@ def summarize(r: dict, L: int, n: int) -> dict:
             "per_layer_s": run.per_layer(p["seconds"], 1, L),
         }
     d = r["decode"]["seconds_per_token"]
-    full = full_depth(d, L, n)
+    full, layer, _ = run.decode_full(r["decode"]["samples"], L, n)  # run.py's paired estimate, at n layers
     out["decode"] = {
         "measured_tps": 1 / d[str(L)],
         "full_s_per_token": full,
         "full_tps": 1 / full,
-        "per_layer_s": run.per_layer(d, 1, L),
+        "per_layer_s": layer,
     }
     w = r["memory"]["weights"]
     out["weights"] = {

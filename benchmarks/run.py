@@ -183,6 +183,13 @@ def paired_per_layer(samples: dict, lo: int, hi: int) -> float:
     return max(statistics.median(y - x for x, y in pairs), 0.0) / (hi - lo)
 
 
+def decode_full(samples: dict, L: int, n: int = FULL_TEXT_LAYERS) -> tuple[float, float, float]:
+    """Seconds per token at `n` decoder layers from `measure.alternate`'s decode samples at depths 1 and L: the
+    median token at depth 1 plus (n - 1) paired per-layer times. Returns (full, per layer, depth 1)."""
+    layer, first = paired_per_layer(samples, 1, L), statistics.median(samples["1"])
+    return first + (n - 1) * layer, layer, first
+
+
 def full_text(seconds: dict, L: int) -> float:
     """Time at 40 decoder layers from times at depth 1 and depth L."""
     return seconds["1"] + (FULL_TEXT_LAYERS - 1) * per_layer(seconds, 1, L)
@@ -241,9 +248,7 @@ def summarize(r: dict, L: int, M: int, params: dict) -> dict:
             "full_tps": p["tokens"] / full,
         }
     d = r["decode"]["seconds_per_token"]
-    samples = r["decode"]["samples"]
-    layer, first = paired_per_layer(samples, 1, L), statistics.median(samples["1"])
-    full = first + (FULL_TEXT_LAYERS - 1) * layer
+    full, layer, first = decode_full(r["decode"]["samples"], L)
     out["decode"] = {
         "tokens": r["decode"]["tokens"],
         "measured_tps": 1 / d[str(L)],

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -55,9 +56,11 @@ def test_figures_are_positive_and_extrapolated_from_both_depths(result):
             assert p["full_s"] == pytest.approx(sec["1"] + (m["full_layers"] - 1) * per)
         d = s["decode"]
         assert positive(d["measured_tps"]) and positive(d["full_tps"])
-        spt = raw["decode"]["seconds_per_token"]
-        per = max(spt[str(L)] - spt["1"], 0.0) / (L - 1)
-        assert d["full_s_per_token"] == pytest.approx(spt["1"] + (m["full_layers"] - 1) * per)
+        # decode: the median depth-1 token plus the median of the alternated pairs' differences (as run.py)
+        smp = raw["decode"]["samples"]
+        per = max(statistics.median(b - a for a, b in zip(smp["1"], smp[str(L)], strict=True)), 0.0) / (L - 1)
+        assert d["full_s_per_token"] == pytest.approx(statistics.median(smp["1"]) + (m["full_layers"] - 1) * per)
+        assert d["per_layer_s"] == pytest.approx(per)
         assert 0 < s["cpu_share"] <= 1.5  # CPU seconds over wall seconds x CPUs (a little over 1 from rounding)
         w = s["weights"]
         assert positive(w["measured_bytes"]) and w["full_bytes"] > w["measured_bytes"]
