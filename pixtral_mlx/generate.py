@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Hashable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import mlx.core as mx
@@ -294,11 +294,25 @@ def prefill(
     `prefill_step`: exactly what `generate_step` does before its first sampled token."""
     from mlx_lm.generate import generation_stream
 
-    for lo, hi in _chunks(len(tokens), prefill_step):
-        with mx.stream(generation_stream):
-            model(mx.array(tokens[lo:hi])[None], cache=cache, input_embeddings=embeddings[None, lo:hi])
-            mx.eval([c.state for c in cache])
-        mx.clear_cache()
+    with _reusing_buffers(model):
+        for lo, hi in _chunks(len(tokens), prefill_step):
+            with mx.stream(generation_stream):
+                model(mx.array(tokens[lo:hi])[None], cache=cache, input_embeddings=embeddings[None, lo:hi])
+                mx.eval([c.state for c in cache])
+            mx.clear_cache()
+
+
+def _reusing_buffers(model: Any) -> Any:
+    """On the CPU backend, MLX keeps twice the largest dequantized weight of freed buffers while a prompt is fed
+    (`cpu.reusing_buffers`: each layer's dequantized weights reuse the previous layer's buffers; the memory plan
+    counts three of them, `memory.estimate`)."""
+    from . import backend
+
+    if not backend.on_cpu():
+        return nullcontext()
+    from . import cpu
+
+    return cpu.reusing_buffers(2 * cpu.dequantized_bytes(model))
 
 
 def _chunks(total: int, step: int) -> Iterator[tuple[int, int]]:
@@ -375,7 +389,7 @@ def prefill_many(
             prefill(model, tokens, embeddings, cache, step)
         return
     layers = model.layers
-    with mx.stream(generation_stream):
+    with mx.stream(generation_stream), _reusing_buffers(model):
         with cpu.shared_dequantization(), _tap(layers) as outputs:
             for (tokens, embeddings, cache), step in zip(jobs, steps):
                 for lo, hi in _chunks(len(tokens), step):

@@ -9,6 +9,8 @@ blocks are made tiny so that the tiny prompts cross several of them.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -341,3 +343,67 @@ def test_quantized_kv_decode_goes_through_the_kernel_and_keeps_the_tokens(q4, bi
         m.setattr(cpu_kernel, "quantized_decode_attention", lambda *a, **k: None)
         old = q4.generate(messages, max_tokens=12, temperature=0.0, kv_bits=bits, kv_group_size=32)
     assert len(new.tokens) == 12 and new.tokens == old.tokens
+
+
+def test_reusing_buffers_raises_the_cache_limit_and_puts_it_back():
+    """`cpu.reusing_buffers`: the largest limit of the blocks open, the old one back (and the cache cleared) when
+    the last closes; a limit of 0 changes nothing."""
+    old = mx.set_cache_limit(12_345_678)
+    try:
+        with cpu.reusing_buffers(0):
+            assert mx.set_cache_limit(12_345_678) == 12_345_678
+        with cpu.reusing_buffers(50 << 20):
+            assert mx.set_cache_limit(50 << 20) == 50 << 20
+            with cpu.reusing_buffers(100 << 20):
+                assert mx.set_cache_limit(100 << 20) == 100 << 20
+                with cpu.reusing_buffers(10 << 20):  # a smaller one keeps the larger
+                    assert mx.set_cache_limit(100 << 20) == 100 << 20
+            assert mx.set_cache_limit(100 << 20) == 100 << 20  # the outer block is still open
+            mx.eval(mx.zeros((1 << 20,)) + 1)  # a freed 4 MB buffer stays in the cache
+            assert mx.get_cache_memory() > 0
+        assert mx.set_cache_limit(12_345_678) == 12_345_678
+        assert mx.get_cache_memory() == 0
+    finally:
+        mx.set_cache_limit(old)
+
+
+def test_prefill_keeps_freed_buffers_for_the_next_layer(q4, monkeypatch):
+    """While a prompt is fed on the CPU (`prefill`, `prefill_many`), MLX keeps twice the largest dequantized weight
+    of freed buffers, so each layer's dequantized weights reuse the previous layer's buffers; the limit comes back
+    afterwards, and the caches hold the values they hold without it, to the bit."""
+    from pixtral_mlx import generate
+
+    sizes = [
+        m.weight.size * 32 // m.bits for _, m in q4.model.layers[0].named_modules() if isinstance(m, nn.QuantizedLinear)
+    ]
+    assert cpu.dequantized_bytes(q4.model) == 4 * max(sizes) > 0
+    prompts = [q4.encode(MESSAGES["text"]), q4.encode(MESSAGES["image"])]
+    jobs = [(p.tokens, q4.embeddings(p)) for p in prompts]
+
+    def fill(many: bool) -> list[list]:
+        caches = [q4.model.make_cache() for _ in jobs]
+        if many:
+            generate.prefill_many(q4.model, [(t, e, c) for (t, e), c in zip(jobs, caches)], prefill_step=20)
+        else:
+            for (t, e), c in zip(jobs, caches):
+                generate.prefill(q4.model, t, e, c, prefill_step=20)
+        return caches
+
+    real = mx.set_cache_limit
+    for many in (False, True):
+        limits: list[int] = []
+        monkeypatch.setattr(mx, "set_cache_limit", lambda n, seen=limits: seen.append(n) or real(n))
+        old = real(7_654_321)
+        try:
+            reused = fill(many)
+            assert limits == [2 * cpu.dequantized_bytes(q4.model), 7_654_321] * (1 if many else len(jobs))
+            assert real(old) == 7_654_321
+        finally:
+            real(old)
+        monkeypatch.setattr(generate, "_reusing_buffers", lambda model: nullcontext())
+        plain = fill(many)
+        monkeypatch.undo()
+        for one, other in zip(reused, plain):
+            for a, b in zip(one, other):
+                assert a.offset == b.offset > 0
+                assert all(mx.array_equal(x, y).item() for x, y in zip(a.state, b.state))
