@@ -105,15 +105,10 @@ _reuse_limit = 0  # the cache limit they set
 _reuse_saved = 0  # the limit before the first of them
 
 
-def dequantized_bytes(model: Any) -> int:
-    """Bytes of the largest float32 weight `model`'s prefill dequantizes (0 when it dequantizes none)."""
-    layers = model.layers
+def dequantized_bytes(layer: Any) -> int:
+    """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none)."""
     return 4 * max(
-        (
-            m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-            for _, m in (layers[0].named_modules() if layers else [])
-            if isinstance(m, DequantizingQuantizedLinear)
-        ),
+        (m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, DequantizingQuantizedLinear)),
         default=0,
     )
 

@@ -312,7 +312,7 @@ def _reusing_buffers(model: Any) -> Any:
         return nullcontext()
     from . import cpu
 
-    return cpu.reusing_buffers(2 * cpu.dequantized_bytes(model))
+    return cpu.reusing_buffers(2 * cpu.dequantized_bytes(model.layers[0]) if model.layers else 0)
 
 
 def _chunks(total: int, step: int) -> Iterator[tuple[int, int]]:
