@@ -1,7 +1,7 @@
 """The C++ CPU quantized matvec (pixtral_mlx._qmv via pixtral_mlx.cpu_kernel) equals mx.quantized_matmul.
 
 The float kernels (avx512, avx2, scalar) equal it up to float32 rounding of the sums. The int16 kernels
-(avx512-int16, avx2-int16) round x to int16 (one step per group of 64 or 128) for 4-bit weights: they equal
+(avx512-int16, avx2-vnni, avx2-int16) round x to int16 (one step per group of 64 or 128) for 4-bit weights: they equal
 a numpy model of that arithmetic up to float32 rounding, and mx.quantized_matmul within the bound the
 rounding of x gives.
 
@@ -42,10 +42,10 @@ def kernel_on(monkeypatch):
     monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
 
 
-INT16_KERNELS = {"avx512-int16": 128, "avx2-int16": 64}  # and the K each needs a multiple of
+INT16_KERNELS = {"avx512-int16": 128, "avx2-vnni": 64, "avx2-int16": 64}  # and the K each needs a multiple of
 
 
-@pytest.fixture(params=["avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"])
+@pytest.fixture(params=["avx512-int16", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"])
 def isa(request, ext):
     if request.param not in ext.supported_isas():
         pytest.skip(f"{request.param} not supported by this CPU")
@@ -257,14 +257,16 @@ def test_int16_form_larger_groups(int16_isa, group_size):
 
 
 def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
-    """The int16 form is picked where the CPU has it (avx512-int16 with AVX512-VNNI, else avx2-int16 on a
-    CPU without AVX-512); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings the float kernel
-    back, which equals mx.quantized_matmul to float rounding."""
+    """The int16 form is picked where the CPU has it (avx512-int16 with AVX512-VNNI; without AVX-512,
+    avx2-vnni with AVX-VNNI, else avx2-int16); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings
+    the float kernel back, which equals mx.quantized_matmul to float rounding."""
     isas = ext.supported_isas()
-    order = ["avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"]
+    order = ["avx512-int16", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"]
     assert isas == [k for k in order if k in isas]  # the default is the first
     if "avx512" in isas:
         assert ("avx512-int16" in isas) == ("avx512_vnni" in cpu_flags())
+    if "avx2" in isas:
+        assert ("avx2-vnni" in isas) == ("avx_vnni" in cpu_flags())
     code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"
     base = {kk: v for kk, v in os.environ.items() if kk != "PIXTRAL_MLX_QMV_ISA"}
     for env, want in [({}, isas[0])] + [({"PIXTRAL_MLX_QMV_ISA": f}, f) for f in ("avx512", "avx2") if f in isas]:
@@ -282,6 +284,28 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
             check(out, x, wq, scales, biases, 64, 4)
         finally:
             ext.select_isa("auto")
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_avx_vnni_gives_the_bits_of_avx2_int16(ext, bits):
+    """avx2-vnni's vpdpwssd sums the same int32 products as avx2-int16's vpmaddwd and adds (exact integer sums), so
+    every output is the same float, for 1 to 8 rows of x, groups of 64 and 128 and several K blocks; 8-bit weights
+    take the same float loop."""
+    if "avx2-vnni" not in ext.supported_isas():
+        pytest.skip("no AVX-VNNI on this CPU")
+    try:
+        for gs in (64, 128):
+            wq, scales, biases = quantized(301, 5120, gs, bits, mx.bfloat16, seed=gs)
+            x = mx.random.normal((8, 5120), key=mx.random.key(gs))
+            for m in range(1, 9):
+                outs = []
+                for isa in ("avx2-int16", "avx2-vnni"):
+                    ext.select_isa(isa)
+                    outs.append(cpu_kernel.quantized_matvec(x[:m], wq, scales, biases, group_size=gs, bits=bits))
+                assert mx.array_equal(*outs).item(), (gs, m)
+                check(outs[1], x[:m], wq, scales, biases, gs, bits)
+    finally:
+        ext.select_isa("auto")
 
 
 def cpu_flags() -> set[str]:

@@ -28,7 +28,11 @@
 #include "kernels.h"  // before the target pragma: its inline helpers must stay baseline code
 
 #pragma GCC push_options
+#ifdef QMV_AVX_VNNI  // kernel_avx2_vnni.cpp: this file again, with AVX-VNNI's vpdpwssd in the int16 dot products
+#pragma GCC target("avx2,fma,f16c,avxvnni")
+#else
 #pragma GCC target("avx2,fma,f16c")
+#endif
 
 #include <immintrin.h>
 
@@ -211,13 +215,22 @@ __attribute__((always_inline)) inline Codes16 unpack16(const uint8_t* w, __m256i
           _mm256_and_si256(_mm256_srli_epi16(v, 8), low4), _mm256_srli_epi16(v, 12)};
 }
 
-// The 64 products of those codes with one row of x's 64 int16 values (xq's layout), summed into 8 int32 lanes.
-__attribute__((always_inline)) inline __m256i dot16(const Codes16& q, const __m256i* x) {
+// acc plus the 64 products of those codes with one row of x's 64 int16 values (xq's layout), summed into 8
+// int32 lanes. With AVX-VNNI one vpdpwssd does a vpmaddwd and its add; the int32 sums are exact either way
+// (no overflow below groups of 2^14), so both give the same bits.
+__attribute__((always_inline)) inline __m256i dot16(__m256i acc, const Codes16& q, const __m256i* x) {
+#ifdef QMV_AVX_VNNI
+  acc = _mm256_dpwssd_avx_epi32(acc, q.q0, _mm256_load_si256(x));
+  acc = _mm256_dpwssd_avx_epi32(acc, q.q1, _mm256_load_si256(x + 1));
+  acc = _mm256_dpwssd_avx_epi32(acc, q.q2, _mm256_load_si256(x + 2));
+  return _mm256_dpwssd_avx_epi32(acc, q.q3, _mm256_load_si256(x + 3));
+#else
   const __m256i a = _mm256_add_epi32(_mm256_madd_epi16(q.q0, _mm256_load_si256(x)),
                                      _mm256_madd_epi16(q.q2, _mm256_load_si256(x + 2)));
   const __m256i b = _mm256_add_epi32(_mm256_madd_epi16(q.q1, _mm256_load_si256(x + 1)),
                                      _mm256_madd_epi16(q.q3, _mm256_load_si256(x + 3)));
-  return _mm256_add_epi32(a, b);
+  return _mm256_add_epi32(acc, _mm256_add_epi32(a, b));
+#endif
 }
 
 template <int M, int R, int CPG>
@@ -254,7 +267,7 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
       for (int r = 0; r < R; ++r) {
         prefetch_l2(wr[r] + pf_off + g * 32);  // pf = 0: this row again (cached), no branch
         const Codes16 q = unpack16(wr[r] + g * 32, low4);
-        for (int m = 0; m < M; ++m) add_group(r, m, g, dot16(q, xc + 4 * m));
+        for (int m = 0; m < M; ++m) add_group(r, m, g, dot16(_mm256_setzero_si256(), q, xc + 4 * m));
       }
       continue;
     }
@@ -267,7 +280,7 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
       for (int r = 0; r < R; ++r) {
         prefetch_l2(wr[r] + pf_off + ci * 32);
         const Codes16 q = unpack16(wr[r] + ci * 32, low4);
-        for (int m = 0; m < M; ++m) acc[r][m] = _mm256_add_epi32(acc[r][m], dot16(q, xc + 4 * m));
+        for (int m = 0; m < M; ++m) acc[r][m] = dot16(acc[r][m], q, xc + 4 * m);
       }
     }
     for (int r = 0; r < R; ++r)
@@ -365,6 +378,11 @@ void rows_int16(const Problem& p, int n0, int n1) {
 
 namespace qmv {
 
+#ifdef QMV_AVX_VNNI
+Kernel kernel_avx2_vnni() {
+  return {"avx2-vnni", 2 * kLanes, rows_int16, true, true, true};
+}
+#else
 Kernel kernel_avx2() {
   return {"avx2", 2 * kLanes, rows, true, true};
 }
@@ -372,5 +390,6 @@ Kernel kernel_avx2() {
 Kernel kernel_avx2_int16() {
   return {"avx2-int16", 2 * kLanes, rows_int16, true, true, true};
 }
+#endif
 
 }  // namespace qmv

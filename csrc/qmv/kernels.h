@@ -106,6 +106,7 @@ inline void dispatch(const Problem& p, F f) {
 Kernel kernel_scalar();
 Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
 Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
+Kernel kernel_avx2_vnni();   // avx2-int16 with AVX-VNNI (avxvnni at run time too): the same results
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 

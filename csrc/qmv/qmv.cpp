@@ -64,11 +64,21 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
+#else
+  return false;
+#endif
+}
+
 std::vector<Kernel> available_kernels() {
   std::vector<Kernel> ks;
 #if defined(__x86_64__) || defined(__i386__)
   if (cpu_has_avx512_vnni()) ks.push_back(kernel_avx512_int16());
   if (cpu_has_avx512()) ks.push_back(kernel_avx512());
+  if (cpu_has_avx_vnni()) ks.push_back(kernel_avx2_vnni());
   if (cpu_has_avx2()) {
     ks.push_back(kernel_avx2_int16());
     ks.push_back(kernel_avx2());
