@@ -25,7 +25,19 @@ SOURCES = {
     "system": "system library",
     "bundled": "MLX's bundled reference BLAS",
 }
-SIMD_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "neon", "asimd")
+SIMD_FLAGS = (
+    "avx2",
+    "fma",
+    "f16c",
+    "avx_vnni",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "neon",
+    "asimd",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
