@@ -99,18 +99,18 @@ def dequantizes(model: Any) -> bool:
     return bool(layers) and any(isinstance(m, DequantizingQuantizedLinear) for _, m in layers[0].named_modules())
 
 
-_reuse_lock = threading.Lock()
-_reuse_open = 0  # reusing_buffers blocks open now (threads may overlap)
-_reuse_limit = 0  # the cache limit they set
-_reuse_saved = 0  # the limit before the first of them
-
-
 def dequantized_bytes(layer: Any) -> int:
     """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none)."""
     return 4 * max(
         (m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, DequantizingQuantizedLinear)),
         default=0,
     )
+
+
+_reuse_lock = threading.Lock()
+_reuse_open = 0  # reusing_buffers blocks open now (threads may overlap)
+_reuse_limit = 0  # the cache limit they set
+_reuse_saved = 0  # the limit before the first of them
 
 
 @contextmanager

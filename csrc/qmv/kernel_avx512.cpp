@@ -97,7 +97,7 @@ struct Avx512 {
 // scale * step; with groups of 64, one vector holds two groups (int32 lanes 0-7 the first, 8-15 the
 // second), and the scale vector holds each group's product in its half. Every (row, row of x) pair goes
 // through the same operations in the same order whatever the rows of x or the K blocking, so a row of a
-// batch gets the result it gets alone, bit for bit (the float avx512 loop does not promise that).
+// batch gets the result it gets alone, bit for bit, as in the float loop (kernel_simd.h).
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")

@@ -276,12 +276,13 @@ int16_t* align64(int16_t* p) {
   return reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
 }
 
-// Row m of x (K elements, col_stride apart) in Problem::xq's int16 layout, one step per group:
+// Row m of x (K elements, col_stride apart) in Problem::xq's int16 layout (chunks of `chunk` elements:
+// Kernel::int16_chunk), one step per group:
 // step = max |x| / 32767 and x / step rounded to nearest (even), so |error| <= step / 2 per element. A
 // group of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are
 // NaN, as in float.
-void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk, int16_t* xq,
-                  float* step, float* err) {
+void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk,
+                  int16_t* xq, float* step, float* err) {
   const int lanes = chunk / 4;
   for (int g0 = 0; g0 < K; g0 += group_size) {
     float amax = 0.0f;
@@ -337,8 +338,8 @@ struct Call {
         xsum[static_cast<size_t>(m) * G + g] = s;
       }
       if (int16) {
-        quantize_x16(xm, x_col_stride, m, M, K, group_size, kernel.int16_chunk, xq, xscale.data() + static_cast<size_t>(m) * G,
-                     xerr.data() + static_cast<size_t>(m) * G);
+        quantize_x16(xm, x_col_stride, m, M, K, group_size, kernel.int16_chunk, xq,
+                     xscale.data() + static_cast<size_t>(m) * G, xerr.data() + static_cast<size_t>(m) * G);
       } else if (chunk == 0) {
         for (int k = 0; k < K; ++k) dst[k] = xm[k * x_col_stride];
       } else {
