@@ -66,6 +66,8 @@ async def test_thinking_is_collapsed_expandable_saved_and_not_sent_back(data_dir
         await wait_for(pilot, lambda: len(screen.query(ReplyMessage)) == 1, what="the reopened reply")
         box = thinking_of(screen.query(ReplyMessage).last())
         assert box.display and box.collapsed and str(box.query_one(".thought").render()) == THINKING
+        # the transcript is shown first, then the engine is given the history (the same worker, a moment later)
+        await wait_for(pilot, lambda: bool(engine.chat.messages), what="the history handed to the engine")
         assert engine.chat.messages[-1] == {"role": "assistant", "content": "Hello there."}
 
 
