@@ -45,13 +45,18 @@ def kernel_on(monkeypatch):
 INT16_KERNELS = {"avx512-int16": 128, "avx2-vnni": 64, "avx2-int16": 64}  # and the K each needs a multiple of
 
 
+def selected(ext, name: str):
+    """Select kernel `name` for one test (skipped where the CPU lacks it), then back to the default."""
+    if name not in ext.supported_isas():
+        pytest.skip(f"{name} not supported by this CPU")
+    ext.select_isa(name)
+    yield name
+    ext.select_isa("auto")
+
+
 @pytest.fixture(params=["avx512-int16", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"])
 def isa(request, ext):
-    if request.param not in ext.supported_isas():
-        pytest.skip(f"{request.param} not supported by this CPU")
-    ext.select_isa(request.param)
-    yield request.param
-    ext.select_isa("auto")
+    yield from selected(ext, request.param)
 
 
 def quantized(n: int, k: int, group_size: int, bits: int, dtype=mx.float32, seed: int = 0):
@@ -196,11 +201,7 @@ def int16_model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarra
 
 @pytest.fixture(params=sorted(INT16_KERNELS))
 def int16_isa(request, ext):
-    if request.param not in ext.supported_isas():
-        pytest.skip(f"{request.param} not supported by this CPU")
-    ext.select_isa(request.param)
-    yield request.param
-    ext.select_isa("auto")
+    yield from selected(ext, request.param)
 
 
 @pytest.mark.parametrize("group_size", [64, 128])

@@ -113,12 +113,6 @@ constexpr int kChunk16 = 128;               // elements of x per 64 weight bytes
 constexpr int kRowBlock16 = 256;            // rows swept per K block (totals in memory between blocks)
 constexpr __mmask16 kHigh8 = 0xff00;        // int32 lanes of the second group of 64
 
-// sc[j] = scale[n, g0 + j] for j < count (sc 64-byte aligned).
-inline void load_scales16_row(const void* base, int type, int64_t stride, int n, int g0, int count, float* sc) {
-  for (int j = 0; j < count; j += 16)
-    _mm512_store_ps(sc + j, load_scales16(base, type, n * stride + g0 + j, count - j));
-}
-
 // bd[m] = sum_g bias[n, g] * xsum[m, g] - 7.5 * sum_g scale[n, g] * xerr[m, g]: the bias term with the
 // centring of the codes on 7.5 (kernels.h, Problem::xq).
 template <int M>
@@ -150,7 +144,7 @@ inline void block16(const Problem& p, int n, int u0, int u1, int pf, float* tot)
   const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w + static_cast<int64_t>(n) * p.w_stride);
   const int64_t pf_off = static_cast<int64_t>(pf) * p.w_stride * 4;
   alignas(64) float sc[kScaleBlock];
-  load_scales16_row(p.scales, p.scale_type, p.s_stride, n, u0 * kGroupsPerUnit, (u1 - u0) * kGroupsPerUnit, sc);
+  Avx512::scales(p, n, u0 * kGroupsPerUnit, (u1 - u0) * kGroupsPerUnit, sc);
   const __m512i low4 = _mm512_set1_epi16(0xf);
 
   __m512 t[M];

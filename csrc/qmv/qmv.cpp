@@ -36,42 +36,27 @@ namespace qmv {
 
 namespace {
 
-bool cpu_has_avx512() {
 #if defined(__x86_64__) || defined(__i386__)
+// What the CPU reports at run time (available_kernels' only use, itself x86-only).
+bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx512_vnni() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
   return cpu_has_avx512() && __builtin_cpu_supports("avx512vnni");
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx2() {
-#if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-  return false;
-#endif
 }
 
 bool cpu_has_avx_vnni() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_cpu_init();
   return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
-#else
-  return false;
-#endif
 }
+#endif
 
 std::vector<Kernel> available_kernels() {
   std::vector<Kernel> ks;
