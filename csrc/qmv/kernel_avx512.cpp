@@ -107,10 +107,7 @@ struct Avx512 {
 namespace qmv {
 namespace {
 
-
-
 constexpr int kChunk16 = 128;               // elements of x per 64 weight bytes
-constexpr int kRowBlock16 = 256;            // rows swept per K block (totals in memory between blocks)
 constexpr __mmask16 kHigh8 = 0xff00;        // int32 lanes of the second group of 64
 
 // bd[m] = sum_g bias[n, g] * xsum[m, g] - 7.5 * sum_g scale[n, g] * xerr[m, g]: the bias term with the
@@ -198,7 +195,7 @@ inline void finish16(const Problem& p, int n, int count, const float* tot) {
 }
 
 // Rows [n0, n1), one at a time (one stream of weights per core prefetches best): with one K block, from
-// start to end; with several (x too long for L1 with several rows of x), blocks of kRowBlock16 rows swept
+// start to end; with several (x too long for L1 with several rows of x), blocks of kRowBlock rows swept
 // once per K block.
 template <int M, int GS>
 void rows16_mr(const Problem& p, int n0, int n1) {
@@ -219,9 +216,9 @@ void rows16_mr(const Problem& p, int n0, int n1) {
     return;
   }
   // The row block's totals (128 KiB with 8 rows of x): per thread, not on the stack.
-  alignas(64) static thread_local float tot[kRowBlock16 * kMaxRows * 16];
-  for (int nb = n0; nb < n1; nb += kRowBlock16) {
-    const int nb1 = nb + kRowBlock16 < n1 ? nb + kRowBlock16 : n1;
+  alignas(64) static thread_local float tot[kRowBlock * kMaxRows * 16];
+  for (int nb = n0; nb < n1; nb += kRowBlock) {
+    const int nb1 = nb + kRowBlock < n1 ? nb + kRowBlock : n1;
     for (int i = 0; i < (nb1 - nb) * M * 16; ++i) tot[i] = 0.0f;
     for (int u0 = 0; u0 < U; u0 += ku) {
       const int u1 = u0 + ku < U ? u0 + ku : U;
