@@ -101,9 +101,10 @@ def dequantizes(model: Any) -> bool:
 
 def dequantized_bytes(layer: Any) -> int:
     """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none)."""
-    from .memory import _quantized_sizes  # (on the CPU every quantized linear layer dequantizes)
-
-    return 4 * max(_quantized_sizes(layer), default=0)
+    return 4 * max(
+        (m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, DequantizingQuantizedLinear)),
+        default=0,
+    )
 
 
 _reuse_lock = threading.Lock()
