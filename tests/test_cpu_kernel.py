@@ -1,9 +1,9 @@
 """The C++ CPU quantized matvec (pixtral_mlx._qmv via pixtral_mlx.cpu_kernel) equals mx.quantized_matmul.
 
 The float kernels (avx512, avx2, scalar) equal it up to float32 rounding of the sums. The int16 kernels
-(avx512-int16, avx2-vnni, avx2-int16) round x to int16 (one step per group of 64 or 128) for 4-bit weights: they equal
-a numpy model of that arithmetic up to float32 rounding, and mx.quantized_matmul within the bound the
-rounding of x gives.
+(avx512-int16, avx512vl-vnni, avx2-vnni, avx2-int16) round x to int16 (one step per group of 64 or 128) for 4-bit
+weights: they equal a numpy model of that arithmetic up to float32 rounding, and mx.quantized_matmul within the
+bound the rounding of x gives.
 
 On Linux the extension must be built: these tests fail (not skip) when it is missing, so a broken
 build shows in CI. Elsewhere (macOS: Metal does the work) they are skipped.
@@ -42,7 +42,8 @@ def kernel_on(monkeypatch):
     monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
 
 
-INT16_KERNELS = {"avx512-int16": 128, "avx2-vnni": 64, "avx2-int16": 64}  # and the K each needs a multiple of
+# The int16 kernels, and the K each needs a multiple of.
+INT16_KERNELS = {"avx512-int16": 128, "avx512vl-vnni": 64, "avx2-vnni": 64, "avx2-int16": 64}
 
 
 def selected(ext, name: str):
@@ -54,7 +55,7 @@ def selected(ext, name: str):
     ext.select_isa("auto")
 
 
-@pytest.fixture(params=["avx512-int16", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"])
+@pytest.fixture(params=["avx512-int16", "avx512vl-vnni", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"])
 def isa(request, ext):
     yield from selected(ext, request.param)
 
@@ -258,14 +259,18 @@ def test_int16_form_larger_groups(int16_isa, group_size):
 
 
 def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
-    """The int16 form is picked where the CPU has it (avx512-int16 with AVX512-VNNI; without AVX-512,
-    avx2-vnni with AVX-VNNI, else avx2-int16); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings
-    the float kernel back, which equals mx.quantized_matmul to float rounding."""
+    """The int16 form is picked where the CPU has it (avx512-int16 with AVX512-VNNI, or its 256-bit form
+    avx512vl-vnni on AMD Zen 4, whose 512-bit instructions run as two halves; without AVX-512, avx2-vnni with
+    AVX-VNNI, else avx2-int16); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings the float kernel back,
+    which equals mx.quantized_matmul to float rounding."""
     isas = ext.supported_isas()
-    order = ["avx512-int16", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"]
+    order = ["avx512-int16", "avx512", "avx2-vnni", "avx512vl-vnni", "avx2-int16", "avx2", "scalar"]
+    if zen4():
+        order = ["avx512vl-vnni", "avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"]
     assert isas == [k for k in order if k in isas]  # the default is the first
     if "avx512" in isas:
         assert ("avx512-int16" in isas) == ("avx512_vnni" in cpu_flags())
+        assert ("avx512vl-vnni" in isas) == ("avx512_vnni" in cpu_flags())
     if "avx2" in isas:
         assert ("avx2-vnni" in isas) == ("avx_vnni" in cpu_flags())
     code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"
@@ -287,26 +292,39 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
             ext.select_isa("auto")
 
 
+@pytest.mark.parametrize("vnni", ["avx2-vnni", "avx512vl-vnni"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_avx_vnni_gives_the_bits_of_avx2_int16(ext, bits):
-    """avx2-vnni's vpdpwssd sums the same int32 products as avx2-int16's vpmaddwd and adds (exact integer sums), so
-    every output is the same float, for 1 to 8 rows of x, groups of 64 and 128 and several K blocks; 8-bit weights
-    take the same float loop."""
-    if "avx2-vnni" not in ext.supported_isas():
-        pytest.skip("no AVX-VNNI on this CPU")
+def test_vnni_gives_the_bits_of_avx2_int16(ext, bits, vnni):
+    """avx2-vnni's and avx512vl-vnni's vpdpwssd (VEX or EVEX encoded, 256 bits) sums the same int32 products as
+    avx2-int16's vpmaddwd and adds (exact integer sums), so every output is the same float, for 1 to 8 rows of x,
+    groups of 64 and 128 and several K blocks; 8-bit weights take the same float loop."""
+    if vnni not in ext.supported_isas():
+        pytest.skip(f"no {vnni} on this CPU")
     try:
         for gs in (64, 128):
             wq, scales, biases = quantized(301, 5120, gs, bits, mx.bfloat16, seed=gs)
             x = mx.random.normal((8, 5120), key=mx.random.key(gs))
             for m in range(1, 9):
                 outs = []
-                for isa in ("avx2-int16", "avx2-vnni"):
+                for isa in ("avx2-int16", vnni):
                     ext.select_isa(isa)
                     outs.append(cpu_kernel.quantized_matvec(x[:m], wq, scales, biases, group_size=gs, bits=bits))
                 assert mx.array_equal(*outs).item(), (gs, m)
                 check(outs[1], x[:m], wq, scales, biases, gs, bits)
     finally:
         ext.select_isa("auto")
+
+
+def zen4() -> bool:
+    """An AMD CPU of family 25 (0x19) with AVX-512: Zen 4 (/proc/cpuinfo, Linux)."""
+    info = {}
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if not line.strip():
+                break
+            key, _, value = line.partition(":")
+            info[key.strip()] = value.strip()
+    return info.get("vendor_id") == "AuthenticAMD" and info.get("cpu family") == "25" and "avx512f" in cpu_flags()
 
 
 def cpu_flags() -> set[str]:

@@ -28,7 +28,9 @@
 #include "kernels.h"  // before the target pragma: its inline helpers must stay baseline code
 
 #pragma GCC push_options
-#ifdef QMV_AVX_VNNI  // kernel_avx2_vnni.cpp: this file again, with AVX-VNNI's vpdpwssd in the int16 dot products
+#if defined(QMV_EVEX_VNNI)  // kernel_avx512vl_vnni.cpp: the same vpdpwssd on 256 bits from AVX512-VNNI + VL
+#pragma GCC target("avx2,fma,f16c,avx512f,avx512vl,avx512vnni")
+#elif defined(QMV_AVX_VNNI)  // kernel_avx2_vnni.cpp: this file again, with AVX-VNNI's vpdpwssd in the int16 dot products
 #pragma GCC target("avx2,fma,f16c,avxvnni")
 #else
 #pragma GCC target("avx2,fma,f16c")
@@ -219,7 +221,12 @@ __attribute__((always_inline)) inline Codes16 unpack16(const uint8_t* w, __m256i
 // int32 lanes. With AVX-VNNI one vpdpwssd does a vpmaddwd and its add; the int32 sums are exact either way
 // (no overflow below groups of 2^14), so both give the same bits.
 __attribute__((always_inline)) inline __m256i dot16(__m256i acc, const Codes16& q, const __m256i* x) {
-#ifdef QMV_AVX_VNNI
+#if defined(QMV_EVEX_VNNI)
+  acc = _mm256_dpwssd_epi32(acc, q.q0, _mm256_load_si256(x));
+  acc = _mm256_dpwssd_epi32(acc, q.q1, _mm256_load_si256(x + 1));
+  acc = _mm256_dpwssd_epi32(acc, q.q2, _mm256_load_si256(x + 2));
+  return _mm256_dpwssd_epi32(acc, q.q3, _mm256_load_si256(x + 3));
+#elif defined(QMV_AVX_VNNI)
   acc = _mm256_dpwssd_avx_epi32(acc, q.q0, _mm256_load_si256(x));
   acc = _mm256_dpwssd_avx_epi32(acc, q.q1, _mm256_load_si256(x + 1));
   acc = _mm256_dpwssd_avx_epi32(acc, q.q2, _mm256_load_si256(x + 2));
@@ -378,7 +385,11 @@ void rows_int16(const Problem& p, int n0, int n1) {
 
 namespace qmv {
 
-#ifdef QMV_AVX_VNNI
+#if defined(QMV_EVEX_VNNI)
+Kernel kernel_avx512vl_vnni() {
+  return {"avx512vl-vnni", 2 * kLanes, rows_int16, true, true, true};
+}
+#elif defined(QMV_AVX_VNNI)
 Kernel kernel_avx2_vnni() {
   return {"avx2-vnni", 2 * kLanes, rows_int16, true, true, true};
 }

@@ -107,6 +107,7 @@ Kernel kernel_scalar();
 Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
 Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
 Kernel kernel_avx2_vnni();   // avx2-int16 with AVX-VNNI (avxvnni at run time too): the same results
+Kernel kernel_avx512vl_vnni();  // avx2-int16 with AVX512-VNNI on 256 bits (avx512vl, avx512vnni): the same results
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 

@@ -5,6 +5,10 @@
 #include <sched.h>
 #include <sys/mman.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
@@ -56,14 +60,29 @@ bool cpu_has_avx2() {
 bool cpu_has_avx_vnni() {
   return cpu_has_avx2() && __builtin_cpu_supports("avxvnni");
 }
+
+// AMD Zen 4 (family 0x19; Zen 3, the same family, has no AVX-512) runs each 512-bit instruction as two 256-bit
+// halves: there the 256-bit int16 loop reads more weight bytes per cycle than the 512-bit one (one row of x:
+// ~36 against ~28 GB/s, at the memory bound where the 512-bit one is not; benchmarks/README.md).
+bool cpu_splits_512_bit_ops() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__builtin_cpu_is("amd") || !__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return false;
+  const unsigned base = (eax >> 8) & 0xf;
+  const unsigned family = base == 0xf ? base + ((eax >> 20) & 0xff) : base;
+  return family == 0x19;
+}
 #endif
 
 std::vector<Kernel> available_kernels() {
   std::vector<Kernel> ks;
 #if defined(__x86_64__) || defined(__i386__)
-  if (cpu_has_avx512_vnni()) ks.push_back(kernel_avx512_int16());
+  // The first is the default: the int16 form where the CPU has one, its widest vectors unless they run as halves.
+  const bool vnni512 = cpu_has_avx512_vnni(), halves = vnni512 && cpu_splits_512_bit_ops();
+  if (halves) ks.push_back(kernel_avx512vl_vnni());
+  if (vnni512) ks.push_back(kernel_avx512_int16());
   if (cpu_has_avx512()) ks.push_back(kernel_avx512());
   if (cpu_has_avx_vnni()) ks.push_back(kernel_avx2_vnni());
+  if (vnni512 && !halves) ks.push_back(kernel_avx512vl_vnni());
   if (cpu_has_avx2()) {
     ks.push_back(kernel_avx2_int16());
     ks.push_back(kernel_avx2());
