@@ -14,17 +14,23 @@ from test_cpu_kernel import ext, kernel_on  # noqa: F401  (fixtures: the extensi
 from pixtral_mlx import cpu, cpu_kernel
 
 
-@pytest.fixture(params=["avx2", "scalar"])
+@pytest.fixture(params=["avx512", "avx2", "scalar"])
 def isa(request, ext):  # noqa: F811
-    if request.param == "avx2" and "avx2" not in ext.supported_isas():
-        pytest.skip("no AVX2 on this CPU")
+    if request.param != "scalar" and request.param not in ext.supported_isas():
+        pytest.skip(f"no {request.param.upper()} on this CPU")
     ext.select_isa(request.param)
     yield ext.prefill_isa()
     ext.select_isa("auto")
 
 
-def test_prefill_isa_follows_the_decode_kernel(isa):
-    assert isa in ("avx2", "scalar")
+def test_prefill_isa_follows_the_decode_kernel(isa, ext):  # noqa: F811
+    """The prefill kernels follow the decode kernel in use: its AVX-512 forms bring the AVX-512 attention."""
+    assert isa == ext.isa()
+    for name in ext.supported_isas():
+        ext.select_isa(name)
+        want = "scalar" if name == "scalar" else ("avx512" if name.startswith("avx512") else "avx2")
+        assert ext.prefill_isa() == want, name
+    ext.select_isa(isa)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -57,6 +63,8 @@ CASES = [
     (1, 2, 2, 5, 9, 16, True),
     (1, 1, 1, 1, 1, 32, False),
     (1, 8, 2, 257, 1000, 128, True),  # blocks straddling the diagonal at every offset
+    (1, 2, 1, 90, 200, 48, True),  # a head_dim that is no multiple of 32 (AVX-512: one 16-float panel left)
+    (1, 2, 2, 130, 130, 80, False),
 ]
 
 

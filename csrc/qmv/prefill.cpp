@@ -24,8 +24,10 @@ namespace {
 
 PrefillKernels prefill_kernels() {
   // The decode kernel's choice decides: "scalar" (PIXTRAL_MLX_QMV_ISA=scalar, or a CPU without AVX2)
-  // runs the portable code, anything else the AVX2 code.
-  return isa() == "scalar" ? prefill_scalar() : prefill_avx2();
+  // runs the portable code, an AVX-512 kernel (avx512*) the AVX-512 attention, anything else the AVX2 code.
+  const std::string name = isa();
+  if (name == "scalar") return prefill_scalar();
+  return name.rfind("avx512", 0) == 0 ? prefill_avx512() : prefill_avx2();
 }
 
 int scale_type(mx::Dtype t) {

@@ -112,5 +112,6 @@ struct PrefillKernels {
 
 PrefillKernels prefill_scalar();
 PrefillKernels prefill_avx2();  // requires avx2, fma, f16c at run time
+PrefillKernels prefill_avx512();  // the same, with the attention on 512 bits: requires avx512f, avx512bw, avx512vl too
 
 }  // namespace qmv

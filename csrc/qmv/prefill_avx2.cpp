@@ -6,16 +6,7 @@
 // Dequantize: one uint32 word of 4-bit codes -> 8 lanes (broadcast, per-lane shift, mask), 8-bit
 // codes -> 8 lanes from 8 bytes (vpmovzxbd); then a multiply and an add (two roundings, as MLX).
 //
-// Attention: per task (a block of up to 64 query rows of one head) and key block (256 keys):
-//   S = Q Kᵀ   Q pre-scaled by scale * log2(e), Kᵀ packed into 16-key panels (D x 16);
-//   online softmax in base 2 on S's rows (running max m and sum l per row, the output rescaled by
-//              2^(m_old - m_new) when the max grows);
-//   O += P V   V read in place (its rows are contiguous along D).
-// Both products run one register-blocked micro-kernel: 6 rows x 16 columns of C in 12 accumulators,
-// one broadcast of A and two loads of B per step of the inner dimension (the classic BLAS layout for
-// 16 ymm registers). Scores live in an L2-sized block (64 x 256 floats); nothing of size Lq x Lk is
-// ever written. Causal: key blocks past the task's last query are skipped, and a block that straddles
-// the diagonal has its masked scores set to -inf before the softmax.
+// Attention: attention_simd.h's kernel on 256-bit vectors (register blocks of 6 rows x 16 floats).
 
 #include <algorithm>
 #include <cmath>
@@ -83,9 +74,6 @@ void dequantize_rows(const DequantProblem& p, int n0, int n1) {
 // Attention
 ///////////////////////////////////////////////////////////////////////////////
 
-constexpr int kMR = 6;   // micro-kernel rows
-constexpr int kNR = 16;  // micro-kernel columns
-
 // 2^t for t <= 0 (0 below -126, -inf included): t = n + f, n = round(t), 2^f = e^(f ln 2) by the
 // Cephes expf polynomial on |f ln 2| <= ln(2)/2 (~1 ulp), then n added to the exponent bits.
 inline __m256 exp2_ps(__m256 t) {
@@ -120,146 +108,35 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(m);
 }
 
-// C[MR x 16] = (ACC ? C : 0) + A[MR x K] B[K x 16]; A rows lda apart, B rows ldb apart (16 contiguous
-// floats each), C rows ldc apart.
-template <int MR, bool ACC>
-inline void micro(const float* a, int64_t lda, const float* b, int64_t ldb, int K, float* c, int64_t ldc) {
-  __m256 c0[MR], c1[MR];
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    c0[i] = ACC ? _mm256_loadu_ps(c + i * ldc) : _mm256_setzero_ps();
-    c1[i] = ACC ? _mm256_loadu_ps(c + i * ldc + 8) : _mm256_setzero_ps();
+struct Avx2F {
+  using F = __m256;
+  static constexpr int kLanes = 8;
+  static constexpr int kMR = 6;  // 6 x 2 accumulators, 2 loads of B and a broadcast: 15 of the 16 ymm registers
+  static F zero() { return _mm256_setzero_ps(); }
+  static F set1(float x) { return _mm256_set1_ps(x); }
+  static F load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F bcast(const float* p) { return _mm256_broadcast_ss(p); }
+  static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+  static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F exp2(F t) { return exp2_ps(t); }
+  static F below(F v, F idx, float t, float fill) {
+    return _mm256_blendv_ps(v, _mm256_set1_ps(fill), _mm256_cmp_ps(idx, _mm256_set1_ps(t), _CMP_LT_OQ));
   }
-  for (int k = 0; k < K; ++k) {
-    const __m256 b0 = _mm256_loadu_ps(b + k * ldb);
-    const __m256 b1 = _mm256_loadu_ps(b + k * ldb + 8);
-#pragma GCC unroll 6
-    for (int i = 0; i < MR; ++i) {
-      const __m256 ai = _mm256_broadcast_ss(a + i * lda + k);
-      c0[i] = _mm256_fmadd_ps(ai, b0, c0[i]);
-      c1[i] = _mm256_fmadd_ps(ai, b1, c1[i]);
-    }
+  static F finite_or_zero(F v) {
+    const F inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+    return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_cmp_ps(v, inf, _CMP_EQ_OQ));
   }
-#pragma GCC unroll 6
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(c + i * ldc, c0[i]);
-    _mm256_storeu_ps(c + i * ldc + 8, c1[i]);
-  }
-}
-
-// C[rows x 16] (+)= A[rows x K] B[K x 16], rows in strips of kMR.
-template <bool ACC>
-void strips(int rows, const float* a, int64_t lda, const float* b, int64_t ldb, int K, float* c, int64_t ldc) {
-  int i = 0;
-  for (; i + kMR <= rows; i += kMR) micro<kMR, ACC>(a + i * lda, lda, b, ldb, K, c + i * ldc, ldc);
-  const float* ai = a + i * lda;
-  float* ci = c + i * ldc;
-  switch (rows - i) {
-    case 5: return micro<5, ACC>(ai, lda, b, ldb, K, ci, ldc);
-    case 4: return micro<4, ACC>(ai, lda, b, ldb, K, ci, ldc);
-    case 3: return micro<3, ACC>(ai, lda, b, ldb, K, ci, ldc);
-    case 2: return micro<2, ACC>(ai, lda, b, ldb, K, ci, ldc);
-    case 1: return micro<1, ACC>(ai, lda, b, ldb, K, ci, ldc);
-    default: return;
-  }
-}
-
-struct Scratch {
-  std::vector<float> q, kt, s, o, m, l;
 };
 
+#include "attention_simd.h"
+
 void attention_rows(const AttentionProblem& p, int b, int h, int r0, int r1) {
-  static thread_local Scratch t;
-  const int D = p.D;
-  const int rows = r1 - r0;
-  const int kvh = h / (p.H / p.Hkv);
-  const float* q = p.q + b * p.qs[0] + h * p.qs[1];
-  const float* k = p.k + b * p.ks[0] + kvh * p.ks[1];
-  const float* v = p.v + b * p.vs[0] + kvh * p.vs[1];
-  const int offset = p.Lk - p.Lq;
-  const int end = p.causal ? std::min(p.Lk, offset + r1) : p.Lk;
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  t.q.resize(static_cast<size_t>(kQueryBlock) * D);
-  t.kt.resize(static_cast<size_t>(kKeyBlock) * D);
-  t.s.resize(static_cast<size_t>(kQueryBlock) * kKeyBlock);
-  t.o.assign(static_cast<size_t>(rows) * D, 0.0f);
-  t.m.assign(rows, neg_inf);
-  t.l.assign(rows, 0.0f);
-  float* qs = t.q.data();
-  float* kt = t.kt.data();
-  float* s = t.s.data();
-  float* o = t.o.data();
-
-  // Q in base-2 logits: softmax(x) = 2^(x log2 e - max) / sum.
-  const __m256 qscale = _mm256_set1_ps(p.scale * 1.44269504088896341f);
-  for (int i = 0; i < rows; ++i) {
-    const float* src = q + (r0 + i) * p.qs[2];
-    for (int c = 0; c < D; c += 8)
-      _mm256_storeu_ps(qs + i * D + c, _mm256_mul_ps(_mm256_loadu_ps(src + c), qscale));
-  }
-
-  for (int k0 = 0; k0 < end; k0 += kKeyBlock) {
-    const int nk = std::min(end, k0 + kKeyBlock) - k0;
-    const int panels = (nk + kNR - 1) / kNR;
-    // Kᵀ in panels of 16 keys: kt[(panel * D + c) * 16 + j] = k[k0 + panel * 16 + j][c], zero past nk.
-    for (int pn = 0; pn < panels; ++pn) {
-      float* dst = kt + static_cast<int64_t>(pn) * D * kNR;
-      for (int j = 0; j < kNR; ++j) {
-        const int key = pn * kNR + j;
-        if (key < nk) {
-          const float* src = k + static_cast<int64_t>(k0 + key) * p.ks[2];
-          for (int c = 0; c < D; ++c) dst[c * kNR + j] = src[c];
-        } else {
-          for (int c = 0; c < D; ++c) dst[c * kNR + j] = 0.0f;
-        }
-      }
-    }
-    for (int pn = 0; pn < panels; ++pn)
-      strips<false>(rows, qs, D, kt + static_cast<int64_t>(pn) * D * kNR, kNR, D, s + pn * kNR, kKeyBlock);
-
-    for (int i = 0; i < rows; ++i) {
-      float* si = s + i * kKeyBlock;
-      // Keys [k0, k0 + last) visible to this row.
-      const int last = p.causal ? std::min(nk, offset + r0 + i + 1 - k0) : nk;
-      if (last <= 0) {
-        std::memset(si, 0, sizeof(float) * nk);
-        continue;
-      }
-      const int last8 = (last + 7) / 8 * 8;  // <= kKeyBlock
-      for (int j = last; j < last8; ++j) si[j] = neg_inf;
-      __m256 mv = _mm256_set1_ps(neg_inf);
-      for (int j = 0; j < last8; j += 8) mv = _mm256_max_ps(mv, _mm256_loadu_ps(si + j));
-      const float m_old = t.m[i];
-      const float m_new = std::max(m_old, hmax(mv));
-      const __m256 mb = _mm256_set1_ps(m_new);
-      __m256 sum = _mm256_setzero_ps();
-      for (int j = 0; j < last8; j += 8) {
-        const __m256 e = exp2_ps(_mm256_sub_ps(_mm256_loadu_ps(si + j), mb));
-        _mm256_storeu_ps(si + j, e);
-        sum = _mm256_add_ps(sum, e);
-      }
-      for (int j = last8; j < nk; ++j) si[j] = 0.0f;
-      const float alpha = m_old == neg_inf ? 0.0f : std::exp2(m_old - m_new);
-      t.l[i] = t.l[i] * alpha + hsum(sum);
-      t.m[i] = m_new;
-      if (alpha != 1.0f) {
-        const __m256 a = _mm256_set1_ps(alpha);
-        float* oi = o + i * D;
-        for (int c = 0; c < D; c += 8) _mm256_storeu_ps(oi + c, _mm256_mul_ps(_mm256_loadu_ps(oi + c), a));
-      }
-    }
-
-    const float* vb = v + static_cast<int64_t>(k0) * p.vs[2];
-    for (int c = 0; c < D; c += kNR) strips<true>(rows, s, kKeyBlock, vb + c, p.vs[2], nk, o + c, D);
-  }
-
-  for (int i = 0; i < rows; ++i) {
-    float* dst = p.out + ((static_cast<int64_t>(b) * p.H + h) * p.Lq + r0 + i) * D;
-    const __m256 inv = _mm256_set1_ps(1.0f / t.l[i]);
-    for (int c = 0; c < D; c += 8) _mm256_storeu_ps(dst + c, _mm256_mul_ps(_mm256_loadu_ps(o + i * D + c), inv));
-  }
+  attention_rows_t<Avx2F>(p, b, h, r0, r1);
 }
-
 
 // MLX's exp (simd/math.h) for x >= 0 or NaN, the one use here (sigmoid's exp(|x|)). MLX rounds
 // floor(double(x) + 0.5); for x >= 0 that is floor(x) + (x - floor(x) >= 0.5), the difference exact in float.
@@ -379,7 +256,7 @@ void softmax(float* s, int rows, int n, int64_t stride) {
 }  // namespace
 
 PrefillKernels prefill_avx2() {
-  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, kNR};
+  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, 16};
 }
 
 }  // namespace qmv
