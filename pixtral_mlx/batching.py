@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,7 +160,7 @@ class Batch:
             with mx.stream(generation_stream):
                 inputs = mx.array([[row.next_token] for row in self.rows])
                 logits = self.model(inputs, cache=self.cache)[:, -1, :]
-                sampled = [self._sample(row, logits[i : i + 1]) for i, row in enumerate(self.rows)]
+                sampled = [self._sample(row, logits[i : i + 1], i) for i, row in enumerate(self.rows)]
                 mx.eval(sampled)
             for row, token in zip(self.rows, sampled):
                 out.append((row, self._hand(row, int(token.item()))))
@@ -180,13 +181,27 @@ class Batch:
         while True:
             yield row.feed.popleft(), None
 
-    def _sample(self, row: Row, logits: mx.array) -> mx.array:
-        processors = row.turn.processors
-        if processors:
-            seen = mx.array(row.tokens)
-            for processor in processors:
-                logits = processor(seen, logits)
-        return row.sampler(logits - mx.logsumexp(logits, keepdims=True))
+    def _sample(self, row: Row, logits: mx.array, i: int | None = None) -> mx.array:
+        """The row's token; row i of a step goes on CPU stream i mod cores on the CPU backend (MLX runs each op's exp
+        on one thread: the log-softmax over 131,072 logits is ~2 ms a row), the same ops, so the same values."""
+        streams = self._streams() if i is not None else []
+        with mx.stream(streams[i % len(streams)]) if streams else nullcontext():
+            processors = row.turn.processors
+            if processors:
+                seen = mx.array(row.tokens)
+                for processor in processors:
+                    logits = processor(seen, logits)
+            return row.sampler(logits - mx.logsumexp(logits, keepdims=True))
+
+    @staticmethod
+    def _streams() -> list[Any]:
+        from pixtral_mlx import backend
+
+        if not backend.on_cpu():
+            return []
+        from pixtral_mlx import cpu
+
+        return cpu.cpu_streams()
 
     def _hand(self, row: Row, token: int) -> Chunk:
         """Give the sampled `token` to the row's decoder; the row is done when its chunk finishes it."""

@@ -143,3 +143,20 @@ def test_alternating_conversations_both_reuse_their_prefix(live, pixtral):
             if turn_no:
                 assert record.prefilled < record.prompt_tokens / 2, (record, usage)
             conv += [{"role": "assistant", "content": text}, {"role": "user", "content": "And then?"}]
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5])
+def test_log_softmax_rows_split_over_streams_is_the_same_op(rows):
+    """A decode step's log-softmax with the batch's rows spread over the CPU streams (`log_softmax_rows`, used by
+    `stream_batch`) gives exactly `logits - logsumexp(logits)`, and a row alone gives what it gives in the batch."""
+    import mlx.core as mx
+    import numpy as np
+
+    from pixtral_mlx.generate import log_softmax_rows
+
+    logits = mx.random.normal((rows, 131072), key=mx.random.key(rows)) * 4
+    want = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))
+    got = np.array(log_softmax_rows(logits))
+    assert np.array_equal(got, want)
+    assert np.array_equal(np.array(log_softmax_rows(logits[-1:]))[0], got[-1])
+    assert np.abs(np.log(np.exp(got.astype(np.float64)).sum(-1))).max() < 1e-3  # a real log-softmax
