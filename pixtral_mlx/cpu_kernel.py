@@ -107,6 +107,13 @@ def describe() -> str:
     return f"{text}; {_pages}" if _pages else text
 
 
+def describe_prefill() -> str:
+    """The prefill kernels in use, in words for `doctor`, e.g. 'qmv avx512 (attention, dequantization, SwiGLU)'."""
+    if prefill_available():
+        return f"qmv {_ext.prefill_isa()} (attention, dequantization, SwiGLU)"
+    return f"MLX's own ops ({reason() or 'this extension has no prefill kernels'})"
+
+
 def _size(n: int) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
@@ -196,7 +203,7 @@ def prefill_available() -> bool:
 
 
 def _head_dim_ok(d: int) -> bool:
-    """The attention kernels' head_dim: a multiple of the AVX2 micro-kernel's 16 columns (any on the portable
+    """The attention kernels' head_dim: a multiple of 16, one 512-bit or two 256-bit vectors (any on the portable
     code), at most 256 (csrc/qmv/prefill.h kMaxHeadDim)."""
     return d % (16 if _ext.prefill_isa() != "scalar" else 1) == 0 and d <= 256
 

@@ -44,6 +44,11 @@ def test_json_names_the_blas_backend_loaded(blas):
     assert "gemm" not in r  # --no-measure
     assert r["memory_limit"] == {"variable": "PIXTRAL_MLX_MEMORY_LIMIT", "setting": "24", "value": "24 GB"}
     assert r["decode_kernel"]["name"] == (cpu_kernel.extension().isa() if cpu_kernel.available() else None)
+    prefill = cpu_kernel.extension().prefill_isa() if cpu_kernel.prefill_available() else None
+    assert r["prefill_kernels"]["name"] == prefill
+    if prefill is not None:  # the decode kernel's family decides (csrc/qmv/prefill.cpp)
+        isa = r["decode_kernel"]["name"]
+        assert prefill == ("scalar" if isa == "scalar" else "avx512" if isa.startswith("avx512") else "avx2")
     assert r["mlx"]["version"] == __import__("mlx.core").core.__version__
 
 
@@ -56,6 +61,7 @@ def test_text_names_blas_and_kernel(capsys):
     assert lines["decode"] == f"kernel {cpu_kernel.describe()}"
     if cpu_kernel.available():
         assert lines["decode"].startswith(f"kernel qmv {cpu_kernel.extension().isa()}, ")
+    assert lines["prefill"] == cpu_kernel.describe_prefill()
     assert "GFLOP/s" not in out  # --no-measure
 
 

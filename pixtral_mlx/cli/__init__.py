@@ -30,7 +30,7 @@ COMMANDS = {
         "caption every image of folders, resumably and in batches (JSONL or sidecars)",
     ),
     "models": ("pixtral_mlx.cli.models", "list the supported models: size, memory on this machine, what is cached"),
-    "doctor": ("pixtral_mlx.cli.doctor", "say what runs here: CPU, MLX device, BLAS (and its speed), decode kernel"),
+    "doctor": ("pixtral_mlx.cli.doctor", "say what runs here: CPU, MLX device, BLAS (and its speed), CPU kernels"),
 }
 # Library parameter -> the flag that sets it, so a library error names what the user typed.
 FLAGS = {"max_tokens": "--max-tokens", "temperature": "--temp", "top_p": "--top-p", "seed": "--seed",

@@ -3,7 +3,8 @@
 Platform and CPU (with the SIMD flags the decode kernel can use), Python, MLX and its default device, the BLAS
 MLX's CPU matmuls reach (the file `cblas_sgemm` resolves to in this process, where it came from, the OpenBLAS
 build and its threads), a measured float32 GEMM rate (about a second; `--no-measure` skips it), the decode
-kernel, the memory limit setting and the model cache folder. Offline; nothing is loaded but MLX itself.
+kernel and the prefill kernels, the memory limit setting and the model cache folder. Offline; nothing is loaded
+but MLX itself.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pixtral-mlx doctor",
         description="Say what pixtral-mlx runs with on this machine: CPU, MLX and its device, the BLAS in use "
-        "(and a measured float32 GEMM rate), the CPU decode kernel, the memory limit and the model cache.",
+        "(and a measured float32 GEMM rate), the CPU decode and prefill kernels, the memory limit and the model cache.",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object (for scripts)")
     p.add_argument("--no-measure", action="store_true", help="skip the ~1 s GEMM measurement")
@@ -140,6 +141,10 @@ def report(measure: bool = True) -> dict[str, Any]:
             "name": cpu_kernel.extension().isa() if cpu_kernel.available() else None,
             "describe": cpu_kernel.describe(),
         },
+        "prefill_kernels": {
+            "name": cpu_kernel.extension().prefill_isa() if cpu_kernel.prefill_available() else None,
+            "describe": cpu_kernel.describe_prefill(),
+        },
         "memory_limit": {"variable": LIMIT_ENV, "setting": os.environ.get(LIMIT_ENV), "value": memory},
         "model_cache": {"converted": str(cache_root() / "models"), "hugging_face": str(hf_cache_dir())},
     }
@@ -171,6 +176,7 @@ def render(r: dict[str, Any]) -> str:
         lines.append(f"  gemm        {r['gemm']['gflops']} GFLOP/s float32 ({r['gemm']['shape']}, best of ~1 s)")
     lines += [
         f"decode kernel {r['decode_kernel']['describe']}",
+        f"prefill       {r['prefill_kernels']['describe']}",
         f"memory limit  {r['memory_limit']['variable']}: {r['memory_limit']['value']}",
         f"model cache   {r['model_cache']['converted']} (converted); {r['model_cache']['hugging_face']} (Hugging Face)",
     ]
