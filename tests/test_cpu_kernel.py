@@ -42,8 +42,14 @@ def kernel_on(monkeypatch):
     monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
 
 
-# The int16 kernels, and the K each needs a multiple of.
-INT16_KERNELS = {"avx512-int16": 128, "avx512vl-vnni": 64, "avx2-vnni": 64, "avx2-int16": 64}
+# The int16 kernels (and the opt-in int8 one, the same form with x rounded to int8), and the K each needs a multiple of.
+INT16_KERNELS = {"avx512-int16": 128, "avx512vl-vnni": 64, "avx2-vnni": 64, "avx2-int16": 64, "avx512vl-int8": 64}
+INT8_KERNELS = {"avx512vl-int8"}
+
+
+def x_qmax() -> int:
+    """The largest integer the selected kernel rounds x to: 127 for int8, 32767 for int16."""
+    return 127 if cpu_kernel.extension().isa() in INT8_KERNELS else 32767
 
 
 def selected(ext, name: str):
@@ -55,7 +61,9 @@ def selected(ext, name: str):
     ext.select_isa("auto")
 
 
-@pytest.fixture(params=["avx512-int16", "avx512vl-vnni", "avx512", "avx2-vnni", "avx2-int16", "avx2", "scalar"])
+@pytest.fixture(
+    params=["avx512-int16", "avx512vl-vnni", "avx512", "avx2-vnni", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
+)
 def isa(request, ext):
     yield from selected(ext, request.param)
 
@@ -79,10 +87,10 @@ def int16_form(bits: int, group_size: int, k: int) -> bool:
 
 
 def x_steps(x: np.ndarray, group_size: int) -> np.ndarray:
-    """The int16 form's step per group of each row of x: max |x| / 32767, (M, G)."""
+    """The int16 form's step per group of each row of x: max |x| / 32767 (int8: / 127), (M, G)."""
     m, k = x.shape
     amax = np.abs(x.reshape(m, k // group_size, group_size)).max(axis=-1)
-    return (amax / np.float32(32767)).astype(np.float32)
+    return (amax / np.float32(x_qmax())).astype(np.float32)
 
 
 def int16_bound(x: np.ndarray, wq, scales, group_size: int) -> np.ndarray:
@@ -180,8 +188,9 @@ def test_rows_of_a_batch_equal_rows_alone(ext, bits):
 
 def int16_model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarray:
     """The int16 form's arithmetic in float64 (kernels.h, Problem::xq): x rounded to int16 per group with
-    step = max |x| / 32767 (float32, as the kernel), then per group scale * step * dot(code, xq)
-    - 7.5 * scale * sum(step * xq - x) + bias * sum(x)."""
+    step = max |x| / 32767 (float32, as the kernel; int8: 127, Problem::xq8), then per group
+    scale * step * dot(code, xq) - 7.5 * scale * sum(step * xq - x) + bias * sum(x)."""
+    qmax = np.float32(x_qmax())
     q = codes(wq, 4)
     n, k = q.shape
     m, g = x.shape[0], k // group_size
@@ -189,9 +198,9 @@ def int16_model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarra
     b = np.array(biases.astype(mx.float32)).astype(np.float64)
     xg = x.astype(np.float32).reshape(m, g, group_size)
     amax = np.abs(xg).max(axis=-1, keepdims=True)
-    step = (amax / np.float32(32767)).astype(np.float32)
+    step = (amax / qmax).astype(np.float32)
     with np.errstate(divide="ignore"):
-        inv = np.where(amax > 0, np.float32(32767) / amax, np.float32(0)).astype(np.float32)
+        inv = np.where(amax > 0, qmax / amax, np.float32(0)).astype(np.float32)
     xq = np.rint((xg * inv).astype(np.float32)).astype(np.float64)  # round half to even, as nearbyint
     xd = xq * step.astype(np.float64)  # (M, G, gs)
     err = (xd - xg.astype(np.float64)).sum(axis=-1)  # (M, G)
@@ -264,13 +273,14 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
     AVX-VNNI, else avx2-int16); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings the float kernel back,
     which equals mx.quantized_matmul to float rounding."""
     isas = ext.supported_isas()
-    order = ["avx512-int16", "avx512", "avx2-vnni", "avx512vl-vnni", "avx2-int16", "avx2", "scalar"]
+    order = ["avx512-int16", "avx512", "avx2-vnni", "avx512vl-vnni", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
     if zen4():
-        order = ["avx512vl-vnni", "avx512-int16", "avx512", "avx2-int16", "avx2", "scalar"]
+        order = ["avx512vl-vnni", "avx512-int16", "avx512", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
     assert isas == [k for k in order if k in isas]  # the default is the first
     if "avx512" in isas:
         assert ("avx512-int16" in isas) == ("avx512_vnni" in cpu_flags())
         assert ("avx512vl-vnni" in isas) == ("avx512_vnni" in cpu_flags())
+        assert ("avx512vl-int8" in isas) == ("avx512_vnni" in cpu_flags())  # opt-in: never the default
     if "avx2" in isas:
         assert ("avx2-vnni" in isas) == ("avx_vnni" in cpu_flags())
     code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"

@@ -186,7 +186,7 @@ template <int M>
 inline void finish(const Problem& p, int n, int count, const float* tot) {
   for (int r = 0; r < count; ++r) {
     float bd[M];
-    if (p.xq != nullptr && p.bits == 4) {
+    if ((p.xq != nullptr || p.xq8 != nullptr) && p.bits == 4) {
       bias_centre<M>(p, n + r, bd);
     } else {
       bias_dot<M>(p, n + r, bd);
@@ -298,10 +298,54 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
       for (int m = 0; m < M; ++m) _mm256_store_ps(tot + (r * M + m) * kLanes, t[r][m]);
 }
 
+#if defined(QMV_EVEX_VNNI)
+// One row of w's 32 bytes (64 codes) against row m's 64 int8 values of x (Problem::xq8: the even-indexed
+// elements, then the odd ones): the low nibbles are the even codes, the high nibbles the odd ones.
+template <int M, int CPG>
+inline void block8(const Problem& p, int n, int g0, int g1, int pf, float* tot) {
+  const int G = p.K / p.group_size;
+  const int cpg = CPG > 0 ? CPG : p.group_size / 64;  // chunks of 64 per group (a constant for 64, 128)
+  const uint8_t* w = reinterpret_cast<const uint8_t*>(p.w + static_cast<int64_t>(n) * p.w_stride);
+  const int64_t pf_off = static_cast<int64_t>(pf) * p.w_stride * 4;
+  alignas(32) float sc[kScaleBlock];
+  load_scales(p, n, g0, g1 - g0, sc);
+  const __m256i low4 = _mm256_set1_epi8(0xf);
+  __m256 t[M];
+  for (int m = 0; m < M; ++m) t[m] = _mm256_load_ps(tot + m * kLanes);
+  for (int g = g0; g < g1; ++g) {
+    __m256i acc[M];
+    for (int m = 0; m < M; ++m) acc[m] = _mm256_setzero_si256();
+    for (int c = 0; c < cpg; ++c) {
+      const int64_t ci = static_cast<int64_t>(g) * cpg + c;
+      prefetch_l2(w + pf_off + ci * 32);
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + ci * 32));
+      const __m256i lo = _mm256_and_si256(v, low4);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+      const __m256i* xc = reinterpret_cast<const __m256i*>(p.xq8 + ci * M * 64);
+      for (int m = 0; m < M; ++m)
+        acc[m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[m], lo, _mm256_load_si256(xc + 2 * m)), hi,
+                                     _mm256_load_si256(xc + 2 * m + 1));
+    }
+    for (int m = 0; m < M; ++m) {
+      const __m256 s = _mm256_set1_ps(sc[g - g0] * p.xscale[m * G + g]);
+      t[m] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(acc[m]), t[m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) _mm256_store_ps(tot + m * kLanes, t[m]);
+}
+#endif
+
 // The float block or the int16 one (only for 4-bit).
-template <int M, int R, int BITS, bool INT16>
+template <int M, int R, int BITS, int XBYTES>
 inline void run_block(const Problem& p, int n, int g0, int g1, int pf, float* tot) {
-  if constexpr (INT16 && BITS == 4) {
+#if defined(QMV_EVEX_VNNI)
+  if constexpr (XBYTES == 1 && BITS == 4) {
+    if (p.group_size == 64) return block8<M, 1>(p, n, g0, g1, pf, tot);
+    if (p.group_size == 128) return block8<M, 2>(p, n, g0, g1, pf, tot);
+    return block8<M, 0>(p, n, g0, g1, pf, tot);
+  }
+#endif
+  if constexpr (XBYTES == 2 && BITS == 4) {
     if (p.group_size == 64) {
       block16<M, R, 1>(p, n, g0, g1, pf, tot);
     } else if (p.group_size == 128) {
@@ -316,10 +360,10 @@ inline void run_block(const Problem& p, int n, int g0, int g1, int pf, float* to
 
 // Rows [n0, n1): with one K block, R rows at a time from start to end; with several (x too long for
 // L1 with several rows of x), blocks of kRowBlock rows swept once per K block.
-template <int M, int R, int BITS, bool INT16 = false>
+template <int M, int R, int BITS, int XBYTES = 4>
 void rows_mr(const Problem& p, int n0, int n1) {
   const int G = p.K / p.group_size;
-  constexpr int kXItem = INT16 ? 2 : 4;  // bytes per element of x
+  constexpr int kXItem = XBYTES;  // bytes per element of x: 4 float, 2 int16, 1 int8
   int kg = (M == 1 ? kXBytesOneRow : kXBytes) / (M * p.group_size * kXItem);
   kg = kg < 1 ? 1 : (kg > kScaleBlock ? kScaleBlock : kg);
   const int64_t row_bytes = (kg >= G ? p.K : static_cast<int64_t>(kg) * p.group_size) * BITS / 8;
@@ -329,12 +373,12 @@ void rows_mr(const Problem& p, int n0, int n1) {
     int n = n0;
     for (; n + R <= n1; n += R) {
       for (float& v : tot) v = 0.0f;
-      run_block<M, R, BITS, INT16>(p, n, 0, G, prefetch_rows<R>(n, n1, row_bytes), tot);
+      run_block<M, R, BITS, XBYTES>(p, n, 0, G, prefetch_rows<R>(n, n1, row_bytes), tot);
       finish<M>(p, n, R, tot);
     }
     for (; n < n1; ++n) {
       for (int i = 0; i < M * kLanes; ++i) tot[i] = 0.0f;
-      run_block<M, 1, BITS, INT16>(p, n, 0, G, prefetch_rows<1>(n, n1, row_bytes), tot);
+      run_block<M, 1, BITS, XBYTES>(p, n, 0, G, prefetch_rows<1>(n, n1, row_bytes), tot);
       finish<M>(p, n, 1, tot);
     }
     return;
@@ -347,9 +391,9 @@ void rows_mr(const Problem& p, int n0, int n1) {
       const int g1 = g0 + kg < G ? g0 + kg : G;
       int n = nb;
       for (; n + R <= nb1; n += R)
-        run_block<M, R, BITS, INT16>(p, n, g0, g1, prefetch_rows<R>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
+        run_block<M, R, BITS, XBYTES>(p, n, g0, g1, prefetch_rows<R>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
       for (; n < nb1; ++n)
-        run_block<M, 1, BITS, INT16>(p, n, g0, g1, prefetch_rows<1>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
+        run_block<M, 1, BITS, XBYTES>(p, n, g0, g1, prefetch_rows<1>(n, nb1, row_bytes), tot + (n - nb) * M * kLanes);
     }
     finish<M>(p, nb, nb1 - nb, tot);
   }
@@ -374,9 +418,24 @@ void rows_int16(const Problem& p, int n0, int n1) {
   if (p.xq == nullptr) return rows(p, n0, n1);
   dispatch(p, [&](auto m, auto bits) {
     constexpr int M = decltype(m)::value;
-    rows_mr<M, 1, decltype(bits)::value, true>(p, n0, n1);
+    rows_mr<M, 1, decltype(bits)::value, 2>(p, n0, n1);
   });
 }
+
+#if defined(QMV_EVEX_VNNI)
+// The int8 form (Kernel::int8, opt-in: "avx512vl-int8"): as the int16 form, with x rounded to int8 (step
+// max |x| / 127 per group, Problem::xq8) and AVX512-VNNI's vpdpbusd, which multiplies 32 unsigned bytes (the
+// codes) with 32 signed bytes (x) and sums each 4 into 8 int32 lanes: per 32 weight bytes 3 integer ops shared
+// by the rows of x and 2 vpdpbusd per row, where int16 needs 7 and 4. x's rounding moves an output 258 times
+// as much as int16's (bounded the same way, tests/test_cpu_kernel.py).
+void rows_int8(const Problem& p, int n0, int n1) {
+  if (p.xq8 == nullptr) return rows(p, n0, n1);
+  dispatch(p, [&](auto m, auto bits) {
+    constexpr int M = decltype(m)::value;
+    rows_mr<M, 1, decltype(bits)::value, 1>(p, n0, n1);
+  });
+}
+#endif
 
 }  // namespace
 }  // namespace qmv
@@ -388,6 +447,12 @@ namespace qmv {
 #if defined(QMV_EVEX_VNNI)
 Kernel kernel_avx512vl_vnni() {
   return {"avx512vl-vnni", 2 * kLanes, rows_int16, true, true, true};
+}
+
+Kernel kernel_avx512vl_int8() {
+  Kernel k{"avx512vl-int8", 2 * kLanes, rows_int8, true, true, true};
+  k.int8 = true;
+  return k;
 }
 #elif defined(QMV_AVX_VNNI)
 Kernel kernel_avx2_vnni() {

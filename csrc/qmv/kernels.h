@@ -45,6 +45,10 @@ struct Problem {
   // scale * dot(q - 7.5, xq * step - x): the codes' rounding error weighted by centred codes, about half
   // of what it is uncentred for codes spread over 0..15.
   const int16_t* xq = nullptr;
+  // Kernels with int8 x (Kernel::int8), the same problems: x rounded to int8 with step max |x| / 127 per group,
+  // chunks of 64 elements, xq8[(c * M + m) * 64 + j * 32 + b] = round(x[m, 64 c + 2 b + j] / xscale[m, g]) (the
+  // low then the high nibbles of the weights' 32 bytes), 64-byte aligned; xscale and xerr as for xq. Else null.
+  const int8_t* xq8 = nullptr;
   const float* xscale = nullptr;
   const float* xerr = nullptr;
 };
@@ -71,6 +75,8 @@ struct Kernel {
   bool int16 = false;
   // Elements of x per chunk of xq (the weights' bytes per vector times two): 64 for AVX2, 128 for AVX-512.
   int int16_chunk = 64;
+  // With int16: x as int8 instead (Problem::xq8; chunks of 64), opt-in.
+  bool int8 = false;
 };
 
 // dispatch's switch over the rows of x, for one BITS.
@@ -108,6 +114,7 @@ Kernel kernel_avx2();    // requires avx2, fma, f16c at run time
 Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
 Kernel kernel_avx2_vnni();   // avx2-int16 with AVX-VNNI (avxvnni at run time too): the same results
 Kernel kernel_avx512vl_vnni();  // avx2-int16 with AVX512-VNNI on 256 bits (avx512vl, avx512vnni): the same results
+Kernel kernel_avx512vl_int8();  // the same CPUs, int8 x (opt-in: never the default)
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 

@@ -83,6 +83,7 @@ std::vector<Kernel> available_kernels() {
   if (cpu_has_avx512()) ks.push_back(kernel_avx512());
   if (cpu_has_avx_vnni()) ks.push_back(kernel_avx2_vnni());
   if (vnni512 && !halves) ks.push_back(kernel_avx512vl_vnni());
+  if (vnni512) ks.push_back(kernel_avx512vl_int8());  // opt-in only: never first
   if (cpu_has_avx2()) {
     ks.push_back(kernel_avx2_int16());
     ks.push_back(kernel_avx2());
@@ -311,6 +312,33 @@ void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int 
   }
 }
 
+// Row m of x in Problem::xq8's int8 layout (chunks of 64), one step per group: step = max |x| / 127, else as
+// quantize_x16.
+void quantize_x8(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int8_t* xq, float* step,
+                 float* err) {
+  for (int g0 = 0; g0 < K; g0 += group_size) {
+    float amax = 0.0f;
+    bool finite = true;
+    for (int k = g0; k < g0 + group_size; ++k) {
+      const float v = xm[k * col_stride];
+      finite = finite && std::isfinite(v);
+      amax = std::max(amax, std::fabs(v));
+    }
+    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
+    const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
+    step[g0 / group_size] = s;
+    double e = 0.0;
+    for (int k = g0; k < g0 + group_size; ++k) {
+      const float v = xm[k * col_stride];
+      const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -127.0f, 127.0f) : 0.0f;
+      const int i = k % 64;
+      xq[(static_cast<int64_t>(k / 64) * M + m) * 64 + (i % 2) * 32 + i / 2] = static_cast<int8_t>(q);
+      e += static_cast<double>(s) * q - v;
+    }
+    err[g0 / group_size] = finite ? static_cast<float>(e) : 0.0f;
+  }
+}
+
 struct Call {
   Kernel kernel;
   int nthreads;
@@ -341,7 +369,10 @@ struct Call {
         for (int k = g * group_size; k < (g + 1) * group_size; ++k) s += xm[k * x_col_stride];
         xsum[static_cast<size_t>(m) * G + g] = s;
       }
-      if (int16) {
+      if (int16 && kernel.int8) {
+        quantize_x8(xm, x_col_stride, m, M, K, group_size, reinterpret_cast<int8_t*>(xq),
+                    xscale.data() + static_cast<size_t>(m) * G, xerr.data() + static_cast<size_t>(m) * G);
+      } else if (int16) {
         quantize_x16(xm, x_col_stride, m, M, K, group_size, kernel.int16_chunk, xq,
                      xscale.data() + static_cast<size_t>(m) * G, xerr.data() + static_cast<size_t>(m) * G);
       } else if (chunk == 0) {
@@ -384,7 +415,8 @@ struct Call {
     p.xp = xp.data();
     p.xsum = xsum.data();
     p.out = out;
-    p.xq = xq;
+    p.xq = kernel.int8 ? nullptr : xq;
+    p.xq8 = kernel.int8 ? reinterpret_cast<const int8_t*>(xq) : nullptr;
     p.xscale = int16 ? xscale.data() : nullptr;
     p.xerr = int16 ? xerr.data() : nullptr;
 
