@@ -281,14 +281,11 @@ int16_t* align64(int16_t* p) {
   return reinterpret_cast<int16_t*>((reinterpret_cast<uintptr_t>(p) + 63) & ~static_cast<uintptr_t>(63));
 }
 
-// Row m of x (K elements, col_stride apart) in Problem::xq's int16 layout (chunks of `chunk` elements:
-// Kernel::int16_chunk), one step per group:
-// step = max |x| / 32767 and x / step rounded to nearest (even), so |error| <= step / 2 per element. A
-// group of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are
-// NaN, as in float.
-void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk,
-                  int16_t* xq, float* step, float* err) {
-  const int lanes = chunk / 4;
+// Row m of x (K elements, col_stride apart) rounded to integers one step per group: step = max |x| / QMAX and
+// x / step rounded to nearest (even), so |error| <= step / 2 per element; xq[at(k)] = the rounded x[k]. A group
+// of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are NaN, as in float.
+template <int QMAX, class T, class At>
+void quantize_x(const float* xm, int64_t col_stride, int K, int group_size, T* xq, At at, float* step, float* err) {
   for (int g0 = 0; g0 < K; g0 += group_size) {
     float amax = 0.0f;
     bool finite = true;
@@ -297,46 +294,40 @@ void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int 
       finite = finite && std::isfinite(v);
       amax = std::max(amax, std::fabs(v));
     }
-    const float inv = finite && amax > 0.0f ? 32767.0f / amax : 0.0f;
-    const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 32767.0f;
+    constexpr float kMax = QMAX;
+    const float inv = finite && amax > 0.0f ? kMax / amax : 0.0f;
+    const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / kMax;
     step[g0 / group_size] = s;
     double e = 0.0;  // sum of step * q - x over the group
     for (int k = g0; k < g0 + group_size; ++k) {
       const float v = xm[k * col_stride];
-      const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -32767.0f, 32767.0f) : 0.0f;
-      const int i = k % chunk;
-      xq[(static_cast<int64_t>(k / chunk) * M + m) * chunk + (i % 4) * lanes + i / 4] = static_cast<int16_t>(q);
+      const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -kMax, kMax) : 0.0f;
+      xq[at(k)] = static_cast<T>(q);
       e += static_cast<double>(s) * q - v;
     }
     err[g0 / group_size] = finite ? static_cast<float>(e) : 0.0f;
   }
 }
 
-// Row m of x in Problem::xq8's int8 layout (chunks of 64), one step per group: step = max |x| / 127, else as
-// quantize_x16.
+// Row m of x in Problem::xq's int16 layout (chunks of `chunk` elements: Kernel::int16_chunk).
+void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk,
+                  int16_t* xq, float* step, float* err) {
+  const int lanes = chunk / 4;
+  auto at = [=](int k) {
+    const int i = k % chunk;
+    return (static_cast<int64_t>(k / chunk) * M + m) * chunk + (i % 4) * lanes + i / 4;
+  };
+  quantize_x<32767>(xm, col_stride, K, group_size, xq, at, step, err);
+}
+
+// Row m of x in Problem::xq8's int8 layout (chunks of 64: the even elements, then the odd ones).
 void quantize_x8(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int8_t* xq, float* step,
                  float* err) {
-  for (int g0 = 0; g0 < K; g0 += group_size) {
-    float amax = 0.0f;
-    bool finite = true;
-    for (int k = g0; k < g0 + group_size; ++k) {
-      const float v = xm[k * col_stride];
-      finite = finite && std::isfinite(v);
-      amax = std::max(amax, std::fabs(v));
-    }
-    const float inv = finite && amax > 0.0f ? 127.0f / amax : 0.0f;
-    const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 127.0f;
-    step[g0 / group_size] = s;
-    double e = 0.0;
-    for (int k = g0; k < g0 + group_size; ++k) {
-      const float v = xm[k * col_stride];
-      const float q = inv > 0.0f ? std::clamp(std::nearbyint(v * inv), -127.0f, 127.0f) : 0.0f;
-      const int i = k % 64;
-      xq[(static_cast<int64_t>(k / 64) * M + m) * 64 + (i % 2) * 32 + i / 2] = static_cast<int8_t>(q);
-      e += static_cast<double>(s) * q - v;
-    }
-    err[g0 / group_size] = finite ? static_cast<float>(e) : 0.0f;
-  }
+  auto at = [=](int k) {
+    const int i = k % 64;
+    return (static_cast<int64_t>(k / 64) * M + m) * 64 + (i % 2) * 32 + i / 2;
+  };
+  quantize_x<127>(xm, col_stride, K, group_size, xq, at, step, err);
 }
 
 struct Call {
