@@ -43,8 +43,15 @@ def kernel_on(monkeypatch):
 
 
 # The int16 kernels (and the opt-in int8 one, the same form with x rounded to int8), and the K each needs a multiple of.
-INT16_KERNELS = {"avx512-int16": 128, "avx512vl-vnni": 64, "avx2-vnni": 64, "avx2-int16": 64, "avx512vl-int8": 64}
-INT8_KERNELS = {"avx512vl-int8"}
+INT16_KERNELS = {
+    "avx512-int16": 128,
+    "avx512vl-vnni": 64,
+    "avx2-vnni": 64,
+    "avx2-int16": 64,
+    "avx512vl-int8": 64,
+    "avx2-int8": 64,
+}
+INT8_KERNELS = {"avx512vl-int8", "avx2-int8"}
 
 
 def x_qmax() -> int:
@@ -62,7 +69,17 @@ def selected(ext, name: str):
 
 
 @pytest.fixture(
-    params=["avx512-int16", "avx512vl-vnni", "avx512", "avx2-vnni", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
+    params=[
+        "avx512-int16",
+        "avx512vl-vnni",
+        "avx512",
+        "avx2-vnni",
+        "avx512vl-int8",
+        "avx2-int16",
+        "avx2",
+        "avx2-int8",
+        "scalar",
+    ]
 )
 def isa(request, ext):
     yield from selected(ext, request.param)
@@ -273,9 +290,10 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
     AVX-VNNI, else avx2-int16); PIXTRAL_MLX_QMV_ISA=avx512 or =avx2 (or select_isa) brings the float kernel back,
     which equals mx.quantized_matmul to float rounding."""
     isas = ext.supported_isas()
-    order = ["avx512-int16", "avx512", "avx2-vnni", "avx512vl-vnni", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
+    order = ["avx512-int16", "avx512", "avx2-vnni", "avx512vl-vnni", "avx512vl-int8", "avx2-int16", "avx2"]
     if zen4():
-        order = ["avx512vl-vnni", "avx512-int16", "avx512", "avx512vl-int8", "avx2-int16", "avx2", "scalar"]
+        order = ["avx512vl-vnni", "avx512-int16", "avx512", "avx512vl-int8", "avx2-int16", "avx2"]
+    order += ["avx2-int8", "scalar"]  # avx2-int8: opt-in, never the default
     assert isas == [k for k in order if k in isas]  # the default is the first
     if "avx512" in isas:
         assert ("avx512-int16" in isas) == ("avx512_vnni" in cpu_flags())
@@ -283,6 +301,7 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
         assert ("avx512vl-int8" in isas) == ("avx512_vnni" in cpu_flags())  # opt-in: never the default
     if "avx2" in isas:
         assert ("avx2-vnni" in isas) == ("avx_vnni" in cpu_flags())
+        assert "avx2-int8" in isas
     code = "import pixtral_mlx\nfrom pixtral_mlx import cpu_kernel\nprint(cpu_kernel.extension().isa())"
     base = {kk: v for kk, v in os.environ.items() if kk != "PIXTRAL_MLX_QMV_ISA"}
     for env, want in [({}, isas[0])] + [({"PIXTRAL_MLX_QMV_ISA": f}, f) for f in ("avx512", "avx2") if f in isas]:
@@ -302,12 +321,15 @@ def test_int16_is_the_default_and_the_float_kernels_stay_selectable(ext):
             ext.select_isa("auto")
 
 
-@pytest.mark.parametrize("vnni", ["avx2-vnni", "avx512vl-vnni"])
+@pytest.mark.parametrize(
+    "base,vnni", [("avx2-int16", "avx2-vnni"), ("avx2-int16", "avx512vl-vnni"), ("avx2-int8", "avx512vl-int8")]
+)
 @pytest.mark.parametrize("bits", [4, 8])
-def test_vnni_gives_the_bits_of_avx2_int16(ext, bits, vnni):
+def test_vnni_gives_the_bits_of_avx2_int16(ext, bits, base, vnni):
     """avx2-vnni's and avx512vl-vnni's vpdpwssd (VEX or EVEX encoded, 256 bits) sums the same int32 products as
     avx2-int16's vpmaddwd and adds (exact integer sums), so every output is the same float, for 1 to 8 rows of x,
-    groups of 64 and 128 and several K blocks; 8-bit weights take the same float loop."""
+    groups of 64 and 128 and several K blocks; 8-bit weights take the same float loop. Likewise avx512vl-int8's
+    vpdpbusd and avx2-int8's vpmaddubsw, vpaddw and vpmaddwd (no int16 saturation: 2 * 15 * 127 at most)."""
     if vnni not in ext.supported_isas():
         pytest.skip(f"no {vnni} on this CPU")
     try:
@@ -316,7 +338,7 @@ def test_vnni_gives_the_bits_of_avx2_int16(ext, bits, vnni):
             x = mx.random.normal((8, 5120), key=mx.random.key(gs))
             for m in range(1, 9):
                 outs = []
-                for isa in ("avx2-int16", vnni):
+                for isa in (base, vnni):
                     ext.select_isa(isa)
                     outs.append(cpu_kernel.quantized_matvec(x[:m], wq, scales, biases, group_size=gs, bits=bits))
                 assert mx.array_equal(*outs).item(), (gs, m)

@@ -298,7 +298,20 @@ inline void block16(const Problem& p, int n, int g0, int g1, int pf, float* tot)
       for (int m = 0; m < M; ++m) _mm256_store_ps(tot + (r * M + m) * kLanes, t[r][m]);
 }
 
+// acc plus the 64 products of those codes (lo: the even ones, hi: the odd ones, one per byte) with one row of x's
+// 64 int8 values (xq8's layout), summed 4 a lane into 8 int32 lanes. With AVX512-VNNI two vpdpbusd; without, two
+// vpmaddubsw (byte pairs into int16: at most 2 * 15 * 127, no saturation), an int16 add (at most 7620) and a
+// vpmaddwd by ones: the same exact int32 sums, so the same bits.
+__attribute__((always_inline)) inline __m256i dot8(__m256i acc, __m256i lo, __m256i hi, const __m256i* x) {
 #if defined(QMV_EVEX_VNNI)
+  return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, _mm256_load_si256(x)), hi, _mm256_load_si256(x + 1));
+#else
+  const __m256i pairs = _mm256_add_epi16(_mm256_maddubs_epi16(lo, _mm256_load_si256(x)),
+                                         _mm256_maddubs_epi16(hi, _mm256_load_si256(x + 1)));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+#endif
+}
+
 // One row of w's 32 bytes (64 codes) against row m's 64 int8 values of x (Problem::xq8: the even-indexed
 // elements, then the odd ones): the low nibbles are the even codes, the high nibbles the odd ones.
 template <int M, int CPG>
@@ -322,9 +335,7 @@ inline void block8(const Problem& p, int n, int g0, int g1, int pf, float* tot) 
       const __m256i lo = _mm256_and_si256(v, low4);
       const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
       const __m256i* xc = reinterpret_cast<const __m256i*>(p.xq8 + ci * M * 64);
-      for (int m = 0; m < M; ++m)
-        acc[m] = _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc[m], lo, _mm256_load_si256(xc + 2 * m)), hi,
-                                     _mm256_load_si256(xc + 2 * m + 1));
+      for (int m = 0; m < M; ++m) acc[m] = dot8(acc[m], lo, hi, xc + 2 * m);
     }
     for (int m = 0; m < M; ++m) {
       const __m256 s = _mm256_set1_ps(sc[g - g0] * p.xscale[m * G + g]);
@@ -333,18 +344,15 @@ inline void block8(const Problem& p, int n, int g0, int g1, int pf, float* tot) 
   }
   for (int m = 0; m < M; ++m) _mm256_store_ps(tot + m * kLanes, t[m]);
 }
-#endif
 
 // The float block or the int16 one (only for 4-bit).
 template <int M, int R, int BITS, int XBYTES>
 inline void run_block(const Problem& p, int n, int g0, int g1, int pf, float* tot) {
-#if defined(QMV_EVEX_VNNI)
   if constexpr (XBYTES == 1 && BITS == 4) {
     if (p.group_size == 64) return block8<M, 1>(p, n, g0, g1, pf, tot);
     if (p.group_size == 128) return block8<M, 2>(p, n, g0, g1, pf, tot);
     return block8<M, 0>(p, n, g0, g1, pf, tot);
   }
-#endif
   if constexpr (XBYTES == 2 && BITS == 4) {
     if (p.group_size == 64) {
       block16<M, R, 1>(p, n, g0, g1, pf, tot);
@@ -422,20 +430,18 @@ void rows_int16(const Problem& p, int n0, int n1) {
   });
 }
 
-#if defined(QMV_EVEX_VNNI)
-// The int8 form (Kernel::int8, opt-in: "avx512vl-int8"): as the int16 form, with x rounded to int8 (step
-// max |x| / 127 per group, Problem::xq8) and AVX512-VNNI's vpdpbusd, which multiplies 32 unsigned bytes (the
-// codes) with 32 signed bytes (x) and sums each 4 into 8 int32 lanes: per 32 weight bytes 3 integer ops shared
-// by the rows of x and 2 vpdpbusd per row, where int16 needs 7 and 4. x's rounding moves an output 258 times
-// as much as int16's (bounded the same way, tests/test_cpu_kernel.py).
-void rows_int8(const Problem& p, int n0, int n1) {
+// The int8 form (Kernel::int8, opt-in: "avx512vl-int8", "avx2-int8"): as the int16 form, with x rounded to int8
+// (step max |x| / 127 per group, Problem::xq8) and AVX512-VNNI's vpdpbusd, which multiplies 32 unsigned bytes
+// (the codes) with 32 signed bytes (x) and sums each 4 into 8 int32 lanes: per 32 weight bytes 3 integer ops
+// shared by the rows of x and 2 vpdpbusd per row, where int16 needs 7 and 4 (plain AVX2: 5 per row, dot8). x's
+// rounding moves an output 258 times as much as int16's (bounded the same way, tests/test_cpu_kernel.py).
+[[maybe_unused]] void rows_int8(const Problem& p, int n0, int n1) {  // unused in avx2-vnni
   if (p.xq8 == nullptr) return rows(p, n0, n1);
   dispatch(p, [&](auto m, auto bits) {
     constexpr int M = decltype(m)::value;
     rows_mr<M, 1, decltype(bits)::value, 1>(p, n0, n1);
   });
 }
-#endif
 
 }  // namespace
 }  // namespace qmv
@@ -465,6 +471,12 @@ Kernel kernel_avx2() {
 
 Kernel kernel_avx2_int16() {
   return {"avx2-int16", 2 * kLanes, rows_int16, true, true, true};
+}
+
+Kernel kernel_avx2_int8() {
+  Kernel k{"avx2-int8", 2 * kLanes, rows_int8, true, true, true};
+  k.int8 = true;
+  return k;
 }
 #endif
 

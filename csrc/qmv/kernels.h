@@ -115,6 +115,7 @@ Kernel kernel_avx2_int16();  // the same, with int16 x for 4-bit weights
 Kernel kernel_avx2_vnni();   // avx2-int16 with AVX-VNNI (avxvnni at run time too): the same results
 Kernel kernel_avx512vl_vnni();  // avx2-int16 with AVX512-VNNI on 256 bits (avx512vl, avx512vnni): the same results
 Kernel kernel_avx512vl_int8();  // the same CPUs, int8 x (opt-in: never the default)
+Kernel kernel_avx2_int8();      // int8 x on AVX2 (opt-in): the same results as avx512vl-int8
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 

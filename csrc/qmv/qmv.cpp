@@ -87,6 +87,7 @@ std::vector<Kernel> available_kernels() {
   if (cpu_has_avx2()) {
     ks.push_back(kernel_avx2_int16());
     ks.push_back(kernel_avx2());
+    ks.push_back(kernel_avx2_int8());  // opt-in only: never first
   }
 #endif
   ks.push_back(kernel_scalar());
