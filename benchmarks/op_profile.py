@@ -161,6 +161,18 @@ def dequantized(lin: Any) -> Any:
     return blocks[0] if len(blocks) == 1 else mx.concatenate(blocks)
 
 
+def project(p: Profile, name: str, lin: Any, x: Any, tokens: int) -> Any:
+    """One quantized projection of a prompt chunk as the library runs it: with 4-bit weights and an int16 kernel,
+    one product from the codes (`cpu_kernel.quantized_matmul`, a "GEMM" row); else a dequantize row, then the
+    BLAS GEMM on the float32 weights."""
+    from pixtral_mlx import cpu_kernel
+
+    if cpu_kernel.gemm_isa() and lin.bits == 4:
+        return p.time("GEMM", f"{name} (from the codes)", lambda: lin(x), 2 * tokens * lin.weight.size * 32 // lin.bits)
+    w = p.time("dequantize", name, lambda: dequantized(lin), 0)
+    return p.time("GEMM", name, lambda: x @ w.T, 2 * tokens * w.size)
+
+
 def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
     """One prefill chunk of `tokens` tokens through one decoder layer, op by op, then whole."""
     import mlx.core as mx
@@ -186,9 +198,7 @@ def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
     h = p.time("norms", "input norm", lambda: block.input_layernorm(x))
     outs = {}
     for name in ("q_proj", "k_proj", "v_proj"):
-        lin = getattr(attn, name)
-        w = p.time("dequantize", name, lambda lin=lin: dequantized(lin), 0)
-        outs[name] = p.time("GEMM", name, lambda w=w: h @ w.T, 2 * tokens * w.size)
+        outs[name] = project(p, name, getattr(attn, name), h, tokens)
     B, T = 1, tokens
 
     def heads(a: Any, n: int) -> Any:
@@ -208,17 +218,14 @@ def profile_decoder(block: Any, tokens: int, image: bool, repeats: int) -> dict:
         4 * t["heads"] * pairs * t["head_dim"],
     )
     o = p.time("other", "heads back to rows", lambda: o.transpose(0, 2, 1, 3).reshape(B, T, -1))
-    w = p.time("dequantize", "o_proj", lambda: dequantized(attn.o_proj))
-    r = p.time("GEMM", "o_proj", lambda: o @ w.T, 2 * tokens * w.size)
+    r = project(p, "o_proj", attn.o_proj, o, tokens)
     hh = p.time("other", "residual add", lambda: x + r)
     h2 = p.time("norms", "post-attention norm", lambda: block.post_attention_layernorm(hh))
     ffn = {}
     for name in ("gate_proj", "up_proj"):
-        w = p.time("dequantize", name, lambda name=name: dequantized(getattr(mlp, name)))
-        ffn[name] = p.time("GEMM", name, lambda w=w: h2 @ w.T, 2 * tokens * w.size)
+        ffn[name] = project(p, name, getattr(mlp, name), h2, tokens)
     g = p.time("other", "SwiGLU", lambda: cpu.gated(swiglu, ffn["gate_proj"], ffn["up_proj"]))
-    w = p.time("dequantize", "down_proj", lambda: dequantized(mlp.down_proj))
-    r = p.time("GEMM", "down_proj", lambda: g @ w.T, 2 * tokens * w.size)
+    r = project(p, "down_proj", mlp.down_proj, g, tokens)
     p.time("other", "residual add", lambda: hh + r)
     proj_flops = sum(r["flops"] for r in p.rows if r["class"] == "GEMM")
     useful = proj_flops + 4 * t["heads"] * pairs * t["head_dim"]

@@ -100,9 +100,15 @@ def dequantizes(model: Any) -> bool:
 
 
 def dequantized_bytes(layer: Any) -> int:
-    """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none)."""
+    """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none:
+    4-bit weights multiplied from their codes dequantize nothing)."""
+    gemm = bool(cpu_kernel.gemm_isa())
     return 4 * max(
-        (m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, DequantizingQuantizedLinear)),
+        (
+            m.weight.size * 32 // m.bits
+            for _, m in layer.named_modules()
+            if isinstance(m, DequantizingQuantizedLinear) and not (gemm and m.bits == 4 and m.mode == "affine")
+        ),
         default=0,
     )
 
@@ -151,12 +157,20 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     On the CPU backend `quantized_matmul` runs at ~2 GFLOP/s while the BLAS GEMM runs at ~100:
     for prefill, dequantizing the layer's weights first is ~10x faster. One-token decode keeps
     the quantized kernel, which reads 4x fewer bytes. `backend.prepare` installs this class.
+    4-bit weights with the extension's int16 kernels skip the dequantization: `cpu_kernel.quantized_matmul`
+    multiplies from the codes with int16 x, up to twice the float32 GEMM's rate (docs/CPU.md).
     """
 
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
             return self._few_tokens(x, cpu_streams())
-        y = self._many_tokens(x, cpu_streams())
+        y = None
+        if self.mode == "affine" and "biases" in self:  # 4-bit: the product from the codes, nothing dequantized
+            y = cpu_kernel.quantized_matmul(
+                x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
+            )
+        if y is None:
+            y = self._many_tokens(x, cpu_streams())
         if "bias" in self:
             y = y + self["bias"]
         return y

@@ -108,10 +108,61 @@ def describe() -> str:
 
 
 def describe_prefill() -> str:
-    """The prefill kernels in use, in words for `doctor`, e.g. 'qmv avx512 (attention, dequantization, SwiGLU)'."""
+    """The prefill kernels in use, in words for `doctor`, e.g. 'qmv avx512 (attention, dequantization, SwiGLU);
+    4-bit products from the codes, int16 x (avx512vl-vnni)'."""
     if prefill_available():
-        return f"qmv {_ext.prefill_isa()} (attention, dequantization, SwiGLU)"
+        words = f"qmv {_ext.prefill_isa()} (attention, dequantization, SwiGLU)"
+        g = gemm_isa()
+        if g:
+            words += f"; 4-bit products from the codes, int16 x ({g})"
+        elif _gemm_disabled_by_env():
+            words += "; 4-bit products dequantized for BLAS (PIXTRAL_MLX_QMV_GEMM=off)"
+        return words
     return f"MLX's own ops ({reason() or 'this extension has no prefill kernels'})"
+
+
+def _gemm_disabled_by_env() -> bool:
+    return os.environ.get("PIXTRAL_MLX_QMV_GEMM", "").strip().lower() in ("0", "off", "no", "false")
+
+
+def gemm_isa() -> str:
+    """The prefill product from 4-bit codes in use ('avx512vl-vnni': vpdpwssd; 'avx2': vpmaddwd), or '' where
+    prompt chunks dequantize for BLAS instead: no extension (or one without it), a float matvec kernel selected
+    (`PIXTRAL_MLX_QMV_ISA=avx2|avx512`: exact float arithmetic throughout), or `PIXTRAL_MLX_QMV_GEMM=off`."""
+    if not available() or not hasattr(_ext, "gemm_isa") or _gemm_disabled_by_env():
+        return ""
+    return _ext.gemm_isa()
+
+
+def quantized_matmul(x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:
+    """A prompt chunk's `x @ dequantize(w).T` straight from 4-bit codes (csrc/qmv/gemm_int16.cpp), or None where
+    it does not apply (see `gemm_isa`; 4-bit affine weights with biases only, more than MAX_ROWS rows of x,
+    float x, the CPU as the default device). x is rounded to int16 per row and group as the int16 matvec rounds
+    it (an output moves by about 2e-5 of the largest); each row's result is the same whatever rows come with
+    it. Float32 result (x's dtype when x and the scales agree, as `quantized_matvec`)."""
+    import mlx.core as mx
+
+    if bits != 4 or biases is None or group_size % 32 != 0 or not gemm_isa():
+        return None
+    k = x.shape[-1] if x.ndim else 0
+    rows = x.size // k if k else 0
+    float_types = (mx.float32, mx.float16, mx.bfloat16)
+    if (
+        rows <= MAX_ROWS
+        or k % group_size != 0
+        or w.ndim != 2
+        or w.dtype != mx.uint32
+        or w.shape[1] * 8 != k
+        or scales.dtype not in float_types
+        or biases.dtype != scales.dtype
+        or x.dtype not in float_types
+        or mx.default_device() != mx.cpu
+    ):
+        return None
+    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32
+    xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=4)
+    return y if out_dtype == mx.float32 else y.astype(out_dtype)
 
 
 def _size(n: int) -> str:

@@ -541,9 +541,9 @@ def test_unsupported_inputs_fall_back(ext):
     assert mx.array_equal(out, ref).item()
     with pytest.raises(ValueError):
         ext.quantized_matvec(x, wq, scales, biases, group_size=64, bits=2)
-    with pytest.raises(ValueError):  # 9 rows in one kernel call
-        w4 = quantized(n, k, 64, 4)
-        ext.quantized_matvec(mx.zeros((9, k)), *w4, group_size=64, bits=4)
+    with pytest.raises(ValueError):  # 9 rows of x for 8-bit weights (4-bit: the product from the codes, test_gemm.py)
+        w8 = quantized(n, k, 64, 8)
+        ext.quantized_matvec(mx.zeros((9, k)), *w8, group_size=64, bits=8)
 
 
 @pytest.fixture(scope="module")

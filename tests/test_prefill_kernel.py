@@ -208,7 +208,7 @@ def test_quantized_decode_attention_declines_what_it_does_not_cover(ext):  # noq
 def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     """`blocked_attention` and the prefill projection go through the kernels, with the values of the plain path."""
     calls = []
-    for name in ("attention", "dequantize", "swiglu"):
+    for name in ("attention", "dequantize", "quantized_matmul", "swiglu"):
         real = getattr(cpu_kernel, name)
 
         def spy(*a, _real=real, _name=name, **kw):
@@ -232,7 +232,9 @@ def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     mlp.__class__ = cpu.KernelMLP
     ref = llama.MLP.__call__(mlp, x)
     assert same_bits(mlp(x), ref)
-    assert calls == ["attention", "dequantize", "swiglu"]
+    # the 4-bit projection: from the codes with an int16 kernel (test_gemm.py), else dequantized for BLAS
+    proj = ["quantized_matmul"] if cpu_kernel.gemm_isa() else ["quantized_matmul", "dequantize"]
+    assert calls == ["attention", *proj, "swiglu"]
     one = mlp(x[:, :1])  # one token (decode): the kernel too (SWIGLU_KERNEL_MIN_ROWS), the same bits
-    assert calls == ["attention", "dequantize", "swiglu", "swiglu"]
+    assert calls == ["attention", *proj, "swiglu", "swiglu"]
     assert same_bits(one, llama.MLP.__call__(mlp, x[:, :1]))

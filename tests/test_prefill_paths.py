@@ -52,9 +52,12 @@ def test_blocked_attention_equals_one_call(n_q, n_k, heads, kv_heads, causal, st
         np.testing.assert_allclose(np.array(out[0, :, 0]), np.array(first), atol=1e-6)
 
 
-def test_dequantized_blocks_equal_one_dequantization():
-    """Row blocks dequantized on the CPU streams, one GEMM each: the values of one dequantization + GEMM."""
+def test_dequantized_blocks_equal_one_dequantization(monkeypatch):
+    """Row blocks dequantized on the CPU streams, one GEMM each: the values of one dequantization + GEMM (with the
+    4-bit product from the codes off: test_gemm.py has it)."""
     import mlx.nn as nn
+
+    monkeypatch.setenv("PIXTRAL_MLX_QMV_GEMM", "off")
 
     mx.random.seed(3)
     layer = nn.Linear(128, 96, bias=True)
@@ -241,13 +244,19 @@ def test_mistral3_decoders_take_the_cpu_attention_and_keep_their_outputs(variant
     assert len(new_tokens) == 8 and new_tokens == old_tokens
 
 
-@pytest.mark.parametrize("kernel", [True, False])
+@pytest.mark.parametrize("kernel", ["codes", True, False])
 def test_prefill_many_equals_prefill_bit_for_bit(q4, kernel, monkeypatch):
     """Several prompts prefilled layer by layer (`prefill_many`: one dequantization per weight for all of them) fill
     the caches `prefill` fills one prompt at a time, to the bit: an image prompt, a text prompt in chunks, and a
-    prompt too short to dequantize; with the extension's dequantization and with MLX's per-stream one."""
+    prompt too short to dequantize; with the extension's dequantization and with MLX's per-stream one; and with the
+    4-bit products from the codes, which dequantize nothing."""
     from pixtral_mlx.generate import prefill, prefill_many
 
+    codes = kernel == "codes"
+    if codes and not cpu_kernel.gemm_isa():
+        pytest.skip("no product from the codes on this machine")
+    if not codes:
+        monkeypatch.setenv("PIXTRAL_MLX_QMV_GEMM", "off")
     if not kernel:
         monkeypatch.setattr(cpu_kernel, "dequantize", lambda *a, **k: None)
     short = [{"role": "user", "content": "Hi"}]
@@ -274,9 +283,12 @@ def test_prefill_many_equals_prefill_bit_for_bit(q4, kernel, monkeypatch):
     prefill_many(q4.model, jobs, prefill_step=20)
     weights = [id(m) for _, m in q4.model.named_modules() if isinstance(m, cpu.DequantizingQuantizedLinear)]
     layers = q4.model.language_model.model.layers
-    assert sorted(set(made)) == sorted(made) and len(made) > 0  # each weight dequantized once
-    assert set(made) <= set(weights) and per_prompt >= 4 * len(made)  # image prompt once, text prompt 3 chunks
-    assert len(made) == len(weights)  # every layer's, and lm_head's (in the graph, never evaluated, as in `prefill`)
+    if codes:
+        assert made == [] and per_prompt == 0  # nothing dequantized
+    else:
+        assert sorted(set(made)) == sorted(made) and len(made) > 0  # each weight dequantized once
+        assert set(made) <= set(weights) and per_prompt >= 4 * len(made)  # image prompt once, text prompt 3 chunks
+        assert len(made) == len(weights)  # every layer's and lm_head's (in the graph, never evaluated, as `prefill`)
     assert all("generate" not in type(layer).__module__ for layer in layers)  # the taps are gone
     for one, (_, _, many) in zip(alone, jobs):
         for a, b in zip(one, many):
@@ -370,8 +382,13 @@ def test_reusing_buffers_raises_the_cache_limit_and_puts_it_back():
 def test_prefill_keeps_freed_buffers_for_the_next_layer(q4, monkeypatch):
     """While a prompt is fed on the CPU (`prefill`, `prefill_many`), MLX keeps twice the largest dequantized weight
     of freed buffers, so each layer's dequantized weights reuse the previous layer's buffers; the limit comes back
-    afterwards, and the caches hold the values they hold without it, to the bit."""
+    afterwards, and the caches hold the values they hold without it, to the bit. (The dequantizing path: with the
+    4-bit products from the codes nothing is dequantized and the limit is left alone.)"""
     from pixtral_mlx import generate
+
+    if cpu_kernel.gemm_isa():
+        assert cpu.dequantized_bytes(q4.model.layers[0]) == 0
+    monkeypatch.setenv("PIXTRAL_MLX_QMV_GEMM", "off")
 
     sizes = [
         m.weight.size * 32 // m.bits for _, m in q4.model.layers[0].named_modules() if isinstance(m, nn.QuantizedLinear)
@@ -403,6 +420,7 @@ def test_prefill_keeps_freed_buffers_for_the_next_layer(q4, monkeypatch):
         monkeypatch.setattr(generate, "_reusing_buffers", lambda model: nullcontext())
         plain = fill(many)
         monkeypatch.undo()
+        monkeypatch.setenv("PIXTRAL_MLX_QMV_GEMM", "off")  # (undone with the rest)
         for one, other in zip(reused, plain):
             for a, b in zip(one, other):
                 assert a.offset == b.offset > 0

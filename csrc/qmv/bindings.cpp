@@ -92,6 +92,8 @@ NB_MODULE(_qmv, m) {
   m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");
+  m.def("gemm_isa", &qmv::gemm_isa,
+        "The product for more than 8 rows of x from 4-bit codes that goes with the kernel in use ('' for none).");
   m.def("select_isa", &qmv::select_isa, "name"_a, "Use kernel `name` ('auto': the best); returns the choice.");
   m.def("threads", &qmv::threads, "Threads one call splits its output rows over.");
   m.def("set_threads", &qmv::set_threads, "n"_a, "Set the thread count (n <= 0: the default); returns it.");

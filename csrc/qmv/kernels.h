@@ -119,6 +119,32 @@ Kernel kernel_avx2_int8();      // int8 x on AVX2 (opt-in): the same results as 
 Kernel kernel_avx512();  // requires avx512f, avx512bw, avx512vl, fma, f16c at run time
 Kernel kernel_avx512_int16();  // the same and avx512vnni, with int16 x for 4-bit weights
 
+// Prefill's product from the 4-bit codes (gemm_int16.cpp): out (M x N, row-major) = x w^T for any M, 4-bit
+// weights, x rounded to int16 per (row, group) as for Problem::xq but in natural order: xq[m * K + k].
+struct GemmProblem {
+  int M, N, K, group_size;  // group_size: a multiple of 32
+  const uint32_t* w;
+  int64_t w_stride;
+  const void* scales;
+  const void* biases;
+  int64_t s_stride, b_stride;
+  int scale_type;
+  const int16_t* xq;     // M rows of K
+  const float* xscale;   // M rows of K / group_size steps (max |x| / 32767)
+  const float* xerr;     // step * sum(xq) - sum(x) per group
+  const float* xsum;     // sum(x) per group
+  float* out;            // M rows of N
+};
+
+struct Gemm {
+  const char* name;  // the matvec kernel family it goes with
+  int strip;         // output rows per task unit: rows(p, n0, n1) takes n0 a multiple of it
+  void (*rows)(const GemmProblem&, int n0, int n1);
+};
+
+Gemm gemm_int16_avx512vl();  // vpdpwssd on 256 bits: avx512vl, avx512vnni (and avx512bw) at run time
+Gemm gemm_int16_avx2();      // vpmaddwd and vpaddd: avx2, fma, f16c
+
 // Software prefetch of the weights. A hardware prefetcher follows one stream well, but a kernel that
 // walks R rows at once has R short streams and, measured on a Xeon (2 cores, 4-bit 4096x5120 from
 // memory), read 6.2 GB/s per core with only a short prefetch of its own and 9.9 GB/s when it fetches

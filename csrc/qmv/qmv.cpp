@@ -112,6 +112,21 @@ Kernel get_kernel() {
   return current_kernel;
 }
 
+// The prefill product from 4-bit codes that goes with the kernel in use: only with an int16 (or int8) matvec
+// kernel, whose precision contract it shares, and of its family (an avx512 one: vpdpwssd; an avx2 one:
+// vpmaddwd), as the prefill kernels follow it; none with the float kernels or off x86.
+const Gemm* get_gemm() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const Gemm evex = gemm_int16_avx512vl();
+  static const Gemm avx2 = gemm_int16_avx2();
+  const Kernel k = get_kernel();
+  if (!k.int16) return nullptr;
+  if (std::string(k.name).rfind("avx512", 0) == 0 && cpu_has_avx512_vnni()) return &evex;
+  if (cpu_has_avx2()) return &avx2;
+#endif
+  return nullptr;
+}
+
 int default_threads() {
   int n = 0;
   cpu_set_t set;
@@ -344,6 +359,7 @@ struct Call {
   float* out;
 
   void operator()() const {
+    if (M > kMaxRows) return gemm();
     const int G = K / group_size;
     const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0 && K % kernel.int16_chunk == 0;
     std::vector<float> xp(int16 ? 0 : static_cast<size_t>(M) * K);
@@ -433,12 +449,58 @@ struct Call {
       if (n0 < n1) k.rows(p, n0, n1);
     });
   }
+
+  // More rows than one matvec pass takes: the product from 4-bit codes (gemm_int16.cpp); quantized_matvec
+  // only lets such calls through when get_gemm() has one.
+  void gemm() const {
+    const Gemm* g = get_gemm();
+    const int G = K / group_size;
+    std::vector<int16_t> xq(static_cast<size_t>(M) * K);
+    std::vector<float> xscale(static_cast<size_t>(M) * G), xerr(xscale.size()), xsum(xscale.size());
+    auto prepare = [&](int m) {
+      const float* xm = x + x_row_offset[m];
+      for (int gi = 0; gi < G; ++gi) {
+        float s = 0.0f;
+        for (int k = gi * group_size; k < (gi + 1) * group_size; ++k) s += xm[k * x_col_stride];
+        xsum[static_cast<size_t>(m) * G + gi] = s;
+      }
+      quantize_x<32767>(xm, x_col_stride, K, group_size, xq.data() + static_cast<size_t>(m) * K,
+                        [](int k) { return k; }, xscale.data() + static_cast<size_t>(m) * G,
+                        xerr.data() + static_cast<size_t>(m) * G);
+    };
+    const int nthr = std::max(1, nthreads);
+    const int row_tasks = std::min(M, nthr * 4);
+    Pool::get().run(row_tasks, nthr, [&](int t) {
+      for (int m = t; m < M; m += row_tasks) prepare(m);
+    });
+    const Operand w = w_view.operand();
+    const Operand scales = scales_view.operand();
+    const Operand biases = biases_view.operand();
+    GemmProblem p{M, N, K, group_size, static_cast<const uint32_t*>(w.data), w.row_stride, scales.data,
+                  biases.data, scales.row_stride, biases.row_stride, scale_type, xq.data(), xscale.data(),
+                  xerr.data(), xsum.data(), out};
+    // Strips of output rows, a few per thread (a thread slowed by other work holds no one up for long).
+    const int strips = (N + g->strip - 1) / g->strip;
+    const int ntasks = std::min(strips, nthr * 4);
+    const int per = (strips + ntasks - 1) / ntasks;
+    const Gemm gg = *g;
+    Pool::get().run(ntasks, nthr, [&p, gg, per, this](int t) {
+      const int n0 = t * per * gg.strip;
+      const int n1 = std::min(N, n0 + per * gg.strip);
+      if (n0 < n1) gg.rows(p, n0, n1);
+    });
+  }
 };
 
 }  // namespace
 
 std::string isa() {
   return get_kernel().name;
+}
+
+std::string gemm_isa() {
+  const Gemm* g = get_gemm();
+  return g == nullptr ? "" : g->name;
 }
 
 std::vector<std::string> supported_isas() {
@@ -554,7 +616,9 @@ mx::array quantized_matvec(
   }
   if (scales.dtype() != biases.dtype()) fail("scales and biases must have the same dtype");
   const int64_t M = x.size() / K;
-  if (M < 1 || M > kMaxRowsOfX) fail("x must have between 1 and 8 rows");
+  if (M < 1) fail("x must have at least one row");
+  if (M > kMaxRowsOfX && (bits != 4 || get_gemm() == nullptr))
+    fail("x must have between 1 and 8 rows (more take 4-bit weights and an int16 kernel: gemm_isa())");
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
   mx::Shape out_shape = x.shape();

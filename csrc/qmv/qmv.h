@@ -54,6 +54,7 @@ class QuantizedMatvec : public mx::Primitive {
 // Run-time configuration (process-wide).
 std::string isa();                        // the kernel in use: "avx512", "avx2" or "scalar"
 std::vector<std::string> supported_isas();  // what this CPU can run, best first
+std::string gemm_isa();  // the many-row product from 4-bit codes in use with the kernel ("" for none)
 std::string select_isa(const std::string& name);  // "" or "auto" picks the best; returns the choice
 int threads();
 int set_threads(int n);  // n <= 0: the default (CPUs this process may run on, at most 16)
