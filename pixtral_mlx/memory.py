@@ -38,6 +38,9 @@ SCORE_COPIES = 1  # unfused attention: the scores array (masking and softmax reu
 # a 1024² image, blocks of 512 and 1,024 rows): a prompt chunk's (mask array) ~1.3, the vision tower's ~3.6.
 BLOCK_SCORE_COPIES = 2
 VISION_BLOCK_SCORE_COPIES = 4
+# A batched decode step holds each row's float32 logits about 4 times over (the logits, the log-softmax and its
+# temporaries; measured on the tiny model: 3 rows of 131,072 entries, 5.8 MB above the rest of the plan).
+BATCH_LOGIT_COPIES = 4
 LIMIT_ENV = "PIXTRAL_MLX_MEMORY_LIMIT"
 
 
@@ -110,6 +113,9 @@ class MemoryPlan:
     # float32 at once, and this prompt's hidden states into and out of a layer while the others go through it.
     layer_dequant: int = 0
     batch_hidden: int = 0
+    # One batched decode step's float32 logits for this row, with their log-softmax and its temporaries
+    # (BATCH_LOGIT_COPIES): a batch holds every row's at once.
+    logits: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -228,13 +234,17 @@ def machine_limit() -> tuple[int | None, str]:
 
 # The estimate --------------------------------------------------------------------------------------
 def _quantized_sizes(module: Any) -> list[int]:
-    """Elements of each quantized linear layer's weight matrix in `module`."""
+    """Elements of each quantized linear layer's weight matrix in `module` that a CPU prompt chunk dequantizes:
+    all of them, but for 4-bit affine ones where the extension multiplies from the codes (`cpu_kernel.gemm_isa`)."""
     import mlx.nn as nn
 
+    from . import cpu_kernel
+
+    codes = bool(cpu_kernel.gemm_isa())
     return [
         m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
         for _, m in module.named_modules()
-        if isinstance(m, nn.QuantizedLinear)
+        if isinstance(m, nn.QuantizedLinear) and not (codes and m.bits == 4 and m.mode == "affine" and "biases" in m)
     ]
 
 
@@ -348,6 +358,7 @@ def estimate(
         trained_context_length=pixtral.trained_context_length,
         layer_dequant=layer_dequant,
         batch_hidden=3 * n_new * t.hidden_size * a,
+        logits=BATCH_LOGIT_COPIES * t.vocab_size * 4,
     )
 
 
@@ -356,7 +367,8 @@ def batch_bytes(plans: list[MemoryPlan], held: int) -> int:
     prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
     in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
     largest transient peak: rows are encoded one at a time, then prefilled together (`generate.prefill_many`),
-    which on the CPU holds one layer's dequantized weights and every row's hidden states at that layer."""
+    which on the CPU holds one layer's dequantized weights (none where 4-bit products run from the codes) and every
+    row's hidden states at that layer, or a decode step's logits for every row."""
     rows, longest = len(plans), max(p.prompt_tokens for p in plans)
     prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
     decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
@@ -365,7 +377,7 @@ def batch_bytes(plans: list[MemoryPlan], held: int) -> int:
     peak = max(max(p.vision, p.prefill) for p in plans)
     if rows > 1:
         together = max(p.prefill for p in plans) + max(p.layer_dequant for p in plans)
-        peak = max(peak, together + sum(p.batch_hidden for p in plans))
+        peak = max(peak, together + sum(p.batch_hidden for p in plans), sum(p.logits for p in plans))
     return int(plans[0].weights + kv + features + peak)
 
 

@@ -297,17 +297,22 @@ def test_prefill_many_equals_prefill_bit_for_bit(q4, kernel, monkeypatch):
                 assert mx.array_equal(x, y).item()
 
 
-def test_batch_plan_counts_the_shared_layer_and_holds_the_measured_peak(q4):
-    """The memory plan of a batch prefilled together holds one whole layer's float32 weights and every row's
-    hidden states, and the peak of `generate_batch` stays under it."""
+@pytest.mark.parametrize("codes", [True, False])
+def test_batch_plan_counts_the_shared_layer_and_holds_the_measured_peak(q4, codes, monkeypatch):
+    """The memory plan of a batch prefilled together holds one whole layer's float32 weights (none where the 4-bit
+    products run from the codes) and every row's hidden states, and the peak of `generate_batch` stays under it."""
     from pixtral_mlx.memory import batch_bytes, estimate
 
+    if not codes:
+        monkeypatch.setenv("PIXTRAL_MLX_QMV_GEMM", "off")
     layer = q4.model.language_model.model.layers[0]
     elements = sum(m.weight.size * 32 // m.bits for _, m in layer.named_modules() if isinstance(m, nn.QuantizedLinear))
+    dequantized = 0 if cpu_kernel.gemm_isa() else 4 * elements
+    assert codes or dequantized > 0
     prompts = [q4.encode(MESSAGES["image"]), q4.encode(MESSAGES["text"]), q4.encode(MESSAGES["text"][:1])]
     plans = [estimate(q4, p, keep=0, max_tokens=6, kv_bits=None, kv_group_size=64) for p in prompts]
-    assert all(p.layer_dequant == 4 * elements > 0 for p in plans)
-    assert batch_bytes(plans, 0) >= batch_bytes(plans[:1], 0) + 4 * elements + sum(p.batch_hidden for p in plans[1:])
+    assert all(p.layer_dequant == dequantized for p in plans)
+    assert batch_bytes(plans, 0) >= batch_bytes(plans[:1], 0) + dequantized + sum(p.batch_hidden for p in plans[1:])
     q4.features.clear()
     mx.clear_cache()
     other = mx.get_active_memory() - plans[0].weights
