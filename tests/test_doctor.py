@@ -49,6 +49,11 @@ def test_json_names_the_blas_backend_loaded(blas):
     if prefill is not None:  # the decode kernel's family decides (csrc/qmv/prefill.cpp)
         isa = r["decode_kernel"]["name"]
         assert prefill == ("scalar" if isa == "scalar" else "avx512" if isa.startswith("avx512") else "avx2")
+    codes = r["prefill_kernels"]["products_from_codes"]  # with an int16 decode kernel, of its family
+    assert codes == (cpu_kernel.gemm_isa() or None)
+    if codes is not None:
+        assert codes == ("avx512vl-vnni" if r["decode_kernel"]["name"].startswith("avx512") else "avx2")
+        assert f"4-bit products from the codes, int16 x ({codes})" in r["prefill_kernels"]["describe"]
     assert r["mlx"]["version"] == __import__("mlx.core").core.__version__
 
 

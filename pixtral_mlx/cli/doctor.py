@@ -144,6 +144,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "prefill_kernels": {
             "name": cpu_kernel.extension().prefill_isa() if cpu_kernel.prefill_available() else None,
             "describe": cpu_kernel.describe_prefill(),
+            "products_from_codes": cpu_kernel.gemm_isa() or None,  # 4-bit prompt products, int16 x (None: BLAS)
         },
         "memory_limit": {"variable": LIMIT_ENV, "setting": os.environ.get(LIMIT_ENV), "value": memory},
         "model_cache": {"converted": str(cache_root() / "models"), "hugging_face": str(hf_cache_dir())},
