@@ -167,7 +167,7 @@ def project(p: Profile, name: str, lin: Any, x: Any, tokens: int) -> Any:
     BLAS GEMM on the float32 weights."""
     from pixtral_mlx import cpu_kernel
 
-    if cpu_kernel.gemm_isa() and lin.bits == 4:
+    if cpu_kernel.multiplies_from_codes(lin):
         return p.time("GEMM", f"{name} (from the codes)", lambda: lin(x), 2 * tokens * lin.weight.size * 32 // lin.bits)
     w = p.time("dequantize", name, lambda: dequantized(lin), 0)
     return p.time("GEMM", name, lambda: x @ w.T, 2 * tokens * w.size)

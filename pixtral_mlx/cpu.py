@@ -102,12 +102,11 @@ def dequantizes(model: Any) -> bool:
 def dequantized_bytes(layer: Any) -> int:
     """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none:
     4-bit weights multiplied from their codes dequantize nothing)."""
-    gemm = bool(cpu_kernel.gemm_isa())
     return 4 * max(
         (
             m.weight.size * 32 // m.bits
             for _, m in layer.named_modules()
-            if isinstance(m, DequantizingQuantizedLinear) and not (gemm and m.bits == 4 and m.mode == "affine")
+            if isinstance(m, DequantizingQuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
         ),
         default=0,
     )
@@ -165,7 +164,7 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
             return self._few_tokens(x, cpu_streams())
         y = None
-        if self.mode == "affine" and "biases" in self:  # 4-bit: the product from the codes, nothing dequantized
+        if cpu_kernel.multiplies_from_codes(self):  # 4-bit: the product from the codes, nothing dequantized
             y = cpu_kernel.quantized_matmul(
                 x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
             )

@@ -142,27 +142,16 @@ def quantized_matmul(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
     it. Float32 result (x's dtype when x and the scales agree, as `quantized_matvec`)."""
     import mlx.core as mx
 
-    if bits != 4 or biases is None or group_size % 32 != 0 or not gemm_isa():
+    if bits != 4 or not gemm_isa() or _kernel_rows(x, w, scales, biases, group_size, bits) <= MAX_ROWS:
         return None
-    k = x.shape[-1] if x.ndim else 0
-    rows = x.size // k if k else 0
-    float_types = (mx.float32, mx.float16, mx.bfloat16)
-    if (
-        rows <= MAX_ROWS
-        or k % group_size != 0
-        or w.ndim != 2
-        or w.dtype != mx.uint32
-        or w.shape[1] * 8 != k
-        or scales.dtype not in float_types
-        or biases.dtype != scales.dtype
-        or x.dtype not in float_types
-        or mx.default_device() != mx.cpu
-    ):
-        return None
-    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
-    y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=4)
-    return y if out_dtype == mx.float32 else y.astype(out_dtype)
+    return _result_dtype(_ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=4), x, scales)
+
+
+def multiplies_from_codes(layer: Any) -> bool:
+    """True when a prompt chunk through this quantized linear layer runs from its codes (`quantized_matmul`) rather
+    than on dequantized weights: 4-bit affine with biases, and the product in use (`gemm_isa`)."""
+    return layer.bits == 4 and layer.mode == "affine" and "biases" in layer and bool(gemm_isa())
 
 
 def _size(n: int) -> str:
@@ -213,14 +202,35 @@ def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
     def fallback() -> Any:
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
 
-    if not available() or biases is None or bits not in (4, 8) or group_size % 32 != 0:
+    if not available() or bits not in (4, 8):
         return fallback()
+    rows = _kernel_rows(x, w, scales, biases, group_size, bits)
+    if rows < 1 or rows > MAX_SPLIT_ROWS:
+        return fallback()
+    xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    if rows <= MAX_ROWS:
+        y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=bits)
+    else:
+        flat = xf.reshape(rows, x.shape[-1])
+        parts = [
+            _ext.quantized_matvec(flat[i : i + MAX_ROWS], w, scales, biases, group_size=group_size, bits=bits)
+            for i in range(0, rows, MAX_ROWS)
+        ]
+        y = mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], w.shape[0])
+    return _result_dtype(y, x, scales)
+
+
+def _kernel_rows(x: Any, w: Any, scales: Any, biases: Any, group_size: int, bits: int) -> int:
+    """The rows of x the extension would take for this product (its operands' shapes, dtypes and device), or 0 where
+    they do not fit it (then MLX's own op runs)."""
+    import mlx.core as mx
+
+    if biases is None or group_size % 32 != 0:
+        return 0
     k = x.shape[-1] if x.ndim else 0
-    rows = x.size // k if k else 0
     float_types = (mx.float32, mx.float16, mx.bfloat16)
     if (
-        rows < 1
-        or rows > MAX_SPLIT_ROWS
+        k == 0
         or k % group_size != 0
         or w.ndim != 2
         or w.dtype != mx.uint32
@@ -230,21 +240,16 @@ def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
         or x.dtype not in float_types
         or mx.default_device() != mx.cpu
     ):
-        return fallback()
-    # mx.quantized_matmul's result dtype: type promotion of x and scales (for these float types: the
-    # common dtype when they agree, else float32).
-    out_dtype = x.dtype if x.dtype == scales.dtype else mx.float32
-    xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
-    if rows <= MAX_ROWS:
-        y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=bits)
-    else:
-        flat = xf.reshape(rows, k)
-        parts = [
-            _ext.quantized_matvec(flat[i : i + MAX_ROWS], w, scales, biases, group_size=group_size, bits=bits)
-            for i in range(0, rows, MAX_ROWS)
-        ]
-        y = mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], w.shape[0])
-    return y if out_dtype == mx.float32 else y.astype(out_dtype)
+        return 0
+    return x.size // k
+
+
+def _result_dtype(y: Any, x: Any, scales: Any) -> Any:
+    """The extension's float32 result in mx.quantized_matmul's dtype: type promotion of x and scales (for these
+    float types: the common dtype when they agree, else float32)."""
+    import mlx.core as mx
+
+    return y if x.dtype != scales.dtype or x.dtype == mx.float32 else y.astype(x.dtype)
 
 
 def prefill_available() -> bool:

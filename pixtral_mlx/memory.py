@@ -240,11 +240,10 @@ def _quantized_sizes(module: Any) -> list[int]:
 
     from . import cpu_kernel
 
-    codes = bool(cpu_kernel.gemm_isa())
     return [
         m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
         for _, m in module.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and not (codes and m.bits == 4 and m.mode == "affine" and "biases" in m)
+        if isinstance(m, nn.QuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
     ]
 
 

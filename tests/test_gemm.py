@@ -9,27 +9,18 @@ built (as in test_cpu_kernel.py); elsewhere these tests are skipped.
 
 from __future__ import annotations
 
-import platform
-
 import mlx.core as mx
 import numpy as np
 import pytest
+import test_cpu_kernel
+from test_cpu_kernel import codes, selected
 
 from pixtral_mlx import cpu, cpu_kernel
 
-ON_LINUX = platform.system() == "Linux"
+ext = test_cpu_kernel.ext  # the fixture: the extension (a failure, not a skip, where Linux lacks it)
+
 # The matvec kernel selected -> the product that goes with it (its family).
 GEMM_OF = {"avx512vl-vnni": "avx512vl-vnni", "avx512-int16": "avx512vl-vnni", "avx2-int16": "avx2"}
-
-
-@pytest.fixture(scope="module")
-def ext():
-    e = cpu_kernel.extension()
-    if e is None:
-        if ON_LINUX:
-            pytest.fail(f"the qmv extension must be built on Linux: {cpu_kernel.reason()}")
-        pytest.skip(f"no qmv extension on {platform.system()}")
-    return e
 
 
 @pytest.fixture(autouse=True)
@@ -38,30 +29,21 @@ def defaults(monkeypatch):
     monkeypatch.delenv("PIXTRAL_MLX_QMV_GEMM", raising=False)
 
 
-def selected(ext, name: str):
-    if name not in ext.supported_isas():
-        pytest.skip(f"{name} not supported by this CPU")
-    ext.select_isa(name)
-    yield name
-    ext.select_isa("auto")
-
-
 @pytest.fixture(params=sorted(GEMM_OF))
 def kernel(request, ext):
     yield from selected(ext, request.param)
 
 
 def quantized(n: int, k: int, group_size: int, seed: int = 0):
-    w = mx.random.normal((n, k), key=mx.random.key(seed)).astype(mx.bfloat16)
-    return mx.quantize(w, group_size=group_size, bits=4)
+    """A random 4-bit matrix with bf16 scales, as the converter writes them."""
+    return test_cpu_kernel.quantized(n, k, group_size, 4, mx.bfloat16, seed=seed)
 
 
 def model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarray:
     """The int16 form in float64: step = max |x| / 32767 per (row, group) (float32, as the kernel), xq = x / step
     rounded to nearest even, and per group scale * step * dot(code, xq) - 7.5 * scale * (step * sum(xq) - sum(x))
     + bias * sum(x)."""
-    w = np.array(wq).astype(np.uint64)
-    q = ((w[..., None] >> (np.arange(8, dtype=np.uint64) * 4)) & 15).reshape(w.shape[0], -1).astype(np.float64)
+    q = codes(wq, 4)
     n, k = q.shape
     m, g = x.shape[0], k // group_size
     s = np.array(scales.astype(mx.float32)).astype(np.float64)
@@ -80,8 +62,7 @@ def model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarray:
 
 def rounding_bound(x: np.ndarray, wq, scales, group_size: int) -> np.ndarray:
     """The most rounding x can move an output: half a step per element, weighted by |scale * (code - 7.5)|."""
-    w = np.array(wq).astype(np.uint64)
-    q = ((w[..., None] >> (np.arange(8, dtype=np.uint64) * 4)) & 15).reshape(w.shape[0], -1).astype(np.float64)
+    q = codes(wq, 4)
     n, k = q.shape
     g = k // group_size
     s = np.array(scales.astype(mx.float32)).astype(np.float64)

@@ -12,7 +12,7 @@
 // vectors of 8 lanes) of one K block, each 32-bit lane a pair of codes (k, k + 1) as int16; a row of x
 // supplies its pair (x[k], x[k + 1]) broadcast to all 8 lanes, so one vpdpwssd adds 2 products to each of 8
 // outputs. A tile of MR rows of x times 32 outputs keeps MR x 4 int32 accumulators in registers (AVX-512VL:
-// 6 x 4 of its 32 ymm registers; AVX2: 2 x 4 of 16). At the end of each group the int32 sums are scaled
+// 4 x 4 of its 32 ymm registers; AVX2: 2 x 4 of 16). At the end of each group the int32 sums are scaled
 // into the float32 outputs: scale * (step * sum(code * xq) - 7.5 * xerr) + bias * xsum, the int16 matvec's
 // arithmetic (kernels.h Problem::xq: the codes centred by the error term). Every output goes through the same
 // operations in the same order whatever the tile, the number of rows or the thread, so a row of x gets the

@@ -325,6 +325,15 @@ void quantize_x(const float* xm, int64_t col_stride, int K, int group_size, T* x
   }
 }
 
+// Sums of a row of x (K elements, col_stride apart) over each group, in order: Problem::xsum's row.
+void group_sums(const float* xm, int64_t col_stride, int K, int group_size, float* sums) {
+  for (int g0 = 0; g0 < K; g0 += group_size) {
+    float s = 0.0f;
+    for (int k = g0; k < g0 + group_size; ++k) s += xm[k * col_stride];
+    sums[g0 / group_size] = s;
+  }
+}
+
 // Row m of x in Problem::xq's int16 layout (chunks of `chunk` elements: Kernel::int16_chunk).
 void quantize_x16(const float* xm, int64_t col_stride, int m, int M, int K, int group_size, int chunk,
                   int16_t* xq, float* step, float* err) {
@@ -372,11 +381,7 @@ struct Call {
     for (int m = 0; m < M; ++m) {
       const float* xm = x + x_row_offset[m];
       float* dst = xp.data() + static_cast<size_t>(m) * K;
-      for (int g = 0; g < G; ++g) {
-        float s = 0.0f;
-        for (int k = g * group_size; k < (g + 1) * group_size; ++k) s += xm[k * x_col_stride];
-        xsum[static_cast<size_t>(m) * G + g] = s;
-      }
+      group_sums(xm, x_col_stride, K, group_size, xsum.data() + static_cast<size_t>(m) * G);
       if (int16 && kernel.int8) {
         quantize_x8(xm, x_col_stride, m, M, K, group_size, reinterpret_cast<int8_t*>(xq),
                     xscale.data() + static_cast<size_t>(m) * G, xerr.data() + static_cast<size_t>(m) * G);
@@ -459,11 +464,7 @@ struct Call {
     std::vector<float> xscale(static_cast<size_t>(M) * G), xerr(xscale.size()), xsum(xscale.size());
     auto prepare = [&](int m) {
       const float* xm = x + x_row_offset[m];
-      for (int gi = 0; gi < G; ++gi) {
-        float s = 0.0f;
-        for (int k = gi * group_size; k < (gi + 1) * group_size; ++k) s += xm[k * x_col_stride];
-        xsum[static_cast<size_t>(m) * G + gi] = s;
-      }
+      group_sums(xm, x_col_stride, K, group_size, xsum.data() + static_cast<size_t>(m) * G);
       quantize_x<32767>(xm, x_col_stride, K, group_size, xq.data() + static_cast<size_t>(m) * K,
                         [](int k) { return k; }, xscale.data() + static_cast<size_t>(m) * G,
                         xerr.data() + static_cast<size_t>(m) * G);
