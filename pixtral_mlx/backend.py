@@ -241,6 +241,8 @@ def prepare(model: Any) -> None:
     (bf16): decode reads them on every token, and the kernel (`cpu_kernel`) converts them exactly as it
     goes, so float32 copies would only add bytes (7.24 instead of 6.51 GB per token for Pixtral-12B).
     Without it they are cast like the rest (the fallback would otherwise cast them on every call).
+    Where `cpu_kernel.interleaves` a layer, its weights are then stored interleaved
+    (`cpu.InterleavedQuantizedLinear`), one layer at a time.
     """
     import mlx.nn as nn
 
@@ -263,6 +265,11 @@ def prepare(model: Any) -> None:
     for _, module in model.named_modules():
         if type(module) in REPLACEMENTS:
             module.__class__ = REPLACEMENTS[type(module)]
+    from .cpu import InterleavedQuantizedLinear
+
+    for _, module in model.named_modules():
+        if type(module) is REPLACEMENTS[nn.QuantizedLinear] and cpu_kernel.interleaves(module):
+            InterleavedQuantizedLinear.convert(module)
 
 
 def place_weights(model: Any) -> str:

@@ -160,6 +160,10 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     multiplies from the codes with int16 x, up to twice the float32 GEMM's rate (docs/CPU.md).
     """
 
+    def _operands(self) -> tuple[mx.array, mx.array, mx.array | None]:
+        """weight, scales and biases in MLX's layout (the fallback paths' operands)."""
+        return self["weight"], self["scales"], self.get("biases")
+
     def __call__(self, x: mx.array) -> mx.array:
         if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
             return self._few_tokens(x, cpu_streams())
@@ -189,12 +193,11 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         values, the dequantization in 1/cores of the time. Inside `shared_dequantization`, made once."""
         if _shared is not None and id(self) in _shared:
             return _shared[id(self)]
-        rows = self["weight"].shape[0]
+        weight, scales, biases = self._operands()
+        rows = weight.shape[0]
         w = None
-        if self.mode == "affine" and "biases" in self:
-            w = cpu_kernel.dequantize(
-                self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
-            )
+        if self.mode == "affine" and biases is not None:
+            w = cpu_kernel.dequantize(weight, scales, biases, group_size=self.group_size, bits=self.bits)
         if w is not None:  # the extension's kernel: every core, no per-stream split needed
             blocks = [w]
         elif len(streams) < 2 or rows < 2 * len(streams):
@@ -210,7 +213,7 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
 
     def _dequantized(self, lo: int = 0, hi: int | None = None) -> mx.array:
         """The float32 weights of output rows [lo, hi) (all rows by default)."""
-        w, scales, biases = self["weight"], self["scales"], self.get("biases")
+        w, scales, biases = self._operands()
         if lo or hi is not None:
             w, scales = w[lo:hi], scales[lo:hi]
             biases = None if biases is None else biases[lo:hi]
@@ -224,12 +227,10 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
     def _few_tokens(self, x: mx.array, streams: list[Any]) -> mx.array:
         """The quantized kernel: the C++ CPU matvec when built (`cpu_kernel`), else mx.quantized_matmul with
         its output rows split over the CPU streams (one thread each)."""
-        if self.mode == "affine" and "biases" in self and cpu_kernel.available():
-            y = cpu_kernel.quantized_matvec(
-                x, self["weight"], self["scales"], self["biases"], group_size=self.group_size, bits=self.bits
-            )
+        w, s, b = self._operands()
+        if self.mode == "affine" and b is not None and cpu_kernel.available():
+            y = cpu_kernel.quantized_matvec(x, w, s, b, group_size=self.group_size, bits=self.bits)
             return y + self["bias"] if "bias" in self else y
-        w, s, b = self["weight"], self["scales"], self.get("biases")
         if self.mode == "affine" and s.dtype != x.dtype:  # the checkpoint's bf16 scales (`backend.prepare`), float32 x
             s = s.astype(x.dtype)
             b = None if b is None else b.astype(x.dtype)
@@ -257,6 +258,54 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+
+def interleave(a: mx.array) -> mx.array:
+    """Rows in blocks of 8, each block transposed: row 8 b + r's column c goes to flat index (8 b) * C + 8 c + r of
+    the (N, C) result (csrc/qmv/kernels.h, the interleaved layout). The same shape, dtype and bytes."""
+    n, c = a.shape
+    return a.reshape(n // 8, 8, c).transpose(0, 2, 1).reshape(n, c)
+
+
+def deinterleave(a: mx.array) -> mx.array:
+    """`interleave`'s inverse."""
+    n, c = a.shape
+    return a.reshape(n // 8, c, 8).transpose(0, 2, 1).reshape(n, c)
+
+
+class InterleavedQuantizedLinear(DequantizingQuantizedLinear):
+    """A DequantizingQuantizedLinear whose 4-bit weight, scales and biases are stored interleaved (`interleave`):
+    one 32-byte load of the weights holds codes of 8 output rows, so the few rows of a decode batch share every
+    unpacking and each group's scaling is one vector operation for 8 outputs. Decode and prompt chunks run in the
+    extension on this layout (`cpu_kernel.quantized_matvec` / `quantized_matmul` with interleaved=True); a row of x
+    gets the same bits from both. Where the extension cannot take it (switched off after loading, a float kernel
+    selected, PIXTRAL_MLX_QMV_GEMM=off), the inherited paths run on the weights put back in MLX's layout (a copy
+    per call). `backend.prepare` installs it where `cpu_kernel.interleaves`."""
+
+    def _operands(self) -> tuple[mx.array, mx.array, mx.array | None]:
+        return deinterleave(self["weight"]), deinterleave(self["scales"]), deinterleave(self["biases"])
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not cpu_kernel.interleaved_kernels():
+            return super().__call__(x)
+        operands = (x, self["weight"], self["scales"], self["biases"])
+        kw = {"group_size": self.group_size, "bits": self.bits, "interleaved": True}
+        if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
+            y = cpu_kernel.quantized_matvec(*operands, **kw)
+        else:
+            y = cpu_kernel.quantized_matmul(*operands, **kw)
+            if y is None:  # PIXTRAL_MLX_QMV_GEMM=off: dequantize for BLAS
+                y = self._many_tokens(x, cpu_streams())
+        return y + self["bias"] if "bias" in self else y
+
+    @classmethod
+    def convert(cls, layer: DequantizingQuantizedLinear) -> None:
+        """Store `layer`'s weight, scales and biases interleaved, evaluated now (one layer's copy at a time), and
+        make it this class."""
+        arrays = {k: interleave(layer[k]) for k in ("weight", "scales", "biases")}
+        mx.eval(arrays)
+        layer.update(arrays)
+        layer.__class__ = cls
 
 
 def attention_block(heads: int, keys: int, dtype_size: int) -> int:

@@ -134,7 +134,41 @@ def gemm_isa() -> str:
     return _ext.gemm_isa()
 
 
-def quantized_matmul(x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:
+def _interleave_setting() -> str:
+    return os.environ.get("PIXTRAL_MLX_QMV_INTERLEAVE", "").strip().lower()
+
+
+def interleaved_kernels() -> bool:
+    """True when the extension runs weights in the interleaved layout (`cpu.interleave`): 4-bit products with an
+    int16 kernel (the extension's `gemm_isa`, whatever PIXTRAL_MLX_QMV_GEMM says)."""
+    return available() and hasattr(_ext, "gemm_isa") and bool(_ext.gemm_isa())
+
+
+def interleaves(layer: Any) -> bool:
+    """True when `backend.prepare` stores this quantized linear layer's weights interleaved (`cpu.interleave`): 8
+    output rows share each 32-byte load, so the rows of a batch share the unpacking of the codes (batched decode
+    1.9x faster at 4 and 8 rows on Zen 4, one row no slower: benchmarks/README.md).
+
+    4-bit affine weights with biases, groups of a multiple of 64, output rows a multiple of 8, prompt chunks
+    multiplied from the codes (`multiplies_from_codes`), and by default the kernel this was measured with
+    (`avx512vl-vnni`, Zen 4); `PIXTRAL_MLX_QMV_INTERLEAVE=on` takes it wherever an int16 kernel runs (AVX2 and
+    Intel AVX-512: unmeasured), `=off` never."""
+    setting = _interleave_setting()
+    if setting in ("0", "off", "no", "false") or not interleaved_kernels():
+        return False
+    if setting not in ("1", "on", "yes", "true") and _ext.isa() != "avx512vl-vnni":
+        return False
+    return (
+        multiplies_from_codes(layer)
+        and layer.group_size % 64 == 0
+        and layer.weight.ndim == 2
+        and layer.weight.shape[0] % 8 == 0
+    )
+
+
+def quantized_matmul(
+    x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int, interleaved: bool = False
+) -> Any:
     """A prompt chunk's `x @ dequantize(w).T` straight from 4-bit codes (csrc/qmv/gemm_int16.cpp), or None where
     it does not apply (see `gemm_isa`; 4-bit affine weights with biases only, more than MAX_ROWS rows of x,
     float x, the CPU as the default device). x is rounded to int16 per row and group as the int16 matvec rounds
@@ -145,7 +179,8 @@ def quantized_matmul(x: Any, w: Any, scales: Any, biases: Any, *, group_size: in
     if bits != 4 or not gemm_isa() or _kernel_rows(x, w, scales, biases, group_size, bits) <= MAX_ROWS:
         return None
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
-    return _result_dtype(_ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=4), x, scales)
+    y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=4, interleaved=interleaved)
+    return _result_dtype(y, x, scales)
 
 
 def multiplies_from_codes(layer: Any) -> bool:
@@ -188,33 +223,41 @@ def huge_pages(arrays: list[Any]) -> str:
     return _pages
 
 
-def quantized_matvec(x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) -> Any:
+def quantized_matvec(
+    x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int, interleaved: bool = False
+) -> Any:
     """`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size, bits)`, affine mode.
 
     x is (..., K) with at most MAX_ROWS rows in all for one pass over the weights (up to
     MAX_SPLIT_ROWS rows run as several passes; more rows go to mx.quantized_matmul). The kernel
     computes in float32; the result has mx.quantized_matmul's dtype (float32 for float32 x).
     Shapes or modes the kernel does not cover (no biases, other bit widths, a non-CPU default
-    device) go to mx.quantized_matmul.
+    device) go to mx.quantized_matmul. interleaved: w, scales and biases in `cpu.interleave`'s layout (they go back
+    to MLX's for mx.quantized_matmul, and the kernel needs `interleaved_kernels()`).
     """
     import mlx.core as mx
 
     def fallback() -> Any:
-        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+        ws = (w, scales, biases)
+        if interleaved:
+            from .cpu import deinterleave
 
-    if not available() or bits not in (4, 8):
+            ws = tuple(deinterleave(a) for a in ws)
+        return mx.quantized_matmul(x, *ws, transpose=True, group_size=group_size, bits=bits)
+
+    if not available() or bits not in (4, 8) or (interleaved and not interleaved_kernels()):
         return fallback()
     rows = _kernel_rows(x, w, scales, biases, group_size, bits)
     if rows < 1 or rows > MAX_SPLIT_ROWS:
         return fallback()
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
+    kw = {"group_size": group_size, "bits": bits, "interleaved": interleaved}
     if rows <= MAX_ROWS:
-        y = _ext.quantized_matvec(xf, w, scales, biases, group_size=group_size, bits=bits)
+        y = _ext.quantized_matvec(xf, w, scales, biases, **kw)
     else:
         flat = xf.reshape(rows, x.shape[-1])
         parts = [
-            _ext.quantized_matvec(flat[i : i + MAX_ROWS], w, scales, biases, group_size=group_size, bits=bits)
-            for i in range(0, rows, MAX_ROWS)
+            _ext.quantized_matvec(flat[i : i + MAX_ROWS], w, scales, biases, **kw) for i in range(0, rows, MAX_ROWS)
         ]
         y = mx.concatenate(parts, axis=0).reshape(*x.shape[:-1], w.shape[0])
     return _result_dtype(y, x, scales)

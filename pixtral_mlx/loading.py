@@ -187,6 +187,7 @@ def load_model(path: Path, system_prompt: bool = True, name: str = "") -> tuple[
         if mx.issubdtype(expected[k].dtype, mx.floating) and not mx.issubdtype(v.dtype, mx.floating):
             raise ModelError(f"{path}: {k} is stored as {v.dtype}, but it must hold floating-point values.")
     model.load_weights(list(weights.items()), strict=True)
+    weights.clear()  # the model holds them now: `backend.prepare` may replace some (interleaved) and free these
     backend.prepare(model)
     mx.eval(model.parameters())
     backend.place_weights(model)

@@ -30,8 +30,10 @@ NB_MODULE(_qmv, m) {
       nb::kw_only(),
       "group_size"_a,
       "bits"_a,
+      "interleaved"_a = false,
       "stream"_a = nb::none(),
-      R"(x @ dequantize(w, scales, biases).T for float32 x with at most 8 rows (affine mode, 4 or 8 bits).)");
+      R"(x @ dequantize(w, scales, biases).T for float32 x with at most 8 rows (affine mode, 4 or 8 bits); with
+interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups of a multiple of 64, an int16 kernel).)");
   m.def(
       "dequantize",
       &qmv::dequantize,

@@ -79,10 +79,16 @@ void pack(const GemmProblem& p, int n0, int k0, int kc, int32_t* wp) {
     idx[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows));
   }
   const int* base = reinterpret_cast<const int*>(p.w + static_cast<int64_t>(n0) * p.w_stride + k0 / 8);
+  // Interleaved weights: each vector's 8 rows are one block, their words for one k contiguous (blocks past N
+  // repeat the last block, as rows do).
+  const int32_t* block[kVecs];
+  for (int j = 0; j < kVecs; ++j)
+    block[j] = reinterpret_cast<const int32_t*>(p.w) + static_cast<int64_t>(std::min(n0 + 8 * j, p.N - 8)) * p.w_stride + k0;
   const __m256i low4 = _mm256_set1_epi32(0xf);
   for (int wi = 0; wi < kc / 8; ++wi) {  // one word: 8 codes, 4 pairs
     for (int j = 0; j < kVecs; ++j) {
-      const __m256i v = _mm256_i32gather_epi32(base + wi, idx[j], 4);
+      const __m256i v = p.interleaved ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block[j] + 8 * wi))
+                                      : _mm256_i32gather_epi32(base + wi, idx[j], 4);
       for (int q = 0; q < 4; ++q) {  // byte q: codes 2 q (low nibble) and 2 q + 1, to the lane's two halves
         const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(v, 8 * q), low4);
         const __m256i hi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 8 * q + 4), low4), 16);
@@ -98,8 +104,11 @@ void pack_scales(const GemmProblem& p, int n0, int g0, int groups, float* sb) {
   for (int r = 0; r < kStrip; ++r) {
     const int64_t n = std::min(n0 + r, p.N - 1);
     for (int gl = 0; gl < groups; ++gl) {
-      sb[(gl * 2) * kStrip + r] = load_scale(p.scales, p.scale_type, n * p.s_stride + g0 + gl);
-      sb[(gl * 2 + 1) * kStrip + r] = load_scale(p.biases, p.scale_type, n * p.b_stride + g0 + gl);
+      const int64_t g = g0 + gl;
+      const int64_t si = p.interleaved ? (n & ~7) * p.s_stride + 8 * g + (n & 7) : n * p.s_stride + g;
+      const int64_t bi = p.interleaved ? (n & ~7) * p.b_stride + 8 * g + (n & 7) : n * p.b_stride + g;
+      sb[(gl * 2) * kStrip + r] = load_scale(p.scales, p.scale_type, si);
+      sb[(gl * 2 + 1) * kStrip + r] = load_scale(p.biases, p.scale_type, bi);
     }
   }
 }
@@ -189,15 +198,139 @@ void gemm_rows(const GemmProblem& p, int n0, int n1) {
   }
 }
 
+// The matvec on interleaved weights (kernels.h: Gemm::matvec). One 32-byte load holds word w of 8 outputs; as in the
+// int16 matvec kernels, shifts and masks turn it into 4 vectors whose 32-bit lanes hold a pair of codes (w's codes j
+// and j + 4) of one output each, and a row of x supplies the matching pair of its int16 values (Problem::xq's layout
+// holds them side by side) broadcast to all lanes: one vpdpwssd adds 2 products to each of 8 outputs, and every row
+// of x reuses the unpacked codes. A group's exact int32 sums are scaled as the prompt product scales them (`tile`:
+// the same operations in the same order per output), so a row of x gets here the bits it gets from `gemm_rows`.
+// Per 32 weight bytes and row of x: 4 vpdpwssd and 4 broadcasts, the unpacking shared, and the group scaling a
+// vector operation for 8 outputs (the row-major kernels scale each output's partial sums apart, then sum lanes).
+
+// 8 consecutive scales (or biases) as floats.
+__attribute__((always_inline)) inline __m256 load8(const void* base, int type, int64_t i) {
+  switch (type) {
+    case kF32:
+      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
+    case kF16:
+      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
+    default: {
+      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    }
+  }
+}
+
+// B blocks of 8 outputs from block n (B * 8 <= n1 - n): each broadcast of x serves B blocks.
+template <int M, int CPG, int B>
+inline void matvec_blocks(const Problem& p, int n, const char* end) {
+  // Independent accumulator chains per (row of x, block): vpdpwssd's latency (~4 cycles) times its 2 issues a cycle
+  // wants 8 in flight, which one or two rows of x alone would not give.
+  constexpr int C = M * B >= 16 ? 1 : (M * B >= 8 ? 2 : 8 / (M * B));
+  const int G = p.K / p.group_size;
+  const int cpg = CPG > 0 ? CPG : p.group_size / 64;
+  const int64_t words = p.K / 8;  // per row
+  const __m256i low4 = _mm256_set1_epi32(0x000f000f);
+  const uint32_t* wb[B];  // block b: word w of row n + 8 b + r at wb[b][8 w + r]
+  for (int b = 0; b < B; ++b) wb[b] = p.w + static_cast<int64_t>(n + 8 * b) * words;
+  const int64_t sb = static_cast<int64_t>(n) * G;
+  __m256 o[M][B];
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b) o[m][b] = _mm256_setzero_ps();
+  for (int g = 0; g < G; ++g) {
+    __m256i acc[M][B][C];
+    for (int m = 0; m < M; ++m)
+      for (int b = 0; b < B; ++b)
+        for (int a = 0; a < C; ++a) acc[m][b][a] = _mm256_setzero_si256();
+    for (int c = 0; c < cpg; ++c) {
+      const int64_t ci = static_cast<int64_t>(g) * cpg + c;  // chunk of 64 elements: 8 words of each row
+      for (int b = 0; b < B; ++b) {
+        const char* ahead = reinterpret_cast<const char*>(wb[b] + ci * 64) + kPrefetchBytes;
+        if (ahead < end)
+          for (int l = 0; l < 256; l += 64) prefetch_l2(ahead + l);
+      }
+      const int32_t* xc = reinterpret_cast<const int32_t*>(p.xq + ci * M * 64);  // row m's pairs at xc + 32 m
+#pragma GCC unroll 8
+      for (int i = 0; i < 8; ++i) {
+        __m256i q[B][4];
+        for (int b = 0; b < B; ++b) {
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb[b] + ci * 64 + 8 * i));
+          q[b][0] = _mm256_and_si256(v, low4);
+          q[b][1] = _mm256_and_si256(_mm256_srli_epi32(v, 4), low4);
+          q[b][2] = _mm256_and_si256(_mm256_srli_epi32(v, 8), low4);
+          q[b][3] = _mm256_and_si256(_mm256_srli_epi32(v, 12), low4);
+        }
+#pragma GCC unroll 8
+        for (int m = 0; m < M; ++m) {  // pair j of word i: (x[8 i + j], x[8 i + j + 4]), int32 j * 8 + i
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) {
+            const __m256i xb = _mm256_set1_epi32(xc[32 * m + 8 * j + i]);
+            for (int b = 0; b < B; ++b) acc[m][b][(4 * i + j) % C] = dot(acc[m][b][(4 * i + j) % C], q[b][j], xb);
+          }
+        }
+      }
+    }
+    for (int b = 0; b < B; ++b) {
+      const __m256 s = load8(p.scales, p.scale_type, sb + 8 * b * G + 8 * g);
+      const __m256 bias = load8(p.biases, p.scale_type, sb + 8 * b * G + 8 * g);
+      for (int m = 0; m < M; ++m) {
+        __m256i sum = acc[m][b][0];  // the chains' exact int32 sums (the order does not change them)
+        for (int a = 1; a < C; ++a) sum = _mm256_add_epi32(sum, acc[m][b][a]);
+        const int64_t at = static_cast<int64_t>(m) * G + g;  // tile's arithmetic
+        const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(p.xscale[at]), _mm256_cvtepi32_ps(sum),
+                                         _mm256_set1_ps(7.5f * p.xerr[at]));
+        o[m][b] = _mm256_fmadd_ps(s, t, o[m][b]);
+        o[m][b] = _mm256_fmadd_ps(bias, _mm256_set1_ps(p.xsum[at]), o[m][b]);
+      }
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (int b = 0; b < B; ++b) _mm256_storeu_ps(p.out + static_cast<int64_t>(m) * p.N + n + 8 * b, o[m][b]);
+}
+
+// Blocks per pass: two where 4 or more rows of x would otherwise make the broadcasts of x as many loads as there are
+// products (AVX-512VL's 32 registers hold 2 x 8 accumulators; AVX2's 16 do not).
+template <int M>
+constexpr int blocks_per_pass() {
+#if defined(QMV_GEMM_EVEX)
+  return M >= 2 ? 2 : 1;
+#else
+  return 1;
+#endif
+}
+
+template <int M, int CPG>
+void matvec_block_rows(const Problem& p, int n0, int n1) {
+  constexpr int B = blocks_per_pass<M>();
+  const char* end = reinterpret_cast<const char*>(p.w + static_cast<int64_t>(n1) * (p.K / 8));
+  int n = n0;
+  for (; n + 8 * B <= n1; n += 8 * B) matvec_blocks<M, CPG, B>(p, n, end);
+  for (; n < n1; n += 8) matvec_blocks<M, CPG, 1>(p, n, end);
+}
+
+void matvec_rows(const Problem& p, int n0, int n1) {
+  auto f = [&](auto m, auto) {
+    constexpr int M = decltype(m)::value;
+    if (p.group_size == 64) {
+      matvec_block_rows<M, 1>(p, n0, n1);
+    } else if (p.group_size == 128) {
+      matvec_block_rows<M, 2>(p, n0, n1);
+    } else {
+      matvec_block_rows<M, 0>(p, n0, n1);
+    }
+  };
+  dispatch_rows<4>(p, f);
+}
+
 }  // namespace
 
 #if defined(QMV_GEMM_EVEX)
 Gemm gemm_int16_avx512vl() {
-  return {"avx512vl-vnni", kStrip, gemm_rows};
+  return {"avx512vl-vnni", kStrip, gemm_rows, matvec_rows};
 }
 #else
 Gemm gemm_int16_avx2() {
-  return {"avx2", kStrip, gemm_rows};
+  return {"avx2", kStrip, gemm_rows, matvec_rows};
 }
 #endif
 

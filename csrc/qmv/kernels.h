@@ -134,12 +134,23 @@ struct GemmProblem {
   const float* xerr;     // step * sum(xq) - sum(x) per group
   const float* xsum;     // sum(x) per group
   float* out;            // M rows of N
+  bool interleaved = false;  // w, scales and biases in the interleaved layout (below), contiguous
 };
 
+// The interleaved layout of 4-bit weights (N a multiple of 8, contiguous arrays of MLX's shapes): output rows in
+// blocks of 8, and within a block the 8 rows' 32-bit words of codes alternate, word w of row 8 b + r at
+// w_int[(8 b) * W + 8 w + r] (W = K / 8 words per row); scales and biases likewise, group g of row 8 b + r at
+// s_int[(8 b) * G + 8 g + r]. It is the MLX layout with each block of 8 rows transposed (`cpu.interleave`), the same
+// bytes, and one 32-byte load then holds 8 codes of each of 8 outputs: the rows of a batch share each unpacking and
+// each output's group scaling is one lane of a vector operation (Gemm::matvec).
 struct Gemm {
   const char* name;  // the matvec kernel family it goes with
   int strip;         // output rows per task unit: rows(p, n0, n1) takes n0 a multiple of it
   void (*rows)(const GemmProblem&, int n0, int n1);
+  // At most kMaxRows rows of x on interleaved weights (4-bit, group_size a multiple of 64): out rows [n0, n1),
+  // multiples of 8, with Problem::xq in the 64-element chunk layout (int16_chunk 64), xscale, xerr and xsum. Each
+  // output gets the same bits as `rows` gives it for the same row of x, whatever the other rows.
+  void (*matvec)(const Problem&, int n0, int n1);
 };
 
 Gemm gemm_int16_avx512vl();  // vpdpwssd on 256 bits: avx512vl, avx512vnni (and avx512bw) at run time

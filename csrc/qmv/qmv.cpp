@@ -367,8 +367,11 @@ struct Call {
   int scale_type;
   float* out;
 
+  bool interleaved = false;  // kernels.h: the interleaved layout (4-bit; get_gemm() has the kernels)
+
   void operator()() const {
     if (M > kMaxRows) return gemm();
+    if (interleaved) return interleaved_matvec();
     const int G = K / group_size;
     const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0 && K % kernel.int16_chunk == 0;
     std::vector<float> xp(int16 ? 0 : static_cast<size_t>(M) * K);
@@ -479,7 +482,7 @@ struct Call {
     const Operand biases = biases_view.operand();
     GemmProblem p{M, N, K, group_size, static_cast<const uint32_t*>(w.data), w.row_stride, scales.data,
                   biases.data, scales.row_stride, biases.row_stride, scale_type, xq.data(), xscale.data(),
-                  xerr.data(), xsum.data(), out};
+                  xerr.data(), xsum.data(), out, interleaved};
     // Strips of output rows, a few per thread (a thread slowed by other work holds no one up for long).
     const int strips = (N + g->strip - 1) / g->strip;
     const int ntasks = std::min(strips, nthr * 4);
@@ -489,6 +492,56 @@ struct Call {
       const int n0 = t * per * gg.strip;
       const int n1 = std::min(N, n0 + per * gg.strip);
       if (n0 < n1) gg.rows(p, n0, n1);
+    });
+  }
+
+  // At most kMaxRows rows on interleaved weights: Gemm::matvec, x in the 64-element chunk layout.
+  void interleaved_matvec() const {
+    const Gemm* g = get_gemm();
+    const int G = K / group_size;
+    std::vector<int16_t> xq_store(static_cast<size_t>(M) * K + 32);
+    std::vector<float> xscale(static_cast<size_t>(M) * G), xerr(xscale.size()), xsum(xscale.size());
+    int16_t* xq = align64(xq_store.data());
+    for (int m = 0; m < M; ++m) {
+      const float* xm = x + x_row_offset[m];
+      group_sums(xm, x_col_stride, K, group_size, xsum.data() + static_cast<size_t>(m) * G);
+      quantize_x16(xm, x_col_stride, m, M, K, group_size, 64, xq, xscale.data() + static_cast<size_t>(m) * G,
+                   xerr.data() + static_cast<size_t>(m) * G);
+    }
+    const Operand w = w_view.operand();
+    const Operand scales = scales_view.operand();
+    const Operand biases = biases_view.operand();
+    Problem p;
+    p.M = M;
+    p.N = N;
+    p.K = K;
+    p.group_size = group_size;
+    p.bits = 4;
+    p.w = static_cast<const uint32_t*>(w.data);
+    p.w_stride = w.row_stride;
+    p.scales = scales.data;
+    p.biases = biases.data;
+    p.s_stride = scales.row_stride;
+    p.b_stride = biases.row_stride;
+    p.scale_type = scale_type;
+    p.xp = nullptr;
+    p.xsum = xsum.data();
+    p.out = out;
+    p.xq = xq;
+    p.xscale = xscale.data();
+    p.xerr = xerr.data();
+    // Blocks of 8 rows, about 4 tasks per thread (as for the row-major kernels).
+    const int nthr = static_cast<double>(N) * K / 2 < 256 * 1024 ? 1 : std::max(1, nthreads);
+    const int blocks = N / 8;
+    const int ntasks = std::min(blocks, nthr == 1 ? 1 : nthr * 4);
+    const int per = (blocks + ntasks - 1) / ntasks;
+    const auto fn = g->matvec;
+    if (ntasks <= 1) return fn(p, 0, N);
+    const int n_total = N;
+    Pool::get().run(ntasks, nthr, [&p, fn, per, n_total](int t) {
+      const int n0 = t * per * 8;
+      const int n1 = std::min(n_total, n0 + per * 8);
+      if (n0 < n1) fn(p, n0, n1);
     });
   }
 };
@@ -597,6 +650,7 @@ mx::array quantized_matvec(
     const mx::array& biases,
     int group_size,
     int bits,
+    bool interleaved,
     mx::StreamOrDevice s) {
   auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.quantized_matvec: " + msg); };
   if (bits != 4 && bits != 8) fail("bits must be 4 or 8");
@@ -620,12 +674,19 @@ mx::array quantized_matvec(
   if (M < 1) fail("x must have at least one row");
   if (M > kMaxRowsOfX && (bits != 4 || get_gemm() == nullptr))
     fail("x must have between 1 and 8 rows (more take 4-bit weights and an int16 kernel: gemm_isa())");
+  if (interleaved) {
+    if (bits != 4 || group_size % 64 != 0 || N % 8 != 0)
+      fail("interleaved weights must be 4-bit, with groups of a multiple of 64 and rows a multiple of 8");
+    if (get_gemm() == nullptr) fail("interleaved weights need an int16 kernel (gemm_isa())");
+  }
   auto stream = mx::to_stream(s);
   if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
-  return mx::array(
-      out_shape, mx::float32, std::make_shared<QuantizedMatvec>(stream, group_size, bits), {x, w, scales, biases});
+  // Interleaved operands are read as whole contiguous blocks: copies where they are views.
+  auto whole = [&](const mx::array& a) { return interleaved ? mx::contiguous(a, false, stream) : a; };
+  return mx::array(out_shape, mx::float32, std::make_shared<QuantizedMatvec>(stream, group_size, bits, interleaved),
+                   {x, whole(w), whole(scales), whole(biases)});
 }
 
 std::vector<mx::Shape> QuantizedMatvec::output_shapes(const std::vector<mx::array>& inputs) {
@@ -636,7 +697,7 @@ std::vector<mx::Shape> QuantizedMatvec::output_shapes(const std::vector<mx::arra
 
 bool QuantizedMatvec::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QuantizedMatvec&>(other);
-  return group_size_ == o.group_size_ && bits_ == o.bits_;
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && interleaved_ == o.interleaved_;
 }
 
 void QuantizedMatvec::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -674,6 +735,7 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   call.biases_view = View2D::of(biases);
   call.scale_type = scale_type_of(scales.dtype());
   call.out = out.data<float>();
+  call.interleaved = interleaved_;
   encoder.dispatch([call = std::move(call)]() { call(); });
 }
 

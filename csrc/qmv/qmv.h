@@ -28,12 +28,13 @@ mx::array quantized_matvec(
     const mx::array& biases,  // like scales
     int group_size,
     int bits,
+    bool interleaved = false,  // w, scales, biases in kernels.h's interleaved layout (4-bit, int16 kernels)
     mx::StreamOrDevice s = {});
 
 class QuantizedMatvec : public mx::Primitive {
  public:
-  QuantizedMatvec(mx::Stream stream, int group_size, int bits)
-      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+  QuantizedMatvec(mx::Stream stream, int group_size, int bits, bool interleaved = false)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), interleaved_(interleaved) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -49,6 +50,7 @@ class QuantizedMatvec : public mx::Primitive {
  private:
   int group_size_;
   int bits_;
+  bool interleaved_;
 };
 
 // Run-time configuration (process-wide).
