@@ -7,7 +7,9 @@ In one process and one run:
    over CPU streams (the path decode took before the kernel);
 3. decode tokens/s extrapolated to 40 layers + lm_head from those times, next to the bound
    (bytes read per token / bandwidth);
-4. rows of x = 1, 2, 4, 8 (batched decoding) through the kernel: time per pass over the weights;
+4. rows of x = 1, 2, 4, 8 (batched decoding) through the kernel: time per pass over the weights, in the layout load
+   gives the weights (`cpu_kernel.interleaving()`: interleaved, `cpu.interleave`) and, where that is the interleaved
+   one, also in MLX's row-major layout, in the same minutes;
 5. prefill (128 tokens through DequantizingQuantizedLinear) with the kernel switched on and off:
    prefill does not use it, so the two must match.
 
@@ -78,7 +80,14 @@ def weights(n: int, k: int, sdtype: Any, seed: int) -> tuple[Any, Any, Any]:
 
 
 def qmv(x: Any, w: Any, s: Any, b: Any) -> Any:
+    return cpu_kernel.quantized_matvec(x, w, s, b, group_size=GROUP, bits=BITS, interleaved=INTERLEAVED)
+
+
+def qmv_row_major(x: Any, w: Any, s: Any, b: Any) -> Any:
     return cpu_kernel.quantized_matvec(x, w, s, b, group_size=GROUP, bits=BITS)
+
+
+INTERLEAVED = False  # main(): the weights in the layout load gives them (random codes: the values do not matter)
 
 
 def qmm(x: Any, w: Any, s: Any, b: Any) -> Any:
@@ -137,6 +146,8 @@ def main() -> int:
     ap.add_argument("--pages", choices=["huge", "4k"], default="huge", help="weights in huge pages, as at load")
     ap.add_argument("--json", type=Path, help="write the results here as JSON")
     args = ap.parse_args()
+    global INTERLEAVED
+    INTERLEAVED = cpu_kernel.interleaving()
     sdtype = mx.bfloat16 if args.scales == "bf16" else mx.float32
     if not cpu_kernel.available():
         print(f"qmv kernel not available: {cpu_kernel.reason()}", file=sys.stderr)
@@ -198,10 +209,13 @@ def main() -> int:
                     r["split_s"] = timed(split_quantized_matmul, x, copies[:1], args.ref_repeats, streams)
             if name in ("gate_proj", "lm_head"):
                 r["rows"] = {}
+                r["rows_row_major"] = {}
                 for m in (1, 2, 4, 8):
                     xm = mx.random.normal((m, k))
                     mx.eval(xm)
                     r["rows"][m] = timed(qmv, xm, copies, args.repeats)
+                    if INTERLEAVED:  # the same bytes read as MLX lays them out (as if they were not interleaved)
+                        r["rows_row_major"][m] = timed(qmv_row_major, xm, copies, args.repeats)
             del copies
             mx.clear_cache()
             cache[(n, k)] = r
@@ -241,13 +255,26 @@ def main() -> int:
     print("  (matrix products only: attention, norms and sampling add a little)")
     res["decode"] = decode
 
-    print("\nrows of x through the kernel (one pass over the weights for all rows):")
+    layout = "interleaved" if INTERLEAVED else "row-major"
+    print(f"\nrows of x through the kernel (one pass over the weights for all rows), {layout} weights:")
     with_rows = {r["name"]: r["rows"] for r in rows if r.get("rows")}
     for name, times in with_rows.items():
         t1 = times[1]
         cells = ", ".join(f"M={m}: {t * 1e3:.2f} ms ({t / t1:.2f}x)" for m, t in times.items())
         print(f"  {name:10} {cells}")
     res["rows_of_x"] = with_rows
+    res["layout"] = layout
+    row_major = {r["name"]: r["rows_row_major"] for r in rows if r.get("rows_row_major")}
+    if row_major:
+        print("the same rows, row-major weights (MLX's layout), in the same minutes:")
+        for name, times in row_major.items():
+            t1 = times[1]
+            cells = ", ".join(
+                f"M={m}: {t * 1e3:.2f} ms ({t / t1:.2f}x; interleaved {t / with_rows[name][m]:.2f}x faster)"
+                for m, t in times.items()
+            )
+            print(f"  {name:10} {cells}")
+        res["rows_of_x_row_major"] = row_major
 
     pf = prefill_check(sdtype, args.repeats)
     res["prefill_128_tokens"] = pf

@@ -260,17 +260,8 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return y
 
 
-def interleave(a: mx.array) -> mx.array:
-    """Rows in blocks of 8, each block transposed: row 8 b + r's column c goes to flat index (8 b) * C + 8 c + r of
-    the (N, C) result (csrc/qmv/kernels.h, the interleaved layout). The same shape, dtype and bytes."""
-    n, c = a.shape
-    return a.reshape(n // 8, 8, c).transpose(0, 2, 1).reshape(n, c)
-
-
-def deinterleave(a: mx.array) -> mx.array:
-    """`interleave`'s inverse."""
-    n, c = a.shape
-    return a.reshape(n // 8, c, 8).transpose(0, 2, 1).reshape(n, c)
+# The interleaved layout's two directions (defined with the kernel, which reads it).
+interleave, deinterleave = cpu_kernel.interleave, cpu_kernel.deinterleave
 
 
 class InterleavedQuantizedLinear(DequantizingQuantizedLinear):

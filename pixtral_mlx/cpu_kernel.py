@@ -102,6 +102,8 @@ def describe() -> str:
     if available():
         n = _ext.threads()
         text = f"qmv {_ext.isa()}, {n} thread{'s' if n != 1 else ''}"
+        if interleaving():
+            text += ", 4-bit weights interleaved"
     else:
         text = f"mx.quantized_matmul ({reason()})"
     return f"{text}; {_pages}" if _pages else text
@@ -138,10 +140,31 @@ def _interleave_setting() -> str:
     return os.environ.get("PIXTRAL_MLX_QMV_INTERLEAVE", "").strip().lower()
 
 
+def interleave(a: Any) -> Any:
+    """Rows in blocks of 8, each block transposed: row 8 b + r's column c goes to flat index (8 b) * C + 8 c + r of
+    the (N, C) result (csrc/qmv/kernels.h, the interleaved layout). The same shape, dtype and bytes."""
+    n, c = a.shape
+    return a.reshape(n // 8, 8, c).transpose(0, 2, 1).reshape(n, c)
+
+
+def deinterleave(a: Any) -> Any:
+    """`interleave`'s inverse."""
+    n, c = a.shape
+    return a.reshape(n // 8, c, 8).transpose(0, 2, 1).reshape(n, c)
+
+
 def interleaved_kernels() -> bool:
     """True when the extension runs weights in the interleaved layout (`cpu.interleave`): 4-bit products with an
     int16 kernel (the extension's `gemm_isa`, whatever PIXTRAL_MLX_QMV_GEMM says)."""
     return available() and hasattr(_ext, "gemm_isa") and bool(_ext.gemm_isa())
+
+
+def interleaving() -> bool:
+    """`interleaves`' part that does not depend on the layer: the setting, the kernel in use, the prompt product."""
+    setting = _interleave_setting()
+    if setting in ("0", "off", "no", "false") or not interleaved_kernels() or not gemm_isa():
+        return False
+    return setting in ("1", "on", "yes", "true") or _ext.isa() == "avx512vl-vnni"
 
 
 def interleaves(layer: Any) -> bool:
@@ -153,13 +176,9 @@ def interleaves(layer: Any) -> bool:
     multiplied from the codes (`multiplies_from_codes`), and by default the kernel this was measured with
     (`avx512vl-vnni`, Zen 4); `PIXTRAL_MLX_QMV_INTERLEAVE=on` takes it wherever an int16 kernel runs (AVX2 and
     Intel AVX-512: unmeasured), `=off` never."""
-    setting = _interleave_setting()
-    if setting in ("0", "off", "no", "false") or not interleaved_kernels():
-        return False
-    if setting not in ("1", "on", "yes", "true") and _ext.isa() != "avx512vl-vnni":
-        return False
     return (
-        multiplies_from_codes(layer)
+        interleaving()
+        and multiplies_from_codes(layer)
         and layer.group_size % 64 == 0
         and layer.weight.ndim == 2
         and layer.weight.shape[0] % 8 == 0
@@ -240,8 +259,6 @@ def quantized_matvec(
     def fallback() -> Any:
         ws = (w, scales, biases)
         if interleaved:
-            from .cpu import deinterleave
-
             ws = tuple(deinterleave(a) for a in ws)
         return mx.quantized_matmul(x, *ws, transpose=True, group_size=group_size, bits=bits)
 

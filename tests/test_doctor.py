@@ -54,6 +54,10 @@ def test_json_names_the_blas_backend_loaded(blas):
     if codes is not None:
         assert codes == ("avx512vl-vnni" if r["decode_kernel"]["name"].startswith("avx512") else "avx2")
         assert f"4-bit products from the codes, int16 x ({codes})" in r["prefill_kernels"]["describe"]
+    interleaved = r["decode_kernel"]["interleaved"]  # by default with the Zen 4 kernel, and never without codes
+    assert interleaved == cpu_kernel.interleaving()
+    assert interleaved == (codes is not None and r["decode_kernel"]["name"] == "avx512vl-vnni")
+    assert ("4-bit weights interleaved" in r["decode_kernel"]["describe"]) == interleaved
     assert r["mlx"]["version"] == __import__("mlx.core").core.__version__
 
 
