@@ -223,7 +223,7 @@ __attribute__((always_inline)) inline __m256 load8(const void* base, int type, i
 
 // B blocks of 8 outputs from block n (B * 8 <= n1 - n): each broadcast of x serves B blocks.
 template <int M, int CPG, int B>
-inline void matvec_blocks(const Problem& p, int n, const char* end) {
+inline void matvec_blocks(const Problem& p, int n, int64_t ahead_bytes, const char* end) {
   // Independent accumulator chains per (row of x, block): vpdpwssd's latency (~4 cycles) times its 2 issues a cycle
   // wants 8 in flight, which one or two rows of x alone would not give.
   constexpr int C = M * B >= 16 ? 1 : (M * B >= 8 ? 2 : 8 / (M * B));
@@ -245,7 +245,7 @@ inline void matvec_blocks(const Problem& p, int n, const char* end) {
     for (int c = 0; c < cpg; ++c) {
       const int64_t ci = static_cast<int64_t>(g) * cpg + c;  // chunk of 64 elements: 8 words of each row
       for (int b = 0; b < B; ++b) {
-        const char* ahead = reinterpret_cast<const char*>(wb[b] + ci * 64) + kPrefetchBytes;
+        const char* ahead = reinterpret_cast<const char*>(wb[b] + ci * 64) + ahead_bytes;
         if (ahead < end)
           for (int l = 0; l < 256; l += 64) prefetch_l2(ahead + l);
       }
@@ -288,8 +288,10 @@ inline void matvec_blocks(const Problem& p, int n, const char* end) {
     for (int b = 0; b < B; ++b) _mm256_storeu_ps(p.out + static_cast<int64_t>(m) * p.N + n + 8 * b, o[m][b]);
 }
 
-// Blocks per pass: two where 4 or more rows of x would otherwise make the broadcasts of x as many loads as there are
-// products (AVX-512VL's 32 registers hold 2 x 8 accumulators; AVX2's 16 do not).
+// Blocks per pass: two from 2 rows of x on, so that each broadcast of x serves 16 outputs (with 4 or more rows the
+// broadcasts would otherwise be as many loads as there are products; AVX-512VL's 32 registers hold 2 x 8
+// accumulators, AVX2's 16 do not). One row of x reads one stream (14336x5120 and 131072x5120 on Zen 4: at the
+// row-major kernel's GB/s, where two streams were ~5 % slower).
 template <int M>
 constexpr int blocks_per_pass() {
 #if defined(QMV_GEMM_EVEX)
@@ -304,8 +306,11 @@ void matvec_block_rows(const Problem& p, int n0, int n1) {
   constexpr int B = blocks_per_pass<M>();
   const char* end = reinterpret_cast<const char*>(p.w + static_cast<int64_t>(n1) * (p.K / 8));
   int n = n0;
-  for (; n + 8 * B <= n1; n += 8 * B) matvec_blocks<M, CPG, B>(p, n, end);
-  for (; n < n1; n += 8) matvec_blocks<M, CPG, 1>(p, n, end);
+  // Prefetch the bytes a later pass reads at the same point, at least kPrefetchBytes ahead.
+  const int64_t pass = static_cast<int64_t>(B) * 8 * (p.K / 8) * 4;
+  const int64_t ahead = (kPrefetchBytes + pass - 1) / pass * pass;
+  for (; n + 8 * B <= n1; n += 8 * B) matvec_blocks<M, CPG, B>(p, n, ahead, end);
+  for (; n < n1; n += 8) matvec_blocks<M, CPG, 1>(p, n, ahead, end);
 }
 
 void matvec_rows(const Problem& p, int n0, int n1) {
