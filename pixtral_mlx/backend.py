@@ -262,6 +262,7 @@ def prepare(model: Any) -> None:
 
     for module, params in stored:
         module.update(params)
+    stored.clear()  # (the interleaving below frees each original as it goes)
     for _, module in model.named_modules():
         if type(module) in REPLACEMENTS:
             module.__class__ = REPLACEMENTS[type(module)]
