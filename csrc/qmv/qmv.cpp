@@ -683,8 +683,11 @@ mx::array quantized_matvec(
   if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
   mx::Shape out_shape = x.shape();
   out_shape.back() = N;
-  // Interleaved operands are read as whole contiguous blocks: copies where they are views.
-  auto whole = [&](const mx::array& a) { return interleaved ? mx::contiguous(a, false, stream) : a; };
+  // Interleaved operands are read as whole contiguous blocks: copies where they are views (or not evaluated yet; a
+  // layer's evaluated weights pass as they are, adding no node to the graph).
+  auto whole = [&](const mx::array& a) {
+    return !interleaved || (a.is_available() && a.flags().row_contiguous) ? a : mx::contiguous(a, false, stream);
+  };
   return mx::array(out_shape, mx::float32, std::make_shared<QuantizedMatvec>(stream, group_size, bits, interleaved),
                    {x, whole(w), whole(scales), whole(biases)});
 }
