@@ -25,7 +25,7 @@ from mlx.utils import tree_flatten
 from qmv import bandwidth  # this folder: the same bound qmv.py prints
 
 from pixtral_mlx import backend, cpu_kernel
-from pixtral_mlx.cpu import REPLACEMENTS
+from pixtral_mlx.cpu import install
 from pixtral_mlx.generate import Options, stream_tokens
 
 
@@ -67,9 +67,8 @@ def main() -> int:
                         "biases": (mx.random.normal(shape, key=k3) * 0.01).astype(mx.bfloat16),
                     }
                 )
-            if type(m) in REPLACEMENTS:
-                m.__class__ = REPLACEMENTS[type(m)]
         mx.eval(blk.parameters())
+        install(blk)  # the CPU classes, and the weights laid out as load lays them out
         layers.append(blk)
     lm.model.layers = layers
     mx.clear_cache()

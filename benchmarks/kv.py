@@ -66,11 +66,9 @@ def swap_cpu_classes(model):
     from pixtral_mlx import backend
 
     if backend.on_cpu():
-        from pixtral_mlx.cpu import REPLACEMENTS
+        from pixtral_mlx.cpu import install
 
-        for _, module in model.named_modules():
-            if type(module) in REPLACEMENTS:
-                module.__class__ = REPLACEMENTS[type(module)]
+        install(model)
 
 
 def decode_speed(contexts, tokens):

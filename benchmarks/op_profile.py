@@ -74,8 +74,7 @@ def swap(module: Any, cpu: Any) -> None:
     for _, m in module.named_modules():
         if isinstance(m, nn.QuantizedLinear):
             m.scales, m.biases = m.scales.astype(mx.bfloat16), m.biases.astype(mx.bfloat16)
-        if type(m) in cpu.REPLACEMENTS:
-            m.__class__ = cpu.REPLACEMENTS[type(m)]
+    cpu.install(module)
 
 
 def vision_layer() -> Any:

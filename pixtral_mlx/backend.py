@@ -258,19 +258,12 @@ def prepare(model: Any) -> None:
     model.set_dtype(compute_dtype(weight_dtype))
     if not cpu:
         return
-    from .cpu import REPLACEMENTS
+    from .cpu import install
 
     for module, params in stored:
         module.update(params)
-    stored.clear()  # (the interleaving below frees each original as it goes)
-    for _, module in model.named_modules():
-        if type(module) in REPLACEMENTS:
-            module.__class__ = REPLACEMENTS[type(module)]
-    from .cpu import InterleavedQuantizedLinear
-
-    for _, module in model.named_modules():
-        if type(module) is REPLACEMENTS[nn.QuantizedLinear] and cpu_kernel.interleaves(module):
-            InterleavedQuantizedLinear.convert(module)
+    stored.clear()  # (the interleaving in `install` frees each original as it goes)
+    install(model)
 
 
 def place_weights(model: Any) -> str:

@@ -550,3 +550,15 @@ REPLACEMENTS: dict[type, type] = {
     llama.MLP: KernelMLP,
     ministral3.MLP: KernelMinistral3MLP,
 }
+
+
+def install(model: Any) -> None:
+    """Swap in the CPU classes (`REPLACEMENTS`), then store the weights of the quantized layers
+    `cpu_kernel.interleaves` interleaved (`InterleavedQuantizedLinear`, one layer at a time): what `backend.prepare`
+    does on the CPU once the scales are in place, and what the benchmarks that build layers themselves call."""
+    for _, module in model.named_modules():
+        if type(module) in REPLACEMENTS:
+            module.__class__ = REPLACEMENTS[type(module)]
+    for _, module in model.named_modules():
+        if type(module) is DequantizingQuantizedLinear and cpu_kernel.interleaves(module):
+            InterleavedQuantizedLinear.convert(module)
