@@ -75,6 +75,19 @@ def test_the_layout():
     assert mx.array_equal(cpu.deinterleave(cpu.interleave(a)), a).item()
 
 
+@pytest.mark.parametrize("dtype", [mx.uint32, mx.bfloat16, mx.float16, mx.float32])
+def test_the_extension_makes_the_same_layout(ext, dtype):
+    """The extension's threaded copy gives MLX's reshape / transpose / reshape, for contiguous arrays and views."""
+    a = (mx.random.uniform(shape=(8 * 300, 37), key=mx.random.key(1)) * 60000).astype(dtype)
+    want = a.reshape(300, 8, 37).transpose(0, 2, 1).reshape(8 * 300, 37)
+    assert mx.array_equal(ext.interleave(a), want).item()
+    assert mx.array_equal(cpu.interleave(a), want).item()
+    view = mx.concatenate([a, a], axis=1)[:, 5:42]
+    assert mx.array_equal(ext.interleave(view), view.reshape(300, 8, 37).transpose(0, 2, 1).reshape(8 * 300, 37)).item()
+    with pytest.raises(ValueError, match="rows a multiple of 8"):
+        ext.interleave(a[:12])
+
+
 @pytest.mark.parametrize(
     "n,k,group_size,dtype",
     [

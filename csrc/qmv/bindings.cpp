@@ -35,6 +35,13 @@ NB_MODULE(_qmv, m) {
       R"(x @ dequantize(w, scales, biases).T for float32 x with at most 8 rows (affine mode, 4 or 8 bits); with
 interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups of a multiple of 64, an int16 kernel).)");
   m.def(
+      "interleave",
+      &qmv::interleave,
+      "a"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "The interleaved layout of a (N, C) array (N a multiple of 8, 2- or 4-byte elements), over the thread pool.");
+  m.def(
       "dequantize",
       &qmv::dequantize,
       "w"_a,

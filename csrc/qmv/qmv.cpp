@@ -742,4 +742,61 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   encoder.dispatch([call = std::move(call)]() { call(); });
 }
 
+///////////////////////////////////////////////////////////////////////////////
+// The interleaved layout, made at load
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array interleave(const mx::array& a, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.interleave: " + msg); };
+  if (a.ndim() != 2 || a.shape(0) % 8 != 0) fail("a must be 2-D with rows a multiple of 8");
+  if (a.itemsize() != 2 && a.itemsize() != 4) fail("a must have 2- or 4-byte elements");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  return mx::array(a.shape(), a.dtype(), std::make_shared<Interleave>(stream), {mx::contiguous(a, false, stream)});
+}
+
+void Interleave::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvInterleave has no GPU implementation");
+}
+
+namespace {
+
+// Blocks [b0, b1) of 8 rows of C elements: dst[(8 b) * C + 8 c + r] = src[(8 b + r) * C + c].
+template <class T>
+void interleave_blocks(const T* src, T* dst, int64_t C, int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* rows = src + b * 8 * C;
+    T* out = dst + b * 8 * C;
+    for (int64_t c = 0; c < C; ++c)
+      for (int r = 0; r < 8; ++r) out[8 * c + r] = rows[r * C + c];
+  }
+}
+
+}  // namespace
+
+void Interleave::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& a = inputs[0];
+  if (!a.flags().row_contiguous) throw std::invalid_argument("qmv.interleave: a must be row-contiguous");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(a);
+  encoder.set_output_array(out);
+  const int64_t C = a.shape(1), blocks = a.shape(0) / 8;
+  const bool wide = a.itemsize() == 4;
+  encoder.dispatch([wide, C, blocks, src = a.data<char>(), dst = out.data<char>()]() {
+    // About 4 tasks a thread, at least 64 KiB each.
+    const int64_t min_blocks = std::max<int64_t>(1, 65536 / (8 * C * (wide ? 4 : 2)));
+    const int64_t per = std::max(min_blocks, (blocks + 4 * threads() - 1) / (4 * threads()));
+    const int ntasks = static_cast<int>((blocks + per - 1) / per);
+    parallel_for(ntasks, [&](int t) {
+      const int64_t b0 = t * per, b1 = std::min(blocks, b0 + per);
+      if (wide) {
+        interleave_blocks(reinterpret_cast<const uint32_t*>(src), reinterpret_cast<uint32_t*>(dst), C, b0, b1);
+      } else {
+        interleave_blocks(reinterpret_cast<const uint16_t*>(src), reinterpret_cast<uint16_t*>(dst), C, b0, b1);
+      }
+    });
+  });
+}
+
 }  // namespace qmv

@@ -53,6 +53,27 @@ class QuantizedMatvec : public mx::Primitive {
   bool interleaved_;
 };
 
+// kernels.h's interleaved layout of a (N, C) array (N a multiple of 8; 2- or 4-byte elements): each block of 8 rows
+// transposed, row 8 b + r's column c at flat index (8 b) * C + 8 c + r. A copy made over the thread pool (the same
+// values as MLX's reshape / transpose / reshape, several times faster at load).
+mx::array interleave(const mx::array& a, mx::StreamOrDevice s = {});
+
+class Interleave : public mx::UnaryPrimitive {
+ public:
+  explicit Interleave(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvInterleave";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 // Run-time configuration (process-wide).
 std::string isa();                        // the kernel in use: "avx512", "avx2" or "scalar"
 std::vector<std::string> supported_isas();  // what this CPU can run, best first
