@@ -8,8 +8,8 @@ In one process and one run:
 3. decode tokens/s extrapolated to 40 layers + lm_head from those times, next to the bound
    (bytes read per token / bandwidth);
 4. rows of x = 1, 2, 4, 8 (batched decoding) through the kernel: time per pass over the weights, in the layout load
-   gives the weights (`cpu_kernel.interleaving()`: interleaved, `cpu.interleave`) and, where that is the interleaved
-   one, also in MLX's row-major layout, in the same minutes;
+   gives the weights (`cpu_kernel.interleaving()`: interleaved, `cpu_kernel.interleave`) and, where that is the
+   interleaved one, also in MLX's row-major layout, in the same minutes;
 5. prefill (128 tokens through DequantizingQuantizedLinear) with the kernel switched on and off:
    prefill does not use it, so the two must match.
 

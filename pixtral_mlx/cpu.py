@@ -260,21 +260,18 @@ class DequantizingQuantizedLinear(nn.QuantizedLinear):
         return y
 
 
-# The interleaved layout's two directions (defined with the kernel, which reads it).
-interleave, deinterleave = cpu_kernel.interleave, cpu_kernel.deinterleave
-
-
 class InterleavedQuantizedLinear(DequantizingQuantizedLinear):
-    """A DequantizingQuantizedLinear whose 4-bit weight, scales and biases are stored interleaved (`interleave`):
-    one 32-byte load of the weights holds codes of 8 output rows, so the few rows of a decode batch share every
-    unpacking and each group's scaling is one vector operation for 8 outputs. Decode and prompt chunks run in the
-    extension on this layout (`cpu_kernel.quantized_matvec` / `quantized_matmul` with interleaved=True); a row of x
-    gets the same bits from both. Where the extension cannot take it (switched off after loading, a float kernel
-    selected, PIXTRAL_MLX_QMV_GEMM=off), the inherited paths run on the weights put back in MLX's layout (a copy
-    per call). `backend.prepare` installs it where `cpu_kernel.interleaves`."""
+    """A DequantizingQuantizedLinear whose 4-bit weight, scales and biases are stored interleaved
+    (`cpu_kernel.interleave`): one 32-byte load of the weights holds codes of 8 output rows, so the few rows of a
+    decode batch share every unpacking and each group's scaling is one vector operation for 8 outputs. Decode and
+    prompt chunks run in the extension on this layout (`cpu_kernel.quantized_matvec` / `quantized_matmul` with
+    interleaved=True); a row of x gets the same bits from both. Where the extension cannot take it (switched off after
+    loading, a float kernel selected, PIXTRAL_MLX_QMV_GEMM=off), the inherited paths run on the weights put back in
+    MLX's layout (a copy per call). `backend.prepare` installs it where `cpu_kernel.interleaves`."""
 
     def _operands(self) -> tuple[mx.array, mx.array, mx.array | None]:
-        return deinterleave(self["weight"]), deinterleave(self["scales"]), deinterleave(self["biases"])
+        back = cpu_kernel.deinterleave
+        return back(self["weight"]), back(self["scales"]), back(self["biases"])
 
     def __call__(self, x: mx.array) -> mx.array:
         if not cpu_kernel.interleaved_kernels():
@@ -293,7 +290,7 @@ class InterleavedQuantizedLinear(DequantizingQuantizedLinear):
     def convert(cls, layer: DequantizingQuantizedLinear) -> None:
         """Store `layer`'s weight, scales and biases interleaved, evaluated now (one layer's copy at a time), and
         make it this class."""
-        arrays = {k: interleave(layer[k]) for k in ("weight", "scales", "biases")}
+        arrays = {k: cpu_kernel.interleave(layer[k]) for k in ("weight", "scales", "biases")}
         mx.eval(arrays)
         layer.update(arrays)
         layer.__class__ = cls

@@ -160,7 +160,7 @@ def deinterleave(a: Any) -> Any:
 
 
 def interleaved_kernels() -> bool:
-    """True when the extension runs weights in the interleaved layout (`cpu.interleave`): 4-bit products with an
+    """True when the extension runs weights in the interleaved layout (`cpu_kernel.interleave`): 4-bit products with an
     int16 kernel (the extension's `gemm_isa`, whatever PIXTRAL_MLX_QMV_GEMM says)."""
     return available() and hasattr(_ext, "gemm_isa") and bool(_ext.gemm_isa())
 
@@ -168,13 +168,13 @@ def interleaved_kernels() -> bool:
 def interleaving() -> bool:
     """`interleaves`' part that does not depend on the layer: the setting, the kernel in use, the prompt product."""
     setting = _interleave_setting()
-    if setting in ("0", "off", "no", "false") or not interleaved_kernels() or not gemm_isa():
+    if setting in ("0", "off", "no", "false") or not gemm_isa():  # (gemm_isa implies interleaved_kernels)
         return False
     return setting in ("1", "on", "yes", "true") or _ext.isa() == "avx512vl-vnni"
 
 
 def interleaves(layer: Any) -> bool:
-    """True when `backend.prepare` stores this quantized linear layer's weights interleaved (`cpu.interleave`): 8
+    """True when `backend.prepare` stores this quantized linear layer's weights interleaved (`cpu_kernel.interleave`): 8
     output rows share each 32-byte load, so the rows of a batch share the unpacking of the codes (batched decode
     1.9x faster at 4 and 8 rows on Zen 4, one row no slower: benchmarks/README.md).
 
@@ -257,8 +257,8 @@ def quantized_matvec(
     MAX_SPLIT_ROWS rows run as several passes; more rows go to mx.quantized_matmul). The kernel
     computes in float32; the result has mx.quantized_matmul's dtype (float32 for float32 x).
     Shapes or modes the kernel does not cover (no biases, other bit widths, a non-CPU default
-    device) go to mx.quantized_matmul. interleaved: w, scales and biases in `cpu.interleave`'s layout (they go back
-    to MLX's for mx.quantized_matmul, and the kernel needs `interleaved_kernels()`).
+    device) go to mx.quantized_matmul. interleaved: w, scales and biases in `interleave`'s layout (they go back to
+    MLX's for mx.quantized_matmul, and the kernel needs `interleaved_kernels()`).
     """
     import mlx.core as mx
 

@@ -40,24 +40,11 @@ def quantized(n: int, k: int, group_size: int, seed: int = 0):
 
 
 def model(x: np.ndarray, wq, scales, biases, group_size: int) -> np.ndarray:
-    """The int16 form in float64: step = max |x| / 32767 per (row, group) (float32, as the kernel), xq = x / step
-    rounded to nearest even, and per group scale * step * dot(code, xq) - 7.5 * scale * (step * sum(xq) - sum(x))
-    + bias * sum(x)."""
-    q = codes(wq, 4)
-    n, k = q.shape
-    m, g = x.shape[0], k // group_size
-    s = np.array(scales.astype(mx.float32)).astype(np.float64)
-    b = np.array(biases.astype(mx.float32)).astype(np.float64)
-    xg = x.astype(np.float32).reshape(m, g, group_size)
-    step = (np.abs(xg).max(axis=-1, keepdims=True) / np.float32(32767)).astype(np.float32)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        xq = np.where(
-            step > 0, np.clip(np.rint(xg * (np.float32(32767) / np.abs(xg).max(-1, keepdims=True))), -32767, 32767), 0
-        )
-    xd = xq * step.astype(np.float64)
-    err = (xd - xg.astype(np.float64)).sum(-1)
-    dots = np.einsum("mgk,ngk->mng", xd, q.reshape(n, g, group_size))
-    return (dots * s[None]).sum(-1) - 7.5 * err @ s.T + xg.astype(np.float64).sum(-1) @ b.T
+    """The int16 form in float64 (test_cpu_kernel.int16_model, with an int16 kernel selected, as here): step =
+    max |x| / 32767 per (row, group), xq = x / step rounded to nearest even, and per group scale * step *
+    dot(code, xq) - 7.5 * scale * (step * sum(xq) - sum(x)) + bias * sum(x)."""
+    assert test_cpu_kernel.x_qmax() == 32767
+    return test_cpu_kernel.int16_model(x, wq, scales, biases, group_size)
 
 
 def rounding_bound(x: np.ndarray, wq, scales, group_size: int) -> np.ndarray:
@@ -121,20 +108,25 @@ def test_rows_get_the_same_bits_in_any_chunk_and_thread_count(ext, kernel):
         ext.set_threads(saved)
 
 
-def test_both_builds_give_the_same_bits(ext):
-    """vpdpwssd and vpmaddwd + vpaddd sum the same int32 products exactly, then the same float operations."""
+def in_both_builds(ext, compute):
+    """compute() with the vpdpwssd build selected, then with the vpmaddwd one (skipped without AVX512-VNNI)."""
     if "avx512vl-vnni" not in ext.supported_isas():
         pytest.skip("no AVX512-VNNI on this CPU")
-    wq, scales, biases = quantized(96, 1024, 128, seed=9)
-    x = mx.random.normal((30, 1024), key=mx.random.key(9))
     outs = []
     try:
         for isa in ("avx512vl-vnni", "avx2-int16"):
             ext.select_isa(isa)
-            outs.append(product(x, wq, scales, biases, 128))
+            outs.append(compute())
     finally:
         ext.select_isa("auto")
-    assert mx.array_equal(*outs).item()
+    return outs
+
+
+def test_both_builds_give_the_same_bits(ext):
+    """vpdpwssd and vpmaddwd + vpaddd sum the same int32 products exactly, then the same float operations."""
+    wq, scales, biases = quantized(96, 1024, 128, seed=9)
+    x = mx.random.normal((30, 1024), key=mx.random.key(9))
+    assert mx.array_equal(*in_both_builds(ext, lambda: product(x, wq, scales, biases, 128))).item()
 
 
 def test_non_finite_rows_and_strided_x(ext, kernel):

@@ -1,4 +1,4 @@
-"""4-bit weights stored interleaved (`cpu.interleave`, csrc/qmv/kernels.h): 8 output rows per 32-byte load.
+"""4-bit weights stored interleaved (`cpu_kernel.interleave`, csrc/qmv/kernels.h): 8 output rows per 32-byte load.
 
 The matvec on this layout (gemm_int16.cpp's `matvec_rows`) scales each group as the prompt product does, so a row of
 x must get from it exactly the bits the prompt product gives it (on either layout), which also pins it to the int16
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import test_cpu_kernel
 from test_cpu_kernel import selected
-from test_gemm import GEMM_OF, model
+from test_gemm import GEMM_OF, in_both_builds, model
 
 from pixtral_mlx import cpu, cpu_kernel
 
@@ -39,22 +39,18 @@ def kernel(request, ext):
 
 def quantized(n: int, k: int, group_size: int, dtype=mx.bfloat16, seed: int = 0):
     """A random 4-bit matrix, its scales and biases in `dtype` (bf16: as the converter writes them)."""
-    w = mx.random.normal((n, k), key=mx.random.key(seed))
-    wq, s, b = mx.quantize(w, group_size=group_size, bits=4)
-    return wq, s.astype(dtype), b.astype(dtype)
+    return test_cpu_kernel.quantized(n, k, group_size, 4, dtype, seed=seed)
 
 
 def interleaved(*arrays):
-    return tuple(cpu.interleave(a) for a in arrays)
+    return tuple(cpu_kernel.interleave(a) for a in arrays)
 
 
 def matvec(x, wq, scales, biases, group_size: int) -> mx.array:
     """The extension's matvec on interleaved operands (x: at most 8 rows)."""
-    return ext_module().quantized_matvec(x, wq, scales, biases, group_size=group_size, bits=4, interleaved=True)
-
-
-def ext_module():
-    return cpu_kernel.extension()
+    return cpu_kernel.extension().quantized_matvec(
+        x, wq, scales, biases, group_size=group_size, bits=4, interleaved=True
+    )
 
 
 def gemm(x, wq, scales, biases, group_size: int, interleave: bool = False) -> mx.array:
@@ -66,13 +62,13 @@ def gemm(x, wq, scales, biases, group_size: int, interleave: bool = False) -> mx
 def test_the_layout():
     """Row 8 b + r's column c at flat index (8 b) * C + 8 c + r; deinterleave undoes it."""
     a = mx.arange(24 * 5, dtype=mx.uint32).reshape(24, 5)
-    got = np.array(cpu.interleave(a)).reshape(-1)
+    got = np.array(cpu_kernel.interleave(a)).reshape(-1)
     want = np.empty(24 * 5, dtype=np.uint32)
     for row in range(24):
         for col in range(5):
             want[(row // 8) * 8 * 5 + 8 * col + row % 8] = row * 5 + col
     assert (got == want).all()
-    assert mx.array_equal(cpu.deinterleave(cpu.interleave(a)), a).item()
+    assert mx.array_equal(cpu_kernel.deinterleave(cpu_kernel.interleave(a)), a).item()
 
 
 @pytest.mark.parametrize("dtype", [mx.uint32, mx.bfloat16, mx.float16, mx.float32])
@@ -81,7 +77,7 @@ def test_the_extension_makes_the_same_layout(ext, dtype):
     a = (mx.random.uniform(shape=(8 * 300, 37), key=mx.random.key(1)) * 60000).astype(dtype)
     want = a.reshape(300, 8, 37).transpose(0, 2, 1).reshape(8 * 300, 37)
     assert mx.array_equal(ext.interleave(a), want).item()
-    assert mx.array_equal(cpu.interleave(a), want).item()
+    assert mx.array_equal(cpu_kernel.interleave(a), want).item()
     view = mx.concatenate([a, a], axis=1)[:, 5:42]
     assert mx.array_equal(ext.interleave(view), view.reshape(300, 8, 37).transpose(0, 2, 1).reshape(8 * 300, 37)).item()
     with pytest.raises(ValueError, match="rows a multiple of 8"):
@@ -133,18 +129,13 @@ def test_a_row_gets_the_same_bits_in_any_batch_and_thread_count(ext, kernel):
 
 
 def test_both_builds_give_the_same_bits(ext):
-    if "avx512vl-vnni" not in ext.supported_isas():
-        pytest.skip("no AVX512-VNNI on this CPU")
     il = interleaved(*quantized(48, 1024, 128, seed=9))
     x = mx.random.normal((30, 1024), key=mx.random.key(9))
-    outs = []
-    try:
-        for isa in ("avx512vl-vnni", "avx2-int16"):
-            ext.select_isa(isa)
-            outs.append(mx.concatenate([matvec(x[:3], *il, 128), matvec(x[:8], *il, 128), gemm(x, *il, 128, True)]))
-    finally:
-        ext.select_isa("auto")
-    assert mx.array_equal(*outs).item()
+
+    def compute():
+        return mx.concatenate([matvec(x[:3], *il, 128), matvec(x[:8], *il, 128), gemm(x, *il, 128, True)])
+
+    assert mx.array_equal(*in_both_builds(ext, compute)).item()
 
 
 def test_what_the_extension_refuses(ext, kernel):
@@ -222,7 +213,7 @@ def test_the_layer_class(ext, kernel, monkeypatch):
     want = gemm(x, w, s, b, 64) + layer["bias"]
     cpu.InterleavedQuantizedLinear.convert(layer)
     assert type(layer) is cpu.InterleavedQuantizedLinear
-    assert mx.array_equal(layer["weight"], cpu.interleave(w)).item()
+    assert mx.array_equal(layer["weight"], cpu_kernel.interleave(w)).item()
     assert mx.array_equal(layer(x), want).item()
     for m in (1, 5, 8, 11, 15):
         assert mx.array_equal(layer(x[None, :m]), want[None, :m]).item(), m

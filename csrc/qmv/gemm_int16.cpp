@@ -34,6 +34,8 @@
 #pragma GCC target("avx2,fma,f16c")
 #endif
 
+#include "scales_simd.h"  // load8
+
 namespace qmv {
 namespace {
 
@@ -207,20 +209,6 @@ void gemm_rows(const GemmProblem& p, int n0, int n1) {
 // Per 32 weight bytes and row of x: 4 vpdpwssd and 4 broadcasts, the unpacking shared, and the group scaling a
 // vector operation for 8 outputs (the row-major kernels scale each output's partial sums apart, then sum lanes).
 
-// 8 consecutive scales (or biases) as floats.
-__attribute__((always_inline)) inline __m256 load8(const void* base, int type, int64_t i) {
-  switch (type) {
-    case kF32:
-      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-    case kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    default: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
-}
-
 // B blocks of 8 outputs from block n (B * 8 <= n1 - n): each broadcast of x serves B blocks.
 template <int M, int CPG, int B>
 inline void matvec_blocks(const Problem& p, int n, int64_t ahead_bytes, const char* end) {
@@ -270,17 +258,22 @@ inline void matvec_blocks(const Problem& p, int n, int64_t ahead_bytes, const ch
         }
       }
     }
+    __m256 s[B], bias[B];
     for (int b = 0; b < B; ++b) {
-      const __m256 s = load8(p.scales, p.scale_type, sb + 8 * b * G + 8 * g);
-      const __m256 bias = load8(p.biases, p.scale_type, sb + 8 * b * G + 8 * g);
-      for (int m = 0; m < M; ++m) {
+      s[b] = load8(p.scales, p.scale_type, sb + 8 * b * G + 8 * g);
+      bias[b] = load8(p.biases, p.scale_type, sb + 8 * b * G + 8 * g);
+    }
+    for (int m = 0; m < M; ++m) {  // tile's arithmetic, each row of x's terms broadcast once for the B blocks
+      const int64_t at = static_cast<int64_t>(m) * G + g;
+      const __m256 step = _mm256_set1_ps(p.xscale[at]);
+      const __m256 err = _mm256_set1_ps(7.5f * p.xerr[at]);
+      const __m256 xs = _mm256_set1_ps(p.xsum[at]);
+      for (int b = 0; b < B; ++b) {
         __m256i sum = acc[m][b][0];  // the chains' exact int32 sums (the order does not change them)
         for (int a = 1; a < C; ++a) sum = _mm256_add_epi32(sum, acc[m][b][a]);
-        const int64_t at = static_cast<int64_t>(m) * G + g;  // tile's arithmetic
-        const __m256 t = _mm256_fmsub_ps(_mm256_set1_ps(p.xscale[at]), _mm256_cvtepi32_ps(sum),
-                                         _mm256_set1_ps(7.5f * p.xerr[at]));
-        o[m][b] = _mm256_fmadd_ps(s, t, o[m][b]);
-        o[m][b] = _mm256_fmadd_ps(bias, _mm256_set1_ps(p.xsum[at]), o[m][b]);
+        const __m256 t = _mm256_fmsub_ps(step, _mm256_cvtepi32_ps(sum), err);
+        o[m][b] = _mm256_fmadd_ps(s[b], t, o[m][b]);
+        o[m][b] = _mm256_fmadd_ps(bias[b], xs, o[m][b]);
       }
     }
   }

@@ -38,6 +38,8 @@
 
 #include <immintrin.h>
 
+#include "scales_simd.h"  // load8
+
 namespace qmv {
 namespace {
 
@@ -52,20 +54,6 @@ inline float hsum(__m256 v) {
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
   s = _mm_add_ss(s, _mm_movehdup_ps(s));
   return _mm_cvtss_f32(s);
-}
-
-// 8 consecutive scales (or biases) of dtype `type` from element i, as floats.
-__attribute__((always_inline)) inline __m256 load8(const void* base, int type, int64_t i) {
-  switch (type) {
-    case kF32:
-      return _mm256_loadu_ps(static_cast<const float*>(base) + i);
-    case kF16:
-      return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i)));
-    default: {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(base) + i));
-      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-    }
-  }
 }
 
 // sc[j] = scale[n, g0 + j] for j < count.

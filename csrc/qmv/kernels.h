@@ -140,9 +140,9 @@ struct GemmProblem {
 // The interleaved layout of 4-bit weights (N a multiple of 8, contiguous arrays of MLX's shapes): output rows in
 // blocks of 8, and within a block the 8 rows' 32-bit words of codes alternate, word w of row 8 b + r at
 // w_int[(8 b) * W + 8 w + r] (W = K / 8 words per row); scales and biases likewise, group g of row 8 b + r at
-// s_int[(8 b) * G + 8 g + r]. It is the MLX layout with each block of 8 rows transposed (`cpu.interleave`), the same
-// bytes, and one 32-byte load then holds 8 codes of each of 8 outputs: the rows of a batch share each unpacking and
-// each output's group scaling is one lane of a vector operation (Gemm::matvec).
+// s_int[(8 b) * G + 8 g + r]. It is the MLX layout with each block of 8 rows transposed (`cpu_kernel.interleave`), the
+// same bytes, and one 32-byte load then holds 8 codes of each of 8 outputs: the rows of a batch share each unpacking
+// and each output's group scaling is one lane of a vector operation (Gemm::matvec).
 struct Gemm {
   const char* name;  // the matvec kernel family it goes with
   int strip;         // output rows per task unit: rows(p, n0, n1) takes n0 a multiple of it

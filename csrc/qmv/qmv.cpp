@@ -415,6 +415,18 @@ struct Call {
     const Operand w = w_view.operand();
     const Operand scales = scales_view.operand();
     const Operand biases = biases_view.operand();
+    Problem p = problem(w, scales, biases);
+    p.xp = xp.data();
+    p.xsum = xsum.data();
+    p.xq = kernel.int8 ? nullptr : xq;
+    p.xq8 = kernel.int8 ? reinterpret_cast<const int8_t*>(xq) : nullptr;
+    p.xscale = int16 ? xscale.data() : nullptr;
+    p.xerr = int16 ? xerr.data() : nullptr;
+    split_rows(kernel.rows, p, 4);  // (the kernels' row blocking)
+  }
+
+  // The problem's weights, shapes and output, from operands the caller keeps alive; x's fields are the caller's.
+  Problem problem(const Operand& w, const Operand& scales, const Operand& biases) const {
     Problem p;
     p.M = M;
     p.N = N;
@@ -428,33 +440,29 @@ struct Call {
     p.s_stride = scales.row_stride;
     p.b_stride = biases.row_stride;
     p.scale_type = scale_type;
-    p.xp = xp.data();
-    p.xsum = xsum.data();
     p.out = out;
-    p.xq = kernel.int8 ? nullptr : xq;
-    p.xq8 = kernel.int8 ? reinterpret_cast<const int8_t*>(xq) : nullptr;
-    p.xscale = int16 ? xscale.data() : nullptr;
-    p.xerr = int16 ? xerr.data() : nullptr;
+    return p;
+  }
 
+  // fn over output rows [0, N) in contiguous blocks, a multiple of `granule` rows, about 4 per thread so that a
+  // thread slowed down by other work on the machine does not hold everyone up (one thread for small weights: not
+  // worth waking the others).
+  void split_rows(RowsFn fn, const Problem& p, int granule) const {
     const double weight_bytes = static_cast<double>(N) * K * bits / 8;
-    int nthr = nthreads;
-    if (weight_bytes < 256 * 1024) nthr = 1;  // not worth waking threads
-    // Contiguous blocks of rows, a multiple of 4 (the kernels' row blocking), about 4 per thread
-    // so that a thread slowed down by other work on the machine does not hold everyone up.
+    const int nthr = weight_bytes < 256 * 1024 ? 1 : nthreads;
     const int ntasks_target = nthr == 1 ? 1 : nthr * 4;
     int rows_per_task = (N + ntasks_target - 1) / ntasks_target;
-    rows_per_task = std::max(4, (rows_per_task + 3) / 4 * 4);
+    rows_per_task = std::max(granule, (rows_per_task + granule - 1) / granule * granule);
     const int ntasks = (N + rows_per_task - 1) / rows_per_task;
     if (ntasks <= 1 || nthr == 1) {
-      kernel.rows(p, 0, N);
+      fn(p, 0, N);
       return;
     }
-    const Kernel k = kernel;
     const int n_total = N;
-    Pool::get().run(ntasks, nthr, [&p, k, rows_per_task, n_total](int t) {
+    Pool::get().run(ntasks, nthr, [&p, fn, rows_per_task, n_total](int t) {
       const int n0 = t * rows_per_task;
       const int n1 = std::min(n_total, n0 + rows_per_task);
-      if (n0 < n1) k.rows(p, n0, n1);
+      if (n0 < n1) fn(p, n0, n1);
     });
   }
 
@@ -511,38 +519,13 @@ struct Call {
     const Operand w = w_view.operand();
     const Operand scales = scales_view.operand();
     const Operand biases = biases_view.operand();
-    Problem p;
-    p.M = M;
-    p.N = N;
-    p.K = K;
-    p.group_size = group_size;
-    p.bits = 4;
-    p.w = static_cast<const uint32_t*>(w.data);
-    p.w_stride = w.row_stride;
-    p.scales = scales.data;
-    p.biases = biases.data;
-    p.s_stride = scales.row_stride;
-    p.b_stride = biases.row_stride;
-    p.scale_type = scale_type;
+    Problem p = problem(w, scales, biases);
     p.xp = nullptr;
     p.xsum = xsum.data();
-    p.out = out;
     p.xq = xq;
     p.xscale = xscale.data();
     p.xerr = xerr.data();
-    // Blocks of 8 rows, about 4 tasks per thread (as for the row-major kernels).
-    const int nthr = static_cast<double>(N) * K / 2 < 256 * 1024 ? 1 : std::max(1, nthreads);
-    const int blocks = N / 8;
-    const int ntasks = std::min(blocks, nthr == 1 ? 1 : nthr * 4);
-    const int per = (blocks + ntasks - 1) / ntasks;
-    const auto fn = g->matvec;
-    if (ntasks <= 1) return fn(p, 0, N);
-    const int n_total = N;
-    Pool::get().run(ntasks, nthr, [&p, fn, per, n_total](int t) {
-      const int n0 = t * per * 8;
-      const int n1 = std::min(n_total, n0 + per * 8);
-      if (n0 < n1) fn(p, n0, n1);
-    });
+    split_rows(g->matvec, p, 8);  // blocks of 8 rows
   }
 };
 

@@ -140,7 +140,7 @@ def report(measure: bool = True) -> dict[str, Any]:
         "decode_kernel": {
             "name": cpu_kernel.extension().isa() if cpu_kernel.available() else None,
             "describe": cpu_kernel.describe(),
-            "interleaved": cpu_kernel.interleaving(),  # 4-bit weights stored 8 rows per load (cpu.interleave)
+            "interleaved": cpu_kernel.interleaving(),  # 4-bit weights stored 8 rows per load (cpu_kernel.interleave)
         },
         "prefill_kernels": {
             "name": cpu_kernel.extension().prefill_isa() if cpu_kernel.prefill_available() else None,
