@@ -25,7 +25,7 @@ from typing import Any
 
 import mlx.core as mx
 
-from pixtral_mlx.generate import _decode, prefill_many
+from pixtral_mlx.generate import _decode, log_softmax_rows, prefill_many
 from pixtral_mlx.turn import Chunk, Options
 
 __all__ = ["Batch", "Row", "solo"]
@@ -182,8 +182,8 @@ class Batch:
             yield row.feed.popleft(), None
 
     def _sample(self, row: Row, logits: mx.array, i: int | None = None) -> mx.array:
-        """The row's token; row i of a step goes on CPU stream i mod cores on the CPU backend (MLX runs each op's exp
-        on one thread: the log-softmax over 131,072 logits is ~2 ms a row), the same ops, so the same values."""
+        """The row's token; row i of a step goes on CPU stream i mod cores on the CPU backend (a row's processors,
+        log-softmax and sampler are MLX ops on one thread each), the same values as the row alone."""
         streams = self._streams() if i is not None else []
         with mx.stream(streams[i % len(streams)]) if streams else nullcontext():
             processors = row.turn.processors
@@ -191,7 +191,7 @@ class Batch:
                 seen = mx.array(row.tokens)
                 for processor in processors:
                     logits = processor(seen, logits)
-            return row.sampler(logits - mx.logsumexp(logits, keepdims=True))
+            return row.sampler(log_softmax_rows(logits))
 
     @staticmethod
     def _streams() -> list[Any]:

@@ -145,14 +145,22 @@ def test_alternating_conversations_both_reuse_their_prefix(live, pixtral):
             conv += [{"role": "assistant", "content": text}, {"role": "user", "content": "And then?"}]
 
 
+@pytest.mark.parametrize("extension", [True, False])
 @pytest.mark.parametrize("rows", [1, 2, 3, 5])
-def test_log_softmax_rows_split_over_streams_is_the_same_op(rows):
-    """A decode step's log-softmax with the batch's rows spread over the CPU streams (`log_softmax_rows`, used by
-    `stream_batch`) gives exactly `logits - logsumexp(logits)`, and a row alone gives what it gives in the batch."""
+def test_log_softmax_rows_is_the_same_op(rows, extension, monkeypatch):
+    """A decode step's log-softmax (`log_softmax_rows`, used by `stream_batch` and `Batch`), through the extension's
+    logsumexp or with the batch's rows spread over the CPU streams, gives exactly `logits - logsumexp(logits)` (what
+    mlx-lm's `generate_step` hands a sampler), and a row alone gives what it gives in the batch."""
     import mlx.core as mx
     import numpy as np
 
+    from pixtral_mlx import cpu_kernel
     from pixtral_mlx.generate import log_softmax_rows
+
+    if extension:
+        assert cpu_kernel.logsumexp(mx.zeros((1, 8))) is not None or cpu_kernel.extension() is None
+    else:
+        monkeypatch.setattr(cpu_kernel, "logsumexp", lambda x: None)
 
     logits = mx.random.normal((rows, 131072), key=mx.random.key(rows)) * 4
     want = np.array(logits - mx.logsumexp(logits, axis=-1, keepdims=True))

@@ -1,6 +1,6 @@
-"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization and SwiGLU bit for bit against MLX's,
-the fused attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable code, and the
-library's CPU classes going through them."""
+"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization, SwiGLU and logsumexp bit for bit
+against MLX's, the fused attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable
+code, and the library's CPU classes going through them."""
 
 from __future__ import annotations
 
@@ -238,3 +238,64 @@ def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     one = mlp(x[:, :1])  # one token (decode): the kernel too (SWIGLU_KERNEL_MIN_ROWS), the same bits
     assert calls == ["attention", *proj, "swiglu", "swiglu"]
     assert same_bits(one, llama.MLP.__call__(mlp, x[:, :1]))
+
+
+def logsumexp_rows(dtype: mx.Dtype) -> list[mx.array]:
+    """Rows a decode step's log-softmax sees and the edges of MLX's algorithm: logits at several scales and lengths
+    (tails of 1-7 past the 8-lane blocks and the 1,024-value sum blocks), rows [0, v] where exp(v - 0) is rounded at
+    a half (v log2(e) = k + 0.5 for every exponent k and its neighbours), past ±88, and the special values."""
+    rng = np.random.default_rng(7)
+    rows = [rng.normal(0, s, n) for s in (1, 4, 30, 1e-3) for n in (1, 7, 8, 9, 1023, 1025, 5000)]
+    rows += [rng.normal(0, 4, 131_072)]  # a vocabulary's logits
+    halves = ((np.arange(-130, 2) + 0.5) / 1.442695).astype(np.float32)
+    edge = np.concatenate([np.nextafter(halves, np.float32(-1e9)), halves, np.nextafter(halves, np.float32(1e9))])
+    edge = np.concatenate([edge, np.float32([-88.0, -88.1, -87.9, -1e-30, -0.0, -1e30])])
+    rows += [np.float32([0.0, v]) for v in edge]
+    special = [
+        [np.nan, 1, 2],
+        [1, 2, np.nan],
+        [-np.inf, -np.inf],
+        [np.inf, 1],
+        [-np.inf, 1, 2],
+        [0.0, -0.0],
+        [88.5, 0],
+        [1e30, -1e30],
+    ]
+    rows += [np.float32(r) for r in special]
+    return [mx.array(np.asarray(r, np.float32)).astype(dtype) for r in rows]
+
+
+def f32(a: mx.array) -> mx.array:
+    return a.astype(mx.float32)  # exact from float16 and bfloat16
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+def test_logsumexp_bit_for_bit(isa, dtype):
+    """`cpu_kernel.logsumexp` gives MLX's CPU `mx.logsumexp` bit for bit: one row at a time, and the same rows
+    stacked into one batch (a row's value does not depend on the others or on which thread runs it)."""
+    rows = logsumexp_rows(dtype)
+    got = [cpu_kernel.logsumexp(r[None]) for r in rows]
+    want = [mx.logsumexp(r[None], axis=-1, keepdims=True) for r in rows]
+    for g, w, r in zip(got, want, rows):
+        assert g.dtype == dtype and g.shape == (1, 1)
+        assert same_bits(f32(g), f32(w)), (r.shape, r[:3], g, w)
+    # several rows at once (over the threads), a 3-D shape, and a transposed view (copied first)
+    batch = mx.stack([r for r in rows if r.size == 5000])
+    assert batch.shape[0] == 4
+    assert same_bits(f32(cpu_kernel.logsumexp(batch)), f32(mx.logsumexp(batch, axis=-1, keepdims=True)))
+    cube = batch.reshape(2, 2, 5000)
+    assert same_bits(f32(cpu_kernel.logsumexp(cube)), f32(mx.logsumexp(cube, axis=-1, keepdims=True)))
+    flat = batch[:, :1000].T
+    assert same_bits(f32(cpu_kernel.logsumexp(flat)), f32(mx.logsumexp(flat, axis=-1, keepdims=True)))
+    # a real logsumexp, not a copy of one: the values are those of float64
+    v = next(i for i, r in enumerate(rows) if r.size == 131_072)  # the vocabulary's row
+    x = np.array(f32(rows[v]), np.float64)
+    ref = np.log(np.exp(x).sum())
+    assert abs(float(f32(got[v]).item()) - ref) < 1e-2 * ref  # bfloat16 holds 8 bits
+
+
+def test_logsumexp_declines_what_it_does_not_cover(ext):  # noqa: F811
+    assert cpu_kernel.logsumexp(mx.array([1, 2, 3])) is None  # integers
+    assert cpu_kernel.logsumexp(mx.zeros((0,))) is None
+    with mx.stream(mx.cpu):
+        assert cpu_kernel.logsumexp(mx.zeros((2, 4))) is not None

@@ -73,6 +73,14 @@ interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups 
       "stream"_a = nb::none(),
       "silu(gate) * up for float32 arrays of one shape, bit for bit MLX's CPU ops, over the thread pool.");
   m.def(
+      "logsumexp",
+      &qmv::logsumexp,
+      "x"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "logsumexp over the last axis (keepdims) of float32/float16/bfloat16 x, bit for bit MLX's CPU "
+      "mx.logsumexp, the exponentials 8 lanes at a time and the rows over the thread pool.");
+  m.def(
       "decode_attention",
       &qmv::decode_attention,
       "q"_a,

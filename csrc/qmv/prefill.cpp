@@ -307,6 +307,54 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 }
 
 ///////////////////////////////////////////////////////////////////////////////
+// LogSumExp
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s) {
+  auto fail = [](const std::string& msg) { throw std::invalid_argument("qmv.logsumexp: " + msg); };
+  if (x.dtype() != mx::float32 && x.dtype() != mx::float16 && x.dtype() != mx::bfloat16)
+    fail("x must be float32, float16 or bfloat16");
+  if (x.ndim() < 1 || x.size() == 0) fail("x must have at least one element");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) fail("runs on the CPU only");
+  auto shape = x.shape();
+  shape.back() = 1;
+  return mx::array(shape, x.dtype(), std::make_shared<LogSumExp>(stream), {mx::contiguous(x, false, stream)});
+}
+
+void LogSumExp::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvLogSumExp has no GPU implementation (use mx.logsumexp)");
+}
+
+void LogSumExp::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  if (!x.flags().row_contiguous) throw std::invalid_argument("qmv.logsumexp: x must be row-contiguous");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  const LogSumExpFn fn = prefill_kernels().logsumexp;
+  const int64_t n = x.shape(-1);
+  const int rows = static_cast<int>(x.size() / n);
+  const int type = scale_type(x.dtype());
+  const size_t item = x.itemsize();
+  const auto dtype = x.dtype();
+  encoder.dispatch([fn, n, rows, type, item, dtype, in = x.data<char>(), o = out.data<char>()]() {
+    // One row a task (a row's sum is one chain, in MLX's order); one row runs on the calling thread.
+    parallel_for(rows, [&](int r) {
+      const float v = fn(in + static_cast<int64_t>(r) * n * item, type, n);
+      if (dtype == mx::float16) {
+        reinterpret_cast<mx::float16_t*>(o)[r] = static_cast<mx::float16_t>(v);
+      } else if (dtype == mx::bfloat16) {
+        reinterpret_cast<mx::bfloat16_t*>(o)[r] = static_cast<mx::bfloat16_t>(v);
+      } else {
+        reinterpret_cast<float*>(o)[r] = v;
+      }
+    });
+  });
+}
+
+///////////////////////////////////////////////////////////////////////////////
 // Decode attention over a quantized KV cache
 ///////////////////////////////////////////////////////////////////////////////
 

@@ -15,6 +15,11 @@
 //   (mlx/backend/cpu/unary_ops.h, simd/math.h: 1 / (1 + exp(|x|)), exp as 2**round(x log2 e) times a Cephes
 //   polynomial evaluated with fma) operation for operation, every other product and sum rounded apart: bit for
 //   bit what mlx-lm's compiled `swiglu` and `nn.silu(g) * u` give on MLX's CPU, over every core.
+// - LogSumExp: log(sum(exp(x))) over a row of float32, float16 or bfloat16 values, as MLX's CPU LogSumExp
+//   (mlx/backend/cpu/logsumexp.cpp, one lane on x86) computes it: the maximum in float32 (NaN if any value is
+//   NaN), exp(x - max) with MLX's exp, the exponentials summed one after another in index order in float32, then
+//   log(sum) + max (the maximum itself when it is infinite). The exponentials go 8 lanes at a time; only the sum
+//   keeps MLX's order, so the result is bit for bit MLX's (a decode step's sampler sees the same log-probabilities).
 
 #pragma once
 
@@ -99,6 +104,9 @@ using SoftmaxFn = void (*)(float* s, int rows, int n, int64_t stride);
 // out[i] = silu(gate[i]) * up[i] for i in [i0, i1).
 using SwigluFn = void (*)(const float* gate, const float* up, float* out, int64_t i0, int64_t i1);
 
+// logsumexp of the n values at x (type a ScaleType), as a float (the caller casts it to the input's dtype).
+using LogSumExpFn = float (*)(const void* x, int type, int64_t n);
+
 struct PrefillKernels {
   const char* name;
   DequantFn dequantize;
@@ -107,6 +115,7 @@ struct PrefillKernels {
   DotsFn dots;
   AxpysFn axpys;
   SoftmaxFn softmax;
+  LogSumExpFn logsumexp;
   int head_dim_multiple;  // the attention kernel needs D % this == 0
 };
 

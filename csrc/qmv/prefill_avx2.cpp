@@ -181,6 +181,89 @@ void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, in
   }
 }
 
+///////////////////////////////////////////////////////////////////////////////
+// LogSumExp
+///////////////////////////////////////////////////////////////////////////////
+
+// MLX's exp (simd/math.h) for any x: ipart = floor(double(x) + 0.5) is floor(x) + (x - floor(x) >= 0.5), the
+// difference exact or rounded to a side that does not change the comparison (x in (-1, 0): 0.5 is a float there).
+inline __m256 mlx_exp8(__m256 x_init) {
+  const __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
+  const __m256 fl = _mm256_floor_ps(x);
+  const __m256 up = _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(x, fl), _mm256_set1_ps(0.5f), _CMP_GE_OQ), _mm256_set1_ps(1.0f));
+  const __m256 ipart = _mm256_add_ps(fl, up);
+  const __m256 fpart = _mm256_sub_ps(x, ipart);
+  __m256 y = _mm256_set1_ps(1.535336188319500e-4f);
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(1.339887440266574e-3f));
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(9.618437357674640e-3f));
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(5.550332471162809e-2f));
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(2.402264791363012e-1f));
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(6.931472028550421e-1f));
+  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(1.000000000000000f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(e), y);
+  r = _mm256_blendv_ps(r, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                       _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+  return _mm256_andnot_ps(_mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ), r);
+}
+
+template <int Type>
+inline __m256 load8f(const void* x, int64_t i) {
+  if constexpr (Type == kF32) {
+    return _mm256_loadu_ps(static_cast<const float*>(x) + i);
+  } else {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(x) + i));
+    if constexpr (Type == kF16) return _mm256_cvtph_ps(h);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+// The last n % 8 values (< 8), padded with -inf (no effect on the maximum; exp gives 0, never summed).
+template <int Type>
+inline __m256 load_tail(const void* x, int64_t i, int64_t n) {
+  alignas(32) float v[8];
+  for (int j = 0; j < 8; ++j) v[j] = i + j < n ? load_scale(x, Type, i + j) : -std::numeric_limits<float>::infinity();
+  return _mm256_load_ps(v);
+}
+
+template <int Type>
+float logsumexp_t(const void* x, int64_t n) {
+  const int64_t n8 = n / 8 * 8;
+  __m256 vmax = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  __m256 nan = _mm256_setzero_ps();
+  for (int64_t i = 0; i < n8; i += 8) {
+    const __m256 v = load8f<Type>(x, i);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  if (n8 < n) {
+    const __m256 v = load_tail<Type>(x, n8, n);
+    nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    vmax = _mm256_max_ps(vmax, v);
+  }
+  // MLX's running maximum keeps the first NaN it meets; which NaN does not matter (log(NaN) + NaN is NaN).
+  const float maximum = _mm256_movemask_ps(nan) ? std::numeric_limits<float>::quiet_NaN() : hmax(vmax);
+  const __m256 m = _mm256_set1_ps(maximum);
+  constexpr int kBlock = 1024;  // exponentials 8 lanes at a time into L1, then summed in order
+  alignas(32) float e[kBlock];
+  float normalizer = 0.0f;
+  for (int64_t i0 = 0; i0 < n; i0 += kBlock) {
+    const int nb = static_cast<int>(std::min<int64_t>(kBlock, n - i0));
+    int j = 0;
+    for (; j + 8 <= nb; j += 8) _mm256_store_ps(e + j, mlx_exp8(_mm256_sub_ps(load8f<Type>(x, i0 + j), m)));
+    if (j < nb) _mm256_store_ps(e + j, mlx_exp8(_mm256_sub_ps(load_tail<Type>(x, i0 + j, n), m)));
+    for (int k = 0; k < nb; ++k) normalizer = normalizer + e[k];
+  }
+  return std::isinf(maximum) ? maximum : std::log(normalizer) + maximum;
+}
+
+float logsumexp(const void* x, int type, int64_t n) {
+  if (type == kF16) return logsumexp_t<kF16>(x, n);
+  if (type == kBF16) return logsumexp_t<kBF16>(x, n);
+  return logsumexp_t<kF32>(x, n);
+}
+
 // D a multiple of 8 (the caller checks 16).
 void dots(const float* q, int rows, int D, const float* keys, int nk, float* s, int64_t s_stride) {
   int r = 0;
@@ -256,7 +339,7 @@ void softmax(float* s, int rows, int n, int64_t stride) {
 }  // namespace
 
 PrefillKernels prefill_avx2() {
-  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, 16};
+  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, logsumexp, 16};
 }
 
 }  // namespace qmv

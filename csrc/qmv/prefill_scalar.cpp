@@ -144,10 +144,26 @@ void softmax(float* s, int rows, int n, int64_t stride) {
   }
 }
 
+// MLX's logsumexp.cpp with one lane (its x86 build), line for line.
+float logsumexp(const void* x, int type, int64_t n) {
+  float maximum = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = load_scale(x, type, i);
+    if (std::isnan(v) || std::isnan(maximum)) {
+      maximum = std::isnan(maximum) ? maximum : v;
+    } else if (v > maximum) {
+      maximum = v;
+    }
+  }
+  float normalizer = 0.0f;
+  for (int64_t i = 0; i < n; ++i) normalizer = normalizer + mlx_exp(load_scale(x, type, i) - maximum);
+  return std::isinf(maximum) ? maximum : std::log(normalizer) + maximum;
+}
+
 }  // namespace
 
 PrefillKernels prefill_scalar() {
-  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, 1};
+  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, logsumexp, 1};
 }
 
 }  // namespace qmv

@@ -143,6 +143,28 @@ class Swiglu : public mx::UnaryPrimitive {
   }
 };
 
+// logsumexp over the last axis (keepdims) of float32, float16 or bfloat16 x: bit for bit MLX's CPU `mx.logsumexp`
+// (prefill.h), its rows over the thread pool.
+mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s = {});
+
+class LogSumExp : public mx::UnaryPrimitive {
+ public:
+  explicit LogSumExp(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    auto shape = inputs[0].shape();
+    shape.back() = 1;
+    return {shape};
+  }
+  const char* name() const override {
+    return "QmvLogSumExp";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 // softmax(scale q kᵀ) v for one float32 query per head (B, H, 1, D) over mlx-lm's quantized KV cache: keys and
 // values packed (B, Hkv, L, D * bits / 32) uint32 with scales and biases (B, Hkv, L, D / group_size).
 mx::array quantized_decode_attention(
