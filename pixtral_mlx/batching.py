@@ -2,10 +2,10 @@
 
 A row is one planned turn (`Pixtral.plan_turn`: its options, logits processors and conversation `PromptCache`).
 `Batch.add_many` prefills the part of each prompt the row's cache lacks with the values a single turn gives it
-(all but the last token in chunks, several rows together where they fit: `generate.prefill_many`; then the last
-token alone, whose logits give the first token), and merges
+(all but the last token in chunks, several rows together where they fit: `generate.prefill_many`) and merges
 the row's KV into the running left-padded `BatchKVCache` (mlx-lm's `merge`/`extend`). `Batch.step` runs one
-decode step for every row at once (the weights read once for all of them), then samples each row with its own
+decode step for every row at once (the weights read once for all of them; a row that just joined feeds its last
+prompt token, whose logits give its first token), then samples each row with its own
 sampler and logits processors (grammar, penalties, bias) and hands the token to that row's `_decode`, which
 applies its stop strings, max_tokens and detokenizer. A row that finishes or is cancelled leaves the batch
 (`filter`), and its KV (its own positions, without the left padding) goes back into its `PromptCache`, with
@@ -102,16 +102,16 @@ class Batch:
         return rows
 
     def _first(self, turn: Any, cancelled: Callable[[], bool], tokens: list[int], emb: mx.array) -> Row:
-        """The prefilled `turn`: sample its first token from its last prompt token and merge it into the batch."""
+        """The prefilled `turn` (all but its last prompt token in its cache) joins the batch: its cache is merged,
+        and the next `step` feeds its last prompt token with the other rows' tokens, whose logits give its first
+        token. One forward pass for every row joining, not one each, at the values a decode step gives a row
+        alone. A prompt whose last token is an image position (its embedding is not the token's: no template ends
+        so) or that left the cache empty (one token) samples its first token alone here instead."""
         from mlx_lm.generate import generation_stream
         from mlx_lm.models.cache import BatchKVCache
 
         cache, options = turn.cache, turn.options
         row = Row(turn, cancelled, options.sampler(), list(tokens))
-        with mx.stream(generation_stream):
-            logits = self.model(mx.array(tokens[-1:])[None], cache=cache.layers, input_embeddings=emb[None, -1:])
-            token = self._sample(row, logits[:, -1, :])
-            mx.eval(token)
         row.decoder = _decode(
             self._feed(row),
             self.pixtral.encoder.detokenizer(),
@@ -121,10 +121,17 @@ class Batch:
             turn.start,
             stop=options.stop,
         )
-        row.first = self._hand(row, int(token.item()))
-        if row.done:  # finished on its first token: it never joins
-            self._give_back(row, cache.layers)
-            return row
+        if tokens[-1] == self.pixtral.args.image_token_id or cache.offset == 0:
+            with mx.stream(generation_stream):
+                logits = self.model(mx.array(tokens[-1:])[None], cache=cache.layers, input_embeddings=emb[None, -1:])
+                token = self._sample(row, logits[:, -1, :])
+                mx.eval(token)
+            row.first = self._hand(row, int(token.item()))
+            if row.done:  # finished on its first token: it never joins
+                self._give_back(row, cache.layers)
+                return row
+        else:
+            row.next_token = tokens[-1]
         with mx.stream(generation_stream):
             merged = [BatchKVCache.merge([layer]) for layer in cache.layers]
             if self.cache is None:

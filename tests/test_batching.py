@@ -48,6 +48,42 @@ def test_rows_joining_at_different_steps_equal_each_prompt_alone(pixtral):
     assert batch.max_rows == 3
 
 
+def test_joining_rows_get_their_first_token_from_the_batch_step_except_where_they_cannot(pixtral, monkeypatch):
+    """A prefilled row joins with its last prompt token still to feed: the next batched step gives every joining
+    row its first token (no forward pass of one row each). A prompt ending at an [IMG] position (its embedding is
+    the image's, not the token's) or of one token (nothing to merge) samples its first token alone. Either way
+    each row decodes what it decodes alone."""
+    from pixtral_mlx.prompt import Prompt
+
+    image = pixtral.encode(PROMPTS[1])
+    last_img = len(image.tokens) - 1 - image.tokens[::-1].index(pixtral.args.image_token_id)
+    ends_in_image = Prompt(tokens=image.tokens[: last_img + 1], images=image.images)
+    one_token = Prompt(tokens=pixtral.encode(PROMPTS[0]).tokens[:1])
+    alone_samples = []
+    sample = Batch._sample
+
+    def counting(self, row, logits, i=None):
+        if i is None:
+            alone_samples.append(len(row.tokens))
+        return sample(self, row, logits, i)
+
+    monkeypatch.setattr(Batch, "_sample", counting)
+    prompts = [pixtral.encode(m) for m in PROMPTS] + [ends_in_image, one_token]
+    alone = [pixtral.generate(p, GREEDY) for p in prompts]
+    batch = Batch(pixtral)
+    rows = batch.add_many([pixtral.plan_turn(p, pixtral.new_cache(), GREEDY) for p in prompts])
+    assert alone_samples == [len(ends_in_image.tokens), 1]  # the normal prompts: none
+    assert [row.first is not None for row in rows] == [False, False, False, True, True]
+    got = [Reply() for _ in prompts]
+    index = {id(row): i for i, row in enumerate(rows)}
+    while batch.rows:
+        for row, chunk in batch.step():
+            got[index[id(row)]].add(chunk)
+    for a, g in zip(alone, got):
+        assert (g.tokens, g.text, g.finish_reason) == (a.tokens, a.text, a.finish_reason)
+        assert len(g.tokens) == N
+
+
 def test_stop_string_and_grammar_rows_behave_as_alone(pixtral):
     plain = PROMPTS[0]
     first = pixtral.generate(plain, GREEDY).text
