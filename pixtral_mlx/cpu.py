@@ -534,6 +534,18 @@ class KernelMinistral3MLP(ministral3.MLP):
         return self.down_proj(gated(ministral3.swiglu, self.gate_proj(x), self.up_proj(x)))
 
 
+class KernelGELU(nn.GELU):
+    """The adapter's exact GELU through the extension's kernel (`cpu_kernel.gelu`: every core, bit for bit the same
+    values); MLX's own for the approximations and where the kernel does not apply."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if self._approx == "none":
+            out = cpu_kernel.gelu(x)
+            if out is not None:
+                return out
+        return super().__call__(x)
+
+
 # The decoder attention classes whose prompt chunks go through `blocked_attention` (the memory plan counts one block).
 BLOCKED_DECODER_ATTENTION = (BlockedPromptAttention, BlockedMinistral3Attention)
 
@@ -546,6 +558,7 @@ REPLACEMENTS: dict[type, type] = {
     FeedForward: KernelFeedForward,
     llama.MLP: KernelMLP,
     ministral3.MLP: KernelMinistral3MLP,
+    nn.GELU: KernelGELU,
 }
 
 

@@ -319,7 +319,7 @@ def _result_dtype(y: Any, x: Any, scales: Any) -> Any:
 
 
 def prefill_available() -> bool:
-    """True when the prefill kernels (`dequantize`, `attention`, `swiglu`, `quantized_decode_attention`,
+    """True when the prefill kernels (`dequantize`, `attention`, `swiglu`, `gelu`, `quantized_decode_attention`,
     `logsumexp`) can run: the extension is in use and has them."""
     return available() and hasattr(_ext, "attention")
 
@@ -365,6 +365,21 @@ def swiglu(gate: Any, up: Any) -> Any:
     if gate.dtype != mx.float32 or up.dtype != mx.float32 or gate.shape != up.shape:
         return None
     return _ext.swiglu(gate, up)
+
+
+def gelu(x: Any) -> Any:
+    """MLX's exact `nn.gelu`, x (1 + erf(x / sqrt 2)) / 2 (the adapter's activation, Pixtral's and Mistral3's), for
+    a float32 array through the extension: MLX's own erf and exp, operation for operation, so bit for bit MLX's CPU
+    result, on every core and 8 lanes at a time (MLX's CPU runs it one element at a time: 138 ms for a 512² image's
+    1,024 × 5,120 activations, 3 ms here). None where it does not apply (no extension, another dtype, a non-CPU
+    default device)."""
+    import mlx.core as mx
+
+    if not prefill_available() or not hasattr(_ext, "gelu") or mx.default_device() != mx.cpu:
+        return None
+    if x.dtype != mx.float32:
+        return None
+    return _ext.gelu(x)
 
 
 def logsumexp(x: Any) -> Any:

@@ -1,8 +1,10 @@
-"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization, SwiGLU and logsumexp bit for bit
-against MLX's, the fused attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable
+"""The extension's prefill kernels (csrc/qmv/prefill_*.cpp): dequantization, SwiGLU, GELU and logsumexp bit for
+bit against MLX's, the fused attention against `mx.fast.scaled_dot_product_attention`, on the AVX2 and the portable
 code, and the library's CPU classes going through them."""
 
 from __future__ import annotations
+
+import math
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -238,6 +240,44 @@ def test_library_paths_use_the_kernels(ext, monkeypatch):  # noqa: F811
     one = mlp(x[:, :1])  # one token (decode): the kernel too (SWIGLU_KERNEL_MIN_ROWS), the same bits
     assert calls == ["attention", *proj, "swiglu", "swiglu"]
     assert same_bits(one, llama.MLP.__call__(mlp, x[:, :1]))
+
+
+def gelu_inputs(n: int, seed: int) -> mx.array:
+    """Activations over the range erf sees (past ±9.2, where it saturates; past ±13.3, where exp(-v²) underflows),
+    the values where MLX's exp rounds -v² log2(e) at a half, tiny and subnormal values and the special ones."""
+    rng = np.random.default_rng(seed)
+    halves = np.sqrt((np.arange(128) + 0.5) / 1.442695).astype(np.float32) * np.float32(np.sqrt(2))
+    halves = np.concatenate([np.nextafter(halves, np.float32(0)), halves, np.nextafter(halves, np.float32(1e9))])
+    special = [0.0, -0.0, 1e-30, -1e-30, 3e-39, -3e-39, 9.2, -9.2, 13.3, -13.3, 1e30, -1e30, np.inf, -np.inf, np.nan]
+    x = np.concatenate([rng.normal(0, 3, n), rng.uniform(-20, 20, n // 4), rng.normal(0, 1e-3, n // 8), special])
+    return mx.array(np.concatenate([x, halves, -halves]).astype(np.float32))
+
+
+@pytest.mark.parametrize("n", [20_000, 7])
+def test_gelu_bit_for_bit(isa, n):
+    """`cpu_kernel.gelu` gives MLX's exact `nn.gelu` (compiled, and the same ops uncompiled) bit for bit; the CPU
+    class `KernelGELU` goes through it, and an approximate GELU keeps MLX's."""
+    x = gelu_inputs(n, seed=n)
+    out = cpu_kernel.gelu(x)
+    ref = nn.gelu(x)
+    assert out.dtype == mx.float32 and out.shape == ref.shape
+    assert same_bits(out, ref) and same_bits(out, x * (1 + mx.erf(x / math.sqrt(2))) / 2)
+    assert np.isnan(np.array(out)).sum() == 2  # nan, and -inf * (1 + erf(-inf)) = -inf * 0
+    assert np.nanmax(np.abs(np.array(ref))) > 10 and (np.array(ref) < -0.1).any()  # a GELU, not a copy or ReLU
+    x2 = x[: 31 * 23].reshape(31, 23)
+    assert same_bits(cpu_kernel.gelu(x2), nn.gelu(x2))
+    assert same_bits(cpu_kernel.gelu(x2.T), nn.gelu(x2.T))  # a transposed view (copied first)
+    assert cpu_kernel.gelu(x.astype(mx.bfloat16)) is None
+    calls = []
+    exact, approx = nn.GELU(), nn.GELU(approx="precise")
+    exact.__class__ = approx.__class__ = cpu.KernelGELU
+    real = cpu_kernel.gelu
+    try:
+        cpu_kernel.gelu = lambda a: calls.append(a.shape) or real(a)
+        assert same_bits(exact(x2), nn.gelu(x2)) and calls == [x2.shape]
+        assert same_bits(approx(x2), nn.gelu_approx(x2)) and calls == [x2.shape]
+    finally:
+        cpu_kernel.gelu = real
 
 
 def logsumexp_rows(dtype: mx.Dtype) -> list[mx.array]:

@@ -78,8 +78,9 @@ def test_dequantized_blocks_equal_one_dequantization(monkeypatch):
 
 def old_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CPU classes as they were: one dequantization, one attention call (mlx-lm's; vision: per image), MLX's
-    SwiGLU."""
+    SwiGLU and GELU."""
     monkeypatch.setattr(cpu, "PROMPT_ATTENTION_MIN", 10**9)
+    monkeypatch.setattr(cpu.cpu_kernel, "gelu", lambda x: None)
     monkeypatch.setattr(cpu, "SWIGLU_KERNEL_MIN_ROWS", 10**9)
     monkeypatch.setattr(cpu.StreamSplitAttention, "_attend", Attention._attend)
     monkeypatch.setattr(
@@ -126,6 +127,7 @@ def test_logits_and_greedy_tokens_equal_the_old_paths(case, q4, monkeypatch):
     assert isinstance(layer.self_attn, cpu.BlockedPromptAttention)
     assert isinstance(layer.mlp.gate_proj, cpu.DequantizingQuantizedLinear)
     assert isinstance(layer.mlp, cpu.KernelMLP)
+    assert isinstance(q4.model.multi_modal_projector.gelu, cpu.KernelGELU)
     with monkeypatch.context() as m:
         small_blocks(m)
         new_logits = q4.logits(messages)

@@ -73,6 +73,13 @@ interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups 
       "stream"_a = nb::none(),
       "silu(gate) * up for float32 arrays of one shape, bit for bit MLX's CPU ops, over the thread pool.");
   m.def(
+      "gelu",
+      &qmv::gelu,
+      "x"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "MLX's exact nn.gelu for a float32 array, bit for bit MLX's CPU ops, 8 lanes at a time over the thread pool.");
+  m.def(
       "logsumexp",
       &qmv::logsumexp,
       "x"_a,

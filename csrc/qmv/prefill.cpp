@@ -307,6 +307,38 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
 }
 
 ///////////////////////////////////////////////////////////////////////////////
+// GELU
+///////////////////////////////////////////////////////////////////////////////
+
+mx::array gelu(const mx::array& x, mx::StreamOrDevice s) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("qmv.gelu: x must be float32");
+  auto stream = mx::to_stream(s);
+  if (stream.device != mx::Device::cpu) throw std::invalid_argument("qmv.gelu: runs on the CPU only");
+  return mx::array(x.shape(), mx::float32, std::make_shared<Gelu>(stream), {mx::contiguous(x, false, stream)});
+}
+
+void Gelu::eval_gpu(const std::vector<mx::array>&, mx::array&) {
+  throw std::runtime_error("QmvGelu has no GPU implementation (use mlx.nn.gelu)");
+}
+
+void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
+  const auto& x = inputs[0];
+  if (!x.flags().row_contiguous) throw std::invalid_argument("qmv.gelu: x must be row-contiguous");
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& encoder = mx::cpu::get_command_encoder(stream());
+  encoder.set_input_array(x);
+  encoder.set_output_array(out);
+  const GeluFn fn = prefill_kernels().gelu;
+  const int64_t n = out.size();
+  encoder.dispatch([fn, n, in = x.data<float>(), o = out.data<float>()]() {
+    // Blocks of 64K elements (a multiple of 8), at most 8 tasks a thread (as SwiGLU).
+    const int64_t per = std::max<int64_t>(65536, ((n + 8 * threads() - 1) / (8 * threads()) + 7) / 8 * 8);
+    const int ntasks = static_cast<int>((n + per - 1) / per);
+    parallel_for(ntasks, [&](int t) { fn(in, o, t * per, std::min(n, (t + 1) * per)); });
+  });
+}
+
+///////////////////////////////////////////////////////////////////////////////
 // LogSumExp
 ///////////////////////////////////////////////////////////////////////////////
 

@@ -3,6 +3,8 @@
 // AVX2 + FMA prefill kernels (prefill.h). Compiled with a target pragma; prefill.cpp calls them only
 // when the CPU reports avx2, fma and f16c at run time.
 //
+// GELU and LogSumExp: MLX's erf and exp, operation for operation (prefill.h), 8 lanes at a time.
+//
 // Dequantize: one uint32 word of 4-bit codes -> 8 lanes (broadcast, per-lane shift, mask), 8-bit
 // codes -> 8 lanes from 8 bytes (vpmovzxbd); then a multiply and an add (two roundings, as MLX).
 //
@@ -182,7 +184,7 @@ void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, in
 }
 
 ///////////////////////////////////////////////////////////////////////////////
-// LogSumExp
+// GELU and LogSumExp (MLX's exp for any x)
 ///////////////////////////////////////////////////////////////////////////////
 
 // MLX's exp (simd/math.h) for any x: ipart = floor(double(x) + 0.5) is floor(x) + (x - floor(x) >= 0.5), the
@@ -206,6 +208,33 @@ inline __m256 mlx_exp8(__m256 x_init) {
   r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
                        _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
   return _mm256_andnot_ps(_mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ), r);
+}
+
+// nn.gelu with MLX's erf (prefill_scalar.cpp gelu_range, 8 lanes at a time).
+inline __m256 gelu8(__m256 x) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 v = _mm256_div_ps(x, _mm256_set1_ps(static_cast<float>(1.4142135623730951)));
+  const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), _mm256_andnot_ps(sign, v), one));
+  __m256 r = _mm256_fmadd_ps(_mm256_set1_ps(1.061405429f), t, _mm256_set1_ps(-1.453152027f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+  r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+  const __m256 e = _mm256_xor_ps(mlx_exp8(_mm256_mul_ps(_mm256_xor_ps(v, sign), v)), sign);
+  const __m256 res = _mm256_fmadd_ps(_mm256_mul_ps(e, t), r, one);
+  const __m256 erf = _mm256_blendv_ps(_mm256_xor_ps(res, sign), res, _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GT_OQ));
+  return _mm256_div_ps(_mm256_mul_ps(x, _mm256_add_ps(one, erf)), _mm256_set1_ps(2.0f));
+}
+
+void gelu_range(const float* x, float* out, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(out + i, gelu8(_mm256_loadu_ps(x + i)));
+  if (i < i1) {
+    alignas(32) float v[8] = {}, o[8];
+    std::copy(x + i, x + i1, v);
+    _mm256_store_ps(o, gelu8(_mm256_load_ps(v)));
+    std::copy(o, o + (i1 - i), out + i);
+  }
 }
 
 template <int Type>
@@ -339,7 +368,7 @@ void softmax(float* s, int rows, int n, int64_t stride) {
 }  // namespace
 
 PrefillKernels prefill_avx2() {
-  return {"avx2", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, logsumexp, 16};
+  return {"avx2", dequantize_rows, attention_rows, swiglu_range, gelu_range, dots, axpys, softmax, logsumexp, 16};
 }
 
 }  // namespace qmv

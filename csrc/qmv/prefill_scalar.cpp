@@ -144,6 +144,24 @@ void softmax(float* s, int rows, int n, int64_t stride) {
   }
 }
 
+// MLX's erf (simd/math.h) with one lane.
+float mlx_erf(float v) {
+  const float t = 1.0f / std::fma(0.3275911f, std::fabs(v), 1.0f);
+  float r = std::fma(1.061405429f, t, -1.453152027f);
+  r = std::fma(r, t, 1.421413741f);
+  r = std::fma(r, t, -0.284496736f);
+  r = std::fma(r, t, 0.254829592f);
+  const float e = -mlx_exp(-v * v);
+  const float result = std::fma(e * t, r, 1.0f);
+  return v > 0 ? result : -result;
+}
+
+// nn.gelu: x * (1 + erf(x / sqrt(2))) / 2, sqrt(2) a float32 constant.
+void gelu_range(const float* x, float* out, int64_t i0, int64_t i1) {
+  const float sqrt2 = static_cast<float>(1.4142135623730951);
+  for (int64_t i = i0; i < i1; ++i) out[i] = x[i] * (1.0f + mlx_erf(x[i] / sqrt2)) / 2.0f;
+}
+
 // MLX's logsumexp.cpp with one lane (its x86 build), line for line.
 float logsumexp(const void* x, int type, int64_t n) {
   float maximum = -std::numeric_limits<float>::infinity();
@@ -163,7 +181,7 @@ float logsumexp(const void* x, int type, int64_t n) {
 }  // namespace
 
 PrefillKernels prefill_scalar() {
-  return {"scalar", dequantize_rows, attention_rows, swiglu_range, dots, axpys, softmax, logsumexp, 1};
+  return {"scalar", dequantize_rows, attention_rows, swiglu_range, gelu_range, dots, axpys, softmax, logsumexp, 1};
 }
 
 }  // namespace qmv

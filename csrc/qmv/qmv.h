@@ -143,6 +143,25 @@ class Swiglu : public mx::UnaryPrimitive {
   }
 };
 
+// MLX's exact nn.gelu, x * (1 + erf(x / sqrt 2)) / 2, for a float32 array: bit for bit MLX's CPU (prefill.h).
+mx::array gelu(const mx::array& x, mx::StreamOrDevice s = {});
+
+class Gelu : public mx::UnaryPrimitive {
+ public:
+  explicit Gelu(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvGelu";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 // logsumexp over the last axis (keepdims) of float32, float16 or bfloat16 x: bit for bit MLX's CPU `mx.logsumexp`
 // (prefill.h), its rows over the thread pool.
 mx::array logsumexp(const mx::array& x, mx::StreamOrDevice s = {});
