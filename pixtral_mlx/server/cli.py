@@ -76,13 +76,19 @@ def main(argv: list[str] | None = None) -> int:
         stops.append(sig)
         raise KeyboardInterrupt
 
+    def unraisable(hook: Any) -> None:  # the KeyboardInterrupt Python drops (see `_serve`) is seen by `stopped`
+        if not (stops and isinstance(hook.exc_value, KeyboardInterrupt)):
+            sys.__unraisablehook__(hook)
+
+    previous_hook, sys.unraisablehook = sys.unraisablehook, unraisable
+
     engine = Engine(lambda: _load(args), queue_size=args.queue, kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     code = 1
     try:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, stop)
         engine.start()
-        code = _serve(args, engine, sock)
+        code = _serve(args, engine, sock, stopped=lambda: bool(stops))
     except KeyboardInterrupt:  # a signal while the model loads: SIGTERM is a normal stop, Ctrl-C an interruption
         if stops[-1:] == [signal.SIGTERM]:
             code = 0
@@ -91,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             code = 130
             print("interrupted", file=sys.stderr, flush=True)
     finally:
+        sys.unraisablehook = previous_hook
         sock.close()
         # The engine thread must end before the interpreter does: one still inside MLX (or a model load,
         # which cannot be interrupted) then aborts the process ("terminate called without an active exception").
@@ -120,8 +127,10 @@ def _load(args: argparse.Namespace) -> Any:
         )
 
 
-def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
-    """Wait for the model, then serve until SIGTERM or Ctrl-C; the exit status."""
+def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket, stopped: Any = lambda: False) -> int:
+    """Wait for the model, then serve until SIGTERM or Ctrl-C; the exit status. `stopped()`: a stop signal came
+    before the server took the signals over. Its handler raises KeyboardInterrupt, which Python drops where it lands
+    in a weakref callback or a finalizer (an import's module lock, a collected object): checked again on the way."""
     from pixtral_mlx.config import check_model_edge
     from pixtral_mlx.errors import PixtralError
     from pixtral_mlx.fetch import FetchPolicy
@@ -132,7 +141,10 @@ def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
 
     tic = time.perf_counter()
     while not engine.ready.wait(0.2):  # a timed wait, so a signal is seen during the load
-        pass
+        if stopped():
+            raise KeyboardInterrupt
+    if stopped():
+        raise KeyboardInterrupt
     if engine.load_error is not None:
         if isinstance(engine.load_error, PixtralError):
             error(str(engine.load_error))
@@ -173,6 +185,8 @@ def _serve(args: argparse.Namespace, engine: Any, sock: socket.socket) -> int:
     host, port = sock.getsockname()[:2]
     shown = f"[{host}]" if ":" in host else host
     info(f"Loaded {name} in {time.perf_counter() - tic:.1f} s")
+    if stopped():
+        raise KeyboardInterrupt
     info(f"OpenAI-compatible API at http://{shown}:{port}/v1 (Ctrl-C stops)")
     server = Server(
         create_app(settings, engine),
