@@ -114,6 +114,36 @@ def test_matvec_gives_the_prompt_products_bits(ext, kernel, n, k, group_size, dt
     assert np.abs(out - model(xn[:8], wq, scales, biases, group_size)[:8]).max() <= 5e-7 * scale
 
 
+@pytest.mark.parametrize("group_size", [64, 128])
+def test_rows_of_x_with_edge_values_get_the_prompt_products_bits(ext, kernel, group_size):
+    """x as the matvec rounds it (vectorized, Gemm::prepare_x) and as the prompt product does (quantize_x): the same
+    steps, codes, errors and sums with a zero group, inf and NaN groups, values at a half step (nearest even), a
+    tiny value beside a large one, subnormals and signed zeros; and a transposed view (x read with a stride)."""
+    k = 4 * group_size
+    wq, scales, biases = quantized(64, k, group_size, seed=3)
+    x = np.array(mx.random.normal((12, k), key=mx.random.key(9)))  # the prompt product takes > 8 rows
+    x[0, :group_size] = 0.0
+    x[1, 3] = np.inf
+    x[2, group_size + 1] = np.nan
+    x[3, :group_size] = 0.0
+    x[3, 0] = 32767.0
+    x[3, 1 : group_size // 2] = np.arange(1, group_size // 2) - 0.5  # k + 0.5 steps: rounded to even
+    x[3, group_size // 2 : group_size] = -(np.arange(group_size // 2) + 0.5)
+    x[4, group_size : 2 * group_size] = 1e-30
+    x[4, group_size] = 1.0
+    x[5, 2 * group_size : 3 * group_size] = 1e-40  # subnormal
+    x[6, :group_size] = -0.0
+    x = mx.array(x.astype(np.float32))
+    full = gemm(x, wq, scales, biases, group_size)[:8]
+    il = interleaved(wq, scales, biases)
+    out = matvec(x[:8], *il, group_size)
+    assert np.array_equal(np.array(out), np.array(full), equal_nan=True)
+    got = np.array(out)
+    assert np.isnan(got[1]).all() and np.isnan(got[2]).all() and np.isfinite(got[[0, 3, 4, 5, 6, 7]]).all()
+    strided = mx.array(np.ascontiguousarray(np.array(x[:8]).T)).T  # (8, k) with a column stride of 8
+    assert np.array_equal(np.array(matvec(strided, *il, group_size)), got, equal_nan=True)
+
+
 def test_a_row_gets_the_same_bits_in_any_batch_and_thread_count(ext, kernel):
     wq, scales, biases = interleaved(*quantized(8 * 45, 1024, 64, seed=4))  # ~0.2 MB: several threads' tasks
     x = mx.random.normal((8, 1024), key=mx.random.key(6))

@@ -23,6 +23,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "kernels.h"  // before the target pragma: its inline helpers must stay baseline code
@@ -320,15 +321,76 @@ void matvec_rows(const Problem& p, int n0, int n1) {
   dispatch_rows<4>(p, f);
 }
 
+// Gemm::prepare_x: quantize_x16 (chunk 64) and group_sums of qmv.cpp, value for value. The maximum and the rounding
+// (nearest even, as nearbyint) do not depend on the order and go 8 lanes at a time; the error (a double sum) and the
+// sum (a float sum) of each group are the scalar code's sums in the same order, 4 groups' chains interleaved.
+void prepare_x(const float* xm, int m, int M, int K, int group_size, int16_t* xq, float* step, float* err,
+               float* sums) {
+  constexpr float kMax = 32767.0f;
+  const int G = K / group_size;
+  std::vector<float> qf(K);
+  std::vector<char> finite(G);
+  const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  for (int g = 0; g < G; ++g) {
+    const float* v = xm + static_cast<int64_t>(g) * group_size;
+    __m256 amax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (int k = 0; k < group_size; k += 8) {
+      const __m256 a = _mm256_and_ps(_mm256_loadu_ps(v + k), absmask);
+      bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, inf, _CMP_NLT_UQ));  // inf or NaN
+      amax = _mm256_max_ps(amax, a);
+    }
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    const float mx = _mm_cvtss_f32(h);
+    finite[g] = _mm256_movemask_ps(bad) == 0;
+    const float inv = finite[g] && mx > 0.0f ? kMax / mx : 0.0f;
+    step[g] = !finite[g] ? std::numeric_limits<float>::quiet_NaN() : mx / kMax;
+    float* q = qf.data() + static_cast<int64_t>(g) * group_size;
+    if (inv > 0.0f) {
+      const __m256 vi = _mm256_set1_ps(inv), hi = _mm256_set1_ps(kMax), lo = _mm256_set1_ps(-kMax);
+      for (int k = 0; k < group_size; k += 8) {
+        const __m256 r = _mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(v + k), vi), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm256_storeu_ps(q + k, _mm256_max_ps(_mm256_min_ps(r, hi), lo));
+      }
+    } else {
+      std::fill(q, q + group_size, 0.0f);
+    }
+  }
+  for (int c = 0; c < K / 64; ++c) {  // chunk c: element i at (i % 4) * 16 + i / 4
+    int16_t* dst = xq + (static_cast<int64_t>(c) * M + m) * 64;
+    const float* q = qf.data() + static_cast<int64_t>(c) * 64;
+    for (int i = 0; i < 64; ++i) dst[(i % 4) * 16 + i / 4] = static_cast<int16_t>(q[i]);
+  }
+  for (int g0 = 0; g0 < G; g0 += 4) {
+    const int n = std::min(4, G - g0);
+    double e[4] = {0.0, 0.0, 0.0, 0.0};
+    float sm[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    double st[4] = {0.0, 0.0, 0.0, 0.0};
+    for (int j = 0; j < n; ++j) st[j] = static_cast<double>(step[g0 + j]);
+    for (int k = 0; k < group_size; ++k)
+      for (int j = 0; j < n; ++j) {
+        const int64_t at = static_cast<int64_t>(g0 + j) * group_size + k;
+        e[j] += st[j] * qf[at] - xm[at];
+        sm[j] += xm[at];
+      }
+    for (int j = 0; j < n; ++j) {
+      err[g0 + j] = finite[g0 + j] ? static_cast<float>(e[j]) : 0.0f;
+      sums[g0 + j] = sm[j];
+    }
+  }
+}
+
 }  // namespace
 
 #if defined(QMV_GEMM_EVEX)
 Gemm gemm_int16_avx512vl() {
-  return {"avx512vl-vnni", kStrip, gemm_rows, matvec_rows};
+  return {"avx512vl-vnni", kStrip, gemm_rows, matvec_rows, prepare_x};
 }
 #else
 Gemm gemm_int16_avx2() {
-  return {"avx2", kStrip, gemm_rows, matvec_rows};
+  return {"avx2", kStrip, gemm_rows, matvec_rows, prepare_x};
 }
 #endif
 

@@ -151,6 +151,10 @@ struct Gemm {
   // multiples of 8, with Problem::xq in the 64-element chunk layout (int16_chunk 64), xscale, xerr and xsum. Each
   // output gets the same bits as `rows` gives it for the same row of x, whatever the other rows.
   void (*matvec)(const Problem&, int n0, int n1);
+  // Row m of M rows of row-contiguous x (K elements) for `matvec`: its int16 values in the 64-element chunk layout,
+  // and per group its step, error and sum, the values qmv.cpp's quantize_x16 and group_sums give, bit for bit.
+  void (*prepare_x)(const float* xm, int m, int M, int K, int group_size, int16_t* xq, float* step, float* err,
+                    float* sums);
 };
 
 Gemm gemm_int16_avx512vl();  // vpdpwssd on 256 bits: avx512vl, avx512vnni (and avx512bw) at run time

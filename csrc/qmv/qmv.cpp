@@ -510,12 +510,19 @@ struct Call {
     std::vector<int16_t> xq_store(static_cast<size_t>(M) * K + 32);
     std::vector<float> xscale(static_cast<size_t>(M) * G), xerr(xscale.size()), xsum(xscale.size());
     int16_t* xq = align64(xq_store.data());
-    for (int m = 0; m < M; ++m) {
+    auto prepare = [&](int m) {  // each row writes its own places
       const float* xm = x + x_row_offset[m];
-      group_sums(xm, x_col_stride, K, group_size, xsum.data() + static_cast<size_t>(m) * G);
-      quantize_x16(xm, x_col_stride, m, M, K, group_size, 64, xq, xscale.data() + static_cast<size_t>(m) * G,
-                   xerr.data() + static_cast<size_t>(m) * G);
-    }
+      float* step = xscale.data() + static_cast<size_t>(m) * G;
+      float* err = xerr.data() + static_cast<size_t>(m) * G;
+      float* sums = xsum.data() + static_cast<size_t>(m) * G;
+      if (x_col_stride == 1) {  // the usual: the same values, vectorized (Gemm::prepare_x)
+        g->prepare_x(xm, m, M, K, group_size, xq, step, err, sums);
+      } else {
+        group_sums(xm, x_col_stride, K, group_size, sums);
+        quantize_x16(xm, x_col_stride, m, M, K, group_size, 64, xq, step, err);
+      }
+    };
+    parallel_for(M, prepare);  // the rows over the pool (one row: on this thread)
     const Operand w = w_view.operand();
     const Operand scales = scales_view.operand();
     const Operand biases = biases_view.operand();
