@@ -261,6 +261,19 @@ def test_a_failed_load_is_one_sentence_and_exit_1_every_time():
         assert r.stderr.startswith("error: /nonexistent: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+def test_an_engine_that_cannot_import_reports_a_load_error(monkeypatch):
+    """A broken install (mlx-lm missing) is a load error whoever waits on the engine reports, not a thread that died
+    before it said anything (the server would wait for the model for ever)."""
+    monkeypatch.setitem(sys.modules, "mlx_lm.generate", None)  # `from mlx_lm.generate import ...` raises
+    engine = Engine(lambda: pytest.fail("the load ran without its imports"))
+    engine.start()
+    try:
+        assert engine.ready.wait(30)
+        assert isinstance(engine.load_error, ImportError)
+    finally:
+        engine.close(5)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [

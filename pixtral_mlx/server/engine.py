@@ -242,12 +242,12 @@ class Engine:
 
     # The engine thread -----------------------------------------------------------------------------
     def _run(self) -> None:
-        from mlx_lm.generate import generation_stream, wired_limit
-
-        from pixtral_mlx.batching import Batch
-
         try:
-            try:
+            try:  # the imports too: a broken install is a load error the waiter reports, not a thread that died
+                from mlx_lm.generate import generation_stream, wired_limit
+
+                from pixtral_mlx.batching import Batch
+
                 self.pixtral = self._load()
                 self.pool = CachePool(lambda: self.pixtral.new_cache(*self.kv), self._caches)
                 self.batch = Batch(self.pixtral)
