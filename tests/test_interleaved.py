@@ -118,7 +118,8 @@ def test_matvec_gives_the_prompt_products_bits(ext, kernel, n, k, group_size, dt
 def test_rows_of_x_with_edge_values_get_the_prompt_products_bits(ext, kernel, group_size):
     """x as the matvec rounds it (vectorized, Gemm::prepare_x) and as the prompt product does (quantize_x): the same
     steps, codes, errors and sums with a zero group, inf and NaN groups, values at a half step (nearest even), a
-    tiny value beside a large one, subnormals and signed zeros; and a transposed view (x read with a stride)."""
+    tiny value beside a large one, subnormals and signed zeros, groups too small for 1 / step in float holding a zero
+    (they round to zeros: finite outputs); and a transposed view (x read with a stride)."""
     k = 4 * group_size
     wq, scales, biases = quantized(64, k, group_size, seed=3)
     x = np.array(mx.random.normal((12, k), key=mx.random.key(9)))  # the prompt product takes > 8 rows
@@ -133,6 +134,10 @@ def test_rows_of_x_with_edge_values_get_the_prompt_products_bits(ext, kernel, gr
     x[4, group_size] = 1.0
     x[5, 2 * group_size : 3 * group_size] = 1e-40  # subnormal
     x[6, :group_size] = -0.0
+    x[7, :group_size] = 1e-36  # too small for 1 / step in float, with a zero: rounds to zeros, not NaN
+    x[7, 1] = 0.0
+    x[7, group_size : 2 * group_size] = 1e-40
+    x[7, group_size + 2] = 0.0
     x = mx.array(x.astype(np.float32))
     full = gemm(x, wq, scales, biases, group_size)[:8]
     il = interleaved(wq, scales, biases)

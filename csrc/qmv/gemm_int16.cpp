@@ -345,7 +345,8 @@ void prepare_x(const float* xm, int m, int M, int K, int group_size, int16_t* xq
     h = _mm_max_ss(h, _mm_movehdup_ps(h));
     const float mx = _mm_cvtss_f32(h);
     finite[g] = _mm256_movemask_ps(bad) == 0;
-    const float inv = finite[g] && mx > 0.0f ? kMax / mx : 0.0f;
+    float inv = finite[g] && mx > 0.0f ? kMax / mx : 0.0f;
+    if (inv == std::numeric_limits<float>::infinity()) inv = 0.0f;  // as quantize_x: a group too small rounds to 0
     step[g] = !finite[g] ? std::numeric_limits<float>::quiet_NaN() : mx / kMax;
     float* q = qf.data() + static_cast<int64_t>(g) * group_size;
     if (inv > 0.0f) {

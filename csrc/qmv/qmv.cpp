@@ -299,7 +299,9 @@ int16_t* align64(int16_t* p) {
 
 // Row m of x (K elements, col_stride apart) rounded to integers one step per group: step = max |x| / QMAX and
 // x / step rounded to nearest (even), so |error| <= step / 2 per element; xq[at(k)] = the rounded x[k]. A group
-// of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are NaN, as in float.
+// of zeros has step 0; a group holding inf or NaN gets a NaN step, so the outputs it feeds are NaN, as in float. A
+// group too small for 1 / step in float (max |x| below ~1e-34) rounds to zeros (its error term keeps its sum): x * inf
+// would make a zero in it NaN.
 template <int QMAX, class T, class At>
 void quantize_x(const float* xm, int64_t col_stride, int K, int group_size, T* xq, At at, float* step, float* err) {
   for (int g0 = 0; g0 < K; g0 += group_size) {
@@ -311,7 +313,8 @@ void quantize_x(const float* xm, int64_t col_stride, int K, int group_size, T* x
       amax = std::max(amax, std::fabs(v));
     }
     constexpr float kMax = QMAX;
-    const float inv = finite && amax > 0.0f ? kMax / amax : 0.0f;
+    float inv = finite && amax > 0.0f ? kMax / amax : 0.0f;
+    if (inv == std::numeric_limits<float>::infinity()) inv = 0.0f;  // max |x| < QMAX / FLT_MAX: rounds to 0, as zeros
     const float s = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / kMax;
     step[g0 / group_size] = s;
     double e = 0.0;  // sum of step * q - x over the group
