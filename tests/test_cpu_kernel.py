@@ -17,6 +17,7 @@ import platform
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 
 import mlx.core as mx
 import numpy as np
@@ -378,17 +379,24 @@ def test_half_scales_subnormal_and_negative(isa):
     check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
 
 
+@contextmanager
+def threads_set(ext, n: int):
+    """The extension's thread count set to n inside, the previous one restored after."""
+    old = ext.threads()
+    try:
+        assert ext.set_threads(n) == n
+        yield
+    finally:
+        ext.set_threads(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_threads(ext, threads):
     n, k, gs = 8195, 512, 64
     wq, scales, biases = quantized(n, k, gs, 4, mx.bfloat16)
     x = mx.random.normal((4, k))
-    old = ext.threads()
-    try:
-        assert ext.set_threads(threads) == threads
+    with threads_set(ext, threads):
         check(cpu_kernel.quantized_matvec(x, wq, scales, biases, group_size=gs, bits=4), x, wq, scales, biases, gs, 4)
-    finally:
-        ext.set_threads(old)
 
 
 @pytest.mark.parametrize("spin_us", ["0", "2000"])

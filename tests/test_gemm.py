@@ -100,12 +100,8 @@ def test_rows_get_the_same_bits_in_any_chunk_and_thread_count(ext, kernel):
     whole = product(x, wq, scales, biases, 64)
     assert mx.array_equal(product(x[3:20], wq, scales, biases, 64), whole[3:20]).item()
     assert mx.array_equal(product(x[250:291], wq, scales, biases, 64), whole[250:291]).item()
-    saved = ext.threads()
-    try:
-        ext.set_threads(1)
+    with test_cpu_kernel.threads_set(ext, 1):
         assert mx.array_equal(product(x, wq, scales, biases, 64), whole).item()
-    finally:
-        ext.set_threads(saved)
 
 
 def in_both_builds(ext, compute):

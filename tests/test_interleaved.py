@@ -155,12 +155,8 @@ def test_a_row_gets_the_same_bits_in_any_batch_and_thread_count(ext, kernel):
     alone = mx.concatenate([matvec(x[i : i + 1], wq, scales, biases, 64) for i in range(8)])
     for lo, hi in ((0, 2), (1, 4), (3, 8), (0, 8), (5, 7)):
         assert mx.array_equal(matvec(x[lo:hi], wq, scales, biases, 64), alone[lo:hi]).item(), (lo, hi)
-    saved = ext.threads()
-    try:
-        ext.set_threads(1)
+    with test_cpu_kernel.threads_set(ext, 1):
         assert mx.array_equal(matvec(x, wq, scales, biases, 64), alone).item()
-    finally:
-        ext.set_threads(saved)
 
 
 def test_both_builds_give_the_same_bits(ext):

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 
@@ -84,6 +85,14 @@ void advise_huge(void* data, size_t nbytes) {
   (void)data;
   (void)nbytes;
 #endif
+}
+
+// fn(i0, i1) over [0, n) for an elementwise kernel: blocks of at least 64K elements (a multiple of 8), at most 8
+// tasks a thread, over the pool.
+void parallel_elements(int64_t n, const std::function<void(int64_t, int64_t)>& fn) {
+  const int64_t per = std::max<int64_t>(65536, ((n + 8 * threads() - 1) / (8 * threads()) + 7) / 8 * 8);
+  const int ntasks = static_cast<int>((n + per - 1) / per);
+  parallel_for(ntasks, [&](int t) { fn(t * per, std::min(n, (t + 1) * per)); });
 }
 
 }  // namespace
@@ -294,15 +303,8 @@ void Swiglu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_output_array(out);
   const SwigluFn fn = prefill_kernels().swiglu;
   const int64_t n = out.size();
-  encoder.dispatch([fn,
-                    n,
-                    g = gate.data<float>(),
-                    u = up.data<float>(),
-                    o = out.data<float>()]() {
-    // Blocks of 64K elements (a multiple of 8), at most 8 tasks a thread.
-    const int64_t per = std::max<int64_t>(65536, ((n + 8 * threads() - 1) / (8 * threads()) + 7) / 8 * 8);
-    const int ntasks = static_cast<int>((n + per - 1) / per);
-    parallel_for(ntasks, [&](int t) { fn(g, u, o, t * per, std::min(n, (t + 1) * per)); });
+  encoder.dispatch([fn, n, g = gate.data<float>(), u = up.data<float>(), o = out.data<float>()]() {
+    parallel_elements(n, [&](int64_t i0, int64_t i1) { fn(g, u, o, i0, i1); });
   });
 }
 
@@ -331,10 +333,7 @@ void Gelu::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   const GeluFn fn = prefill_kernels().gelu;
   const int64_t n = out.size();
   encoder.dispatch([fn, n, in = x.data<float>(), o = out.data<float>()]() {
-    // Blocks of 64K elements (a multiple of 8), at most 8 tasks a thread (as SwiGLU).
-    const int64_t per = std::max<int64_t>(65536, ((n + 8 * threads() - 1) / (8 * threads()) + 7) / 8 * 8);
-    const int ntasks = static_cast<int>((n + per - 1) / per);
-    parallel_for(ntasks, [&](int t) { fn(in, o, t * per, std::min(n, (t + 1) * per)); });
+    parallel_elements(n, [&](int64_t i0, int64_t i1) { fn(in, o, i0, i1); });
   });
 }
 

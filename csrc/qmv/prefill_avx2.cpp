@@ -140,53 +140,6 @@ void attention_rows(const AttentionProblem& p, int b, int h, int r0, int r1) {
   attention_rows_t<Avx2F>(p, b, h, r0, r1);
 }
 
-// MLX's exp (simd/math.h) for x >= 0 or NaN, the one use here (sigmoid's exp(|x|)). MLX rounds
-// floor(double(x) + 0.5); for x >= 0 that is floor(x) + (x - floor(x) >= 0.5), the difference exact in float.
-inline __m256 mlx_exp_nonneg(__m256 x_init) {
-  const __m256 x = _mm256_mul_ps(x_init, _mm256_set1_ps(1.442695f));
-  const __m256 fl = _mm256_floor_ps(x);
-  const __m256 up = _mm256_and_ps(_mm256_cmp_ps(_mm256_sub_ps(x, fl), _mm256_set1_ps(0.5f), _CMP_GE_OQ), _mm256_set1_ps(1.0f));
-  const __m256 ipart = _mm256_add_ps(fl, up);
-  const __m256 fpart = _mm256_sub_ps(x, ipart);
-  __m256 y = _mm256_set1_ps(1.535336188319500e-4f);
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(1.339887440266574e-3f));
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(9.618437357674640e-3f));
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(5.550332471162809e-2f));
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(2.402264791363012e-1f));
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(6.931472028550421e-1f));
-  y = _mm256_fmadd_ps(y, fpart, _mm256_set1_ps(1.000000000000000f));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(ipart), _mm256_set1_epi32(127)), 23);
-  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(e), y);
-  r = _mm256_blendv_ps(r, x_init, _mm256_cmp_ps(x_init, x_init, _CMP_UNORD_Q));
-  r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                       _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
-  return r;
-}
-
-inline __m256 swiglu8(__m256 g, __m256 u) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 one = _mm256_set1_ps(1.0f);
-  const __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp_nonneg(_mm256_andnot_ps(sign, g))));
-  const __m256 sig = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
-  return _mm256_mul_ps(_mm256_mul_ps(g, sig), u);
-}
-
-void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, int64_t i1) {
-  int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
-  if (i < i1) {
-    alignas(32) float g[8] = {}, u[8] = {}, o[8];
-    std::copy(gate + i, gate + i1, g);
-    std::copy(up + i, up + i1, u);
-    _mm256_store_ps(o, swiglu8(_mm256_load_ps(g), _mm256_load_ps(u)));
-    std::copy(o, o + (i1 - i), out + i);
-  }
-}
-
-///////////////////////////////////////////////////////////////////////////////
-// GELU and LogSumExp (MLX's exp for any x)
-///////////////////////////////////////////////////////////////////////////////
-
 // MLX's exp (simd/math.h) for any x: ipart = floor(double(x) + 0.5) is floor(x) + (x - floor(x) >= 0.5), the
 // difference exact or rounded to a side that does not change the comparison (x in (-1, 0): 0.5 is a float there).
 inline __m256 mlx_exp8(__m256 x_init) {
@@ -209,6 +162,30 @@ inline __m256 mlx_exp8(__m256 x_init) {
                        _mm256_cmp_ps(x_init, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
   return _mm256_andnot_ps(_mm256_cmp_ps(x_init, _mm256_set1_ps(-88.0f), _CMP_LT_OQ), r);
 }
+
+inline __m256 swiglu8(__m256 g, __m256 u) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 one = _mm256_set1_ps(1.0f);
+  const __m256 y = _mm256_div_ps(one, _mm256_add_ps(one, mlx_exp8(_mm256_andnot_ps(sign, g))));
+  const __m256 sig = _mm256_blendv_ps(_mm256_sub_ps(one, y), y, _mm256_cmp_ps(g, _mm256_setzero_ps(), _CMP_LT_OQ));
+  return _mm256_mul_ps(_mm256_mul_ps(g, sig), u);
+}
+
+void swiglu_range(const float* gate, const float* up, float* out, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) _mm256_storeu_ps(out + i, swiglu8(_mm256_loadu_ps(gate + i), _mm256_loadu_ps(up + i)));
+  if (i < i1) {
+    alignas(32) float g[8] = {}, u[8] = {}, o[8];
+    std::copy(gate + i, gate + i1, g);
+    std::copy(up + i, up + i1, u);
+    _mm256_store_ps(o, swiglu8(_mm256_load_ps(g), _mm256_load_ps(u)));
+    std::copy(o, o + (i1 - i), out + i);
+  }
+}
+
+///////////////////////////////////////////////////////////////////////////////
+// GELU and LogSumExp
+///////////////////////////////////////////////////////////////////////////////
 
 // nn.gelu with MLX's erf (prefill_scalar.cpp gelu_range, 8 lanes at a time).
 inline __m256 gelu8(__m256 x) {
