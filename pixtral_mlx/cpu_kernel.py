@@ -254,7 +254,8 @@ def quantized_matvec(
     """`mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size, bits)`, affine mode.
 
     x is (..., K) with at most MAX_ROWS rows in all for one pass over the weights (up to
-    MAX_SPLIT_ROWS rows run as several passes; more rows go to mx.quantized_matmul). The kernel
+    MAX_SPLIT_ROWS rows run as several passes, balanced by the extension on interleaved weights; more rows go to
+    mx.quantized_matmul). The kernel
     computes in float32; the result has mx.quantized_matmul's dtype (float32 for float32 x).
     Shapes or modes the kernel does not cover (no biases, other bit widths, a non-CPU default
     device) go to mx.quantized_matmul. interleaved: w, scales and biases in `interleave`'s layout (they go back to
@@ -275,7 +276,7 @@ def quantized_matvec(
         return fallback()
     xf = x if x.dtype == mx.float32 else x.astype(mx.float32)
     kw = {"group_size": group_size, "bits": bits, "interleaved": interleaved}
-    if rows <= MAX_ROWS:
+    if rows <= MAX_ROWS or interleaved:  # the extension runs interleaved weights' rows in passes itself
         y = _ext.quantized_matvec(xf, w, scales, biases, **kw)
     else:
         flat = xf.reshape(rows, x.shape[-1])

@@ -149,6 +149,22 @@ def test_rows_of_x_with_edge_values_get_the_prompt_products_bits(ext, kernel, gr
     assert np.array_equal(np.array(matvec(strided, *il, group_size)), got, equal_nan=True)
 
 
+def test_prompt_chunks_of_fewer_than_256_rows_run_as_passes_with_the_products_bits(ext, kernel):
+    """On the interleaved layout, 9 to 255 rows of x go through the matvec in passes of at most 8 rows (qmv.cpp
+    kInterleavedGemmRows): every row gets the bits the product from the codes gives it at 256 rows, and the bits it
+    gets alone, whatever the split (9 rows: 5 + 4; 255: 32 passes) and the thread count."""
+    n, k = 8 * 45, 512  # ~0.1 MB: several threads' tasks
+    il = interleaved(*quantized(n, k, 64, seed=11))
+    x = mx.random.normal((256, k), key=mx.random.key(12))
+    product = gemm(x, *il, 64, interleave=True)  # 256 rows: the product from the codes
+    alone = mx.concatenate([matvec(x[i : i + 1], *il, 64) for i in range(0, 256, 37)])
+    assert mx.array_equal(alone, product[::37]).item()
+    for m in (9, 16, 17, 40, 255):
+        assert mx.array_equal(gemm(x[:m], *il, 64, interleave=True), product[:m]).item(), m
+    with test_cpu_kernel.threads_set(ext, 1):
+        assert mx.array_equal(gemm(x[:41], *il, 64, interleave=True), product[:41]).item()
+
+
 def test_a_row_gets_the_same_bits_in_any_batch_and_thread_count(ext, kernel):
     wq, scales, biases = interleaved(*quantized(8 * 45, 1024, 64, seed=4))  # ~0.2 MB: several threads' tasks
     x = mx.random.normal((8, 1024), key=mx.random.key(6))
