@@ -194,7 +194,8 @@ def interleaves(layer: Any) -> bool:
 def quantized_matmul(
     x: Any, w: Any, scales: Any, biases: Any, *, group_size: int, bits: int, interleaved: bool = False
 ) -> Any:
-    """A prompt chunk's `x @ dequantize(w).T` straight from 4-bit codes (csrc/qmv/gemm_int16.cpp), or None where
+    """A prompt chunk's `x @ dequantize(w).T` straight from 4-bit codes (csrc/qmv/gemm_int16.cpp; on interleaved
+    weights the matvec in passes of at most MAX_ROWS rows, which is faster there at every size), or None where
     it does not apply (see `gemm_isa`; 4-bit affine weights with biases only, more than MAX_ROWS rows of x,
     float x, the CPU as the default device). x is rounded to int16 per row and group as the int16 matvec rounds
     it (an output moves by about 2e-5 of the largest); each row's result is the same whatever rows come with

@@ -149,17 +149,19 @@ def test_rows_of_x_with_edge_values_get_the_prompt_products_bits(ext, kernel, gr
     assert np.array_equal(np.array(matvec(strided, *il, group_size)), got, equal_nan=True)
 
 
-def test_prompt_chunks_of_fewer_than_256_rows_run_as_passes_with_the_products_bits(ext, kernel):
-    """On the interleaved layout, 9 to 255 rows of x go through the matvec in passes of at most 8 rows (qmv.cpp
-    kInterleavedGemmRows): every row gets the bits the product from the codes gives it at 256 rows, and the bits it
-    gets alone, whatever the split (9 rows: 5 + 4; 255: 32 passes) and the thread count."""
+def test_prompt_chunks_run_as_matvec_passes_with_the_products_bits(ext, kernel):
+    """On the interleaved layout any number of rows of x goes through the matvec in passes of at most 8 rows, as
+    even as they go (9 rows: 5 + 4), in groups of 32 passes (qmv.cpp interleaved_matvec): every row gets the bits
+    the product from the codes gives it on MLX's layout, and the bits it gets alone, whatever the split, the group
+    and the thread count."""
     n, k = 8 * 45, 512  # ~0.1 MB: several threads' tasks
-    il = interleaved(*quantized(n, k, 64, seed=11))
-    x = mx.random.normal((256, k), key=mx.random.key(12))
-    product = gemm(x, *il, 64, interleave=True)  # 256 rows: the product from the codes
-    alone = mx.concatenate([matvec(x[i : i + 1], *il, 64) for i in range(0, 256, 37)])
+    wq, scales, biases = quantized(n, k, 64, seed=11)
+    il = interleaved(wq, scales, biases)
+    x = mx.random.normal((300, k), key=mx.random.key(12))
+    product = gemm(x, wq, scales, biases, 64)  # MLX's layout: the product from the codes
+    alone = mx.concatenate([matvec(x[i : i + 1], *il, 64) for i in range(0, 300, 37)])
     assert mx.array_equal(alone, product[::37]).item()
-    for m in (9, 16, 17, 40, 255):
+    for m in (9, 16, 17, 40, 255, 257, 300):  # 300 rows: 38 passes, a group of 32 and one of 6
         assert mx.array_equal(gemm(x[:m], *il, 64, interleave=True), product[:m]).item(), m
     with test_cpu_kernel.threads_set(ext, 1):
         assert mx.array_equal(gemm(x[:41], *il, 64, interleave=True), product[:41]).item()

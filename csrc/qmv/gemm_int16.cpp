@@ -82,16 +82,10 @@ void pack(const GemmProblem& p, int n0, int k0, int kc, int32_t* wp) {
     idx[j] = _mm256_load_si256(reinterpret_cast<const __m256i*>(rows));
   }
   const int* base = reinterpret_cast<const int*>(p.w + static_cast<int64_t>(n0) * p.w_stride + k0 / 8);
-  // Interleaved weights: each vector's 8 rows are one block, their words for one k contiguous (blocks past N
-  // repeat the last block, as rows do).
-  const int32_t* block[kVecs];
-  for (int j = 0; j < kVecs; ++j)
-    block[j] = reinterpret_cast<const int32_t*>(p.w) + static_cast<int64_t>(std::min(n0 + 8 * j, p.N - 8)) * p.w_stride + k0;
   const __m256i low4 = _mm256_set1_epi32(0xf);
   for (int wi = 0; wi < kc / 8; ++wi) {  // one word: 8 codes, 4 pairs
     for (int j = 0; j < kVecs; ++j) {
-      const __m256i v = p.interleaved ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(block[j] + 8 * wi))
-                                      : _mm256_i32gather_epi32(base + wi, idx[j], 4);
+      const __m256i v = _mm256_i32gather_epi32(base + wi, idx[j], 4);
       for (int q = 0; q < 4; ++q) {  // byte q: codes 2 q (low nibble) and 2 q + 1, to the lane's two halves
         const __m256i lo = _mm256_and_si256(_mm256_srli_epi32(v, 8 * q), low4);
         const __m256i hi = _mm256_slli_epi32(_mm256_and_si256(_mm256_srli_epi32(v, 8 * q + 4), low4), 16);
@@ -108,10 +102,8 @@ void pack_scales(const GemmProblem& p, int n0, int g0, int groups, float* sb) {
     const int64_t n = std::min(n0 + r, p.N - 1);
     for (int gl = 0; gl < groups; ++gl) {
       const int64_t g = g0 + gl;
-      const int64_t si = p.interleaved ? (n & ~7) * p.s_stride + 8 * g + (n & 7) : n * p.s_stride + g;
-      const int64_t bi = p.interleaved ? (n & ~7) * p.b_stride + 8 * g + (n & 7) : n * p.b_stride + g;
-      sb[(gl * 2) * kStrip + r] = load_scale(p.scales, p.scale_type, si);
-      sb[(gl * 2 + 1) * kStrip + r] = load_scale(p.biases, p.scale_type, bi);
+      sb[(gl * 2) * kStrip + r] = load_scale(p.scales, p.scale_type, n * p.s_stride + g);
+      sb[(gl * 2 + 1) * kStrip + r] = load_scale(p.biases, p.scale_type, n * p.b_stride + g);
     }
   }
 }

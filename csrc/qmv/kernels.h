@@ -134,7 +134,6 @@ struct GemmProblem {
   const float* xerr;     // step * sum(xq) - sum(x) per group
   const float* xsum;     // sum(x) per group
   float* out;            // M rows of N
-  bool interleaved = false;  // w, scales and biases in the interleaved layout (below), contiguous
 };
 
 // The interleaved layout of 4-bit weights (N a multiple of 8, contiguous arrays of MLX's shapes): output rows in

@@ -358,19 +358,16 @@ void quantize_x8(const float* xm, int64_t col_stride, int m, int M, int K, int g
   quantize_x<127>(xm, col_stride, K, group_size, xq, at, step, err);
 }
 
-// Interleaved weights: rows of x below this go through Gemm::matvec in passes of at most kMaxRows (each pass unpacks
-// the codes in registers), more through the product from codes (gemm_int16.cpp `rows`, which first repacks the codes
-// into int16 panels, a cost only many rows pay back). Measured on a 2-core Zen 4 (Pixtral's gate, down and q projections from memory, alternated builds): the
-// passes take 0.55-0.68 of the product's time at 9 to 16 rows, 0.6-0.9 at 36 to 128, 0.87-0.95 at 255; at 512 and
-// more rows the product is as fast or faster (down_proj: x's 8-row passes then re-read 14336-element rows).
-#ifndef QMV_INTERLEAVED_GEMM_ROWS
-#define QMV_INTERLEAVED_GEMM_ROWS 256
-#endif
-constexpr int kInterleavedGemmRows = QMV_INTERLEAVED_GEMM_ROWS;
 #ifndef QMV_PASS_BLOCK_BYTES
 #define QMV_PASS_BLOCK_BYTES (1024 * 1024)
 #endif
 constexpr int64_t kPassBlockBytes = QMV_PASS_BLOCK_BYTES;  // weights per block when several passes share it
+#ifndef QMV_PASS_GROUP
+#define QMV_PASS_GROUP 32
+#endif
+// Passes over a block before the next block, at most: x's int16 rows of one group (256 rows of K = 14,336: 7 MB)
+// stay in L3 while every block reads them, as the product from the codes blocks its rows (gemm_int16.cpp kMBlock).
+constexpr int kPassGroup = QMV_PASS_GROUP;
 
 struct Call {
   Kernel kernel;
@@ -387,7 +384,7 @@ struct Call {
   bool interleaved = false;  // kernels.h: the interleaved layout (4-bit; get_gemm() has the kernels)
 
   void operator()() const {
-    if (interleaved && M < kInterleavedGemmRows) return interleaved_matvec();
+    if (interleaved) return interleaved_matvec();
     if (M > kMaxRows) return gemm();
     const int G = K / group_size;
     const bool int16 = kernel.int16 && bits == 4 && group_size % 64 == 0 && K % kernel.int16_chunk == 0;
@@ -513,7 +510,7 @@ struct Call {
     const Operand biases = biases_view.operand();
     GemmProblem p{M, N, K, group_size, static_cast<const uint32_t*>(w.data), w.row_stride, scales.data,
                   biases.data, scales.row_stride, biases.row_stride, scale_type, xq.data(), xscale.data(),
-                  xerr.data(), xsum.data(), out, interleaved};
+                  xerr.data(), xsum.data(), out};
     // Strips of output rows, a few per thread (a thread slowed by other work holds no one up for long).
     const int strips = (N + g->strip - 1) / g->strip;
     const int ntasks = std::min(strips, nthr * 4);
@@ -526,11 +523,14 @@ struct Call {
     });
   }
 
-  // Interleaved weights: Gemm::matvec, x in the 64-element chunk layout, in passes of at most kMaxRows rows of x
-  // as even as they go (9 rows: 5 + 4; below kInterleavedGemmRows). Each output gets the bits it gets in any pass
-  // (Gemm::matvec), so the passes change no value. With several passes each thread's rows go in blocks of
-  // kPassBlockBytes of weights, every pass over a block before the next: the codes come from memory once and then
-  // from L2 (5-10 % faster than pass after pass over all the weights, on Zen 4 with 1 MiB of L2 a core).
+  // Interleaved weights, any number of rows of x: Gemm::matvec, x in the 64-element chunk layout, in passes of at
+  // most kMaxRows rows as even as they go (9 rows: 5 + 4). Each output gets the bits it gets in any pass, so the
+  // passes change no value. With several passes each thread's rows go in blocks of kPassBlockBytes of codes, every
+  // pass over a block before the next: the codes come from memory once and then from L2 (5-10 % faster than pass
+  // after pass over all the weights, on Zen 4 with 1 MiB of L2 a core). The product from the codes (gemm_int16.cpp
+  // `rows`, for MLX's layout) first repacks each block of codes into int16 panels; measured on a 2-core Zen 4
+  // (Pixtral's gate, down and q projections from memory, alternated builds) the passes took 0.55-0.68 of its time
+  // at 9 to 16 rows, 0.6-0.9 at 36 to 128, and 0.9-1.0 from 256 to 2048 rows: prompt chunks take them too.
   void interleaved_matvec() const {
     const Gemm* g = get_gemm();
     const int G = K / group_size;
@@ -575,10 +575,13 @@ struct Call {
     const int64_t row_bytes = static_cast<int64_t>(K) / 2;
     const int block = static_cast<int>(std::max<int64_t>(16, kPassBlockBytes / row_bytes / 16 * 16));
     const auto matvec = g->matvec;
-    split_rows_with(8, [&ps, matvec, block](int n0, int n1) {
-      for (int b0 = n0; b0 < n1; b0 += block)
-        for (const Problem& p : ps) matvec(p, b0, std::min(n1, b0 + block));
-    });
+    for (int i0 = 0; i0 < passes; i0 += kPassGroup) {  // x's rows kPassGroup passes at a time: they stay in L3
+      const int i1 = std::min(passes, i0 + kPassGroup);
+      split_rows_with(8, [&ps, matvec, block, i0, i1](int n0, int n1) {
+        for (int b0 = n0; b0 < n1; b0 += block)
+          for (int i = i0; i < i1; ++i) matvec(ps[i], b0, std::min(n1, b0 + block));
+      });
+    }
   }
 };
 
