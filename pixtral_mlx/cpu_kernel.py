@@ -111,12 +111,15 @@ def describe() -> str:
 
 def describe_prefill() -> str:
     """The prefill kernels in use, in words for `doctor`, e.g. 'qmv avx512 (attention, dequantization, SwiGLU);
-    4-bit products from the codes, int16 x (avx512vl-vnni)'."""
+    4-bit products from the codes, int16 x (avx512vl-vnni), on interleaved weights as decode-kernel passes of up to
+    8 rows'."""
     if prefill_available():
         words = f"qmv {_ext.prefill_isa()} (attention, dequantization, SwiGLU)"
         g = gemm_isa()
         if g:
             words += f"; 4-bit products from the codes, int16 x ({g})"
+            if interleaving():
+                words += ", on interleaved weights as decode-kernel passes of up to 8 rows"
         elif _gemm_disabled_by_env():
             words += "; 4-bit products dequantized for BLAS (PIXTRAL_MLX_QMV_GEMM=off)"
         return words

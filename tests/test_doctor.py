@@ -58,6 +58,7 @@ def test_json_names_the_blas_backend_loaded(blas):
     assert interleaved == cpu_kernel.interleaving()
     assert interleaved == (codes is not None and r["decode_kernel"]["name"] == "avx512vl-vnni")
     assert ("4-bit weights interleaved" in r["decode_kernel"]["describe"]) == interleaved
+    assert ("interleaved weights as decode-kernel passes" in r["prefill_kernels"]["describe"]) == interleaved
     assert r["mlx"]["version"] == __import__("mlx.core").core.__version__
 
 
