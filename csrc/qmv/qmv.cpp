@@ -571,7 +571,8 @@ struct Call {
       p.xerr = xerr.data() + r * G;
       p.out = out + r * N;
     }
-    if (passes == 1) return split_rows(g->matvec, ps[0], 8);  // blocks of 8 rows
+    // One pass (decode): no L2 blocks, which would only cut its prefetch short at every block's end.
+    if (passes == 1) return split_rows(g->matvec, ps[0], 8);
     const int64_t row_bytes = static_cast<int64_t>(K) / 2;
     const int block = static_cast<int>(std::max<int64_t>(16, kPassBlockBytes / row_bytes / 16 * 16));
     const auto matvec = g->matvec;
