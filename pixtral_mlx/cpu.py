@@ -94,22 +94,23 @@ def shared_dequantization() -> Iterator[None]:
 
 
 def dequantizes(model: Any) -> bool:
-    """True when `model`'s decoder prefill dequantizes its weights (the CPU classes on a quantized model)."""
+    """True when `model`'s decoder prefill dequantizes its weights (the CPU classes on a quantized model) or widens
+    them (16-bit float weights, `widens`)."""
     layers = model.layers
-    return bool(layers) and any(isinstance(m, DequantizingQuantizedLinear) for _, m in layers[0].named_modules())
+    return bool(layers) and any(
+        isinstance(m, DequantizingQuantizedLinear) or widens(m) for _, m in layers[0].named_modules()
+    )
 
 
 def dequantized_bytes(layer: Any) -> int:
-    """Bytes of the largest float32 weight a prompt chunk dequantizes in `layer` (a decoder layer; 0 when none:
-    4-bit weights multiplied from their codes dequantize nothing)."""
-    return 4 * max(
-        (
-            m.weight.size * 32 // m.bits
-            for _, m in layer.named_modules()
-            if isinstance(m, DequantizingQuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
-        ),
-        default=0,
-    )
+    """Bytes of the largest float32 weight a prompt chunk dequantizes (or widens, from 16 bits) in `layer` (a decoder
+    layer; 0 when none: 4-bit weights multiplied from their codes dequantize nothing)."""
+    sizes = [
+        m.weight.size * 32 // m.bits
+        for _, m in layer.named_modules()
+        if isinstance(m, DequantizingQuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
+    ]
+    return 4 * max(sizes + [m.weight.size for _, m in layer.named_modules() if widens(m)], default=0)
 
 
 _reuse_lock = threading.Lock()
@@ -294,6 +295,59 @@ class InterleavedQuantizedLinear(DequantizingQuantizedLinear):
         mx.eval(arrays)
         layer.update(arrays)
         layer.__class__ = cls
+
+
+def _float_weight(layer: Any, w: mx.array, dtype: Any) -> mx.array:
+    """`w` in `dtype` for a GEMM: a 16-bit weight widened (`cpu_kernel.widen`, every core); inside
+    `shared_dequantization`, once for every prompt chunk that multiplies with it."""
+    if w.dtype == dtype:
+        return w
+    if _shared is not None and id(layer) in _shared:
+        return _shared[id(layer)][0]
+    wide = cpu_kernel.widen(w) if dtype == mx.float32 else w.astype(dtype)
+    if _shared is not None:
+        _shared[id(layer)] = [wide]
+    return wide
+
+
+def _dense(layer: Any, x: mx.array, w: mx.array, bias: mx.array | None) -> mx.array:
+    """`x @ w.T (+ bias)`: a few rows through the extension's float-weight matvec (`cpu_kernel.dense_matvec`, which
+    reads a 16-bit weight as it is stored), a prompt chunk through the BLAS GEMM on the widened weight."""
+    if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
+        y = cpu_kernel.dense_matvec(x, w)
+        if y is not None:
+            return y if bias is None else y + bias
+    w = _float_weight(layer, w, x.dtype)
+    return x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+
+
+class DenseLinear(nn.Linear):
+    """nn.Linear on the CPU backend (`backend.prepare` installs it). A decode step's few rows go through the
+    extension's float-weight matvec, which reads each weight once for all rows on every core: MLX's BLAS GEMM reads
+    a float32 weight for one row at ~5 GB/s, a sixth of the bandwidth of the 2-core EPYC it was measured on. With the
+    extension, `backend.prepare` keeps a bfloat16/float16 checkpoint's weights as they are (half the bytes of float32
+    copies, the same values): the matvec widens them as it reads them, and a prompt chunk widens the matrix for the
+    GEMM (`_float_weight`), so prompts get the products they got from float32 copies."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _dense(self, x, self["weight"], self["bias"] if "bias" in self else None)
+
+
+class DenseEmbedding(nn.Embedding):
+    """nn.Embedding on the CPU backend: rows of a 16-bit table (kept as stored, like `DenseLinear`'s weights) come out
+    as float32, the same values; `as_linear` (a tied output layer) goes the `DenseLinear` way."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = self["weight"][x]
+        return rows if rows.dtype == mx.float32 else rows.astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _dense(self, x, self["weight"], None)
+
+
+def widens(module: Any) -> bool:
+    """True for a CPU float layer whose weights a prompt chunk widens (a 16-bit `DenseLinear` or `DenseEmbedding`)."""
+    return isinstance(module, (DenseLinear, DenseEmbedding)) and module.weight.dtype != mx.float32
 
 
 def attention_block(heads: int, keys: int, dtype_size: int) -> int:
@@ -552,6 +606,8 @@ BLOCKED_DECODER_ATTENTION = (BlockedPromptAttention, BlockedMinistral3Attention)
 # Model classes and their CPU replacements (same parameters, so a class swap is enough).
 REPLACEMENTS: dict[type, type] = {
     nn.QuantizedLinear: DequantizingQuantizedLinear,
+    nn.Linear: DenseLinear,
+    nn.Embedding: DenseEmbedding,
     Attention: StreamSplitAttention,
     llama.Attention: BlockedPromptAttention,
     ministral3.Attention: BlockedMinistral3Attention,

@@ -126,6 +126,14 @@ def describe_prefill() -> str:
     return f"MLX's own ops ({reason() or 'this extension has no prefill kernels'})"
 
 
+def describe_dense() -> str:
+    """The float-weight kernels in use, in words for `doctor`, e.g. 'qmv avx512vl (decode steps and short prompt chunks;
+    bfloat16/float16 weights kept as stored)'."""
+    if dense_available():
+        return f"qmv {_ext.dense_isa()} (decode steps and short prompt chunks; bfloat16/float16 weights kept as stored)"
+    return f"MLX's BLAS GEMM on float32 copies ({reason() or 'this extension has no float-weight kernels'})"
+
+
 def _gemm_disabled_by_env() -> bool:
     return os.environ.get("PIXTRAL_MLX_QMV_GEMM", "").strip().lower() in ("0", "off", "no", "false")
 
@@ -355,6 +363,46 @@ def dequantize(w: Any, scales: Any, biases: Any, *, group_size: int, bits: int) 
     ):
         return None
     return _ext.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+
+
+def dense_available() -> bool:
+    """True when float weights can go through the extension (`dense_matvec`, `widen`): it is in use and has them."""
+    return available() and hasattr(_ext, "dense_matvec")
+
+
+def dense_matvec(x: Any, w: Any) -> Any:
+    """`x @ w.T` for a few rows of float32 x and a (N, K) float32, bfloat16 or float16 weight, in float32: each weight
+    read once for all rows (passes of up to MAX_ROWS over each block of rows), on every core, a 16-bit weight widened
+    exactly as it is read. MLX's CPU GEMM (BLAS) reads a float32 weight for one row of x at a fraction of the memory
+    bandwidth (measured 5 against 32 GB/s on a 2-core EPYC; docs/CPU.md). A row of x gets the same bits alone and in a
+    batch. None where it does not apply (no extension, other dtypes or shapes, a non-CPU default device)."""
+    import mlx.core as mx
+
+    if (
+        not dense_available()
+        or x.dtype != mx.float32
+        or x.ndim < 1
+        or w.ndim != 2
+        or w.dtype not in (mx.float32, mx.bfloat16, mx.float16)
+        or x.shape[-1] != w.shape[1]
+        or x.size == 0
+        or mx.default_device() != mx.cpu
+    ):
+        return None
+    return _ext.dense_matvec(x, w)
+
+
+def widen(w: Any) -> Any:
+    """A bfloat16 or float16 array as float32 (the same values) over the extension's threads, for the GEMM of a prompt
+    chunk: MLX's `astype` runs on one thread (a 14336 x 5120 matrix: 140 against ~30 ms). Other dtypes as they are;
+    `astype` where the extension is not in use."""
+    import mlx.core as mx
+
+    if w.dtype not in (mx.bfloat16, mx.float16):
+        return w
+    if not dense_available() or mx.default_device() != mx.cpu:
+        return w.astype(mx.float32)
+    return _ext.widen(w)
 
 
 def swiglu(gate: Any, up: Any) -> Any:

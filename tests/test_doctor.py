@@ -59,6 +59,13 @@ def test_json_names_the_blas_backend_loaded(blas):
     assert interleaved == (codes is not None and r["decode_kernel"]["name"] == "avx512vl-vnni")
     assert ("4-bit weights interleaved" in r["decode_kernel"]["describe"]) == interleaved
     assert ("interleaved weights as decode-kernel passes" in r["prefill_kernels"]["describe"]) == interleaved
+    dense = r["float_weights"]["name"]  # the decode kernel's family and vector width decide (csrc/qmv/dense.cpp)
+    assert dense == (cpu_kernel.extension().dense_isa() if cpu_kernel.dense_available() else None)
+    if dense is not None:
+        isa = r["decode_kernel"]["name"]
+        want = "avx512vl" if isa.startswith("avx512vl") else "avx512" if isa.startswith("avx512") else "avx2"
+        assert dense == ("scalar" if isa == "scalar" else want)
+        assert r["float_weights"]["describe"].startswith(f"qmv {dense} (")
     assert r["mlx"]["version"] == __import__("mlx.core").core.__version__
 
 
@@ -72,6 +79,7 @@ def test_text_names_blas_and_kernel(capsys):
     if cpu_kernel.available():
         assert lines["decode"].startswith(f"kernel qmv {cpu_kernel.extension().isa()}, ")
     assert lines["prefill"] == cpu_kernel.describe_prefill()
+    assert lines["float"] == f"weights {cpu_kernel.describe_dense()}"
     assert "GFLOP/s" not in out  # --no-measure
 
 

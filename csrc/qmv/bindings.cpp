@@ -113,6 +113,23 @@ interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups 
       "bits"_a,
       "stream"_a = nb::none(),
       "softmax(scale q k^T) v for one float32 query per head over an mlx-lm quantized KV cache (4/8-bit).");
+  m.def(
+      "dense_matvec",
+      &qmv::dense_matvec,
+      "x"_a,
+      "w"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "x @ w.T for float32 x (passes of at most 8 rows over each block of w) and w (N, K) in float32, bfloat16 or "
+      "float16, widened exactly as it is read: float32 out, over the thread pool.");
+  m.def(
+      "widen",
+      &qmv::widen,
+      "w"_a,
+      nb::kw_only(),
+      "stream"_a = nb::none(),
+      "w (bfloat16 or float16) as float32, the same values, over the thread pool.");
+  m.def("dense_isa", &qmv::dense_isa, "The float-weight kernels in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");

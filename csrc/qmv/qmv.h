@@ -277,4 +277,45 @@ class FlashAttention : public mx::Primitive {
   bool causal_;
 };
 
+///////////////////////////////////////////////////////////////////////////////
+// Float weights (dense.cpp)
+///////////////////////////////////////////////////////////////////////////////
+
+// x @ w.T for float32 x (any number of rows, in passes of at most 8 over each block of weights) and w (N, K) in
+// float32, bfloat16 or float16: float32 out, the products and sums in float32.
+mx::array dense_matvec(const mx::array& x, const mx::array& w, mx::StreamOrDevice s = {});
+// w (bfloat16 or float16) as float32, the same values, over the thread pool.
+mx::array widen(const mx::array& w, mx::StreamOrDevice s = {});
+std::string dense_isa();  // the dense kernels in use: "avx512", "avx2" or "scalar"
+
+class DenseMatvec : public mx::Primitive {
+ public:
+  explicit DenseMatvec(mx::Stream stream) : mx::Primitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override {
+    return "QmvDenseMatvec";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
+class Widen : public mx::UnaryPrimitive {
+ public:
+  explicit Widen(mx::Stream stream) : mx::UnaryPrimitive(stream) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, mx::array& out) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+  const char* name() const override {
+    return "QmvWiden";
+  }
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+};
+
 }  // namespace qmv

@@ -147,6 +147,10 @@ def report(measure: bool = True) -> dict[str, Any]:
             "describe": cpu_kernel.describe_prefill(),
             "products_from_codes": cpu_kernel.gemm_isa() or None,  # 4-bit prompt products, int16 x (None: BLAS)
         },
+        "float_weights": {  # unquantized layers: the matvec, 16-bit weights kept as stored (cpu.DenseLinear)
+            "name": cpu_kernel.extension().dense_isa() if cpu_kernel.dense_available() else None,
+            "describe": cpu_kernel.describe_dense(),
+        },
         "memory_limit": {"variable": LIMIT_ENV, "setting": os.environ.get(LIMIT_ENV), "value": memory},
         "model_cache": {"converted": str(cache_root() / "models"), "hugging_face": str(hf_cache_dir())},
     }
@@ -179,6 +183,7 @@ def render(r: dict[str, Any]) -> str:
     lines += [
         f"decode kernel {r['decode_kernel']['describe']}",
         f"prefill       {r['prefill_kernels']['describe']}",
+        f"float weights {r['float_weights']['describe']}",
         f"memory limit  {r['memory_limit']['variable']}: {r['memory_limit']['value']}",
         f"model cache   {r['model_cache']['converted']} (converted); {r['model_cache']['hugging_face']} (Hugging Face)",
     ]

@@ -1,0 +1,98 @@
+// Copyright © 2026 pixtral-mlx authors. Apache-2.0.
+//
+// The dense (float-weight) matvec and widening over a vector type V (dense_avx2.cpp: 8 lanes, dense_avx512.cpp:
+// 16), included inside each file's target pragma. V provides: kLanes, zero(), loadx(const float*),
+// load<type>(const void* w, int64_t i) (lanes i.. of w widened to float), fma(a, b, c), fma1 (its scalar form, for the
+// tail columns), hsum(v), store(float*, v). The files build with -ffp-contract=off: every fused multiply-add is written.
+//
+// Register blocks of R output rows x M rows of x: each block's weights are read once for all M rows. Every
+// (output row, row of x) pair accumulates in its own vector in k order, then a horizontal sum, then the tail
+// columns in order: the same operations whatever M and R.
+
+#pragma once
+
+#include <cstdint>
+
+#include "dense.h"
+
+namespace qmv::dense_simd {
+
+template <int T>
+inline float scalar_load(const void* w, int64_t i) {
+  if constexpr (T == kDenseF32) {
+    return static_cast<const float*>(w)[i];
+  } else if constexpr (T == kDenseBF16) {
+    const uint32_t b = static_cast<uint32_t>(static_cast<const uint16_t*>(w)[i]) << 16;
+    float f;
+    __builtin_memcpy(&f, &b, 4);
+    return f;
+  } else {
+    return static_cast<float>(static_cast<const _Float16*>(w)[i]);
+  }
+}
+
+template <typename V, int T, int M, int R>
+inline void block(const DenseProblem& p, int64_t n) {
+  const int K = p.K;
+  const int Kv = K - K % V::kLanes;
+  typename V::vec acc[R][M];
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) acc[r][m] = V::zero();
+  for (int k = 0; k < Kv; k += V::kLanes) {
+    typename V::vec w[R];
+    for (int r = 0; r < R; ++r) w[r] = V::template load<T>(p.w, (n + r) * K + k);
+    for (int m = 0; m < M; ++m) {
+      const typename V::vec xv = V::loadx(p.x + static_cast<int64_t>(m) * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = V::fma(w[r], xv, acc[r][m]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int m = 0; m < M; ++m) {
+      float s = V::hsum(acc[r][m]);
+      for (int k = Kv; k < K; ++k) s = V::fma1(scalar_load<T>(p.w, (n + r) * K + k), p.x[static_cast<int64_t>(m) * K + k], s);
+      p.out[m * p.ldo + n + r] = s;
+    }
+}
+
+template <typename V, int T, int M>
+inline void rows_m(const DenseProblem& p, int64_t n0, int64_t n1) {
+  constexpr int R = V::template rows_per_block<M>();
+  int64_t n = n0;
+  for (; n + R <= n1; n += R) block<V, T, M, R>(p, n);
+  for (; n < n1; ++n) block<V, T, M, 1>(p, n);
+}
+
+template <typename V, int T>
+inline void rows_t(const DenseProblem& p, int64_t n0, int64_t n1) {
+  switch (p.M) {
+    case 1: return rows_m<V, T, 1>(p, n0, n1);
+    case 2: return rows_m<V, T, 2>(p, n0, n1);
+    case 3: return rows_m<V, T, 3>(p, n0, n1);
+    case 4: return rows_m<V, T, 4>(p, n0, n1);
+    case 5: return rows_m<V, T, 5>(p, n0, n1);
+    case 6: return rows_m<V, T, 6>(p, n0, n1);
+    case 7: return rows_m<V, T, 7>(p, n0, n1);
+    default: return rows_m<V, T, 8>(p, n0, n1);
+  }
+}
+
+template <typename V>
+void rows(const DenseProblem& p, int64_t n0, int64_t n1) {
+  if (p.type == kDenseBF16) return rows_t<V, kDenseBF16>(p, n0, n1);
+  if (p.type == kDenseF16) return rows_t<V, kDenseF16>(p, n0, n1);
+  return rows_t<V, kDenseF32>(p, n0, n1);
+}
+
+template <typename V>
+void widen(const void* src, int type, float* dst, int64_t i0, int64_t i1) {
+  int64_t i = i0;
+  if (type == kDenseBF16) {
+    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kDenseBF16>(src, i));
+    for (; i < i1; ++i) dst[i] = scalar_load<kDenseBF16>(src, i);
+  } else {
+    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kDenseF16>(src, i));
+    for (; i < i1; ++i) dst[i] = scalar_load<kDenseF16>(src, i);
+  }
+}
+
+}  // namespace qmv::dense_simd

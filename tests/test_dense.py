@@ -1,0 +1,162 @@
+"""Float weights on the CPU (csrc/qmv/dense.cpp, `cpu.DenseLinear`): the extension's float-weight matvec and widening,
+the layer classes, and a bf16 checkpoint that keeps its weights in 16 bits.
+
+The matvec must give x @ w.T in float32 for float32, bfloat16 and float16 weights (a 16-bit weight widened exactly),
+each row of x the same bits alone and in a batch (batched greedy decoding picks the one-by-one tokens), on every
+kernel this CPU has; widening must equal `astype`; a prompt chunk through the layer must get exactly the product of
+the float32 weights; and a loaded bf16 checkpoint must hold its float layers in bf16 and answer as the same model with
+float32 copies does. On Linux the extension must be built (as in test_cpu_kernel.py).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import test_cpu_kernel
+
+from pixtral_mlx import cpu, cpu_kernel
+
+ext = test_cpu_kernel.ext  # the fixture: the extension (a failure, not a skip, where Linux lacks it)
+
+DTYPES = [mx.float32, mx.bfloat16, mx.float16]
+
+
+@pytest.fixture(autouse=True)
+def kernel_on(monkeypatch):
+    monkeypatch.delenv("PIXTRAL_MLX_QMV", raising=False)
+
+
+# Decode kernels and the dense kernels they bring: 512-bit vectors, 256-bit ones in 32 registers, in 16, plain C++.
+DENSE_OF = {"avx512": "avx512", "avx512vl-vnni": "avx512vl", "avx2": "avx2", "scalar": "scalar"}
+
+
+@pytest.fixture(params=sorted(DENSE_OF))
+def dense_isa(request, ext):
+    yield from test_cpu_kernel.selected(ext, request.param)
+
+
+def reference(x: mx.array, w: mx.array) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64) @ np.asarray(w.astype(mx.float32), dtype=np.float64).T
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("k", [64, 200, 1000])
+def test_the_matvec(ext, dense_isa, dtype, k):
+    """x @ w.T to float32 rounding for 1..15 rows (passes of up to 8), K with and without a tail past the vectors,
+    N not a multiple of the register blocks; a row of x gets the same bits alone as in any batch."""
+    assert ext.dense_isa() == DENSE_OF[dense_isa]
+    n = 37
+    w = mx.random.normal((n, k), key=mx.random.key(k)).astype(dtype)
+    x = mx.random.normal((15, k), key=mx.random.key(k + 1))
+    bound = np.abs(np.asarray(x, dtype=np.float64)) @ np.abs(np.asarray(w.astype(mx.float32), dtype=np.float64)).T
+    alone = mx.concatenate([ext.dense_matvec(x[i : i + 1], w) for i in range(15)])
+    np.testing.assert_array_less(np.abs(np.asarray(alone) - reference(x, w)), 1e-6 * bound + 1e-30)
+    for m in (2, 3, 4, 5, 7, 8, 9, 15):
+        y = ext.dense_matvec(x[:m], w)
+        assert y.dtype == mx.float32 and y.shape == (m, n)
+        assert mx.array_equal(y, alone[:m]).item(), m
+    # A batch of (2, 3, K) rows and a view with strided rows: the same rows, the same bits.
+    assert mx.array_equal(ext.dense_matvec(x[:6].reshape(2, 3, k), w), alone[:6].reshape(2, 3, n)).item()
+    assert mx.array_equal(ext.dense_matvec(x[::2], w), alone[::2]).item()
+    # A 16-bit weight gives what its float32 copy gives: it is widened exactly as it is read.
+    assert mx.array_equal(ext.dense_matvec(x[:5], w.astype(mx.float32)), alone[:5]).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16], ids=str)
+def test_widening_is_astype(ext, dense_isa, dtype):
+    w = (mx.random.normal((300, 77), key=mx.random.key(5)) * 1000).astype(dtype)
+    wide = ext.widen(w)
+    assert wide.dtype == mx.float32 and mx.array_equal(wide, w.astype(mx.float32)).item()
+    assert mx.array_equal(ext.widen(w.T), w.T.astype(mx.float32)).item()  # a view: copied contiguous first
+    assert cpu_kernel.widen(w.astype(mx.float32)).dtype == mx.float32
+
+
+def test_the_layer_classes(ext):
+    """A few rows go through the matvec, a prompt chunk through the GEMM on the widened weight: exactly the float32
+    copy's product, the bias added as nn.Linear adds it; the embedding gives float32 rows and a tied output layer."""
+    import mlx.nn as nn
+
+    layer = nn.Linear(96, 40, bias=True)
+    layer.update({"weight": layer.weight.astype(mx.bfloat16)})
+    layer.__class__ = cpu.DenseLinear
+    w32 = layer.weight.astype(mx.float32)
+    x = mx.random.normal((1, 20, 96), key=mx.random.key(2))
+    chunk = layer(x)
+    assert mx.array_equal(chunk, mx.addmm(layer.bias, x, w32.T)).item()
+    for m in (1, 3, 15):
+        assert mx.array_equal(layer(x[:, :m]), ext.dense_matvec(x[:, :m], layer.weight) + layer.bias).item()
+        assert mx.allclose(layer(x[:, :m]), chunk[:, :m], rtol=1e-5, atol=1e-5).item()
+    assert cpu.widens(layer)
+    with cpu.shared_dequantization():  # several prompts: one widened weight for all of them
+        a, b = layer(x), layer(x[:, ::-1])
+        assert mx.array_equal(a, chunk).item() and mx.array_equal(b, chunk[:, ::-1]).item()
+        assert len(cpu._shared) == 1
+    emb = nn.Embedding(50, 96)
+    emb.update({"weight": emb.weight.astype(mx.bfloat16)})
+    emb.__class__ = cpu.DenseEmbedding
+    ids = mx.array([[3, 49, 0]])
+    assert emb(ids).dtype == mx.float32 and mx.array_equal(emb(ids), emb.weight.astype(mx.float32)[ids]).item()
+    assert mx.array_equal(emb.as_linear(x[:, :2]), ext.dense_matvec(x[:, :2], emb.weight)).item()
+    assert mx.array_equal(emb.as_linear(x), x @ emb.weight.astype(mx.float32).T).item()
+
+
+@pytest.fixture(scope="module")
+def bf16_checkpoint(tmp_path_factory):
+    sys.path.insert(0, str(Path(__file__).parent))
+    import checkpoints
+
+    from pixtral_mlx.convert import convert
+
+    root = tmp_path_factory.mktemp("dense")
+    hf = checkpoints.write_hf_checkpoint(checkpoints.hf_model(seed=5), root / "hf")
+    return convert(hf, root / "bf16", dtype="bfloat16", progress=False)
+
+
+PROMPTS = ["Tell me about the sea.", "Hi", "What is two plus two?", "Name a colour."]
+
+
+def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
+    """The float layers keep the checkpoint's bf16 (the norms go to float32), so the weights take about half the memory
+    of float32 copies; prompt chunks and decode steps give the float32 copies' logits bit for bit; batched greedy
+    decoding picks the one-by-one tokens; and the logits are MLX's own (the extension off: float32 weights, BLAS) to
+    float32 rounding."""
+    import mlx.nn as nn
+
+    import pixtral_mlx
+    from pixtral_mlx.memory import weights_bytes
+
+    half = pixtral_mlx.load(str(bf16_checkpoint))
+    layers = [m for _, m in half.model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))]
+    assert layers and all(type(m) in (cpu.DenseLinear, cpu.DenseEmbedding) for m in layers)
+    assert all(m.weight.dtype == mx.bfloat16 for m in layers)
+    assert half.model.language_model.model.norm.weight.dtype == mx.float32
+    tokens = mx.array([[1, 1091, 1114, 1101, 1032, 1115, 1101, 1097] * 3])  # 24 tokens: a prompt chunk
+    chunk, step = half.model.language_model(tokens), half.model.language_model(tokens[:, :1])
+    held = weights_bytes(half.model)
+
+    monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
+    plain = pixtral_mlx.load(str(bf16_checkpoint))
+    assert all(
+        m.weight.dtype == mx.float32 for _, m in plain.model.named_modules() if isinstance(m, (nn.Linear, nn.Embedding))
+    )
+    assert held < 0.6 * weights_bytes(plain.model)
+    want_chunk, want_step = plain.model.language_model(tokens), plain.model.language_model(tokens[:, :1])
+    monkeypatch.delenv("PIXTRAL_MLX_QMV")
+    for got, want in ((chunk, want_chunk), (step, want_step)):
+        assert mx.allclose(got, want, rtol=0, atol=1e-4 * mx.abs(want).max().item()).item()
+
+    for m in layers:  # the same model with float32 copies of the weights
+        m.update({"weight": m.weight.astype(mx.float32)})
+    assert mx.array_equal(half.model.language_model(tokens), chunk).item()
+    assert mx.array_equal(half.model.language_model(tokens[:, :1]), step).item()
+
+    half = pixtral_mlx.load(str(bf16_checkpoint))
+    prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
+    singles = [half.generate(p, max_tokens=8, temperature=0.0) for p in prompts]
+    batch = half.generate_batch(prompts, max_tokens=8, temperature=0.0)
+    for one, many in zip(singles, batch):
+        assert len(one.tokens) == 8 and many.tokens == one.tokens
