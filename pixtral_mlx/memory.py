@@ -235,15 +235,22 @@ def machine_limit() -> tuple[int | None, str]:
 # The estimate --------------------------------------------------------------------------------------
 def _quantized_sizes(module: Any) -> list[int]:
     """Elements of each quantized linear layer's weight matrix in `module` that a CPU prompt chunk dequantizes:
-    all of them, but for 4-bit affine ones where the extension multiplies from the codes (`cpu_kernel.gemm_isa`)."""
+    all of them, but for 4-bit affine ones where the extension multiplies from the codes (`cpu_kernel.gemm_isa`);
+    and of each 16-bit float layer's that a prompt chunk (or the vision tower) widens to float32 (`cpu.widens`), but
+    for the output layer, which only ever sees the last position (and the embedding table, whose rows are gathered)."""
     import mlx.nn as nn
 
     from . import cpu_kernel
+    from .cpu import DenseLinear, widens
 
     return [
         m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
         for _, m in module.named_modules()
         if isinstance(m, nn.QuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
+    ] + [
+        m.weight.size
+        for name, m in module.named_modules()
+        if isinstance(m, DenseLinear) and widens(m) and not name.endswith("lm_head")
     ]
 
 

@@ -17,6 +17,7 @@ import time
 import warnings
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,18 @@ FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² im
 # many small images share one call (1.8x faster for 8 x 128² on CPU), large ones go alone (one call for
 # 2 x 1024² was slower there, and holds twice the activations). See benchmarks/experiments.py vision.
 VISION_BATCH_PATCHES = 4096
+
+
+def _vision_buffers(model: Any) -> Any:
+    """On the CPU backend, the widened float32 weights of one vision encoding reuse each other's buffers
+    (`cpu.vision_buffers`)."""
+    from . import backend
+
+    if not backend.on_cpu():
+        return nullcontext()
+    from . import cpu
+
+    return cpu.vision_buffers(model)
 
 
 def _vision_groups(images: list[EncodedImage]) -> list[list[EncodedImage]]:
@@ -149,8 +162,9 @@ class Pixtral:
         """Projected vision features of each image; the ones not cached are encoded together, once."""
         new = list({img.digest: img for img in images if img.digest not in self.features}.values())
         for group in _vision_groups(new):
-            feats = self.model.encode_images([img.pixels for img in group])
-            mx.eval(feats)
+            with _vision_buffers(self.model):
+                feats = self.model.encode_images([img.pixels for img in group])
+                mx.eval(feats)
             self.vision_runs += len(group)
             for img, f in zip(group, feats):
                 self.features.put(img.digest, f)

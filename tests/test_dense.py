@@ -134,6 +134,16 @@ def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     assert layers and all(type(m) in (cpu.DenseLinear, cpu.DenseEmbedding) for m in layers)
     assert all(m.weight.dtype == mx.bfloat16 for m in layers)
     assert half.model.language_model.model.norm.weight.dtype == mx.float32
+    # The memory plan counts the float32 copy a prompt chunk widens: the largest layer's but the output layer's, which
+    # only sees the last position, and the embedding table's, whose rows are gathered (the largest here: 131,072 x 64).
+    from pixtral_mlx.memory import _largest_quantized
+
+    lm_head = half.model.language_model.lm_head
+    layer = half.model.language_model.model.layers[0]
+    in_layer = max(m.weight.size for _, m in layer.named_modules() if cpu.widens(m))
+    assert cpu.dequantized_bytes(layer) == 4 * in_layer > 0
+    linears = [m for m in layers if type(m) is cpu.DenseLinear and m is not lm_head]
+    assert _largest_quantized(half.model) == max(m.weight.size for m in linears) < lm_head.weight.size
     tokens = mx.array([[1, 1091, 1114, 1101, 1032, 1115, 1101, 1097] * 3])  # 24 tokens: a prompt chunk
     chunk, step = half.model.language_model(tokens), half.model.language_model(tokens[:, :1])
     held = weights_bytes(half.model)
