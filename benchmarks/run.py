@@ -382,6 +382,18 @@ def issue24(res: dict) -> list[dict]:
                 "target": 0.70,  # issue 24: whole-token decode at 40 layers ≥ 70 % of the bandwidth bound
             }
         )
+    dec16 = (b.get("runtimes") or {}).get("ours bf16")
+    if dec16 and b.get("bf16_tps"):
+        out.append(
+            {
+                "key": "decode_bf16",
+                "name": "decode, bf16 @40, ÷ bandwidth bound of its bf16 bytes",
+                "figure": f"{fmt(dec16)} tok/s",
+                "against": f"{fmt(b['bf16_tps'])} tok/s ({fmt(b['gbps'])} GB/s, {gb(b['bf16_bytes'])} GB per token)",
+                "ratio": dec16 / b["bf16_tps"],
+                "target": 0.70,
+            }
+        )
     batch = res.get("batch") or {}
     if "error" not in batch and batch.get("batch_1_images_per_hour"):
         one, eight = batch["batch_1_images_per_hour"], batch["batch_8_images_per_hour"]
@@ -704,10 +716,14 @@ def markdown(res: dict) -> str:
             "",
             "| | decode tok/s @40 | ÷ bound |",
             "|---|---|---|",
-            f"| bandwidth bound | {fmt(b.get('tps'))} | 1 |",
+            f"| bandwidth bound, 4-bit | {fmt(b.get('tps'))} | 1 |",
         ]
+        if b.get("bf16_tps"):
+            per_token = gb(b.get("bf16_bytes"))
+            lines.append(f"| bandwidth bound, bf16 ({per_token} GB per token) | {fmt(b['bf16_tps'])} | 1 |")
         for name, v in (b.get("runtimes") or {}).items():
-            lines.append(f"| {name} | {fmt(v)} | {fmt(v / b['tps'] if v and b.get('tps') else None)} |")
+            tps = b.get("bf16_tps") if name.endswith("bf16") else b.get("tps")
+            lines.append(f"| {name} | {fmt(v)} | {fmt(v / tps if v and tps else None)} |")
     lines.append("")
 
     peak = res.get("gemm_peak") or {}
@@ -898,8 +914,9 @@ def main(argv: list[str] | None = None) -> int:
                 r["target_bytes"] = 1.5 * ck["largest_tensor_bytes"] + GB
                 r["met"] = r["peak_rss_bytes"] <= r["target_bytes"]
             convert[name] = r
-        if "error" not in convert["4bit"]:  # what one decode step of the full 4-bit model reads
-            convert["4bit"]["decode_bytes"] = decode_bytes_full(folders["4bit"], L, params["vocab_size"])
+        for name in ("4bit", "bf16"):  # what one decode step of the full model reads, in each format
+            if "error" not in convert[name]:
+                convert[name]["decode_bytes"] = decode_bytes_full(folders[name], L, params["vocab_size"])
 
         # 3. Memory bandwidth.
         bandwidth = run_job(
@@ -1014,6 +1031,9 @@ def main(argv: list[str] | None = None) -> int:
                 lm_head_bytes=dec["lm_head"],
                 tps=gbps * GB / dec["total"],
             )
+        dec16 = convert["bf16"].get("decode_bytes") if "error" not in convert["bf16"] else None
+        if dec16:  # the bf16 checkpoint's own bound: its float layers are read in 16 bits (cpu.DenseLinear)
+            bound.update(bf16_bytes=dec16["total"], bf16_tps=gbps * GB / dec16["total"])
         o4 = runs.get("4bit", {}).get("ours", {})
         if "memory" in o4:
             m = o4["memory"]

@@ -137,7 +137,16 @@ def test_issue24_ratios_against_in_run_peaks(result):
     assert "error" not in peak and positive(peak["gflops"])
     assert peak["gflops"] == max(peak["shapes"].values())
     rows = {r["key"]: r for r in result["issue24"]}
-    assert set(rows) == {"prefill_image", "prefill_text", "vision", "decode", "captions", "server", "server_decode"}
+    assert set(rows) == {
+        "prefill_image",
+        "prefill_text",
+        "vision",
+        "decode",
+        "decode_bf16",
+        "captions",
+        "server",
+        "server_decode",
+    }
     assert all(positive(r["ratio"]) for r in rows.values())
     ours, params = result["runs"]["4bit"]["ours"], result["checkpoint"]["params"]
     for key in ("prefill_image", "prefill_text"):
@@ -153,6 +162,10 @@ def test_issue24_ratios_against_in_run_peaks(result):
     assert v["ratio"] == pytest.approx(v["flops"] / ours[f"vision_{size}"]["full_s"] / 1e9 / peak["gflops"])
     bound = result["decode_bound"]
     assert rows["decode"]["ratio"] == pytest.approx(bound["runtimes"]["ours 4bit"] / bound["tps"])
+    # The bf16 checkpoint against its own bytes: more of them than the 4-bit one reads, so a lower bound.
+    assert positive(bound["bf16_bytes"]) and bound["bf16_bytes"] > bound["bytes"]
+    assert bound["bf16_tps"] == pytest.approx(bound["gbps"] * 1e9 / bound["bf16_bytes"])
+    assert rows["decode_bf16"]["ratio"] == pytest.approx(bound["runtimes"]["ours bf16"] / bound["bf16_tps"])
     b = result["batch"]
     for k in (
         "batch_1_images_per_hour",
