@@ -46,10 +46,11 @@ def reference(x: mx.array, w: mx.array) -> np.ndarray:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [64, 200, 1000])
 def test_the_matvec(ext, dense_isa, dtype, k):
-    """x @ w.T to float32 rounding for 1..15 rows (passes of up to 8), K with and without a tail past the vectors,
-    N not a multiple of the register blocks; a row of x gets the same bits alone as in any batch."""
+    """x @ w.T to float32 rounding for 1..15 rows (passes of up to 8), K with and without a tail past the vectors, N
+    not a multiple of the register blocks (and several tasks' worth where K is small); a row of x gets the same bits
+    alone as in any batch."""
     assert ext.dense_isa() == DENSE_OF[dense_isa]
-    n = 37
+    n = 150
     w = mx.random.normal((n, k), key=mx.random.key(k)).astype(dtype)
     x = mx.random.normal((15, k), key=mx.random.key(k + 1))
     bound = np.abs(np.asarray(x, dtype=np.float64)) @ np.abs(np.asarray(w.astype(mx.float32), dtype=np.float64)).T
