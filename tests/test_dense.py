@@ -63,6 +63,12 @@ def test_the_matvec(ext, dense_isa, dtype, k):
     # A batch of (2, 3, K) rows and a view with strided rows: the same rows, the same bits.
     assert mx.array_equal(ext.dense_matvec(x[:6].reshape(2, 3, k), w), alone[:6].reshape(2, 3, n)).item()
     assert mx.array_equal(ext.dense_matvec(x[::2], w), alone[::2]).item()
+    # Views with strided columns: x gathered, w copied contiguous first.
+    x_cols = mx.contiguous(x[:4].T).T  # (4, K), columns 4 apart
+    w_cols = mx.contiguous(w.T).T  # (N, K), columns N apart
+    mx.eval(x_cols, w_cols)
+    assert x_cols.shape == (4, k) and mx.array_equal(ext.dense_matvec(x_cols, w), alone[:4]).item()
+    assert mx.array_equal(ext.dense_matvec(x[:3], w_cols), alone[:3]).item()
     # A 16-bit weight gives what its float32 copy gives: it is widened exactly as it is read.
     assert mx.array_equal(ext.dense_matvec(x[:5], w.astype(mx.float32)), alone[:5]).item()
 
