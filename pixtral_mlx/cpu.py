@@ -311,9 +311,10 @@ def _float_weight(layer: Any, w: mx.array, dtype: Any) -> mx.array:
 
 
 def _dense(layer: Any, x: mx.array, w: mx.array, bias: mx.array | None) -> mx.array:
-    """`x @ w.T (+ bias)`: a few rows through the extension's float-weight matvec (`cpu_kernel.dense_matvec`, which
-    reads a 16-bit weight as it is stored), a prompt chunk through the BLAS GEMM on the widened weight."""
-    if x.size // x.shape[-1] < DEQUANT_MIN_TOKENS:
+    """`x @ w.T (+ bias)`: a decode step and short prompt chunks through the extension's float-weight matvec
+    (`cpu_kernel.dense_matvec`, which reads a 16-bit weight as it is stored; below `cpu_kernel.dense_gemm_rows`
+    rows), longer chunks through the BLAS GEMM on the widened weight."""
+    if x.size // x.shape[-1] < cpu_kernel.dense_gemm_rows(w.dtype):
         y = cpu_kernel.dense_matvec(x, w)
         if y is not None:
             return y if bias is None else y + bias

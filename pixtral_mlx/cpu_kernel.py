@@ -392,6 +392,25 @@ def dense_matvec(x: Any, w: Any) -> Any:
     return _ext.dense_matvec(x, w)
 
 
+# Rows of x from which a 16-bit weight's product goes to the BLAS GEMM on the widened matrix, by the dense kernels in
+# use: below, `dense_matvec` is faster (its passes of 8 rows reuse each block of weights from L2). Measured on a 2-core
+# Zen 4, three Pixtral MLP matrices in bf16 (matvec against widening + GEMM): 128 rows 320 against 398 ms and 192
+# rows 514 against 544 with 32 registers (avx512vl); 16 registers (avx2) 32 rows 155 against 189, 64 rows 301 against
+# 266; 512-bit vectors run as halves there (avx512) 64 rows 248 against 246. Float32 weights (no widening to save)
+# go to the GEMM from 16 rows (`cpu.DEQUANT_MIN_TOKENS`): at 64 rows the matvec took 288 against 213 ms.
+DENSE_GEMM_ROWS = {"avx512vl": 128, "avx512": 48, "avx2": 32}
+
+
+def dense_gemm_rows(dtype: Any) -> int:
+    """Rows of x from which `cpu.DenseLinear` multiplies a weight of `dtype` with the GEMM rather than `dense_matvec`
+    (16 for float32 weights and where the extension is not in use)."""
+    import mlx.core as mx
+
+    if dtype == mx.float32 or not dense_available():
+        return 16
+    return DENSE_GEMM_ROWS.get(_ext.dense_isa(), 16)
+
+
 def widen(w: Any) -> Any:
     """A bfloat16 or float16 array as float32 (the same values) over the extension's threads, for the GEMM of a prompt
     chunk: MLX's `astype` runs on one thread (a 14336 x 5120 matrix: 140 against ~30 ms). Other dtypes as they are;

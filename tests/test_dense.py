@@ -83,18 +83,22 @@ def test_widening_is_astype(ext, dense_isa, dtype):
 
 
 def test_the_layer_classes(ext):
-    """A few rows go through the matvec, a prompt chunk through the GEMM on the widened weight: exactly the float32
-    copy's product, the bias added as nn.Linear adds it; the embedding gives float32 rows and a tied output layer."""
+    """Below `dense_gemm_rows` rows (a decode step, a short prompt chunk) the matvec, from there the GEMM on the widened
+    weight: exactly the float32 copy's product, the bias added as nn.Linear adds it; the embedding gives float32 rows
+    and a tied output layer."""
     import mlx.nn as nn
 
+    gemm_rows = cpu_kernel.dense_gemm_rows(mx.bfloat16)
+    assert gemm_rows == cpu_kernel.DENSE_GEMM_ROWS.get(ext.dense_isa(), 16)
+    assert cpu_kernel.dense_gemm_rows(mx.float32) == cpu.DEQUANT_MIN_TOKENS  # nothing to widen: the GEMM from 16 on
     layer = nn.Linear(96, 40, bias=True)
     layer.update({"weight": layer.weight.astype(mx.bfloat16)})
     layer.__class__ = cpu.DenseLinear
     w32 = layer.weight.astype(mx.float32)
-    x = mx.random.normal((1, 20, 96), key=mx.random.key(2))
+    x = mx.random.normal((1, gemm_rows + 4, 96), key=mx.random.key(2))
     chunk = layer(x)
     assert mx.array_equal(chunk, mx.addmm(layer.bias, x, w32.T)).item()
-    for m in (1, 3, 15):
+    for m in sorted({1, 3, 15, gemm_rows - 1}):
         assert mx.array_equal(layer(x[:, :m]), ext.dense_matvec(x[:, :m], layer.weight) + layer.bias).item()
         assert mx.allclose(layer(x[:, :m]), chunk[:, :m], rtol=1e-5, atol=1e-5).item()
     assert cpu.widens(layer)
@@ -128,9 +132,9 @@ PROMPTS = ["Tell me about the sea.", "Hi", "What is two plus two?", "Name a colo
 
 def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     """The float layers keep the checkpoint's bf16 (the norms go to float32), so the weights take about half the memory
-    of float32 copies; prompt chunks and decode steps give the float32 copies' logits bit for bit; batched greedy
-    decoding picks the one-by-one tokens; and the logits are MLX's own (the extension off: float32 weights, BLAS) to
-    float32 rounding."""
+    of float32 copies; long prompt chunks (the GEMM) and decode steps (the matvec) give the float32 copies' logits bit
+    for bit; batched greedy decoding picks the one-by-one tokens; and the logits are MLX's own (the extension off:
+    float32 weights, BLAS) to float32 rounding, short chunks included."""
     import mlx.nn as nn
 
     import pixtral_mlx
@@ -151,8 +155,11 @@ def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     assert cpu.dequantized_bytes(layer) == 4 * in_layer > 0
     linears = [m for m in layers if type(m) is cpu.DenseLinear and m is not lm_head]
     assert _largest_quantized(half.model) == max(m.weight.size for m in linears) < lm_head.weight.size
-    tokens = mx.array([[1, 1091, 1114, 1101, 1032, 1115, 1101, 1097] * 3])  # 24 tokens: a prompt chunk
+    # A prompt chunk long enough for the GEMM, a short one (the matvec where the kernel takes 24 rows), one token.
+    tokens = mx.array([[1, 1091, 1114, 1101, 1032, 1115, 1101, 1097] * 17])
+    assert tokens.shape[1] >= cpu_kernel.dense_gemm_rows(mx.bfloat16)
     chunk, step = half.model.language_model(tokens), half.model.language_model(tokens[:, :1])
+    short = half.model.language_model(tokens[:, :24])
     held = weights_bytes(half.model)
 
     monkeypatch.setenv("PIXTRAL_MLX_QMV", "off")
@@ -162,8 +169,9 @@ def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     )
     assert held < 0.6 * weights_bytes(plain.model)
     want_chunk, want_step = plain.model.language_model(tokens), plain.model.language_model(tokens[:, :1])
+    want_short = plain.model.language_model(tokens[:, :24])
     monkeypatch.delenv("PIXTRAL_MLX_QMV")
-    for got, want in ((chunk, want_chunk), (step, want_step)):
+    for got, want in ((chunk, want_chunk), (step, want_step), (short, want_short)):
         assert mx.allclose(got, want, rtol=0, atol=1e-4 * mx.abs(want).max().item()).item()
 
     for m in layers:  # the same model with float32 copies of the weights
