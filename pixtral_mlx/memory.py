@@ -233,11 +233,12 @@ def machine_limit() -> tuple[int | None, str]:
 
 
 # The estimate --------------------------------------------------------------------------------------
-def _quantized_sizes(module: Any) -> list[int]:
+def _quantized_sizes(module: Any, rows: int | None = None) -> list[int]:
     """Elements of each quantized linear layer's weight matrix in `module` that a CPU prompt chunk dequantizes:
     all of them, but for 4-bit affine ones where the extension multiplies from the codes (`cpu_kernel.gemm_isa`);
-    and of each 16-bit float layer's that a prompt chunk (or the vision tower) widens to float32 (`cpu.widens`), but
-    for the output layer, which only ever sees the last position (and the embedding table, whose rows are gathered)."""
+    and of each 16-bit float layer's that a prompt chunk of `rows` rows (any, for None) widens to float32
+    (`cpu.widens`; from `cpu_kernel.dense_gemm_rows` rows on), but for the output layer, which only ever sees the
+    last position (and the embedding table, whose rows are gathered)."""
     import mlx.nn as nn
 
     from . import cpu_kernel
@@ -250,13 +251,16 @@ def _quantized_sizes(module: Any) -> list[int]:
     ] + [
         m.weight.size
         for name, m in module.named_modules()
-        if isinstance(m, DenseLinear) and widens(m) and not name.endswith("lm_head")
+        if isinstance(m, DenseLinear)
+        and widens(m)
+        and not name.endswith("lm_head")
+        and (rows is None or rows >= cpu_kernel.dense_gemm_rows(m.weight.dtype))
     ]
 
 
-def _largest_quantized(model: Any) -> int:
-    """Elements of the largest quantized linear layer's weight matrix (0 when none)."""
-    return max(_quantized_sizes(model), default=0)
+def _largest_quantized(model: Any, rows: int | None = None) -> int:
+    """Elements of the largest weight matrix a prompt chunk of `rows` rows dequantizes or widens (0 when none)."""
+    return max(_quantized_sizes(model, rows), default=0)
 
 
 def weights_bytes(model: Any) -> int:
@@ -320,7 +324,7 @@ def estimate(
     weights = weights_bytes(model)
     limit, source = machine_limit()
     logits = 3 * t.vocab_size * 4
-    dequant = 3 * 4 * _largest_quantized(model) if cpu and n_new > DEQUANT_MIN_TOKENS else 0
+    dequant = 3 * 4 * _largest_quantized(model, n_new) if cpu and n_new > DEQUANT_MIN_TOKENS else 0
     budget = SCORES_BUDGET
     if limit is not None:
         budget = max(limit - weights - kv - features - n_new * t.hidden_size * a - logits - dequant, 0) // 2
@@ -341,7 +345,7 @@ def estimate(
     if blocked and chunk >= PROMPT_ATTENTION_MIN and fused_attention(t.head_dim, act_dtype):
         scores = 0  # the CPU extension's fused attention holds no scores
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
-    layer_dequant = 4 * sum(_quantized_sizes(layers[0])) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
+    layer_dequant = 4 * sum(_quantized_sizes(layers[0], n_new)) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(
         image_tokens=names,

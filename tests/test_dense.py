@@ -155,6 +155,9 @@ def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     assert cpu.dequantized_bytes(layer) == 4 * in_layer > 0
     linears = [m for m in layers if type(m) is cpu.DenseLinear and m is not lm_head]
     assert _largest_quantized(half.model) == max(m.weight.size for m in linears) < lm_head.weight.size
+    gemm_rows = cpu_kernel.dense_gemm_rows(mx.bfloat16)  # shorter chunks take the matvec: nothing widened
+    assert _largest_quantized(half.model, gemm_rows) == _largest_quantized(half.model)
+    assert _largest_quantized(half.model, gemm_rows - 1) == 0
     # A prompt chunk long enough for the GEMM, a short one (the matvec where the kernel takes 24 rows), one token.
     tokens = mx.array([[1, 1091, 1114, 1101, 1032, 1115, 1101, 1097] * 17])
     assert tokens.shape[1] >= cpu_kernel.dense_gemm_rows(mx.bfloat16)
