@@ -35,6 +35,7 @@ struct V1 {
   static vec fma(vec a, vec b, vec c) { return a * b + c; }
   static float fma1(float a, float b, float c) { return a * b + c; }
   static float hsum(vec v) { return v; }
+  static void prefetch(const char*) {}
   static void store(float* p, vec v) { *p = v; }
   // Independent chains: without -ffp-contract or reassociation each (row, row of x) sum is one chain of
   // multiply-adds, so a few output rows at a time keep the FPU busy.

@@ -39,6 +39,7 @@ struct V16 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T1); }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   // 32 registers: R x M accumulators, R weight vectors and one of x.
   template <int M>

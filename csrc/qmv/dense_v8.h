@@ -36,6 +36,7 @@ struct V8 {
     s = _mm_add_ss(s, _mm_movehdup_ps(s));
     return _mm_cvtss_f32(s);
   }
+  static void prefetch(const char* p) { _mm_prefetch(p, _MM_HINT_T1); }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   // R x M accumulators, R weight vectors and one of x in kRegisters registers.
   template <int M>
