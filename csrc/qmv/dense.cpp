@@ -55,7 +55,7 @@ namespace {
 
 template <int T>
 V1::vec V1::load(const void* w, int64_t i) {
-  return dense_simd::scalar_load<T>(w, i);
+  return load_scale(w, T, i);
 }
 
 // The kernels that go with the decode kernel in use: 512-bit ones with an AVX-512 kernel on full-width vectors
@@ -69,12 +69,6 @@ DenseKernels dense_kernels() {
   if (k.rfind("avx", 0) == 0) return dense_avx2();
 #endif
   return {"scalar", &dense_simd::rows<V1>, &dense_simd::widen<V1>};
-}
-
-int dense_type_of(mx::Dtype t) {
-  if (t == mx::bfloat16) return kDenseBF16;
-  if (t == mx::float16) return kDenseF16;
-  return kDenseF32;
 }
 
 // Output rows per task: about 256 KiB of weights (several passes over them stay in L2), a multiple of 4 rows.
@@ -137,7 +131,7 @@ void DenseMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
   const int64_t col_stride = x.strides().back();
   const float* xp = x.data<float>();
   const void* wp = w.data<void>();
-  const int type = dense_type_of(w.dtype());
+  const int type = scale_type(w.dtype());
   const int64_t itemsize = w.itemsize();
   float* op = out.data<float>();
   const DenseKernels kernels = dense_kernels();
@@ -192,7 +186,7 @@ void Widen::eval_cpu(const std::vector<mx::array>& inputs, mx::array& out) {
   encoder.set_output_array(out);
   const void* src = w.data<void>();
   float* dst = out.data<float>();
-  const int type = dense_type_of(w.dtype());
+  const int type = scale_type(w.dtype());
   const int64_t n = w.size();
   const DenseKernels kernels = dense_kernels();
   encoder.dispatch([=]() {

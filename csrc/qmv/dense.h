@@ -8,16 +8,16 @@
 
 #include <cstdint>
 
-namespace qmv {
+#include "kernels.h"  // ScaleType (the weights' dtype), load_scale
 
-enum DenseType : int { kDenseF32 = 0, kDenseBF16 = 1, kDenseF16 = 2 };
+namespace qmv {
 
 struct DenseProblem {
   int M;             // rows of x (1..kMaxDenseRows): one pass over the weights
   int K;             // input features
   const float* x;    // M rows of K floats, contiguous
   const void* w;     // output rows of K elements, contiguous, dtype `type`
-  int type;
+  int type;          // ScaleType: kF32, kF16 or kBF16
   float* out;        // M rows of ldo floats
   int64_t ldo;
 };

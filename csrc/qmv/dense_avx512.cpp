@@ -22,11 +22,11 @@ struct V16 {
   static vec loadx(const float* p) { return _mm512_loadu_ps(p); }
   template <int T>
   static vec load(const void* w, int64_t i) {
-    if constexpr (T == kDenseF32) {
+    if constexpr (T == kF32) {
       return _mm512_loadu_ps(static_cast<const float*>(w) + i);
     } else {
       const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(w) + i));
-      if constexpr (T == kDenseBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+      if constexpr (T == kBF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
       else return _mm512_cvtph_ps(h);
     }
   }

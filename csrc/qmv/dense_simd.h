@@ -17,20 +17,6 @@
 
 namespace qmv::dense_simd {
 
-template <int T>
-inline float scalar_load(const void* w, int64_t i) {
-  if constexpr (T == kDenseF32) {
-    return static_cast<const float*>(w)[i];
-  } else if constexpr (T == kDenseBF16) {
-    const uint32_t b = static_cast<uint32_t>(static_cast<const uint16_t*>(w)[i]) << 16;
-    float f;
-    __builtin_memcpy(&f, &b, 4);
-    return f;
-  } else {
-    return static_cast<float>(static_cast<const _Float16*>(w)[i]);
-  }
-}
-
 // With at most this many rows of x (bandwidth-bound), each row's bytes this far ahead are prefetched into L2, so that
 // memory and arithmetic overlap (rows of a task are contiguous: the stream runs on into the next rows). Zen 4, bf16,
 // 8 products of 14336 x 5120, alternated builds: 1 / 2 / 4 rows 43-49 / 47-55 / 49-61 ms without, 39-41 / 39-42 /
@@ -45,7 +31,7 @@ inline void block(const DenseProblem& p, int64_t n) {
   typename V::vec acc[R][M];
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) acc[r][m] = V::zero();
-  constexpr int64_t esize = T == kDenseF32 ? 4 : 2;
+  constexpr int64_t esize = T == kF32 ? 4 : 2;
   constexpr int line = static_cast<int>(64 / esize);  // elements per cache line
   const char* base = static_cast<const char*>(p.w);
   for (int k = 0; k < Kv; k += V::kLanes) {
@@ -63,7 +49,7 @@ inline void block(const DenseProblem& p, int64_t n) {
   for (int r = 0; r < R; ++r)
     for (int m = 0; m < M; ++m) {
       float s = V::hsum(acc[r][m]);
-      for (int k = Kv; k < K; ++k) s = V::fma1(scalar_load<T>(p.w, (n + r) * K + k), p.x[static_cast<int64_t>(m) * K + k], s);
+      for (int k = Kv; k < K; ++k) s = V::fma1(load_scale(p.w, T, (n + r) * K + k), p.x[static_cast<int64_t>(m) * K + k], s);
       p.out[m * p.ldo + n + r] = s;
     }
 }
@@ -92,20 +78,20 @@ inline void rows_t(const DenseProblem& p, int64_t n0, int64_t n1) {
 
 template <typename V>
 void rows(const DenseProblem& p, int64_t n0, int64_t n1) {
-  if (p.type == kDenseBF16) return rows_t<V, kDenseBF16>(p, n0, n1);
-  if (p.type == kDenseF16) return rows_t<V, kDenseF16>(p, n0, n1);
-  return rows_t<V, kDenseF32>(p, n0, n1);
+  if (p.type == kBF16) return rows_t<V, kBF16>(p, n0, n1);
+  if (p.type == kF16) return rows_t<V, kF16>(p, n0, n1);
+  return rows_t<V, kF32>(p, n0, n1);
 }
 
 template <typename V>
 void widen(const void* src, int type, float* dst, int64_t i0, int64_t i1) {
   int64_t i = i0;
-  if (type == kDenseBF16) {
-    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kDenseBF16>(src, i));
-    for (; i < i1; ++i) dst[i] = scalar_load<kDenseBF16>(src, i);
+  if (type == kBF16) {
+    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kBF16>(src, i));
+    for (; i < i1; ++i) dst[i] = load_scale(src, kBF16, i);
   } else {
-    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kDenseF16>(src, i));
-    for (; i < i1; ++i) dst[i] = scalar_load<kDenseF16>(src, i);
+    for (; i + V::kLanes <= i1; i += V::kLanes) V::store(dst + i, V::template load<kF16>(src, i));
+    for (; i < i1; ++i) dst[i] = load_scale(src, kF16, i);
   }
 }
 

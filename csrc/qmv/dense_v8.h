@@ -8,6 +8,7 @@
 #include <immintrin.h>
 
 #include "dense_simd.h"
+#include "scales_simd.h"  // load8
 
 namespace qmv {
 namespace {
@@ -20,13 +21,7 @@ struct V8 {
   static vec loadx(const float* p) { return _mm256_loadu_ps(p); }
   template <int T>
   static vec load(const void* w, int64_t i) {
-    if constexpr (T == kDenseF32) {
-      return _mm256_loadu_ps(static_cast<const float*>(w) + i);
-    } else {
-      const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(w) + i));
-      if constexpr (T == kDenseBF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
-      else return _mm256_cvtph_ps(h);
-    }
+    return load8(w, T, i);
   }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
   static float fma1(float a, float b, float c) { return __builtin_fmaf(a, b, c); }

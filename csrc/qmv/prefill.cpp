@@ -31,12 +31,6 @@ PrefillKernels prefill_kernels() {
   return name.rfind("avx512", 0) == 0 ? prefill_avx512() : prefill_avx2();
 }
 
-int scale_type(mx::Dtype t) {
-  if (t == mx::float16) return kF16;
-  if (t == mx::bfloat16) return kBF16;
-  return kF32;
-}
-
 // A row-major copy of a when its last dimension is not contiguous (rare: views MLX did not copy), or, with
 // packed_rows, when its rows are not last-dimension floats apart either.
 struct Dense {

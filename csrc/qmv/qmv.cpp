@@ -250,12 +250,6 @@ class Pool {
 // The work of one evaluation
 ///////////////////////////////////////////////////////////////////////////////
 
-int scale_type_of(mx::Dtype t) {
-  if (t == mx::float16) return kF16;
-  if (t == mx::bfloat16) return kBF16;
-  return kF32;
-}
-
 // A 2-D view (rows, cols) whose columns may not be unit-stride: copy it row-contiguous.
 template <typename T>
 std::shared_ptr<std::vector<T>> gather_2d(const T* p, int rows, int cols, int64_t rs, int64_t cs) {
@@ -588,6 +582,12 @@ struct Call {
 
 }  // namespace
 
+int scale_type(mx::Dtype t) {
+  if (t == mx::float16) return kF16;
+  if (t == mx::bfloat16) return kBF16;
+  return kF32;
+}
+
 std::string isa() {
   return get_kernel().name;
 }
@@ -776,7 +776,7 @@ void QuantizedMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   call.w_view = View2D::of(w);
   call.scales_view = View2D::of(scales);
   call.biases_view = View2D::of(biases);
-  call.scale_type = scale_type_of(scales.dtype());
+  call.scale_type = scale_type(scales.dtype());
   call.out = out.data<float>();
   call.interleaved = interleaved_;
   encoder.dispatch([call = std::move(call)]() { call(); });

@@ -74,6 +74,9 @@ class Interleave : public mx::UnaryPrimitive {
   }
 };
 
+// kernels.h's ScaleType of a float dtype (kF32 for float32 and anything else).
+int scale_type(mx::Dtype t);
+
 // Run-time configuration (process-wide).
 std::string isa();                        // the kernel in use: "avx512", "avx2" or "scalar"
 std::vector<std::string> supported_isas();  // what this CPU can run, best first
