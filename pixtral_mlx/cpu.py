@@ -102,15 +102,30 @@ def dequantizes(model: Any) -> bool:
     )
 
 
+def dequantized_sizes(module: Any, rows: int | None = None) -> list[int]:
+    """Elements of each weight matrix in `module` that a CPU prompt chunk of `rows` rows (any, for None) turns into
+    float32: every quantized linear layer's, but for 4-bit affine ones multiplied from their codes
+    (`cpu_kernel.multiplies_from_codes`); and every 16-bit `DenseLinear`'s it widens (`widens`; from
+    `cpu_kernel.dense_gemm_rows` rows on), but the output layer's, which only ever sees the last position (an
+    embedding table's rows are gathered, never widened)."""
+    return [
+        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+        for _, m in module.named_modules()
+        if isinstance(m, nn.QuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
+    ] + [
+        m.weight.size
+        for name, m in module.named_modules()
+        if isinstance(m, DenseLinear)
+        and widens(m)
+        and not name.endswith("lm_head")
+        and (rows is None or rows >= cpu_kernel.dense_gemm_rows(m.weight.dtype))
+    ]
+
+
 def dequantized_bytes(layer: Any) -> int:
     """Bytes of the largest float32 weight a prompt chunk dequantizes (or widens, from 16 bits) in `layer` (a decoder
     layer; 0 when none: 4-bit weights multiplied from their codes dequantize nothing)."""
-    sizes = [
-        m.weight.size * 32 // m.bits
-        for _, m in layer.named_modules()
-        if isinstance(m, DequantizingQuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
-    ]
-    return 4 * max(sizes + [m.weight.size for _, m in layer.named_modules() if widens(m)], default=0)
+    return 4 * max(dequantized_sizes(layer), default=0)
 
 
 _reuse_lock = threading.Lock()

@@ -233,34 +233,11 @@ def machine_limit() -> tuple[int | None, str]:
 
 
 # The estimate --------------------------------------------------------------------------------------
-def _quantized_sizes(module: Any, rows: int | None = None) -> list[int]:
-    """Elements of each quantized linear layer's weight matrix in `module` that a CPU prompt chunk dequantizes:
-    all of them, but for 4-bit affine ones where the extension multiplies from the codes (`cpu_kernel.gemm_isa`);
-    and of each 16-bit float layer's that a prompt chunk of `rows` rows (any, for None) widens to float32
-    (`cpu.widens`; from `cpu_kernel.dense_gemm_rows` rows on), but for the output layer, which only ever sees the
-    last position (and the embedding table, whose rows are gathered)."""
-    import mlx.nn as nn
-
-    from . import cpu_kernel
-    from .cpu import DenseLinear, widens
-
-    return [
-        m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
-        for _, m in module.named_modules()
-        if isinstance(m, nn.QuantizedLinear) and not cpu_kernel.multiplies_from_codes(m)
-    ] + [
-        m.weight.size
-        for name, m in module.named_modules()
-        if isinstance(m, DenseLinear)
-        and widens(m)
-        and not name.endswith("lm_head")
-        and (rows is None or rows >= cpu_kernel.dense_gemm_rows(m.weight.dtype))
-    ]
-
-
 def _largest_quantized(model: Any, rows: int | None = None) -> int:
     """Elements of the largest weight matrix a prompt chunk of `rows` rows dequantizes or widens (0 when none)."""
-    return max(_quantized_sizes(model, rows), default=0)
+    from .cpu import dequantized_sizes
+
+    return max(dequantized_sizes(model, rows), default=0)
 
 
 def weights_bytes(model: Any) -> int:
@@ -287,6 +264,7 @@ def estimate(
         DEQUANT_MIN_TOKENS,
         PROMPT_ATTENTION_MIN,
         attention_block,
+        dequantized_sizes,
         fused_attention,
     )
 
@@ -345,7 +323,7 @@ def estimate(
     if blocked and chunk >= PROMPT_ATTENTION_MIN and fused_attention(t.head_dim, act_dtype):
         scores = 0  # the CPU extension's fused attention holds no scores
     prefill = n_new * t.hidden_size * a + max(embed - n_new * t.hidden_size * a, layer + scores + dequant) + logits
-    layer_dequant = 4 * sum(_quantized_sizes(layers[0], n_new)) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
+    layer_dequant = 4 * sum(dequantized_sizes(layers[0], n_new)) if cpu and layers and n_new > DEQUANT_MIN_TOKENS else 0
     names = [(img.name, img.n_tokens) for img in prompt.images]
     return MemoryPlan(
         image_tokens=names,
