@@ -256,12 +256,11 @@ def prepare(model: Any) -> None:
     cpu = on_cpu()
     stored = []
     if cpu and cpu_kernel.available():
+        half = (mx.bfloat16, mx.float16) if cpu_kernel.dense_available() else ()  # float weights kept in 16 bits
         for _, module in model.named_modules():
             if isinstance(module, nn.QuantizedLinear):
                 stored.append((module, {k: module[k] for k in ("scales", "biases") if k in module}))
-    if cpu and cpu_kernel.dense_available():
-        for _, module in model.named_modules():
-            if type(module) in (nn.Linear, nn.Embedding) and module.weight.dtype in (mx.bfloat16, mx.float16):
+            elif type(module) in (nn.Linear, nn.Embedding) and module.weight.dtype in half:
                 stored.append((module, {"weight": module.weight}))
     model.set_dtype(compute_dtype(weight_dtype))
     if not cpu:

@@ -403,12 +403,14 @@ DENSE_GEMM_ROWS = {"avx512vl": 128, "avx512": 48, "avx2": 32}
 
 def dense_gemm_rows(dtype: Any) -> int:
     """Rows of x from which `cpu.DenseLinear` multiplies a weight of `dtype` with the GEMM rather than `dense_matvec`
-    (16 for float32 weights and where the extension is not in use)."""
+    (`cpu.DEQUANT_MIN_TOKENS` for float32 weights, other kernels and where the extension is not in use)."""
     import mlx.core as mx
 
+    from .cpu import DEQUANT_MIN_TOKENS
+
     if dtype == mx.float32 or not dense_available():
-        return 16
-    return DENSE_GEMM_ROWS.get(_ext.dense_isa(), 16)
+        return DEQUANT_MIN_TOKENS
+    return DENSE_GEMM_ROWS.get(_ext.dense_isa(), DEQUANT_MIN_TOKENS)
 
 
 def widen(w: Any) -> Any:
