@@ -147,18 +147,16 @@ void DenseMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         for (int k = 0; k < K; ++k) xc[static_cast<size_t>(m) * K + k] = xp[row_offset[m] + k * col_stride];
       xr = xc.data();
     }
-    // Passes of at most kMaxDenseRows rows, as even as they go; each task's weights stay in L2 between passes.
-    const int passes = (M + kMaxDenseRows - 1) / kMaxDenseRows;
+    // Passes of at most kMaxRows rows (kernels.h); each task's weights stay in L2 between passes.
+    const int passes = passes_for(M);
     const int64_t per = rows_per_task(N, K, itemsize);
     const int ntasks = static_cast<int>((N + per - 1) / per);
     parallel_for(ntasks, [&](int t) {
       const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
-      int m0 = 0;
       for (int i = 0; i < passes; ++i) {
-        const int rows = (M - m0) / (passes - i);
+        const int m0 = pass_first(i, M), rows = pass_first(i + 1, M) - m0;
         DenseProblem p{rows, K, xr + static_cast<int64_t>(m0) * K, wp, type, op + static_cast<int64_t>(m0) * N, N};
         kernels.rows(p, n0, n1);
-        m0 += rows;
       }
     });
   });

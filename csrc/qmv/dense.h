@@ -13,7 +13,7 @@
 namespace qmv {
 
 struct DenseProblem {
-  int M;             // rows of x (1..kMaxDenseRows): one pass over the weights
+  int M;             // rows of x (1..kMaxRows): one pass over the weights
   int K;             // input features
   const float* x;    // M rows of K floats, contiguous
   const void* w;     // output rows of K elements, contiguous, dtype `type`
@@ -21,8 +21,6 @@ struct DenseProblem {
   float* out;        // M rows of ldo floats
   int64_t ldo;
 };
-
-constexpr int kMaxDenseRows = 8;
 
 // out[m, n] = sum_k x[m, k] * w[n, k] for output rows [n0, n1). Each (n, m) pair goes through the same
 // operations in the same order whatever M and the rows computed together: a row of x gets the same bits alone

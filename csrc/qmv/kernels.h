@@ -16,6 +16,15 @@ namespace qmv {
 
 constexpr int kMaxRows = 8;  // rows of x handled in one pass over the weights
 
+// More rows of x go in passes of at most kMaxRows rows, as even as they go (11 rows: 5 + 6): pass i of passes_for(M)
+// takes rows [pass_first(i, M), pass_first(i + 1, M)).
+inline int passes_for(int M) {
+  return (M + kMaxRows - 1) / kMaxRows;
+}
+inline int pass_first(int i, int M) {
+  return static_cast<int>(static_cast<int64_t>(i) * M / passes_for(M));
+}
+
 enum ScaleType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
 
 struct Problem {

@@ -528,9 +528,9 @@ struct Call {
   void interleaved_matvec() const {
     const Gemm* g = get_gemm();
     const int G = K / group_size;
-    const int passes = (M + kMaxRows - 1) / kMaxRows;
+    const int passes = passes_for(M);
     std::vector<int> first(passes + 1);  // pass i: rows [first[i], first[i + 1]) of x
-    for (int i = 0; i <= passes; ++i) first[i] = static_cast<int>(static_cast<int64_t>(i) * M / passes);
+    for (int i = 0; i <= passes; ++i) first[i] = pass_first(i, M);
     std::vector<int16_t> xq_store(static_cast<size_t>(M) * K + 32);
     std::vector<float> xscale(static_cast<size_t>(M) * G), xerr(xscale.size()), xsum(xscale.size());
     int16_t* xq = align64(xq_store.data());  // pass i's rows at xq + first[i] * K, laid out for its own count
