@@ -403,14 +403,13 @@ DENSE_GEMM_ROWS = {"avx512vl": 128, "avx512": 48, "avx2": 32}
 
 def dense_gemm_rows(dtype: Any) -> int:
     """Rows of x from which `cpu.DenseLinear` multiplies a weight of `dtype` with the GEMM rather than `dense_matvec`
-    (`cpu.DEQUANT_MIN_TOKENS` for float32 weights, other kernels and where the extension is not in use)."""
+    (16, `cpu.DEQUANT_MIN_TOKENS`, for float32 weights, other kernels and where the extension is not in use; `cpu`
+    imports this module, so the value is written out, and tests/test_dense.py holds the two equal)."""
     import mlx.core as mx
 
-    from .cpu import DEQUANT_MIN_TOKENS
-
     if dtype == mx.float32 or not dense_available():
-        return DEQUANT_MIN_TOKENS
-    return DENSE_GEMM_ROWS.get(_ext.dense_isa(), DEQUANT_MIN_TOKENS)
+        return 16
+    return DENSE_GEMM_ROWS.get(_ext.dense_isa(), 16)
 
 
 def widen(w: Any) -> Any:
