@@ -393,12 +393,13 @@ def dense_matvec(x: Any, w: Any) -> Any:
 
 
 # Rows of x from which a 16-bit weight's product goes to the BLAS GEMM on the widened matrix, by the dense kernels in
-# use: below, `dense_matvec` is faster (its passes of 8 rows reuse each block of weights from L2). Measured on a 2-core
-# Zen 4, three Pixtral MLP matrices in bf16 (matvec against widening + GEMM): 128 rows 320 against 398 ms and 192
-# rows 514 against 544 with 32 registers (avx512vl); 16 registers (avx2) 32 rows 155 against 189, 64 rows 301 against
-# 266; 512-bit vectors run as halves there (avx512) 64 rows 248 against 246. Float32 weights (no widening to save)
-# go to the GEMM from 16 rows (`cpu.DEQUANT_MIN_TOKENS`): at 64 rows the matvec took 288 against 213 ms.
-DENSE_GEMM_ROWS = {"avx512vl": 128, "avx512": 48, "avx2": 32}
+# use: below, `dense_matvec` is faster (its passes of 8 rows, 4 with 16 registers, reuse each block of weights from
+# L2). Measured on a 2-core Zen 4, three Pixtral MLP matrices in bf16 (matvec against widening + GEMM): 128 rows 320
+# against 398 ms and 192 rows 514 against 544 with 32 registers (avx512vl); 16 registers (avx2, passes of 4 rows;
+# OpenBLAS's Haswell GEMM, OPENBLAS_CORETYPE=Haswell) 64 rows 207 against 235, 96 rows 308 against 316; 512-bit
+# vectors run as halves there (avx512) 64 rows 248 against 246. Float32 weights (no widening to save) go to the GEMM
+# from 16 rows (`cpu.DEQUANT_MIN_TOKENS`): at 64 rows the matvec took 288 against 213 ms.
+DENSE_GEMM_ROWS = {"avx512vl": 128, "avx512": 48, "avx2": 64}
 
 
 def dense_gemm_rows(dtype: Any) -> int:

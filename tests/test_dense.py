@@ -46,9 +46,9 @@ def reference(x: mx.array, w: mx.array) -> np.ndarray:
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("k", [64, 200, 1000])
 def test_the_matvec(ext, dense_isa, dtype, k):
-    """x @ w.T to float32 rounding for 1..15 rows (passes of up to 8), K with and without a tail past the vectors, N
-    not a multiple of the register blocks (and several tasks' worth where K is small); a row of x gets the same bits
-    alone as in any batch."""
+    """x @ w.T to float32 rounding for 1..15 rows (passes of up to 8, 4 with AVX2), K with and without a tail past the
+    vectors, N not a multiple of the register blocks (and several tasks' worth where K is small); a row of x gets the
+    same bits alone as in any batch."""
     assert ext.dense_isa() == DENSE_OF[dense_isa]
     n = 150
     w = mx.random.normal((n, k), key=mx.random.key(k)).astype(dtype)

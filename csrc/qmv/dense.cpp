@@ -68,7 +68,7 @@ DenseKernels dense_kernels() {
   if (k.rfind("avx512", 0) == 0) return dense_avx512();
   if (k.rfind("avx", 0) == 0) return dense_avx2();
 #endif
-  return {"scalar", &dense_simd::rows<V1>, &dense_simd::widen<V1>};
+  return {"scalar", &dense_simd::rows<V1>, &dense_simd::widen<V1>, kMaxRows};
 }
 
 // Output rows per task: about 256 KiB of weights (several passes over them stay in L2), a multiple of 4 rows.
@@ -147,14 +147,14 @@ void DenseMatvec::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
         for (int k = 0; k < K; ++k) xc[static_cast<size_t>(m) * K + k] = xp[row_offset[m] + k * col_stride];
       xr = xc.data();
     }
-    // Passes of at most kMaxRows rows (kernels.h); each task's weights stay in L2 between passes.
-    const int passes = passes_for(M);
+    // Passes of at most the kernel's max_rows rows (kernels.h); each task's weights stay in L2 between passes.
+    const int passes = passes_for(M, kernels.max_rows);
     const int64_t per = rows_per_task(N, K, itemsize);
     const int ntasks = static_cast<int>((N + per - 1) / per);
     parallel_for(ntasks, [&](int t) {
       const int64_t n0 = t * per, n1 = std::min(N, n0 + per);
       for (int i = 0; i < passes; ++i) {
-        const int m0 = pass_first(i, M), rows = pass_first(i + 1, M) - m0;
+        const int m0 = pass_first(i, M, kernels.max_rows), rows = pass_first(i + 1, M, kernels.max_rows) - m0;
         DenseProblem p{rows, K, xr + static_cast<int64_t>(m0) * K, wp, type, op + static_cast<int64_t>(m0) * N, N};
         kernels.rows(p, n0, n1);
       }

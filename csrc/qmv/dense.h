@@ -13,7 +13,7 @@
 namespace qmv {
 
 struct DenseProblem {
-  int M;             // rows of x (1..kMaxRows): one pass over the weights
+  int M;             // rows of x (1..DenseKernels::max_rows): one pass over the weights
   int K;             // input features
   const float* x;    // M rows of K floats, contiguous
   const void* w;     // output rows of K elements, contiguous, dtype `type`
@@ -33,6 +33,7 @@ struct DenseKernels {
   const char* name;
   DenseRowsFn rows;
   WidenFn widen;
+  int max_rows;  // rows of x in one pass (<= kMaxRows): as many as the register blocks serve well
 };
 
 DenseKernels dense_scalar();

@@ -51,7 +51,7 @@ struct V16 {
 }  // namespace
 
 DenseKernels dense_avx512() {
-  return {"avx512", &dense_simd::rows<V16>, &dense_simd::widen<V16>};
+  return {"avx512", &dense_simd::rows<V16>, &dense_simd::widen<V16>, kMaxRows};
 }
 
 }  // namespace qmv

@@ -14,7 +14,7 @@
 namespace qmv {
 
 DenseKernels dense_avx512vl() {
-  return {"avx512vl", &dense_simd::rows<V8<32>>, &dense_simd::widen<V8<32>>};
+  return {"avx512vl", &dense_simd::rows<V8<32>>, &dense_simd::widen<V8<32>>, kMaxRows};
 }
 
 }  // namespace qmv

@@ -16,13 +16,13 @@ namespace qmv {
 
 constexpr int kMaxRows = 8;  // rows of x handled in one pass over the weights
 
-// More rows of x go in passes of at most kMaxRows rows, as even as they go (11 rows: 5 + 6): pass i of passes_for(M)
-// takes rows [pass_first(i, M), pass_first(i + 1, M)).
-inline int passes_for(int M) {
-  return (M + kMaxRows - 1) / kMaxRows;
+// More rows of x go in passes of at most max_rows rows, as even as they go (11 rows: 5 + 6): pass i of
+// passes_for(M, max_rows) takes rows [pass_first(i, M, max_rows), pass_first(i + 1, M, max_rows)).
+inline int passes_for(int M, int max_rows = kMaxRows) {
+  return (M + max_rows - 1) / max_rows;
 }
-inline int pass_first(int i, int M) {
-  return static_cast<int>(static_cast<int64_t>(i) * M / passes_for(M));
+inline int pass_first(int i, int M, int max_rows = kMaxRows) {
+  return static_cast<int>(static_cast<int64_t>(i) * M / passes_for(M, max_rows));
 }
 
 enum ScaleType : int { kF32 = 0, kF16 = 1, kBF16 = 2 };
