@@ -218,7 +218,23 @@ def compute_dtype(weight_dtype: Any) -> Any:
     return weight_dtype if weight_dtype in (mx.float16, mx.bfloat16) else mx.float32
 
 
-def device_name() -> str:
+def _decoder_float_dtype(model: Any) -> str | None:
+    """The dtype name of the decoder's float projection weights where its first layer has no quantized one (an
+    unquantized checkpoint: decode runs on the float-weight matvec), else None."""
+    import mlx.nn as nn
+
+    lm = getattr(model, "language_model", model)
+    layers = getattr(getattr(lm, "model", lm), "layers", None)
+    part = layers[0] if layers else lm
+    linears = [m for _, m in part.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    if not linears or any(isinstance(m, nn.QuantizedLinear) for m in linears):
+        return None
+    return str(linears[0].weight.dtype).removeprefix("mlx.core.")
+
+
+def device_name(model: Any = None) -> str:
+    """The device in words for --verbose and the memory plan; on the CPU, the BLAS and the decode kernel that
+    `model`'s weights take (the 4-bit kernel where it is not given)."""
     import mlx.core as mx
 
     if on_cpu():
@@ -226,7 +242,9 @@ def device_name() -> str:
 
         threads = blas_threads()
         blas = f"{BLAS_NOTE}, {threads} thread{'s' if threads != 1 else ''}" if threads else BLAS_NOTE
-        return f"cpu (BLAS: {blas}; decode: {cpu_kernel.describe()})"
+        dtype = _decoder_float_dtype(model) if model is not None else None
+        decode = cpu_kernel.describe_float(dtype) if dtype else cpu_kernel.describe()
+        return f"cpu (BLAS: {blas}; decode: {decode})"
     try:
         info = mx.device_info()
         return f"gpu ({info.get('device_name', info.get('architecture', 'gpu'))})"

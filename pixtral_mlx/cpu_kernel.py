@@ -126,6 +126,17 @@ def describe_prefill() -> str:
     return f"MLX's own ops ({reason() or 'this extension has no prefill kernels'})"
 
 
+def describe_float(dtype_name: str) -> str:
+    """`describe` for a model whose decoder holds float weights of `dtype_name` (an unquantized checkpoint), e.g.
+    'qmv avx512vl float-weight matvec, bfloat16 weights, 2 threads'."""
+    if dense_available():
+        n = _ext.threads()
+        text = f"qmv {_ext.dense_isa()} float-weight matvec, {dtype_name} weights, {n} thread{'s' if n != 1 else ''}"
+    else:
+        text = f"MLX's BLAS GEMM, float32 weights ({reason() or 'this extension has no float-weight kernels'})"
+    return f"{text}; {_pages}" if _pages else text
+
+
 def describe_dense() -> str:
     """The float-weight kernels in use, in words for `doctor`, e.g. 'qmv avx512vl (decode steps and short prompt chunks;
     bfloat16/float16 weights kept as stored)'."""

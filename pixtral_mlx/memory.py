@@ -341,7 +341,7 @@ def estimate(
         prefill_step=step,
         limit=limit,
         limit_source=source,
-        device=device_name(),
+        device=device_name(model),
         context_length=pixtral.context_length,
         trained_context_length=pixtral.trained_context_length,
         layer_dequant=layer_dequant,

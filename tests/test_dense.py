@@ -183,6 +183,17 @@ def test_a_loaded_bf16_model(ext, bf16_checkpoint, monkeypatch):
     assert mx.array_equal(half.model.language_model(tokens[:, :1]), step).item()
 
     half = pixtral_mlx.load(str(bf16_checkpoint))
+    # --verbose and the memory plan name the kernel this model's decode takes: the float-weight matvec here, the 4-bit
+    # kernel where the decoder's layers are quantized (and where no model is given)
+    from pixtral_mlx import backend
+
+    device = backend.device_name(half.model)
+    assert f"decode: qmv {ext.dense_isa()} float-weight matvec, bfloat16 weights, {ext.threads()} thread" in device
+    assert cpu_kernel.describe() not in device and cpu_kernel.describe() in backend.device_name()
+    quantized = pixtral_mlx.load(str(bf16_checkpoint))
+    nn.quantize(quantized.model.language_model.model.layers[0], group_size=32, bits=4)
+    assert backend.device_name(quantized.model) == backend.device_name()
+
     prompts = [[{"role": "user", "content": p}] for p in PROMPTS]
     singles = [half.generate(p, max_tokens=8, temperature=0.0) for p in prompts]
     batch = half.generate_batch(prompts, max_tokens=8, temperature=0.0)

@@ -149,4 +149,7 @@ def test_dry_run_prints_the_plan(mlx_dir, tmp_path):
     # the device line names the BLAS and the decode kernel in use, as the JSON's `device` does
     device = over.stdout.splitlines()[-1]
     assert device == f"device: {plan['device']}" and "BLAS" in device and "decode:" in device
+    from pixtral_mlx import cpu_kernel  # the tiny checkpoint is float32: its decode takes the float-weight matvec
+
+    assert ("float-weight matvec, float32 weights" in device) == cpu_kernel.dense_available()
     assert over.stderr.startswith("error: this turn would need about") and over.stderr.count("\n") == 1

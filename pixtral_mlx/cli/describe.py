@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             default_system_prompt=not args.no_default_system_prompt,
         )
         if args.verbose:
-            _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name()}")
+            _info(f"Loaded {model.path} in {time.perf_counter() - tic:.1f} s on {backend.device_name(model.model)}")
         if args.dry_run:
             groups = [[img] for _, img in loaded] if args.each else [[img for _, img in loaded]]
             fits = [_dry_run(model, _messages(args, prompt, group), args) for group in groups]
