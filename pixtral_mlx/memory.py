@@ -38,6 +38,11 @@ SCORE_COPIES = 1  # unfused attention: the scores array (masking and softmax reu
 # a 1024² image, blocks of 512 and 1,024 rows): a prompt chunk's (mask array) ~1.3, the vision tower's ~3.6.
 BLOCK_SCORE_COPIES = 2
 VISION_BLOCK_SCORE_COPIES = 4
+# New images go through the vision encoder together up to this many patches (a 1024² image is 4096): many small
+# images share one call (1.8x faster for 8 x 128² on CPU), large ones go alone (one call for 2 x 1024² was slower
+# there, and holds twice the activations). See benchmarks/experiments.py vision. A prompt's images are grouped so
+# (`pipeline._vision_groups`), and so are the rows of a batch (`patch_groups`, `batch_bytes`).
+VISION_BATCH_PATCHES = 4096
 # A batched decode step holds each row's float32 logits about 4 times over (the logits, the log-softmax and its
 # temporaries; measured on the tiny model: 3 rows of 131,072 entries, 5.8 MB above the rest of the plan).
 BATCH_LOGIT_COPIES = 4
@@ -116,6 +121,7 @@ class MemoryPlan:
     # One batched decode step's float32 logits for this row, with their log-softmax and its temporaries
     # (BATCH_LOGIT_COPIES): a batch holds every row's at once.
     logits: int = 0
+    vision_patches: int = 0  # the patches of this turn's new images (what `vision` encodes)
 
     @property
     def total_tokens(self) -> int:
@@ -347,22 +353,39 @@ def estimate(
         layer_dequant=layer_dequant,
         batch_hidden=3 * n_new * t.hidden_size * a,
         logits=BATCH_LOGIT_COPIES * t.vocab_size * 4,
+        vision_patches=n_patch,
     )
+
+
+def patch_groups(patches: list[int]) -> list[list[int]]:
+    """Indices of consecutive items (images, or a batch's rows by their new images) in groups of at most
+    VISION_BATCH_PATCHES patches each; an item larger than that is a group of its own."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, n in enumerate(patches):
+        if not groups or size + n > VISION_BATCH_PATCHES:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += n
+    return groups
 
 
 def batch_bytes(plans: list[MemoryPlan], held: int) -> int:
     """Bytes a batched decode of these rows needs, from each row's own plan: the weights once; every row's
     prefilled cache, then all of them copied into the batch cache (padded to the longest prompt), which grows
     in steps of 256 positions as it decodes; the `held` vision features plus every row's new ones; and the
-    largest transient peak: rows are encoded one at a time, then prefilled together (`generate.prefill_many`),
-    which on the CPU holds one layer's dequantized weights (none where 4-bit products run from the codes) and every
-    row's hidden states at that layer, or a decode step's logits for every row."""
+    largest transient peak: the new images go through the vision encoder (consecutive rows' images in one call up
+    to VISION_BATCH_PATCHES patches, `patch_groups`: `Pixtral.encode_rows`), then rows are prefilled together
+    (`generate.prefill_many`), which on the CPU holds one layer's dequantized weights (none where 4-bit products
+    run from the codes) and every row's hidden states at that layer, or a decode step's logits for every row."""
     rows, longest = len(plans), max(p.prompt_tokens for p in plans)
     prefilled = sum(kv_allocated(p.prompt_tokens) for p in plans)
     decoded = rows * (longest + max(kv_allocated(p.max_tokens) for p in plans))
     kv = plans[0].kv_per_token * max(prefilled + rows * longest, decoded)
     features = held + sum(p.features - held for p in plans)
-    peak = max(max(p.vision, p.prefill) for p in plans)
+    vision = max(sum(plans[i].vision for i in group) for group in patch_groups([p.vision_patches for p in plans]))
+    peak = max(vision, max(p.prefill for p in plans))
     if rows > 1:
         together = max(p.prefill for p in plans) + max(p.layer_dequant for p in plans)
         peak = max(peak, together + sum(p.batch_hidden for p in plans), sum(p.logits for p in plans))

@@ -39,15 +39,11 @@ from .generate import (
     stream_batch,
     stream_tokens,
 )
-from .memory import MemoryPlan, batch_groups, estimate, suggestions
+from .memory import MemoryPlan, batch_groups, estimate, patch_groups, suggestions
 from .prompt import EncodedImage, Prompt, PromptEncoder
 from .structured import logits_processors
 
 FEATURE_CACHE_BYTES = 2 * 1024**3  # vision features kept for reuse (a 1024² image is ~84 MB in fp32)
-# New images go through the vision encoder together up to this many patches (a 1024² image is 4096):
-# many small images share one call (1.8x faster for 8 x 128² on CPU), large ones go alone (one call for
-# 2 x 1024² was slower there, and holds twice the activations). See benchmarks/experiments.py vision.
-VISION_BATCH_PATCHES = 4096
 
 
 def _vision_buffers(model: Any) -> Any:
@@ -65,16 +61,7 @@ def _vision_buffers(model: Any) -> Any:
 def _vision_groups(images: list[EncodedImage]) -> list[list[EncodedImage]]:
     """Consecutive groups of images with at most VISION_BATCH_PATCHES patches each (an image larger than
     that is a group of its own)."""
-    groups: list[list[EncodedImage]] = []
-    size = 0
-    for img in images:
-        n = img.patches
-        if not groups or size + n > VISION_BATCH_PATCHES:
-            groups.append([])
-            size = 0
-        groups[-1].append(img)
-        size += n
-    return groups
+    return [[images[i] for i in group] for group in patch_groups([img.patches for img in images])]
 
 
 class FeatureCache:
@@ -171,6 +158,15 @@ class Pixtral:
         out = [self.features.get(img.digest) for img in images]
         self.features.evict()
         return out
+
+    def encode_rows(self, prompts: list[Prompt], patches: list[int]) -> None:
+        """Before rows are prefilled together: the new images of consecutive rows (`patches`: each row's new image
+        patches, `MemoryPlan.vision_patches`) go through the vision encoder together, up to VISION_BATCH_PATCHES
+        patches a call, as `memory.batch_bytes` counts them (8 prompts with a 128² image each: 0.9-1.1 -> 0.5-0.6 s
+        on 2 CPU cores); a row larger than that encodes its own images when it is prefilled, as alone."""
+        for rows in patch_groups(patches):
+            if len(rows) > 1:
+                self.image_features([img for r in rows for img in prompts[r].images])
 
     def embeddings(self, prompt: Prompt, start: int = 0) -> mx.array:
         """Input embeddings (L - start, D) for tokens[start:], encoding only the images needed there."""
@@ -280,7 +276,8 @@ class Pixtral:
             if not plan.fits:
                 raise plan.refusal(suggestions(plan, lambda bits, p=prompt, n=limit: self._plan(p, None, 0, n, bits)))
             plans.append(plan)
-        return self._batches(encoded, limits, batch_groups(plans, self.features.nbytes), options, tic)
+        groups = batch_groups(plans, self.features.nbytes)
+        return self._batches(encoded, limits, groups, [p.vision_patches for p in plans], options, tic)
 
     def generate_batch(self, prompts: list[list[dict[str, Any]] | Prompt], *args: Any, **kwargs: Any) -> list[Reply]:
         """Whole replies to several prompts, decoded together (same arguments as `stream_batch`)."""
@@ -397,10 +394,18 @@ class Pixtral:
                 chunks.close()
 
     def _batches(
-        self, prompts: list[Prompt], limits: list[int], groups: list[list[int]], options: Options, tic: float
+        self,
+        prompts: list[Prompt],
+        limits: list[int],
+        groups: list[list[int]],
+        patches: list[int],
+        options: Options,
+        tic: float,
     ) -> Iterator[tuple[int, Chunk]]:
+        """Each group of rows decoded together (`patches`: each row's new image patches, from its plan)."""
         for group in groups:
             mx.reset_peak_memory()
+            self.encode_rows([prompts[i] for i in group], [patches[i] for i in group])
             steps = stream_batch(
                 self.model,
                 [self.encoder.detokenizer() for _ in group],

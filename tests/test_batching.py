@@ -84,6 +84,29 @@ def test_joining_rows_get_their_first_token_from_the_batch_step_except_where_the
         assert len(g.tokens) == N
 
 
+def test_rows_joining_together_encode_their_images_in_one_call(pixtral, monkeypatch):
+    """Turns admitted together (`add_many`) send their new images through the vision encoder in one call (as the
+    batch's memory plan counts them) and still decode what each decodes alone."""
+    from pixtral_mlx.pipeline import Pixtral
+    from tests.test_serve import IMG_B
+
+    messages = [PROMPTS[1], [user(data_url(IMG_B), "And this one?")], PROMPTS[0]]
+    alone = [pixtral.generate(m, GREEDY) for m in messages]
+    fresh = Pixtral(pixtral.model, pixtral.encoder)
+    calls = []
+    encode = pixtral.model.encode_images
+    monkeypatch.setattr(pixtral.model, "encode_images", lambda imgs: calls.append(len(imgs)) or encode(imgs))
+    batch = Batch(fresh)
+    rows = batch.add_many([turn(fresh, m) for m in messages])
+    assert calls == [2]
+    got = [Reply() for _ in messages]
+    index = {id(row): i for i, row in enumerate(rows)}
+    while batch.rows:
+        for row, chunk in batch.step():
+            got[index[id(row)]].add(chunk)
+    assert [g.tokens for g in got] == [a.tokens for a in alone]
+
+
 def test_stop_string_and_grammar_rows_behave_as_alone(pixtral):
     plain = PROMPTS[0]
     first = pixtral.generate(plain, GREEDY).text

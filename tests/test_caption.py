@@ -121,6 +121,49 @@ def test_generate_batch_equals_generate_token_for_token(pixtral):
     assert [(r.finish_reason, r.generation_tokens) for r in together] == [("length", 8)] * 8
 
 
+def test_a_batch_encodes_its_rows_small_images_together(pixtral, monkeypatch):
+    """A batch's new images go through the vision encoder together, consecutive rows up to VISION_BATCH_PATCHES
+    patches a call (`memory.patch_groups`), and every reply is still token for token the prompt's alone."""
+    import pixtral_mlx.memory as memory
+    from pixtral_mlx.pipeline import Pixtral
+
+    msgs = random_messages(4)
+    patches = [pixtral.encode(m).images[0].patches for m in msgs]
+    alone = [pixtral.generate(m, max_tokens=4, temperature=0).tokens for m in msgs]
+    calls = []
+    encode = pixtral.model.encode_images
+    monkeypatch.setattr(pixtral.model, "encode_images", lambda imgs: calls.append(len(imgs)) or encode(imgs))
+    together = Pixtral(pixtral.model, pixtral.encoder).generate_batch(msgs, max_tokens=4, temperature=0)
+    assert calls == [4] and [r.tokens for r in together] == alone
+    # Room for the first two rows' images in one call: the third starts the next, which the fourth's then passes.
+    monkeypatch.setattr(memory, "VISION_BATCH_PATCHES", patches[0] + patches[1])
+    assert patches[2] + patches[3] > patches[0] + patches[1]
+    calls.clear()
+    together = Pixtral(pixtral.model, pixtral.encoder).generate_batch(msgs, max_tokens=4, temperature=0)
+    assert calls == [2, 1, 1] and [r.tokens for r in together] == alone
+
+
+def test_the_batch_plan_counts_the_images_encoded_together(pixtral, monkeypatch):
+    """`batch_bytes`' transient peak holds the vision encoder over each group of rows whose images go through it
+    together (the sum of their plans' vision terms), not only the largest row's."""
+    from dataclasses import replace
+
+    from pixtral_mlx.memory import batch_bytes, estimate
+
+    prompt = pixtral.encode(random_messages(1)[0])
+    base = estimate(pixtral, prompt, keep=0, max_tokens=4, kv_bits=None, kv_group_size=64)
+    small = replace(base, prefill=0, logits=0, batch_hidden=0, layer_dequant=0, features=0)
+    mb = 1 << 20
+    # 1000 + 1000 patches share a call; 3000 more would pass 4096, so the third row starts a group the fourth joins.
+    plans = [replace(small, vision=v * mb, vision_patches=n) for v, n in ((10, 1000), (20, 1000), (70, 3000), (5, 500))]
+    rest = batch_bytes([replace(p, vision=0) for p in plans], 0)  # weights, KV and features: no transient peak
+    assert batch_bytes(plans, 0) == rest + 75 * mb  # groups [0, 1] (30 MB) and [2, 3] (75 MB)
+    assert batch_bytes(plans[:2], 0) == batch_bytes([replace(p, vision=0) for p in plans[:2]], 0) + 30 * mb
+    # an image past the limit alone: its own group, and the others' group after it
+    plans[2] = replace(plans[2], vision_patches=5000)
+    assert batch_bytes(plans, 0) == rest + 70 * mb
+
+
 def test_each_sequence_stops_on_its_own(pixtral, monkeypatch):
     """Sequences leave the batch at different steps (end of sequence, and per-prompt context limits), and
     the others still decode exactly as alone."""

@@ -251,13 +251,14 @@ def test_malformed_messages_give_the_library_error(pixtral, messages):
 
 def test_new_images_are_encoded_in_groups_of_bounded_patches(pixtral, monkeypatch):
     """Small images share encoder calls up to VISION_BATCH_PATCHES; features equal one call per image."""
+    import pixtral_mlx.memory as memory
     import pixtral_mlx.pipeline as pipeline
 
     rng = np.random.default_rng(3)
     pics = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((32, 48), (64, 16), (48, 48))]
     prompt = pixtral.encode([{"role": "user", "content": [{"type": "image", "image": p} for p in pics]}])
     sizes = [img.grid[0] * img.grid[1] for img in prompt.images]  # 6, 4, 9 patches
-    monkeypatch.setattr(pipeline, "VISION_BATCH_PATCHES", sizes[0] + sizes[1])
+    monkeypatch.setattr(memory, "VISION_BATCH_PATCHES", sizes[0] + sizes[1])
     assert [len(g) for g in pipeline._vision_groups(prompt.images)] == [2, 1]
     calls = []
     encode = pixtral.model.encode_images
