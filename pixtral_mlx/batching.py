@@ -92,8 +92,7 @@ class Batch:
         groups = [list(range(len(turns)))] if together else [[i] for i in range(len(turns))]
         rows = []
         for group in groups:
-            if len(group) > 1:
-                self.pixtral.encode_rows([turns[i].prompt for i in group], [plans[i].vision_patches for i in group])
+            self.pixtral.encode_rows([turns[i].prompt for i in group], [plans[i].vision_patches for i in group])
             jobs = [
                 (t.prompt.tokens[t.keep :], self.pixtral.embeddings(t.prompt, start=t.keep), t.cache.layers)
                 for t in (turns[i] for i in group)

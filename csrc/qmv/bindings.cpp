@@ -120,8 +120,8 @@ interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups 
       "w"_a,
       nb::kw_only(),
       "stream"_a = nb::none(),
-      "x @ w.T for float32 x (passes of at most 8 rows over each block of w) and w (N, K) in float32, bfloat16 or "
-      "float16, widened exactly as it is read: float32 out, over the thread pool.");
+      "x @ w.T for float32 x (passes of a few rows over each block of w: 8, 4 on AVX2) and w (N, K) in float32, "
+      "bfloat16 or float16, widened exactly as it is read: float32 out, over the thread pool.");
   m.def(
       "widen",
       &qmv::widen,
@@ -129,7 +129,7 @@ interleaved=True, w, scales and biases in the interleaved layout (4-bit, groups 
       nb::kw_only(),
       "stream"_a = nb::none(),
       "w (bfloat16 or float16) as float32, the same values, over the thread pool.");
-  m.def("dense_isa", &qmv::dense_isa, "The float-weight kernels in use: 'avx512', 'avx2' or 'scalar'.");
+  m.def("dense_isa", &qmv::dense_isa, "The float-weight kernels in use: 'avx512vl', 'avx512', 'avx2' or 'scalar'.");
   m.def("prefill_isa", &qmv::prefill_isa, "The prefill kernels in use: 'avx2' or 'scalar'.");
   m.def("isa", &qmv::isa, "The kernel in use: 'avx512', 'avx2' or 'scalar'.");
   m.def("supported_isas", &qmv::supported_isas, "Kernels this CPU can run, best first.");

@@ -36,7 +36,6 @@ struct DenseKernels {
   int max_rows;  // rows of x in one pass (<= kMaxRows): as many as the register blocks serve well
 };
 
-DenseKernels dense_scalar();
 DenseKernels dense_avx2();    // 8 lanes: AVX2, FMA, F16C
 DenseKernels dense_avx512vl();  // 8 lanes in 32 registers: AVX-512VL, FMA, F16C
 DenseKernels dense_avx512();  // 16 lanes: AVX-512F/BW, FMA, F16C
